@@ -1,0 +1,98 @@
+"""One-line loading and saving of diffusers-layout model folders.
+
+    module, params = diffbody_jax.load_pretrained("stable-diffusion-2-1-base/unet")
+    diffbody_jax.save_pretrained("out/unet", module, params)   # diffusers can load this folder
+
+A model family is registered by its diffusers `_class_name`: how to build its config and module from
+config.json, and which mapping table moves its weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffbody_jax.interop import torch_files
+from diffbody_jax.interop.mapping import MappingTable, flax_to_torch, torch_to_flax
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """How one diffusers model class maps onto ours."""
+
+    class_name: str
+    config_from_dict: Callable[[dict, str], Any]  # (config.json dict, source name) -> our config
+    build: Callable[..., Any]  # (config, **module_kwargs) -> Flax module
+    table: Callable[[Any], MappingTable]  # config -> mapping table
+    weights_name: str = "diffusion_pytorch_model.safetensors"
+
+
+def _unet_family() -> Family:
+    from diffbody_jax.interop.unet import unet_table
+    from diffbody_jax.models.unet import UNet2DConditionModel, UNetConfig
+
+    return Family(
+        "UNet2DConditionModel",
+        lambda d, src: UNetConfig.from_diffusers(d, src),
+        lambda cfg, **kw: UNet2DConditionModel(cfg, **kw),
+        unet_table,
+    )
+
+
+FAMILIES: dict[str, Callable[[], Family]] = {"UNet2DConditionModel": _unet_family}
+
+
+def family_of(config: dict, source: str) -> Family:
+    name = config.get("_class_name")
+    if name not in FAMILIES:
+        raise ValueError(f"{source}: _class_name {name!r} is not supported; supported: {sorted(FAMILIES)}")
+    return FAMILIES[name]()
+
+
+def family_for_module(module) -> Family:
+    for make in FAMILIES.values():
+        fam = make()
+        if fam.class_name == type(module).__name__:
+            return fam
+    raise ValueError(f"no registered model family for {type(module).__name__}")
+
+
+def load_pretrained(
+    path: str | os.PathLike,
+    *,
+    subfolder: str | None = None,
+    param_dtype: Any = np.float32,
+    **module_kwargs,
+) -> tuple[Any, dict]:
+    """Load a diffusers model folder (config.json + weights) as (Flax module, params).
+
+    path: the model folder, or a pipeline folder with `subfolder="unet"`.
+    param_dtype: dtype of the returned params; None keeps the stored dtype (bit-exact round trips).
+    module_kwargs: run-time module fields, e.g. dtype=jnp.bfloat16, attention_backend="cudnn", remat=True.
+    Params are host numpy arrays in a nested dict; `jax.device_put` them with the sharding you want.
+    """
+    folder = Path(path) / subfolder if subfolder else Path(path)
+    config_path = folder / "config.json"
+    config_dict = torch_files.read_json(config_path)
+    family = family_of(config_dict, str(config_path))
+    config = family.config_from_dict(config_dict, str(config_path))
+    module = family.build(config, **module_kwargs)
+    weights = torch_files.find_weights(folder)
+    state_dict = torch_files.read_state_dict(weights)
+    params = torch_to_flax(state_dict, family.table(config), module.param_shapes(), str(weights), param_dtype)
+    return module, params
+
+
+def save_pretrained(path: str | os.PathLike, module, params: dict) -> Path:
+    """Write `module`'s config and `params` as a diffusers folder (config.json + safetensors)."""
+    family = family_for_module(module)
+    folder = Path(path)
+    state_dict = flax_to_torch(params, family.table(module.config), f"{family.class_name} params")
+    torch_files.write_safetensors(state_dict, folder / family.weights_name, metadata={"format": "pt"})
+    torch_files.write_json(module.config.to_diffusers(), folder / "config.json")
+    return folder

@@ -1,0 +1,127 @@
+"""Reading and writing PyTorch-side weight files as flat {key: numpy array} dicts.
+
+Reads .safetensors and .bin/.pt/.pth, single or sharded (`*.index.json`); writes .safetensors atomically.
+Only .bin reading needs torch (the `torch` extra); safetensors work without it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import safetensors.numpy
+
+# Weight file names that diffusers and transformers write, in the order we look for them.
+WEIGHT_NAMES = (
+    "diffusion_pytorch_model.safetensors",
+    "model.safetensors",
+    "diffusion_pytorch_model.safetensors.index.json",
+    "model.safetensors.index.json",
+    "diffusion_pytorch_model.bin",
+    "pytorch_model.bin",
+    "diffusion_pytorch_model.bin.index.json",
+    "pytorch_model.bin.index.json",
+)
+
+
+def find_weights(folder: str | os.PathLike) -> Path:
+    folder = Path(folder)
+    for name in WEIGHT_NAMES:
+        if (folder / name).exists():
+            return folder / name
+    raise FileNotFoundError(f"{folder}: no weight file found (looked for {', '.join(WEIGHT_NAMES)})")
+
+
+def torch_to_numpy(tensor) -> np.ndarray:
+    """A CPU torch tensor as numpy, keeping bfloat16 (numpy has none; ml_dtypes provides it)."""
+    import ml_dtypes
+    import torch
+
+    tensor = tensor.detach().cpu().contiguous()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
+
+
+def _read_bin(path: Path) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(f"{path}: reading .bin checkpoints needs torch: pip install 'diffbody_jax[torch]'") from e
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    return {k: torch_to_numpy(v) for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Flat state dict from a weight file, a sharded index, or a folder holding one of those."""
+    path = Path(path)
+    if path.is_dir():
+        path = find_weights(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such weight file")
+    if path.name.endswith(".index.json"):
+        index = json.loads(path.read_text())
+        if "weight_map" not in index:
+            raise ValueError(f"{path}: a sharded index needs a 'weight_map'")
+        out: dict[str, np.ndarray] = {}
+        for shard in sorted(set(index["weight_map"].values())):
+            out.update(read_state_dict(path.parent / shard))
+        missing = sorted(set(index["weight_map"]) - set(out))
+        if missing:
+            raise ValueError(f"{path}: keys listed in the index but absent from the shards: {missing}")
+        return out
+    if path.suffix == ".safetensors":
+        try:
+            return safetensors.numpy.load_file(str(path))
+        except Exception as e:
+            raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+    if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
+        return _read_bin(path)
+    raise ValueError(f"{path}: unknown weight format {path.suffix!r} (expected .safetensors, .bin, .pt, .pth)")
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call `write(tmp_path)` and rename the result onto `path`, so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_safetensors(state_dict: Mapping[str, np.ndarray], path: str | os.PathLike, metadata=None) -> None:
+    tensors = {k: np.ascontiguousarray(v) for k, v in state_dict.items()}
+    atomic_write(path, lambda tmp: safetensors.numpy.save_file(tensors, tmp, metadata=metadata))
+
+
+def write_json(obj, path: str | os.PathLike) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    atomic_write(path, write)
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON ({e})") from e

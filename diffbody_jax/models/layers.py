@@ -1,0 +1,388 @@
+"""Building blocks shared by the UNet, ControlNet, joint UNet and VAE.
+
+One implementation of each block; NHWC inside. Submodule names follow diffusers' attribute names with
+list indices joined by "_" (`to_out_0`, `net_0`, `transformer_blocks_1`): they key the interop mapping
+tables and saved checkpoints, so they never change.
+
+Param kernels carry logical axis names (`nn.with_logical_partitioning`):
+  embed     the model width of a Dense input or output
+  heads     the concatenated attention heads (q/k/v outputs, out-projection input)
+  mlp       the hidden width of a feed-forward or time-embedding MLP
+  conv_in   a convolution's input channels
+  conv_out  a convolution's output channels
+  norm      the channels of a normalisation's scale and bias
+`diffbody_jax.parallel` maps them to mesh axes; the modules never name mesh axes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+Dtype = Any
+Precision = Any
+
+
+# ----------------------------------------------------------------------------------------- factories
+# Small factories so that every Dense/Conv/Norm in the project gets the same dtype policy and
+# logical axis names. `m` is the calling module: it carries dtype, param_dtype and precision.
+
+
+def dense(m: nn.Module, features: int, name: str, axes=("embed", "mlp"), use_bias: bool = True) -> nn.Dense:
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=m.dtype,
+        param_dtype=m.param_dtype,
+        precision=m.precision,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[-1:]),
+        name=name,
+    )
+
+
+def conv(m: nn.Module, features: int, kernel: int, name: str, stride: int = 1, padding: int | None = None) -> nn.Conv:
+    pad = kernel // 2 if padding is None else padding
+    return nn.Conv(
+        features,
+        kernel_size=(kernel, kernel),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        dtype=m.dtype,
+        param_dtype=m.param_dtype,
+        precision=m.precision,
+        kernel_init=nn.with_logical_partitioning(
+            nn.initializers.lecun_normal(), (None, None, "conv_in", "conv_out")
+        ),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
+        name=name,
+    )
+
+
+def group_norm(m: nn.Module, groups: int, eps: float, name: str) -> nn.GroupNorm:
+    # Two-pass variance, as PyTorch computes it: E[x^2] - E[x]^2 loses digits on latents with large means.
+    return nn.GroupNorm(
+        num_groups=groups,
+        epsilon=eps,
+        dtype=m.dtype,
+        param_dtype=m.param_dtype,
+        use_fast_variance=False,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
+        name=name,
+    )
+
+
+def layer_norm(m: nn.Module, eps: float, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(
+        epsilon=eps,
+        dtype=m.dtype,
+        param_dtype=m.param_dtype,
+        use_fast_variance=False,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
+        name=name,
+    )
+
+
+# ---------------------------------------------------------------------------------- time embedding
+
+
+def timestep_embedding(
+    timesteps: Array,
+    dim: int,
+    *,
+    flip_sin_to_cos: bool,
+    freq_shift: float,
+    max_period: float = 10000.0,
+    scale: float = 1.0,
+) -> Array:
+    """Sinusoidal embedding of (possibly fractional) timesteps, in float32.
+
+    timesteps: [B]; returns [B, dim]. Operation order follows diffusers' `get_timestep_embedding` so that
+    the frequencies round identically.
+    """
+    half = dim // 2
+    exponent = (-math.log(max_period) * jnp.arange(half, dtype=jnp.float32)) / (half - freq_shift)
+    args = timesteps.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+    args = scale * args
+    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+    if flip_sin_to_cos:
+        emb = jnp.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+class TimestepEmbedding(nn.Module):
+    """Two-layer SiLU MLP over a sinusoidal (or any) embedding: [B, D_in] -> [B, features]."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    precision: Precision = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        x = dense(self, self.features, "linear_1")(x)
+        x = nn.silu(x)
+        return dense(self, self.features, "linear_2", axes=("mlp", "embed"))(x)
+
+
+# ----------------------------------------------------------------------------------------- resnets
+
+
+class ResnetBlock2D(nn.Module):
+    """GroupNorm-SiLU-Conv twice, with an optional time-embedding shift and a 1x1 shortcut.
+
+    x: [B, H, W, C_in]; temb: [B, T] or None (the VAE has no time input); returns [B, H, W, out_channels].
+    The shortcut conv exists exactly when C_in != out_channels, as in diffusers.
+    """
+
+    out_channels: int
+    groups: int = 32
+    eps: float = 1e-5
+    output_scale_factor: float = 1.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    precision: Precision = None
+
+    @nn.compact
+    def __call__(self, x: Array, temb: Array | None = None) -> Array:
+        h = nn.silu(group_norm(self, self.groups, self.eps, "norm1")(x))
+        h = conv(self, self.out_channels, 3, "conv1")(h)
+        if temb is not None:
+            t = dense(self, self.out_channels, "time_emb_proj", axes=("embed", "conv_out"))(nn.silu(temb))
+            h = h + t[:, None, None, :]
+        h = nn.silu(group_norm(self, self.groups, self.eps, "norm2")(h))
+        h = conv(self, self.out_channels, 3, "conv2")(h)
+        if x.shape[-1] != self.out_channels:
+            x = conv(self, self.out_channels, 1, "conv_shortcut")(x)
+        out = x + h
+        if self.output_scale_factor != 1.0:
+            out = out / self.output_scale_factor
+        return out
+
+
+class Downsample2D(nn.Module):
+    """Stride-2 3x3 conv. x: [B, H, W, C] -> [B, ceil(H/2), ceil(W/2), out_channels].
+
+    padding=0 pads one row and column at the bottom/right first (the VAE's layout), as diffusers does.
+    """
+
+    out_channels: int
+    padding: int = 1
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    precision: Precision = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        if self.padding == 0:
+            x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+        return conv(self, self.out_channels, 3, "conv", stride=2, padding=self.padding)(x)
+
+
+def nearest_resize(x: Array, size: tuple[int, int]) -> Array:
+    """Nearest-neighbour resize of [B, H, W, C] to `size`, with PyTorch's `mode="nearest"` indexing.
+
+    `jax.image.resize` samples at half-pixel centres, which picks different source pixels than
+    `F.interpolate(mode="nearest")` whenever the ratio is not an integer; the UNet needs the latter
+    for latents whose size is not a multiple of its total down-sampling factor.
+    """
+    for axis, out in zip((1, 2), size, strict=True):
+        n = x.shape[axis]
+        if out == 2 * n:
+            x = jnp.repeat(x, 2, axis=axis)
+        elif out != n:
+            scale = np.float32(n) / np.float32(out)
+            idx = np.minimum(np.floor(np.arange(out, dtype=np.float32) * scale).astype(np.int64), n - 1)
+            x = jnp.take(x, jnp.asarray(idx), axis=axis)
+    return x
+
+
+class Upsample2D(nn.Module):
+    """Nearest x2 (or to `output_size`) then a 3x3 conv. x: [B, H, W, C] -> [B, H', W', out_channels]."""
+
+    out_channels: int
+    output_size: tuple[int, int] | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    precision: Precision = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        size = self.output_size or (2 * x.shape[1], 2 * x.shape[2])
+        x = nearest_resize(x, size)
+        return conv(self, self.out_channels, 3, "conv")(x)
+
+
+# --------------------------------------------------------------------------------------- attention
+# q, k, v: [B, T, N, D] -> [B, T, N, D]. A backend is any function of that signature; "xla" and
+# "cudnn" are `jax.nn.dot_product_attention` implementations, "auto" lets JAX choose. A TPU Pallas
+# splash-attention kernel plugs in with `register_attention_backend("splash", fn)`.
+
+AttentionFn = Callable[[Array, Array, Array], Array]
+
+_ATTENTION_BACKENDS: dict[str, AttentionFn] = {
+    "xla": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla"),
+    "cudnn": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"),
+    "auto": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation=None),
+}
+
+
+def register_attention_backend(name: str, fn: AttentionFn) -> None:
+    """Make `fn(q, k, v)` ([B, T, N, D] each, softmax scale D**-0.5) selectable as `attention_backend=name`."""
+    _ATTENTION_BACKENDS[name] = fn
+
+
+def attention_backend(name: str) -> AttentionFn:
+    try:
+        return _ATTENTION_BACKENDS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown attention backend {name!r}; registered: {sorted(_ATTENTION_BACKENDS)} "
+            "(add one with diffbody_jax.models.layers.register_attention_backend)"
+        ) from None
+
+
+class Attention(nn.Module):
+    """Multi-head attention with separate q/k/v projections (no bias) and a biased output projection.
+
+    x: [B, T, C] queries; context: [B, S, C_ctx] or None for self-attention; returns [B, T, out_features].
+    `upcast` computes the attention in float32 whatever the compute dtype (SD2.1-768's setting).
+    """
+
+    heads: int
+    head_dim: int
+    out_features: int
+    upcast: bool = False
+    backend: str = "xla"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    precision: Precision = None
+
+    @nn.compact
+    def __call__(self, x: Array, context: Array | None = None) -> Array:
+        context = x if context is None else context
+        inner = self.heads * self.head_dim
+        qkv_axes = ("embed", "heads")
+        q = dense(self, inner, "to_q", qkv_axes, use_bias=False)(x)
+        k = dense(self, inner, "to_k", qkv_axes, use_bias=False)(context)
+        v = dense(self, inner, "to_v", qkv_axes, use_bias=False)(context)
+        split = lambda t: t.reshape(t.shape[0], t.shape[1], self.heads, self.head_dim)  # noqa: E731
+        q, k, v = split(q), split(k), split(v)
+        if self.upcast:
+            q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
+        out = attention_backend(self.backend)(q, k, v).astype(self.dtype)
+        out = out.reshape(out.shape[0], out.shape[1], inner)
+        return dense(self, self.out_features, "to_out_0", ("heads", "embed"))(out)
+
+
+class GEGLU(nn.Module):
+    """Dense to 2 x features, then value * GELU(gate) with exact GELU. x: [B, T, C] -> [B, T, features]."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    precision: Precision = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        h, gate = jnp.split(dense(self, 2 * self.features, "proj")(x), 2, axis=-1)
+        return h * nn.gelu(gate, approximate=False)
+
+
+class GEGLUFeedForward(nn.Module):
+    """GEGLU to mult x C, then Dense back to C. x: [B, T, C] -> [B, T, C].
+
+    `net_0` and `net_2` mirror diffusers' nn.Sequential(GEGLU, Dropout, Linear).
+    """
+
+    mult: int = 4
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    precision: Precision = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        dim = x.shape[-1]
+        h = GEGLU(dim * self.mult, self.dtype, self.param_dtype, self.precision, name="net_0")(x)
+        return dense(self, dim, "net_2", ("mlp", "embed"))(h)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm self-attention, cross-attention and GEGLU feed-forward, each residual.
+
+    x: [B, T, C]; context: [B, S, C_ctx]; returns [B, T, C].
+    """
+
+    heads: int
+    head_dim: int
+    upcast_attention: bool = False
+    attention_backend: str = "xla"
+    norm_eps: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    precision: Precision = None
+
+    def _attention(self, name: str, dim: int) -> Attention:
+        return Attention(
+            self.heads, self.head_dim, dim, upcast=self.upcast_attention, backend=self.attention_backend,
+            dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision, name=name,
+        )
+
+    @nn.compact
+    def __call__(self, x: Array, context: Array) -> Array:
+        dim = x.shape[-1]
+        x = x + self._attention("attn1", dim)(layer_norm(self, self.norm_eps, "norm1")(x))
+        x = x + self._attention("attn2", dim)(layer_norm(self, self.norm_eps, "norm2")(x), context)
+        ff = GEGLUFeedForward(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision, name="ff")
+        return x + ff(layer_norm(self, self.norm_eps, "norm3")(x))
+
+
+class Transformer2D(nn.Module):
+    """GroupNorm, projection in (Dense or 1x1 conv), `depth` transformer blocks, projection out, residual.
+
+    x: [B, H, W, C]; context: [B, S, C_ctx]; returns [B, H, W, C].
+    """
+
+    heads: int
+    head_dim: int
+    depth: int = 1
+    use_linear_projection: bool = False
+    groups: int = 32
+    upcast_attention: bool = False
+    attention_backend: str = "xla"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    precision: Precision = None
+
+    @nn.compact
+    def __call__(self, x: Array, context: Array) -> Array:
+        b, h, w, c = x.shape
+        inner = self.heads * self.head_dim
+        residual = x
+        x = group_norm(self, self.groups, 1e-6, "norm")(x)  # diffusers fixes this eps at 1e-6
+        if self.use_linear_projection:
+            x = dense(self, inner, "proj_in")(x.reshape(b, h * w, c))
+        else:
+            x = conv(self, inner, 1, "proj_in")(x).reshape(b, h * w, inner)
+        for i in range(self.depth):
+            x = BasicTransformerBlock(
+                self.heads, self.head_dim, upcast_attention=self.upcast_attention,
+                attention_backend=self.attention_backend, dtype=self.dtype, param_dtype=self.param_dtype,
+                precision=self.precision, name=f"transformer_blocks_{i}",
+            )(x, context)
+        if self.use_linear_projection:
+            x = dense(self, c, "proj_out", ("mlp", "embed"))(x).reshape(b, h, w, c)
+        else:
+            x = conv(self, c, 1, "proj_out")(x.reshape(b, h, w, inner))
+        return x + residual
