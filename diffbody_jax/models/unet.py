@@ -453,3 +453,14 @@ class UNet2DConditionModel(nn.Module):
     def param_shapes(self) -> dict:
         """Param shapes (ShapeDtypeStruct pytree) without allocating memory."""
         return jax.eval_shape(self.init_params, jax.random.key(0))
+
+
+def build_unet(model_config) -> UNet2DConditionModel:
+    """The module described by a `configs/unet.py` `model` section (or any mapping with its fields)."""
+    return UNet2DConditionModel(
+        UNetConfig.from_diffusers(dict(model_config["diffusers"]), source="model.diffusers"),
+        dtype=jnp.dtype(model_config["dtype"]),
+        param_dtype=jnp.dtype(model_config["param_dtype"]),
+        attention_backend=model_config["attention_backend"],
+        remat=bool(model_config["remat"]),
+    )

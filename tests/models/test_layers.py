@@ -1,0 +1,128 @@
+"""Parity of the shared blocks with their diffusers counterparts (fp32, fresh random inputs)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffbody_jax.interop.layers import attention_rules, resnet_rules, transformer2d_rules
+from diffbody_jax.interop.mapping import MappingTable, torch_to_flax
+from diffbody_jax.models import layers
+from tests.torch_ref import nchw_to_nhwc, nhwc_to_nchw, randomize_, state_dict_numpy
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+TOL = 1e-4
+
+
+def _params(flax_module, torch_module, rules, *inputs):
+    shapes = jax.eval_shape(lambda: flax_module.init(jax.random.key(0), *inputs))["params"]
+    return torch_to_flax(state_dict_numpy(torch_module), MappingTable(rules), shapes, "torch module")
+
+
+@pytest.mark.parametrize("flip", [True, False])
+@pytest.mark.parametrize("shift", [0, 1])
+@pytest.mark.parametrize("dim", [32, 33])
+def test_timestep_embedding_matches_diffusers(flip, shift, dim):
+    from diffusers.models.embeddings import get_timestep_embedding
+
+    t = np.random.default_rng().uniform(0, 999, size=7).astype(np.float32)
+    ref = get_timestep_embedding(torch.from_numpy(t), dim, flip_sin_to_cos=flip, downscale_freq_shift=shift).numpy()
+    out = layers.timestep_embedding(jnp.asarray(t), dim, flip_sin_to_cos=flip, freq_shift=shift)
+    # sin/cos of arguments up to ~1000 in float32: the two libraries' sin differ in the last ulp of the
+    # argument's magnitude, so 1e-4 absolute is the honest bound.
+    np.testing.assert_allclose(np.asarray(out), ref, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("size_in,size_out", [((4, 6), (8, 12)), ((3, 5), (7, 9)), ((4, 4), (5, 11)), ((5, 3), (5, 3))])
+def test_nearest_resize_matches_torch_interpolate(size_in, size_out):
+    x = np.random.default_rng().standard_normal((2, 3, *size_in)).astype(np.float32)
+    ref = torch.nn.functional.interpolate(torch.from_numpy(x), size=size_out, mode="nearest").numpy()
+    out = layers.nearest_resize(jnp.asarray(nchw_to_nhwc(x)), size_out)
+    np.testing.assert_array_equal(nhwc_to_nchw(out), ref)
+
+
+@pytest.mark.parametrize("c_in,c_out,with_temb", [(16, 16, True), (16, 32, True), (16, 32, False)])
+def test_resnet_block_parity(c_in, c_out, with_temb):
+    from diffusers.models.resnet import ResnetBlock2D
+
+    ref = ResnetBlock2D(in_channels=c_in, out_channels=c_out, temb_channels=24 if with_temb else None, groups=8, eps=1e-5).eval()
+    randomize_(ref, seed=1)
+    rng = np.random.default_rng()
+    x = rng.standard_normal((2, c_in, 6, 5)).astype(np.float32)
+    temb = rng.standard_normal((2, 24)).astype(np.float32) if with_temb else None
+    ours = layers.ResnetBlock2D(c_out, groups=8, eps=1e-5)
+    xj = jnp.asarray(nchw_to_nhwc(x))
+    tj = None if temb is None else jnp.asarray(temb)
+    params = _params(ours, ref, resnet_rules(), xj, tj)
+    with torch.no_grad():
+        want = ref(torch.from_numpy(x), None if temb is None else torch.from_numpy(temb)).numpy()
+    got = nhwc_to_nchw(ours.apply({"params": params}, xj, tj))
+    assert np.abs(got - want).max() <= TOL
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_attention_parity_heads_differ_from_head_dim(cross):
+    from diffusers.models.attention_processor import Attention
+
+    heads, head_dim, dim = 3, 8, 20  # 3 heads of 8 into a 20-wide model: no two sizes coincide
+    ref = Attention(query_dim=dim, cross_attention_dim=12 if cross else None, heads=heads, dim_head=head_dim).eval()
+    randomize_(ref, seed=2)
+    rng = np.random.default_rng()
+    x = rng.standard_normal((2, 10, dim)).astype(np.float32)
+    ctx = rng.standard_normal((2, 7, 12)).astype(np.float32) if cross else None
+    ours = layers.Attention(heads, head_dim, dim)
+    ctx_j = None if ctx is None else jnp.asarray(ctx)
+    params = _params(ours, ref, attention_rules(), jnp.asarray(x), ctx_j)
+    with torch.no_grad():
+        want = ref(torch.from_numpy(x), None if ctx is None else torch.from_numpy(ctx)).numpy()
+    got = np.asarray(ours.apply({"params": params}, jnp.asarray(x), ctx_j))
+    assert np.abs(got - want).max() <= TOL
+
+
+@pytest.mark.parametrize("linear", [True, False])
+def test_transformer2d_parity(linear):
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    heads, head_dim, c = 2, 12, 24
+    ref = Transformer2DModel(
+        num_attention_heads=heads, attention_head_dim=head_dim, in_channels=c, num_layers=2, cross_attention_dim=10,
+        norm_num_groups=8, use_linear_projection=linear,
+    ).eval()
+    randomize_(ref, seed=3)
+    rng = np.random.default_rng()
+    x = rng.standard_normal((2, c, 5, 4)).astype(np.float32)
+    ctx = rng.standard_normal((2, 6, 10)).astype(np.float32)
+    ours = layers.Transformer2D(heads, head_dim, depth=2, use_linear_projection=linear, groups=8)
+    xj, cj = jnp.asarray(nchw_to_nhwc(x)), jnp.asarray(ctx)
+    params = _params(ours, ref, transformer2d_rules(linear), xj, cj)
+    with torch.no_grad():
+        want = ref(torch.from_numpy(x), encoder_hidden_states=torch.from_numpy(ctx)).sample.numpy()
+    got = nhwc_to_nchw(ours.apply({"params": params}, xj, cj))
+    assert np.abs(got - want).max() <= TOL
+
+
+def test_attention_backend_registry():
+    with pytest.raises(ValueError, match="unknown attention backend 'nope'.*registered"):
+        layers.attention_backend("nope")
+    calls = []
+
+    def traced(q, k, v):
+        calls.append(q.shape)
+        return layers.attention_backend("xla")(q, k, v)
+
+    layers.register_attention_backend("test-traced", traced)
+    x = jnp.asarray(np.random.default_rng().standard_normal((1, 6, 8)), jnp.float32)
+    attn = layers.Attention(2, 4, 8, backend="test-traced")
+    params = attn.init(jax.random.key(0), x)
+    attn.apply(params, x)
+    assert calls and calls[-1] == (1, 6, 2, 4)
+
+
+def test_logical_axis_names_on_kernels():
+    x = jnp.zeros((1, 4, 4, 8))
+    boxed = layers.ResnetBlock2D(16, groups=4).init(jax.random.key(0), x, jnp.zeros((1, 5)))["params"]
+    assert boxed["conv1"]["kernel"].names == (None, None, "conv_in", "conv_out")
+    assert boxed["time_emb_proj"]["kernel"].names == ("embed", "conv_out")
+    assert boxed["norm1"]["scale"].names == ("norm",)

@@ -1,0 +1,49 @@
+"""Helpers for parity tests against PyTorch references: random weights, layout moves, configs."""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+
+from diffbody_jax.cli.config_args import load_config
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def unet_diffusers_config(variant: str) -> dict:
+    return dict(load_config(f"{REPO}/configs/unet.py:variant={variant}").model.diffusers.to_dict())
+
+
+def randomize_(module, seed: int = 0) -> None:
+    """Overwrite every parameter with values that make a layout mix-up visible.
+
+    Kernels ~ N(0, 1/fan_in); norm scales 1 + N(0, 0.1); biases N(0, 0.1). Zero-initialised layers
+    (ControlNet outputs, etc.) and unit norms would hide a transposed or swapped tensor.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+            if p.ndim >= 2:
+                p.copy_(noise / np.sqrt(p[0].numel()))
+            elif name.endswith("weight"):
+                p.copy_(1 + 0.1 * noise)
+            else:
+                p.copy_(0.1 * noise)
+
+
+def state_dict_numpy(module) -> dict[str, np.ndarray]:
+    from diffbody_jax.interop.torch_files import torch_to_numpy
+
+    return {k: torch_to_numpy(v) for k, v in module.state_dict().items()}
+
+
+def nchw_to_nhwc(x):
+    return np.transpose(np.asarray(x), (0, 2, 3, 1))
+
+
+def nhwc_to_nchw(x):
+    return np.transpose(np.asarray(x), (0, 3, 1, 2))
