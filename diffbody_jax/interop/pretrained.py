@@ -15,9 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
-from diffbody_jax.interop import torch_files
+from diffbody_jax.interop import flax_checkpoint, torch_files
 from diffbody_jax.interop.mapping import MappingTable, flax_to_torch, torch_to_flax
 
 
@@ -29,6 +30,7 @@ class Family:
     config_from_dict: Callable[[dict, str], Any]  # (config.json dict, source name) -> our config
     build: Callable[..., Any]  # (config, **module_kwargs) -> Flax module
     table: Callable[[Any], MappingTable]  # config -> mapping table
+    component: str  # its folder name in a diffusers pipeline, and its item name in our checkpoints
     weights_name: str = "diffusion_pytorch_model.safetensors"
 
 
@@ -41,6 +43,7 @@ def _unet_family() -> Family:
         lambda d, src: UNetConfig.from_diffusers(d, src),
         lambda cfg, **kw: UNet2DConditionModel(cfg, **kw),
         unet_table,
+        "unet",
     )
 
 
@@ -69,13 +72,27 @@ def load_pretrained(
     param_dtype: Any = np.float32,
     **module_kwargs,
 ) -> tuple[Any, dict]:
-    """Load a diffusers model folder (config.json + weights) as (Flax module, params).
+    """Load a model as (Flax module, params) from a diffusers folder or from our converted checkpoint.
 
-    path: the model folder, or a pipeline folder with `subfolder="unet"`.
+    path: a diffusers model folder (config.json + weights), a diffusers pipeline folder with
+      `subfolder="unet"`, or a checkpoint written by `python -m convert to-flax` (component `subfolder`,
+      default the only or the "unet" component).
     param_dtype: dtype of the returned params; None keeps the stored dtype (bit-exact round trips).
     module_kwargs: run-time module fields, e.g. dtype=jnp.bfloat16, attention_backend="cudnn", remat=True.
     Params are host numpy arrays in a nested dict; `jax.device_put` them with the sharding you want.
     """
+    if flax_checkpoint.is_flax_checkpoint(path):
+        components = flax_checkpoint.read_config(path)["components"]
+        name = subfolder or (next(iter(components)) if len(components) == 1 else "unet")
+        config_dict, params = flax_checkpoint.load_component(path, name)
+        source = f"{path} (component {name})"
+        family = family_of(config_dict, source)
+        module = family.build(family.config_from_dict(config_dict, source), **module_kwargs)
+        flax_checkpoint.check_params(params, module.param_shapes(), source)
+        if param_dtype is not None:
+            params = jax.tree.map(lambda x: np.asarray(x, param_dtype), params)
+        return module, params
+
     folder = Path(path) / subfolder if subfolder else Path(path)
     config_path = folder / "config.json"
     config_dict = torch_files.read_json(config_path)
@@ -88,11 +105,15 @@ def load_pretrained(
     return module, params
 
 
-def save_pretrained(path: str | os.PathLike, module, params: dict) -> Path:
-    """Write `module`'s config and `params` as a diffusers folder (config.json + safetensors)."""
+def save_pretrained(path: str | os.PathLike, module, params: dict, config_dict: dict | None = None) -> Path:
+    """Write `module`'s config and `params` as a diffusers folder (config.json + safetensors).
+
+    config_dict: the config.json to write; default `module.config.to_diffusers()`. Pass the original
+    dict to keep fields we do not model (provenance, `_diffusers_version`).
+    """
     family = family_for_module(module)
     folder = Path(path)
     state_dict = flax_to_torch(params, family.table(module.config), f"{family.class_name} params")
     torch_files.write_safetensors(state_dict, folder / family.weights_name, metadata={"format": "pt"})
-    torch_files.write_json(module.config.to_diffusers(), folder / "config.json")
+    torch_files.write_json(config_dict or module.config.to_diffusers(), folder / "config.json")
     return folder

@@ -1,0 +1,96 @@
+"""Convert whole model or pipeline folders between diffusers' PyTorch layout and our orbax checkpoints.
+
+  python -m convert to-flax  --src stable-diffusion-2-1-base       --dst ckpt/sd21-base
+  python -m convert to-flax  --src stable-diffusion-2-1-base/unet  --dst ckpt/sd21-unet --param-dtype bfloat16
+  python -m convert to-torch --src ckpt/sd21-base --dst exported/sd21-base
+
+A pipeline folder converts every component whose `_class_name` we support and lists the ones skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from diffbody_jax.interop import flax_checkpoint, pretrained, torch_files
+from diffbody_jax.interop.mapping import flatten_params
+
+_DTYPES = {"float32": np.float32, "bfloat16": "bfloat16", "float16": np.float16, "keep": None}
+
+
+def _model_folders(src: Path) -> tuple[str, dict[str, Path], list[str]]:
+    """(layout, {component: folder}, skipped notes) for a model folder or a pipeline folder."""
+    if (src / "config.json").exists():
+        config = torch_files.read_json(src / "config.json")
+        family = pretrained.family_of(config, str(src / "config.json"))
+        return "model", {family.component: src}, []
+    subdirs = sorted(p for p in src.iterdir() if (p / "config.json").exists()) if src.is_dir() else []
+    if not subdirs:
+        raise FileNotFoundError(f"{src}: neither a model folder (config.json) nor a pipeline folder")
+    found, skipped = {}, []
+    for sub in subdirs:
+        name = torch_files.read_json(sub / "config.json").get("_class_name")
+        if name in pretrained.FAMILIES:
+            found[sub.name] = sub
+        else:
+            skipped.append(f"{sub.name} ({name}: not supported yet)")
+    if not found:
+        raise ValueError(f"{src}: no supported component; skipped {', '.join(skipped)}")
+    return "pipeline", found, skipped
+
+
+def to_flax(src: Path, dst: Path, param_dtype, overwrite: bool) -> None:
+    layout, folders, skipped = _model_folders(src)
+    if param_dtype == "bfloat16":
+        import ml_dtypes
+
+        param_dtype = ml_dtypes.bfloat16
+    components = {}
+    for name, folder in folders.items():
+        _, params = pretrained.load_pretrained(folder, param_dtype=param_dtype)
+        components[name] = (torch_files.read_json(folder / "config.json"), params)
+        print(f"  {name}: {folder} -> {len(flatten_params(params))} params")
+    flax_checkpoint.save_components(dst, components, layout=layout, overwrite=overwrite)
+    for note in skipped:
+        print(f"  skipped {note}")
+    print(f"wrote {dst}")
+
+
+def to_torch(src: Path, dst: Path, overwrite: bool) -> None:
+    config = flax_checkpoint.read_config(src)
+    for name in config["components"]:
+        out = dst if config["layout"] == "model" else dst / name
+        if (out / "config.json").exists() and not overwrite:
+            raise FileExistsError(f"{out} already holds a model; pass --overwrite to replace it")
+        module, params = pretrained.load_pretrained(src, subfolder=name, param_dtype=None)
+        pretrained.save_pretrained(out, module, params, config_dict=config["components"][name])
+        print(f"  {name}: -> {out}")
+    print(f"wrote {dst}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m convert", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("to-flax", help="diffusers folder -> orbax checkpoint")
+    p.add_argument("--src", required=True, type=Path)
+    p.add_argument("--dst", required=True, type=Path)
+    p.add_argument("--param-dtype", default="float32", choices=sorted(_DTYPES),
+                   help="dtype of the stored params; 'keep' keeps the source dtype")
+    p.add_argument("--overwrite", action="store_true")
+    p = sub.add_parser("to-torch", help="orbax checkpoint -> diffusers folder (safetensors)")
+    p.add_argument("--src", required=True, type=Path)
+    p.add_argument("--dst", required=True, type=Path)
+    p.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "to-flax":
+            to_flax(args.src, args.dst, _DTYPES[args.param_dtype], args.overwrite)
+        else:
+            to_torch(args.src, args.dst, args.overwrite)
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

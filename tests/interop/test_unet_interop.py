@@ -1,0 +1,135 @@
+"""UNet weights between diffusers and us: round trips, folders diffusers loads, real-size coverage."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import diffbody_jax
+from diffbody_jax.interop.mapping import ConversionError, flatten_params, flax_to_torch, plan_import, torch_to_flax
+from diffbody_jax.interop.unet import unet_table
+from diffbody_jax.models.unet import UNet2DConditionModel, UNetConfig
+from tests.torch_ref import REPO, nchw_to_nhwc, nhwc_to_nchw, randomize_, state_dict_numpy, unet_diffusers_config
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+
+def _torch_unet(variant, seed=0, dtype=torch.float32):
+    ref = diffusers.UNet2DConditionModel(**unet_diffusers_config(variant)).eval()
+    randomize_(ref, seed)
+    return ref.to(dtype)
+
+
+@pytest.mark.parametrize("variant", ["tiny-sd21", "tiny-sdxl", "tiny-cond"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_round_trip_is_bit_exact(variant, dtype):
+    ref = _torch_unet(variant, dtype=dtype)
+    sd = state_dict_numpy(ref)
+    ours = UNet2DConditionModel(UNetConfig.from_diffusers(dict(ref.config)))
+    table = unet_table(ours.config)
+    params = torch_to_flax(sd, table, ours.param_shapes(), variant, dtype=None)
+    back = flax_to_torch(params, table)
+    assert set(back) == set(sd)
+    for key, value in sd.items():
+        assert back[key].dtype == value.dtype and back[key].shape == value.shape, key
+        assert back[key].tobytes() == value.tobytes(), key
+
+
+def test_saved_folder_loads_in_diffusers_and_matches(tmp_path):
+    ref = _torch_unet("tiny-sdxl", seed=3)
+    ref.save_pretrained(tmp_path / "src")  # diffusers' own layout: config.json + safetensors
+    module, params = diffbody_jax.load_pretrained(tmp_path / "src")
+    diffbody_jax.save_pretrained(tmp_path / "ours", module, params)
+
+    loaded = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "ours").eval()
+    for key, value in ref.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+    rng = np.random.default_rng()
+    x = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
+    ctx = rng.standard_normal((1, 5, 32)).astype(np.float32)
+    text = rng.standard_normal((1, 16)).astype(np.float32)
+    ids = rng.integers(0, 1024, (1, 6)).astype(np.float32)
+    with torch.no_grad():
+        want = loaded(torch.from_numpy(x), 321, torch.from_numpy(ctx), added_cond_kwargs={
+            "text_embeds": torch.from_numpy(text), "time_ids": torch.from_numpy(ids)}).sample.numpy()
+    got = module.apply({"params": params}, jnp.asarray(nchw_to_nhwc(x)), 321, ctx, text_embeds=text, time_ids=ids)
+    assert np.abs(nhwc_to_nchw(got) - want).max() <= 1e-4
+
+
+@pytest.mark.parametrize("fmt", ["bin", "sharded-safetensors", "sharded-bin"])
+def test_load_pretrained_reads_bin_and_sharded_folders(tmp_path, fmt):
+    ref = _torch_unet("tiny-sd21", seed=4)
+    ref.save_pretrained(tmp_path, safe_serialization=fmt.endswith("safetensors"),
+                        max_shard_size="200KB" if fmt.startswith("sharded") else "10GB")
+    names = sorted(p.name for p in tmp_path.iterdir())
+    if fmt.startswith("sharded"):
+        assert any(n.endswith(".index.json") for n in names), names
+    module, params = diffbody_jax.load_pretrained(tmp_path, param_dtype=None)
+    back = flax_to_torch(params, unet_table(module.config))
+    for key, value in state_dict_numpy(ref).items():
+        np.testing.assert_array_equal(back[key], value)
+
+
+def test_bad_checkpoint_lists_every_problem_with_the_file(tmp_path):
+    from diffbody_jax.interop.torch_files import write_safetensors
+
+    ref = _torch_unet("tiny-sd21")
+    sd = state_dict_numpy(ref)
+    del sd["conv_out.bias"]
+    sd["mid_block.attentions.0.proj_in.weight"] = sd["mid_block.attentions.0.proj_in.weight"][:, :-1]
+    sd["controlnet_cond_embedding.conv_in.weight"] = np.zeros((1,), np.float32)
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel", **dict(ref.config)}))
+    write_safetensors(sd, tmp_path / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(ConversionError) as info:
+        diffbody_jax.load_pretrained(tmp_path)
+    msg = str(info.value)
+    assert "diffusion_pytorch_model.safetensors" in msg
+    assert "conv_out/bias" in msg
+    assert "controlnet_cond_embedding.conv_in.weight" in msg
+    assert "mid_block.attentions.0.proj_in.weight (64, 63) -> mid_block/attentions_0/proj_in/kernel (64, 64)" in msg
+
+
+def test_unsupported_config_names_the_file(tmp_path):
+    cfg = {"_class_name": "UNet2DConditionModel", **unet_diffusers_config("tiny-sd21"), "class_embed_type": "projection"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"config.json: UNet config fields not supported: class_embed_type"):
+        diffbody_jax.load_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))
+    with pytest.raises(ValueError, match="_class_name 'AutoencoderKL' is not supported"):
+        diffbody_jax.load_pretrained(tmp_path)
+
+
+# Measured on the meta device with diffusers 0.42.1 (see ../shared/reference/configs/README.md).
+REAL = [("sd21-base", 686, 865_910_724), ("sd21-768v", 686, 865_910_724), ("sdxl-base", 1680, 2_567_463_684)]
+
+
+@pytest.mark.parametrize("variant,n_keys,n_params", REAL)
+def test_real_architecture_coverage(variant, n_keys, n_params):
+    """Every key of the real UNet maps both ways with equal shapes; no weights, no memory."""
+    cfg = json.loads((REPO / f"configs/diffusers/{variant}/unet/config.json").read_text())
+    with torch.device("meta"):
+        ref = diffusers.UNet2DConditionModel.from_config(cfg)
+    torch_shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    assert len(torch_shapes) == n_keys
+
+    ours = UNet2DConditionModel(UNetConfig.from_diffusers(cfg, variant))
+    flax_shapes = {k: tuple(v.shape) for k, v in flatten_params(ours.param_shapes()).items()}
+    assert sum(int(np.prod(s)) for s in flax_shapes.values()) == n_params
+
+    table = unet_table(ours.config)
+    plan = plan_import(torch_shapes, flax_shapes, table, variant)  # raises on any gap
+    assert len(plan) == len(torch_shapes) == len(flax_shapes)
+    for path, shape in flax_shapes.items():  # export direction
+        key, transform = table.torch_key(path)
+        assert torch_shapes[key] == transform.torch_shape(shape), path
+
+
+def test_param_tree_is_plain_and_jittable():
+    ours = UNet2DConditionModel(UNetConfig.from_diffusers(unet_diffusers_config("tiny-sd21")))
+    params = ours.init_params(jax.random.key(0))
+    assert all(isinstance(v, jax.Array) for v in jax.tree.leaves(params))
+    assert "down_blocks_0" in params and "resnets_0" in params["down_blocks_0"]
