@@ -112,7 +112,8 @@ class UNetConfig:
         if self.mid_block_type not in MID_BLOCKS:
             bad.append(self.mid_block_type)
         if bad:
-            raise ValueError(f"UNet config: unsupported block types {bad}; supported {DOWN_BLOCKS + UP_BLOCKS + MID_BLOCKS}")
+            supported = DOWN_BLOCKS + UP_BLOCKS + MID_BLOCKS
+            raise ValueError(f"UNet config: unsupported block types {bad}; supported {supported}")
         if len(self.up_block_types) != n or len(self.block_out_channels) != n:
             raise ValueError(
                 f"UNet config: down_block_types ({n}), up_block_types ({len(self.up_block_types)}) and "
@@ -195,7 +196,8 @@ class UNetConfig:
     @property
     def up_transformer_depths(self) -> tuple[int, ...]:
         if self.reverse_transformer_layers_per_block is not None:
-            return _per_block(self.reverse_transformer_layers_per_block, self.num_blocks, "reverse_transformer_layers_per_block")
+            name = "reverse_transformer_layers_per_block"
+            return _per_block(self.reverse_transformer_layers_per_block, self.num_blocks, name)
         return self.transformer_depths[::-1]
 
     @property
@@ -342,15 +344,18 @@ class UNet2DConditionModel(nn.Module):
     def _time_embedding(self, timesteps: Array, batch: int, text_embeds, time_ids) -> Array:
         c = self.config
         t = jnp.broadcast_to(jnp.asarray(timesteps), (batch,))
-        t_emb = timestep_embedding(t, c.block_out_channels[0], flip_sin_to_cos=c.flip_sin_to_cos, freq_shift=c.freq_shift)
-        mlp = lambda name: TimestepEmbedding(c.time_embed_dim, self.dtype, self.param_dtype, self.precision, name=name)  # noqa: E731
+        sinusoid = dict(flip_sin_to_cos=c.flip_sin_to_cos, freq_shift=c.freq_shift)
+        t_emb = timestep_embedding(t, c.block_out_channels[0], **sinusoid)
+
+        def mlp(name):
+            return TimestepEmbedding(c.time_embed_dim, self.dtype, self.param_dtype, self.precision, name=name)
+
         emb = mlp("time_embedding")(t_emb.astype(self.dtype))
         if c.addition_embed_type == "text_time":
             if text_embeds is None or time_ids is None:
                 raise ValueError("this UNet has a text_time embedding: pass text_embeds [B, D] and time_ids [B, 6]")
-            time_emb = timestep_embedding(
-                time_ids.reshape(-1), c.addition_time_embed_dim, flip_sin_to_cos=c.flip_sin_to_cos, freq_shift=c.freq_shift
-            ).reshape(batch, -1)
+            time_emb = timestep_embedding(time_ids.reshape(-1), c.addition_time_embed_dim, **sinusoid)
+            time_emb = time_emb.reshape(batch, -1)
             added = jnp.concatenate([text_embeds.astype(jnp.float32), time_emb], axis=-1)
             emb = emb + mlp("add_embedding")(added.astype(self.dtype))
         return emb

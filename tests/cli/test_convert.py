@@ -61,7 +61,8 @@ def test_model_folder_round_trip_as_module_entry_point(pipeline, tmp_path):
 
 def test_bfloat16_storage(pipeline, tmp_path):
     root, sd = pipeline
-    assert main(["to-flax", "--src", str(root / "unet"), "--dst", str(tmp_path / "ckpt"), "--param-dtype", "bfloat16"]) == 0
+    args = ["to-flax", "--src", str(root / "unet"), "--dst", str(tmp_path / "ckpt"), "--param-dtype", "bfloat16"]
+    assert main(args) == 0
     _, params = diffbody_jax.load_pretrained(tmp_path / "ckpt", param_dtype=None)
     kernel = params["conv_in"]["kernel"]
     assert kernel.dtype.name == "bfloat16"

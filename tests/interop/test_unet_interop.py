@@ -94,7 +94,8 @@ def test_bad_checkpoint_lists_every_problem_with_the_file(tmp_path):
 
 
 def test_unsupported_config_names_the_file(tmp_path):
-    cfg = {"_class_name": "UNet2DConditionModel", **unet_diffusers_config("tiny-sd21"), "class_embed_type": "projection"}
+    cfg = {"_class_name": "UNet2DConditionModel", **unet_diffusers_config("tiny-sd21")}
+    cfg["class_embed_type"] = "projection"
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"config.json: UNet config fields not supported: class_embed_type"):
         diffbody_jax.load_pretrained(tmp_path)

@@ -47,7 +47,8 @@ def test_nearest_resize_matches_torch_interpolate(size_in, size_out):
 def test_resnet_block_parity(c_in, c_out, with_temb):
     from diffusers.models.resnet import ResnetBlock2D
 
-    ref = ResnetBlock2D(in_channels=c_in, out_channels=c_out, temb_channels=24 if with_temb else None, groups=8, eps=1e-5).eval()
+    temb_channels = 24 if with_temb else None
+    ref = ResnetBlock2D(in_channels=c_in, out_channels=c_out, temb_channels=temb_channels, groups=8, eps=1e-5).eval()
     randomize_(ref, seed=1)
     rng = np.random.default_rng()
     x = rng.standard_normal((2, c_in, 6, 5)).astype(np.float32)

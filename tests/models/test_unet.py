@@ -100,7 +100,7 @@ def test_parity_extra_channels_controlnet_residuals_odd_size():
 def test_heads_read_from_attention_head_dim():
     cfg = UNetConfig.from_diffusers(json.loads((REPO / "configs/diffusers/sd21-base/unet/config.json").read_text()))
     assert cfg.heads == (5, 10, 20, 20)
-    assert [c // h for c, h in zip(cfg.block_out_channels, cfg.heads)] == [64, 64, 64, 64]
+    assert [c // h for c, h in zip(cfg.block_out_channels, cfg.heads, strict=True)] == [64, 64, 64, 64]
     xl = UNetConfig.from_diffusers(json.loads((REPO / "configs/diffusers/sdxl-base/unet/config.json").read_text()))
     assert xl.transformer_depths == (1, 2, 10) and xl.up_transformer_depths == (10, 2, 1)
     assert xl.text_embeds_dim == 1280
@@ -110,7 +110,8 @@ def test_heads_read_from_attention_head_dim():
 
 def test_config_refuses_unsupported_fields_by_name():
     base = unet_diffusers_config("tiny-sd21")
-    with pytest.raises(ValueError, match=r"my/unet/config.json: .*class_embed_type='timestep'.*made_up_field \(unknown"):
+    pattern = r"my/unet/config.json: .*class_embed_type='timestep'.*made_up_field \(unknown"
+    with pytest.raises(ValueError, match=pattern):
         UNetConfig.from_diffusers({**base, "class_embed_type": "timestep", "made_up_field": 1}, "my/unet/config.json")
     with pytest.raises(ValueError, match="num_attention_heads must be null"):
         UNetConfig.from_diffusers({**base, "num_attention_heads": [2, 4, 4]})
