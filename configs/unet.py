@@ -8,6 +8,7 @@ Variants:
   tiny-sd21   SD2.1 layout (linear projections, 3 cross-attn levels then a plain one) at 32-64 channels;
               heads differ from head dims (2 heads of 16, 4 of 16) to catch diffusers' naming quirk
   tiny-sdxl   SDXL layout: plain first level, text_time embedding, transformer depths 1 and 2
+  mid-sd21    SD2.1 layout at 128-512 channels (142M params): a benchmark size between tiny and real
   tiny-cond   9 input channels (z_t + conditions), 1x1-conv projections, upcast attention, per-block
               layers, flip_sin_to_cos off and freq_shift 1: the less common switches
 """
@@ -64,6 +65,16 @@ TINY = {
         sample_size=12,
     ),
 }
+TINY["mid-sd21"] = dict(
+    block_out_channels=[128, 256, 512, 512],
+    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    attention_head_dim=[2, 4, 8, 8],
+    cross_attention_dim=768,
+    layers_per_block=2,
+    use_linear_projection=True,
+    sample_size=32,
+)
 REAL = ("sd21-base", "sd21-768v", "sdxl-base")
 
 

@@ -1,0 +1,118 @@
+"""Time our jitted UNet forward against diffusers' PyTorch forward on the same weights and inputs.
+
+  python bench/unet_forward.py                                  # mid-sd21 and sd21-base, 32x32 latents
+  python bench/unet_forward.py --variants tiny-sdxl --batch 1 --size 16
+
+Both sides run fp32 on the CPU with every core; each time is the median of --repeats runs after
+--warmup runs (for JAX, the first call compiles and is reported separately). ratio = torch / ours, so
+a ratio above 1.0 means our forward is faster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from diffusers import UNet2DConditionModel as TorchUNet
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from diffbody_jax.cli.config_args import load_config  # noqa: E402
+from diffbody_jax.interop.mapping import torch_to_flax  # noqa: E402
+from diffbody_jax.interop.torch_files import torch_to_numpy  # noqa: E402
+from diffbody_jax.interop.unet import unet_table  # noqa: E402
+from diffbody_jax.models.unet import build_unet  # noqa: E402
+
+
+def _median_time(fn, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench(variant: str, batch: int, size: int, warmup: int, repeats: int) -> dict:
+    model_cfg = load_config(f"{REPO}/configs/unet.py:variant={variant}").model
+    ours = build_unet(model_cfg)
+    torch.manual_seed(0)
+    ref = TorchUNet.from_config(model_cfg.diffusers.to_dict()).eval()
+    state = {k: torch_to_numpy(v) for k, v in ref.state_dict().items()}
+    params = jax.device_put(torch_to_flax(state, unet_table(ours.config), ours.param_shapes(), variant))
+    del state
+    n_params = sum(p.numel() for p in ref.parameters())
+
+    c = ours.config
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, c.in_channels, size, size)).astype(np.float32)
+    t = rng.integers(0, 1000, batch)
+    ctx = rng.standard_normal((batch, 77, c.cross_attention_dim)).astype(np.float32)
+    added = {}
+    if c.addition_embed_type == "text_time":
+        added = dict(text_embeds=rng.standard_normal((batch, c.text_embeds_dim)).astype(np.float32),
+                     time_ids=np.tile(np.array([[1024, 1024, 0, 0, 1024, 1024]], np.float32), (batch, 1)))
+
+    x_t, t_t, ctx_t = torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(ctx)
+    added_t = {k: torch.from_numpy(v) for k, v in added.items()}
+
+    def torch_forward():
+        with torch.inference_mode():
+            return ref(x_t, t_t, ctx_t, added_cond_kwargs=added_t or None).sample
+
+    forward = jax.jit(lambda p, x, t, ctx, added: ours.apply({"params": p}, x, t, ctx, **added))
+    x_j, t_j, ctx_j = jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(t), jnp.asarray(ctx)
+    added_j = {k: jnp.asarray(v) for k, v in added.items()}
+
+    def jax_forward():
+        return forward(params, x_j, t_j, ctx_j, added_j).block_until_ready()
+
+    start = time.perf_counter()
+    out = jax_forward()
+    compile_s = time.perf_counter() - start
+    err = float(np.abs(np.asarray(out).transpose(0, 3, 1, 2) - torch_forward().numpy()).max())
+
+    ours_s = _median_time(jax_forward, warmup, repeats)
+    torch_s = _median_time(torch_forward, warmup, repeats)
+    return dict(variant=variant, params_m=round(n_params / 1e6, 1), batch=batch, latent=size,
+                ours_ms=round(ours_s * 1e3, 1), torch_ms=round(torch_s * 1e3, 1),
+                ratio=round(torch_s / ours_s, 3), jax_compile_s=round(compile_s, 1), max_abs_err=err)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--variants", default="mid-sd21,sd21-base")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--size", type=int, default=32, help="latent height and width")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+
+    threads = os.cpu_count()
+    torch.set_num_threads(threads)
+    print(f"# machine: {platform.processor() or platform.machine()}, {threads} cores; "
+          f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}")
+    print(f"{'variant':<12} {'params':>8} {'batch':>5} {'latent':>6} {'ours ms':>9} {'torch ms':>9} "
+          f"{'ratio':>6} {'compile s':>9} {'max err':>9}")
+    for variant in args.variants.split(","):
+        r = bench(variant, args.batch, args.size, args.warmup, args.repeats)
+        print(f"{r['variant']:<12} {r['params_m']:>7}M {r['batch']:>5} {r['latent']:>6} {r['ours_ms']:>9} "
+              f"{r['torch_ms']:>9} {r['ratio']:>6} {r['jax_compile_s']:>9} {r['max_abs_err']:>9.2e}")
+        print("json:", json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()
