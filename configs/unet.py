@@ -96,7 +96,7 @@ def get_config(arg=None):
             diffusers=diffusers_config(arg["variant"]),
             dtype="float32",  # compute dtype: float32 | bfloat16
             param_dtype="float32",
-            attention_backend="xla",  # xla | cudnn | auto | a registered backend (e.g. a TPU splash kernel)
+            attention_backend="einsum",  # einsum | xla | cudnn | auto | a registered one (TPU splash)
             remat=False,
         )
     )

@@ -66,18 +66,44 @@ def conv(m: nn.Module, features: int, kernel: int, name: str, stride: int = 1, p
     )
 
 
-def group_norm(m: nn.Module, groups: int, eps: float, name: str) -> nn.GroupNorm:
-    # Two-pass variance, as PyTorch computes it: E[x^2] - E[x]^2 loses digits on latents with large means.
-    return nn.GroupNorm(
-        num_groups=groups,
-        epsilon=eps,
-        dtype=m.dtype,
-        param_dtype=m.param_dtype,
-        use_fast_variance=False,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
-        name=name,
-    )
+class GroupNorm(nn.Module):
+    """GroupNorm over the last axis of [B, ..., C], statistics in float32 with a two-pass variance.
+
+    Written here instead of using nn.GroupNorm for speed: reducing first over the spatial axis (a
+    contiguous column sum on NHWC data) and then over each group's channels runs 6x faster on XLA:CPU
+    than nn.GroupNorm's joint reduction (0.54 vs 3.1 ms on [2, 64, 64, 128]) and keeps PyTorch's
+    two-pass accuracy, which E[x^2] - E[x]^2 loses on activations with large means.
+    """
+
+    num_groups: int = 32
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        b, c = x.shape[0], x.shape[-1]
+        if c % self.num_groups:
+            raise ValueError(f"GroupNorm {self.name}: {c} channels do not split into {self.num_groups} groups")
+        per_group = c // self.num_groups
+        y = x.reshape(b, -1, c).astype(jnp.float32)
+        count = y.shape[1] * per_group
+
+        def group_mean(v):  # [B, C] channel sums -> [B, 1, C], each channel holding its group's mean
+            g = v.reshape(b, self.num_groups, per_group).sum(-1) / count
+            return jnp.repeat(g, per_group, axis=1)[:, None, :]
+
+        d = y - group_mean(y.sum(axis=1))
+        inv_std = jax.lax.rsqrt(group_mean(jnp.square(d).sum(axis=1)) + self.epsilon)
+        init = lambda fn: nn.with_logical_partitioning(fn, ("norm",))  # noqa: E731
+        scale = self.param("scale", init(nn.initializers.ones_init()), (c,), self.param_dtype)
+        bias = self.param("bias", init(nn.initializers.zeros_init()), (c,), self.param_dtype)
+        out = d * (inv_std * scale.astype(jnp.float32)) + bias.astype(jnp.float32)
+        return out.reshape(x.shape).astype(self.dtype)
+
+
+def group_norm(m: nn.Module, groups: int, eps: float, name: str) -> GroupNorm:
+    return GroupNorm(groups, eps, m.dtype, m.param_dtype, name=name)
 
 
 def layer_norm(m: nn.Module, eps: float, name: str) -> nn.LayerNorm:
@@ -225,13 +251,28 @@ class Upsample2D(nn.Module):
 
 
 # --------------------------------------------------------------------------------------- attention
-# q, k, v: [B, T, N, D] -> [B, T, N, D]. A backend is any function of that signature; "xla" and
-# "cudnn" are `jax.nn.dot_product_attention` implementations, "auto" lets JAX choose. A TPU Pallas
-# splash-attention kernel plugs in with `register_attention_backend("splash", fn)`.
+# q, k, v: [B, T, N, D] -> [B, T, N, D]. A backend is any function of that signature:
+#   "xla", "cudnn"  `jax.nn.dot_product_attention` with that implementation (cudnn: GPU, bf16/fp16)
+#   "auto"          `jax.nn.dot_product_attention` choosing for itself
+#   "einsum"        the default: plain XLA ops, fastest on CPU and a safe choice everywhere
+# A TPU Pallas splash-attention kernel plugs in with `register_attention_backend("splash", fn)`.
 
 AttentionFn = Callable[[Array, Array, Array], Array]
 
+
+def einsum_attention(q: Array, k: Array, v: Array) -> Array:
+    """Softmax(q k^T / sqrt(D)) v with float32 logits, as plain XLA ops.
+
+    The same math as `jax.nn.dot_product_attention(implementation="xla")`, without its grouped-query
+    reshape to 5-D, whose transposes make it 2.2x slower on XLA:CPU ([2, 1024, 2, 64]: 25.8 vs 11.7 ms).
+    """
+    logits = jnp.einsum("btnd,bsnd->bnts", q, k, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(logits * (q.shape[-1] ** -0.5), axis=-1).astype(v.dtype)
+    return jnp.einsum("bnts,bsnd->btnd", probs, v)
+
+
 _ATTENTION_BACKENDS: dict[str, AttentionFn] = {
+    "einsum": einsum_attention,
     "xla": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla"),
     "cudnn": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"),
     "auto": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation=None),
@@ -264,7 +305,7 @@ class Attention(nn.Module):
     head_dim: int
     out_features: int
     upcast: bool = False
-    backend: str = "xla"
+    backend: str = "einsum"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     precision: Precision = None
@@ -327,7 +368,7 @@ class BasicTransformerBlock(nn.Module):
     heads: int
     head_dim: int
     upcast_attention: bool = False
-    attention_backend: str = "xla"
+    attention_backend: str = "einsum"
     norm_eps: float = 1e-5
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -360,7 +401,7 @@ class Transformer2D(nn.Module):
     use_linear_projection: bool = False
     groups: int = 32
     upcast_attention: bool = False
-    attention_backend: str = "xla"
+    attention_backend: str = "einsum"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     precision: Precision = None

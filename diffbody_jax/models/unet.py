@@ -220,7 +220,7 @@ class BlockSettings:
     eps: float = 1e-5
     use_linear_projection: bool = False
     upcast_attention: bool = False
-    attention_backend: str = "xla"
+    attention_backend: str = "einsum"
 
 
 class _Block(nn.Module):
@@ -329,7 +329,7 @@ class UNet2DConditionModel(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     precision: Precision = None
-    attention_backend: str = "xla"
+    attention_backend: str = "einsum"
     remat: bool = False  # rematerialise each block's activations in the backward pass
 
     def _settings(self) -> BlockSettings:

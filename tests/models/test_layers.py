@@ -63,8 +63,9 @@ def test_resnet_block_parity(c_in, c_out, with_temb):
     assert np.abs(got - want).max() <= TOL
 
 
+@pytest.mark.parametrize("backend", ["einsum", "xla", "auto"])
 @pytest.mark.parametrize("cross", [False, True])
-def test_attention_parity_heads_differ_from_head_dim(cross):
+def test_attention_parity_heads_differ_from_head_dim(cross, backend):
     from diffusers.models.attention_processor import Attention
 
     heads, head_dim, dim = 3, 8, 20  # 3 heads of 8 into a 20-wide model: no two sizes coincide
@@ -73,7 +74,7 @@ def test_attention_parity_heads_differ_from_head_dim(cross):
     rng = np.random.default_rng()
     x = rng.standard_normal((2, 10, dim)).astype(np.float32)
     ctx = rng.standard_normal((2, 7, 12)).astype(np.float32) if cross else None
-    ours = layers.Attention(heads, head_dim, dim)
+    ours = layers.Attention(heads, head_dim, dim, backend=backend)
     ctx_j = None if ctx is None else jnp.asarray(ctx)
     params = _params(ours, ref, attention_rules(), jnp.asarray(x), ctx_j)
     with torch.no_grad():
@@ -104,6 +105,29 @@ def test_transformer2d_parity(linear):
     assert np.abs(got - want).max() <= TOL
 
 
+@pytest.mark.parametrize("shape,groups", [((2, 6, 5, 32), 8), ((2, 7, 24), 4), ((1, 3, 3, 16), 16)])
+def test_group_norm_matches_torch_and_float64(shape, groups):
+    rng = np.random.default_rng()
+    # Large mean relative to the spread: the case where a one-pass variance would lose digits.
+    x = (rng.standard_normal(shape) * 0.5 + 40).astype(np.float32)
+    scale = (1 + 0.1 * rng.standard_normal(shape[-1])).astype(np.float32)
+    bias = (0.1 * rng.standard_normal(shape[-1])).astype(np.float32)
+    nc = np.moveaxis(x, -1, 1).copy()  # contiguous NCHW: torch's accurate kernel
+    want = torch.nn.functional.group_norm(torch.from_numpy(nc), groups, torch.from_numpy(scale),
+                                          torch.from_numpy(bias), eps=1e-5).numpy()
+    got = layers.GroupNorm(groups, 1e-5).apply({"params": {"scale": scale, "bias": bias}}, jnp.asarray(x))
+    assert np.abs(np.moveaxis(np.asarray(got), -1, 1) - want).max() <= TOL
+    g = x.astype(np.float64).reshape(shape[0], -1, groups, shape[-1] // groups)
+    exact = (g - g.mean(axis=(1, 3), keepdims=True)) / np.sqrt(g.var(axis=(1, 3), keepdims=True) + 1e-5)
+    exact = exact.reshape(shape) * scale + bias
+    assert np.abs(np.asarray(got) - exact).max() <= TOL
+
+
+def test_group_norm_names_bad_channel_count():
+    with pytest.raises(ValueError, match="GroupNorm norm1: 12 channels do not split into 8 groups"):
+        layers.GroupNorm(8, name="norm1").init(jax.random.key(0), jnp.ones((1, 2, 2, 12)))
+
+
 def test_attention_backend_registry():
     with pytest.raises(ValueError, match="unknown attention backend 'nope'.*registered"):
         layers.attention_backend("nope")
@@ -111,7 +135,7 @@ def test_attention_backend_registry():
 
     def traced(q, k, v):
         calls.append(q.shape)
-        return layers.attention_backend("xla")(q, k, v)
+        return layers.attention_backend("einsum")(q, k, v)
 
     layers.register_attention_backend("test-traced", traced)
     x = jnp.asarray(np.random.default_rng().standard_normal((1, 6, 8)), jnp.float32)
