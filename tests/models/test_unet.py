@@ -178,7 +178,7 @@ def test_text_time_inputs_required():
 @pytest.mark.parametrize("variant", ["sd21-768v"])
 def test_real_size_parity(variant):
     """The real SD2.1 UNet (866M params, upcast attention) with diffusers' default random init, at 16x16
-    latents: the full depth accumulates more rounding than the tiny configs, so the bound is relative."""
+    latents (measured: max abs error 4.4e-6 on outputs of std 0.3)."""
     torch.manual_seed(0)
     ref = diffusers.UNet2DConditionModel(**unet_diffusers_config(variant)).eval()
     ours = UNet2DConditionModel(UNetConfig.from_diffusers(dict(ref.config)))
@@ -188,4 +188,4 @@ def test_real_size_parity(variant):
     got = _run_ours(ours, params, x, t, ctx, added)
     err = np.abs(got - want).max()
     print(f"{variant}: max abs error {err:.2e}, output std {want.std():.3f}")
-    assert err <= 1e-4 * max(1.0, float(np.abs(want).max()))
+    assert err <= TOL
