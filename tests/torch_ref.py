@@ -47,3 +47,7 @@ def nchw_to_nhwc(x):
 
 def nhwc_to_nchw(x):
     return np.transpose(np.asarray(x), (0, 3, 1, 2))
+
+
+def vae_diffusers_config(variant: str) -> dict:
+    return dict(load_config(f"{REPO}/configs/vae.py:variant={variant}").model.diffusers.to_dict())

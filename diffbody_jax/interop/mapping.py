@@ -70,9 +70,12 @@ def _fill(pattern: str, indices: tuple[str, ...]) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
+    """One row. `import_only` rows read legacy PyTorch names but are never written on export."""
+
     torch: str
     flax: str
     transform: Transform = IDENTITY
+    import_only: bool = False
 
     def __post_init__(self):
         if self.torch.count("*") != self.flax.count("*"):
@@ -94,7 +97,12 @@ def norm(t: str, f: str) -> list[Rule]:
 
 def nest(torch_prefix: str, flax_prefix: str, rules: Iterable[Rule]) -> list[Rule]:
     """The same rules under a sub-module: `nest("mid_block.resnets.*", "mid_block/resnets_*", rows)`."""
-    return [Rule(f"{torch_prefix}.{r.torch}", f"{flax_prefix}/{r.flax}", r.transform) for r in rules]
+    return [dataclasses.replace(r, torch=f"{torch_prefix}.{r.torch}", flax=f"{flax_prefix}/{r.flax}") for r in rules]
+
+
+def import_only(rules: Iterable[Rule]) -> list[Rule]:
+    """The same rows, used to read legacy key names only."""
+    return [dataclasses.replace(r, import_only=True) for r in rules]
 
 
 class MappingTable:
@@ -104,7 +112,7 @@ class MappingTable:
         self.rules = tuple(rules)
         self.skip = tuple(re.compile(s) for s in skip)
         self._torch = [(_compile(r.torch), r) for r in self.rules]
-        self._flax = [(_compile(r.flax), r) for r in self.rules]
+        self._flax = [(_compile(r.flax), r) for r in self.rules if not r.import_only]
 
     def __add__(self, other: MappingTable) -> MappingTable:
         """Layer a variant table on top: its rules are tried first."""

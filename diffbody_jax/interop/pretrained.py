@@ -47,7 +47,20 @@ def _unet_family() -> Family:
     )
 
 
-FAMILIES: dict[str, Callable[[], Family]] = {"UNet2DConditionModel": _unet_family}
+def _vae_family() -> Family:
+    from diffbody_jax.interop.vae import vae_table
+    from diffbody_jax.models.vae import AutoencoderKL, VAEConfig
+
+    return Family(
+        "AutoencoderKL",
+        lambda d, src: VAEConfig.from_diffusers(d, src),
+        lambda cfg, **kw: AutoencoderKL(cfg, **kw),
+        vae_table,
+        "vae",
+    )
+
+
+FAMILIES: dict[str, Callable[[], Family]] = {"UNet2DConditionModel": _unet_family, "AutoencoderKL": _vae_family}
 
 
 def family_of(config: dict, source: str) -> Family:

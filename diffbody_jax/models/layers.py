@@ -48,7 +48,9 @@ def dense(m: nn.Module, features: int, name: str, axes=("embed", "mlp"), use_bia
     )
 
 
-def conv(m: nn.Module, features: int, kernel: int, name: str, stride: int = 1, padding: int | None = None) -> nn.Conv:
+def conv(
+    m: nn.Module, features: int, kernel: int, name: str | None, stride: int = 1, padding: int | None = None
+) -> nn.Conv:
     pad = kernel // 2 if padding is None else padding
     return nn.Conv(
         features,
@@ -299,12 +301,14 @@ class Attention(nn.Module):
 
     x: [B, T, C] queries; context: [B, S, C_ctx] or None for self-attention; returns [B, T, out_features].
     `upcast` computes the attention in float32 whatever the compute dtype (SD2.1-768's setting).
+    `qkv_bias` adds biases to the q/k/v projections (the VAE's attention has them).
     """
 
     heads: int
     head_dim: int
     out_features: int
     upcast: bool = False
+    qkv_bias: bool = False
     backend: str = "einsum"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -315,9 +319,9 @@ class Attention(nn.Module):
         context = x if context is None else context
         inner = self.heads * self.head_dim
         qkv_axes = ("embed", "heads")
-        q = dense(self, inner, "to_q", qkv_axes, use_bias=False)(x)
-        k = dense(self, inner, "to_k", qkv_axes, use_bias=False)(context)
-        v = dense(self, inner, "to_v", qkv_axes, use_bias=False)(context)
+        q = dense(self, inner, "to_q", qkv_axes, use_bias=self.qkv_bias)(x)
+        k = dense(self, inner, "to_k", qkv_axes, use_bias=self.qkv_bias)(context)
+        v = dense(self, inner, "to_v", qkv_axes, use_bias=self.qkv_bias)(context)
         split = lambda t: t.reshape(t.shape[0], t.shape[1], self.heads, self.head_dim)  # noqa: E731
         q, k, v = split(q), split(k), split(v)
         if self.upcast:

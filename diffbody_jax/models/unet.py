@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffbody_jax.models.config_dict import dataclass_from_dict, dataclass_to_dict
 from diffbody_jax.models.layers import (
     Array,
     Downsample2D,
@@ -148,33 +149,13 @@ class UNetConfig:
     @classmethod
     def from_diffusers(cls, config: dict[str, Any], source: str = "config") -> UNetConfig:
         """Build from a diffusers config dict; fields we do not implement are refused by name."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        kwargs, problems = {}, []
-        for key, value in config.items():
-            if key.startswith("_") or key in _IGNORED:
-                continue
-            if key in known:
-                kwargs[key] = tuple(value) if isinstance(value, list) else value
-            elif key in _FEATURE_OFF:
-                off = _FEATURE_OFF[key]
-                if isinstance(value, list) and key == "only_cross_attention":
-                    value = any(value)
-                if value not in off:
-                    problems.append(f"{key}={value!r} (supported: {' or '.join(map(repr, off))})")
-            else:
-                problems.append(f"{key} (unknown field)")
-        if problems:
-            raise ValueError(f"{source}: UNet config fields not supported: " + "; ".join(problems))
+        config = dict(config)
         # diffusers treats a null upcast_attention as False.
-        kwargs["upcast_attention"] = bool(kwargs.get("upcast_attention") or False)
-        return cls(**kwargs)
+        config["upcast_attention"] = bool(config.get("upcast_attention") or False)
+        return dataclass_from_dict(cls, config, kind="UNet", source=source, feature_off=_FEATURE_OFF, ignored=_IGNORED)
 
     def to_diffusers(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"_class_name": "UNet2DConditionModel"}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            out[f.name] = list(value) if isinstance(value, tuple) else value
-        return out
+        return dataclass_to_dict(self, "UNet2DConditionModel")
 
     # ------------------------------------------------------------------------- derived per-block sizes
     @property

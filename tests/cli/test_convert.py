@@ -10,7 +10,7 @@ import pytest
 
 import diffbody_jax
 from diffbody_jax.cli.convert import main
-from tests.torch_ref import REPO, randomize_, state_dict_numpy, unet_diffusers_config
+from tests.torch_ref import REPO, randomize_, state_dict_numpy, unet_diffusers_config, vae_diffusers_config
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -18,15 +18,18 @@ diffusers = pytest.importorskip("diffusers")
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    """A diffusers pipeline folder with a tiny UNet and a component we do not convert yet."""
+    """A diffusers pipeline folder: a tiny UNet and VAE, and a component we do not convert."""
     root = tmp_path_factory.mktemp("pipe")
     unet = diffusers.UNet2DConditionModel(**unet_diffusers_config("tiny-sdxl")).eval()
     randomize_(unet, seed=11)
     unet.save_pretrained(root / "unet")
-    (root / "vae").mkdir()
-    (root / "vae" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))
+    vae = diffusers.AutoencoderKL(**vae_diffusers_config("tiny")).eval()
+    randomize_(vae, seed=12)
+    vae.save_pretrained(root / "vae")
+    (root / "scheduler").mkdir()
+    (root / "scheduler" / "config.json").write_text(json.dumps({"_class_name": "DDIMScheduler"}))
     (root / "model_index.json").write_text(json.dumps({"unet": ["diffusers", "UNet2DConditionModel"]}))
-    return root, state_dict_numpy(unet)
+    return root, state_dict_numpy(unet), state_dict_numpy(vae)
 
 
 def _assert_same(folder, sd):
@@ -37,19 +40,22 @@ def _assert_same(folder, sd):
 
 
 def test_pipeline_round_trip(pipeline, tmp_path, capsys):
-    root, sd = pipeline
+    root, sd, vae_sd = pipeline
     assert main(["to-flax", "--src", str(root), "--dst", str(tmp_path / "ckpt")]) == 0
     out = capsys.readouterr().out
-    assert "skipped vae (AutoencoderKL: not supported yet)" in out
+    assert "skipped scheduler (DDIMScheduler: not supported yet)" in out
     assert main(["to-torch", "--src", str(tmp_path / "ckpt"), "--dst", str(tmp_path / "back")]) == 0
     _assert_same(tmp_path / "back" / "unet", sd)
+    vae = diffusers.AutoencoderKL.from_pretrained(tmp_path / "back" / "vae").state_dict()
+    for key, value in vae_sd.items():
+        assert vae[key].numpy().tobytes() == value.tobytes(), key
     # our checkpoint loads in one line too
     module, params = diffbody_jax.load_pretrained(tmp_path / "ckpt", subfolder="unet")
     assert module.config.addition_embed_type == "text_time"
 
 
 def test_model_folder_round_trip_as_module_entry_point(pipeline, tmp_path):
-    root, sd = pipeline
+    root, sd, vae_sd = pipeline
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     for cmd in (["to-flax", "--src", str(root / "unet"), "--dst", str(tmp_path / "ckpt"), "--param-dtype", "keep"],
                 ["to-torch", "--src", str(tmp_path / "ckpt"), "--dst", str(tmp_path / "back")]):
@@ -60,7 +66,7 @@ def test_model_folder_round_trip_as_module_entry_point(pipeline, tmp_path):
 
 
 def test_bfloat16_storage(pipeline, tmp_path):
-    root, sd = pipeline
+    root, sd, vae_sd = pipeline
     args = ["to-flax", "--src", str(root / "unet"), "--dst", str(tmp_path / "ckpt"), "--param-dtype", "bfloat16"]
     assert main(args) == 0
     _, params = diffbody_jax.load_pretrained(tmp_path / "ckpt", param_dtype=None)
@@ -70,7 +76,7 @@ def test_bfloat16_storage(pipeline, tmp_path):
 
 
 def test_errors_are_reported_not_raised(pipeline, tmp_path, capsys):
-    root, _ = pipeline
+    root, _, _ = pipeline
     assert main(["to-flax", "--src", str(tmp_path / "nowhere"), "--dst", str(tmp_path / "x")]) == 2
     assert "nowhere" in capsys.readouterr().err
     assert main(["to-flax", "--src", str(root), "--dst", str(tmp_path / "ckpt")]) == 0
