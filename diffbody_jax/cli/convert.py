@@ -32,7 +32,7 @@ def _model_folders(src: Path) -> tuple[str, dict[str, Path], list[str]]:
         raise FileNotFoundError(f"{src}: neither a model folder (config.json) nor a pipeline folder")
     found, skipped = {}, []
     for sub in subdirs:
-        name = torch_files.read_json(sub / "config.json").get("_class_name")
+        name = pretrained.class_name_of(torch_files.read_json(sub / "config.json"))
         if name in pretrained.FAMILIES:
             found[sub.name] = sub
         else:

@@ -32,6 +32,7 @@ class Family:
     table: Callable[[Any], MappingTable]  # config -> mapping table
     component: str  # its folder name in a diffusers pipeline, and its item name in our checkpoints
     weights_name: str = "diffusion_pytorch_model.safetensors"
+    config_to_dict: Callable[[Any], dict] = lambda cfg: cfg.to_diffusers()  # noqa: E731
 
 
 def _unet_family() -> Family:
@@ -60,22 +61,72 @@ def _vae_family() -> Family:
     )
 
 
-FAMILIES: dict[str, Callable[[], Family]] = {"UNet2DConditionModel": _unet_family, "AutoencoderKL": _vae_family}
+def _clip_text_family(class_name: str) -> Callable[[], Family]:
+    def make() -> Family:
+        from diffbody_jax.interop.clip import clip_text_table
+        from diffbody_jax.models.clip import CLIPTextConfig, CLIPTextModel
+
+        return Family(
+            class_name,
+            lambda d, src: CLIPTextConfig.from_transformers(d, src),
+            lambda cfg, **kw: CLIPTextModel(cfg, **kw),
+            clip_text_table,
+            "text_encoder",
+            "model.safetensors",
+            lambda cfg: cfg.to_transformers(),
+        )
+
+    return make
+
+
+def _clip_vision_family(class_name: str) -> Callable[[], Family]:
+    def make() -> Family:
+        from diffbody_jax.interop.clip import clip_vision_table
+        from diffbody_jax.models.clip import CLIPVisionConfig, CLIPVisionModel
+
+        return Family(
+            class_name,
+            lambda d, src: CLIPVisionConfig.from_transformers(d, src),
+            lambda cfg, **kw: CLIPVisionModel(cfg, **kw),
+            clip_vision_table,
+            "image_encoder",
+            "model.safetensors",
+            lambda cfg: cfg.to_transformers(),
+        )
+
+    return make
+
+
+FAMILIES: dict[str, Callable[[], Family]] = {
+    "UNet2DConditionModel": _unet_family,
+    "AutoencoderKL": _vae_family,
+    "CLIPTextModel": _clip_text_family("CLIPTextModel"),
+    "CLIPTextModelWithProjection": _clip_text_family("CLIPTextModelWithProjection"),
+    "CLIPVisionModel": _clip_vision_family("CLIPVisionModel"),
+    "CLIPVisionModelWithProjection": _clip_vision_family("CLIPVisionModelWithProjection"),
+}
+
+
+def class_name_of(config: dict) -> str | None:
+    """diffusers configs name their class in `_class_name`, transformers configs in `architectures`."""
+    return config.get("_class_name") or (config.get("architectures") or [None])[0]
 
 
 def family_of(config: dict, source: str) -> Family:
-    name = config.get("_class_name")
+    name = class_name_of(config)
     if name not in FAMILIES:
-        raise ValueError(f"{source}: _class_name {name!r} is not supported; supported: {sorted(FAMILIES)}")
+        raise ValueError(f"{source}: model class {name!r} is not supported; supported: {sorted(FAMILIES)}")
     return FAMILIES[name]()
 
 
 def family_for_module(module) -> Family:
-    for make in FAMILIES.values():
-        fam = make()
-        if fam.class_name == type(module).__name__:
-            return fam
-    raise ValueError(f"no registered model family for {type(module).__name__}")
+    """The family of a built module; CLIP towers pick the class with or without projection."""
+    name = type(module).__name__
+    if name in ("CLIPTextModel", "CLIPVisionModel") and module.config.with_projection:
+        name += "WithProjection"
+    if name not in FAMILIES:
+        raise ValueError(f"no registered model family for {name}")
+    return FAMILIES[name]()
 
 
 def load_pretrained(
@@ -121,12 +172,12 @@ def load_pretrained(
 def save_pretrained(path: str | os.PathLike, module, params: dict, config_dict: dict | None = None) -> Path:
     """Write `module`'s config and `params` as a diffusers folder (config.json + safetensors).
 
-    config_dict: the config.json to write; default `module.config.to_diffusers()`. Pass the original
+    config_dict: the config.json to write; default the module's config in its library's format. Pass the original
     dict to keep fields we do not model (provenance, `_diffusers_version`).
     """
     family = family_for_module(module)
     folder = Path(path)
     state_dict = flax_to_torch(params, family.table(module.config), f"{family.class_name} params")
     torch_files.write_safetensors(state_dict, folder / family.weights_name, metadata={"format": "pt"})
-    torch_files.write_json(config_dict or module.config.to_diffusers(), folder / "config.json")
+    torch_files.write_json(config_dict or family.config_to_dict(module.config), folder / "config.json")
     return folder

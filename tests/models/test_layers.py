@@ -133,9 +133,9 @@ def test_attention_backend_registry():
         layers.attention_backend("nope")
     calls = []
 
-    def traced(q, k, v):
+    def traced(q, k, v, *, is_causal):
         calls.append(q.shape)
-        return layers.attention_backend("einsum")(q, k, v)
+        return layers.attention_backend("einsum")(q, k, v, is_causal=is_causal)
 
     layers.register_attention_backend("test-traced", traced)
     x = jnp.asarray(np.random.default_rng().standard_normal((1, 6, 8)), jnp.float32)
@@ -143,6 +143,17 @@ def test_attention_backend_registry():
     params = attn.init(jax.random.key(0), x)
     attn.apply(params, x)
     assert calls and calls[-1] == (1, 6, 2, 4)
+
+
+@pytest.mark.parametrize("backend", ["xla", "auto"])
+def test_causal_einsum_matches_jax(backend):
+    rng = np.random.default_rng()
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 9, 3, 8)), jnp.float32) for _ in range(3))
+    got = layers.einsum_attention(q, k, v, is_causal=True)
+    want = layers.attention_backend(backend)(q, k, v, is_causal=True)
+    assert np.abs(np.asarray(got) - np.asarray(want)).max() <= 1e-5
+    # the first query sees only the first key
+    np.testing.assert_allclose(np.asarray(got)[:, 0], np.asarray(v)[:, 0], atol=1e-6)
 
 
 def test_logical_axis_names_on_kernels():
