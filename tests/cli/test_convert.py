@@ -14,6 +14,7 @@ from tests.torch_ref import REPO, randomize_, state_dict_numpy, unet_diffusers_c
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +27,16 @@ def pipeline(tmp_path_factory):
     vae = diffusers.AutoencoderKL(**vae_diffusers_config("tiny")).eval()
     randomize_(vae, seed=12)
     vae.save_pretrained(root / "vae")
+    te = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=8, bos_token_id=62, eos_token_id=63)).eval()
+    randomize_(te, seed=13)
+    te.save_pretrained(root / "text_encoder")
     (root / "scheduler").mkdir()
     (root / "scheduler" / "config.json").write_text(json.dumps({"_class_name": "DDIMScheduler"}))
     (root / "model_index.json").write_text(json.dumps({"unet": ["diffusers", "UNet2DConditionModel"]}))
-    return root, state_dict_numpy(unet), state_dict_numpy(vae)
+    others = {**state_dict_numpy(vae), **{"te." + k: v for k, v in state_dict_numpy(te).items()}}
+    return root, state_dict_numpy(unet), others
 
 
 def _assert_same(folder, sd):
@@ -40,22 +47,24 @@ def _assert_same(folder, sd):
 
 
 def test_pipeline_round_trip(pipeline, tmp_path, capsys):
-    root, sd, vae_sd = pipeline
+    root, sd, others = pipeline
     assert main(["to-flax", "--src", str(root), "--dst", str(tmp_path / "ckpt")]) == 0
     out = capsys.readouterr().out
     assert "skipped scheduler (DDIMScheduler: not supported yet)" in out
     assert main(["to-torch", "--src", str(tmp_path / "ckpt"), "--dst", str(tmp_path / "back")]) == 0
     _assert_same(tmp_path / "back" / "unet", sd)
     vae = diffusers.AutoencoderKL.from_pretrained(tmp_path / "back" / "vae").state_dict()
-    for key, value in vae_sd.items():
-        assert vae[key].numpy().tobytes() == value.tobytes(), key
+    te = transformers.CLIPTextModel.from_pretrained(tmp_path / "back" / "text_encoder").state_dict()
+    for key, value in others.items():
+        back = te[key[3:]] if key.startswith("te.") else vae[key]
+        assert back.numpy().tobytes() == value.tobytes(), key
     # our checkpoint loads in one line too
     module, params = diffbody_jax.load_pretrained(tmp_path / "ckpt", subfolder="unet")
     assert module.config.addition_embed_type == "text_time"
 
 
 def test_model_folder_round_trip_as_module_entry_point(pipeline, tmp_path):
-    root, sd, vae_sd = pipeline
+    root, sd, others = pipeline
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     for cmd in (["to-flax", "--src", str(root / "unet"), "--dst", str(tmp_path / "ckpt"), "--param-dtype", "keep"],
                 ["to-torch", "--src", str(tmp_path / "ckpt"), "--dst", str(tmp_path / "back")]):
@@ -66,7 +75,7 @@ def test_model_folder_round_trip_as_module_entry_point(pipeline, tmp_path):
 
 
 def test_bfloat16_storage(pipeline, tmp_path):
-    root, sd, vae_sd = pipeline
+    root, sd, others = pipeline
     args = ["to-flax", "--src", str(root / "unet"), "--dst", str(tmp_path / "ckpt"), "--param-dtype", "bfloat16"]
     assert main(args) == 0
     _, params = diffbody_jax.load_pretrained(tmp_path / "ckpt", param_dtype=None)
