@@ -183,3 +183,20 @@ def sdxl_prompt_embeds(
     embeds = jnp.concatenate([out_1["hidden_states"][-2], out_2["hidden_states"][-2]], axis=-1)
     pooled = out_2["text_embeds"]
     return embeds, pooled, sdxl_time_ids(original_size, crop_top_left, target_size, embeds.shape[0])
+
+
+def sd21_conditioning(prompts: Sequence[str], tokenizer, encoder, params, chunked: bool = False) -> jnp.ndarray:
+    """Prompts -> SD2.1's encoder_hidden_states [B, 77 (x chunks), 1024]."""
+    return sd21_prompt_embeds(encoder, params, tokenize(tokenizer, prompts, chunked=chunked))
+
+
+def sdxl_conditioning(prompts: Sequence[str], first, second, chunked: bool = False, **time_ids):
+    """Prompts -> SDXL's (encoder_hidden_states [B, 77, 2048], text_embeds [B, 1280], time_ids [B, 6]).
+
+    first, second: (tokenizer, encoder, params) of text_encoder and text_encoder_2. time_ids: keyword
+    overrides of original_size, crop_top_left and target_size (default 1024x1024, no crop).
+    """
+    (tok_1, enc_1, p_1), (tok_2, enc_2, p_2) = first, second
+    ids_1 = tokenize(tok_1, prompts, chunked=chunked)
+    ids_2 = tokenize(tok_2, prompts, chunked=chunked)
+    return sdxl_prompt_embeds(enc_1, p_1, ids_1, enc_2, p_2, ids_2, **time_ids)

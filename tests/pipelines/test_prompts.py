@@ -139,3 +139,31 @@ def test_sd21_embeds_and_chunked_encoding():
     out = prompts.sd21_prompt_embeds(enc, params, jnp.asarray(chunked))
     assert out.shape == (3, 16, 32)
     np.testing.assert_allclose(np.asarray(out[:, :8]), want, atol=1e-4)
+
+
+def test_prompt_level_helpers(tiny_tokenizer_dir):
+    folder, vocab = tiny_tokenizer_dir
+    eos = vocab[prompts.EOS]
+    cfg = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=2, max_position_embeddings=77, projection_dim=16,
+               bos_token_id=vocab[prompts.BOS], eos_token_id=eos)
+    encoders = []
+    for seed, arch in enumerate(["CLIPTextModel", "CLIPTextModelWithProjection"]):
+        ref = getattr(transformers, arch)(transformers.CLIPTextConfig(**cfg)).eval()
+        randomize_(ref, seed)
+        ours = CLIPTextModel(CLIPTextConfig.from_transformers({**ref.config.to_dict(), "architectures": [arch]}))
+        params = torch_to_flax(state_dict_numpy(ref), clip_text_table(ours.config), ours.param_shapes(), arch)
+        encoders.append((ref, ours, params))
+    tok_bang = prompts.load_tokenizer(str(folder))
+    tok_eos = prompts.load_tokenizer(str(folder), pad_token=prompts.PAD_EOS)
+    texts = ["a cat", "of a cat at a"]
+    (ref1, enc1, p1), (ref2, enc2, p2) = encoders
+    sd21 = prompts.sd21_conditioning(texts, tok_bang, enc1, p1)
+    with torch.no_grad():
+        want = ref1(torch.from_numpy(prompts.tokenize(tok_bang, texts)).long()).last_hidden_state.numpy()
+    assert sd21.shape == (2, 77, 32) and np.abs(np.asarray(sd21) - want).max() <= 1e-4
+    embeds, pooled, time_ids = prompts.sdxl_conditioning(texts, (tok_eos, enc1, p1), (tok_bang, enc2, p2))
+    assert embeds.shape == (2, 77, 64) and pooled.shape == (2, 16) and time_ids.shape == (2, 6)
+    with torch.no_grad():
+        out2 = ref2(torch.from_numpy(prompts.tokenize(tok_bang, texts)).long())
+    assert np.abs(np.asarray(pooled) - out2.text_embeds.numpy()).max() <= 1e-4
