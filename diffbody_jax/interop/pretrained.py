@@ -61,35 +61,22 @@ def _vae_family() -> Family:
     )
 
 
-def _clip_text_family(class_name: str) -> Callable[[], Family]:
-    def make() -> Family:
-        from diffbody_jax.interop.clip import clip_text_table
-        from diffbody_jax.models.clip import CLIPTextConfig, CLIPTextModel
+def _clip_family(class_name: str) -> Callable[[], Family]:
+    """CLIPTextModel, CLIPVisionModel and their WithProjection variants (the config carries which)."""
 
+    def make() -> Family:
+        from diffbody_jax.interop import clip as tables
+        from diffbody_jax.models import clip
+
+        vision = class_name.startswith("CLIPVision")
+        config_cls = clip.CLIPVisionConfig if vision else clip.CLIPTextConfig
+        module_cls = clip.CLIPVisionModel if vision else clip.CLIPTextModel
         return Family(
             class_name,
-            lambda d, src: CLIPTextConfig.from_transformers(d, src),
-            lambda cfg, **kw: CLIPTextModel(cfg, **kw),
-            clip_text_table,
-            "text_encoder",
-            "model.safetensors",
-            lambda cfg: cfg.to_transformers(),
-        )
-
-    return make
-
-
-def _clip_vision_family(class_name: str) -> Callable[[], Family]:
-    def make() -> Family:
-        from diffbody_jax.interop.clip import clip_vision_table
-        from diffbody_jax.models.clip import CLIPVisionConfig, CLIPVisionModel
-
-        return Family(
-            class_name,
-            lambda d, src: CLIPVisionConfig.from_transformers(d, src),
-            lambda cfg, **kw: CLIPVisionModel(cfg, **kw),
-            clip_vision_table,
-            "image_encoder",
+            lambda d, src: config_cls.from_transformers(d, src),
+            lambda cfg, **kw: module_cls(cfg, **kw),
+            tables.clip_vision_table if vision else tables.clip_text_table,
+            "image_encoder" if vision else "text_encoder",
             "model.safetensors",
             lambda cfg: cfg.to_transformers(),
         )
@@ -100,10 +87,8 @@ def _clip_vision_family(class_name: str) -> Callable[[], Family]:
 FAMILIES: dict[str, Callable[[], Family]] = {
     "UNet2DConditionModel": _unet_family,
     "AutoencoderKL": _vae_family,
-    "CLIPTextModel": _clip_text_family("CLIPTextModel"),
-    "CLIPTextModelWithProjection": _clip_text_family("CLIPTextModelWithProjection"),
-    "CLIPVisionModel": _clip_vision_family("CLIPVisionModel"),
-    "CLIPVisionModelWithProjection": _clip_vision_family("CLIPVisionModelWithProjection"),
+    **{name: _clip_family(name) for name in (
+        "CLIPTextModel", "CLIPTextModelWithProjection", "CLIPVisionModel", "CLIPVisionModelWithProjection")},
 }
 
 

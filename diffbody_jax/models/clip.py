@@ -32,6 +32,20 @@ _FEATURE_OFF = {"attention_dropout": (0.0,), "dropout": (0.0,)}
 _IGNORED_KEPT = tuple(k for k in _IGNORED if k not in _FEATURE_OFF)
 
 
+def _from_transformers(cls, config: dict[str, Any], base_arch: str, kind: str, source: str):
+    """Our config from a transformers config.json dict; `architectures` decides the projection head."""
+    config = dict(config)
+    arch = (config.get("architectures") or [base_arch])[0]
+    config["with_projection"] = arch == base_arch + "WithProjection"
+    return dataclass_from_dict(cls, config, kind=kind, source=source, feature_off=_FEATURE_OFF, ignored=_IGNORED_KEPT)
+
+
+def _to_transformers(obj, base_arch: str, model_type: str) -> dict[str, Any]:
+    out = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.name != "with_projection"}
+    arch = base_arch + ("WithProjection" if obj.with_projection else "")
+    return {"architectures": [arch], "model_type": model_type, **out}
+
+
 @dataclasses.dataclass(frozen=True)
 class CLIPTextConfig:
     vocab_size: int = 49408
@@ -56,17 +70,10 @@ class CLIPTextConfig:
 
     @classmethod
     def from_transformers(cls, config: dict[str, Any], source: str = "config") -> CLIPTextConfig:
-        config = dict(config)
-        arch = (config.get("architectures") or ["CLIPTextModel"])[0]
-        config["with_projection"] = arch == "CLIPTextModelWithProjection"
-        return dataclass_from_dict(
-            cls, config, kind="CLIP text", source=source, feature_off=_FEATURE_OFF, ignored=_IGNORED_KEPT
-        )
+        return _from_transformers(cls, config, "CLIPTextModel", "CLIP text", source)
 
     def to_transformers(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "with_projection"}
-        arch = "CLIPTextModelWithProjection" if self.with_projection else "CLIPTextModel"
-        return {"architectures": [arch], "model_type": "clip_text_model", **out}
+        return _to_transformers(self, "CLIPTextModel", "clip_text_model")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,17 +92,10 @@ class CLIPVisionConfig:
 
     @classmethod
     def from_transformers(cls, config: dict[str, Any], source: str = "config") -> CLIPVisionConfig:
-        config = dict(config)
-        arch = (config.get("architectures") or ["CLIPVisionModel"])[0]
-        config["with_projection"] = arch == "CLIPVisionModelWithProjection"
-        return dataclass_from_dict(
-            cls, config, kind="CLIP vision", source=source, feature_off=_FEATURE_OFF, ignored=_IGNORED_KEPT
-        )
+        return _from_transformers(cls, config, "CLIPVisionModel", "CLIP vision", source)
 
     def to_transformers(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "with_projection"}
-        arch = "CLIPVisionModelWithProjection" if self.with_projection else "CLIPVisionModel"
-        return {"architectures": [arch], "model_type": "clip_vision_model", **out}
+        return _to_transformers(self, "CLIPVisionModel", "clip_vision_model")
 
     @property
     def num_positions(self) -> int:
