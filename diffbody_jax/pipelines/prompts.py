@@ -93,6 +93,8 @@ def load_tokenizer(folder: str | None = None, pad_token: str | None = None):
     """A transformers CLIPTokenizer from a local folder (never the hub), or, when `folder` is None, the
     real CLIP tokenizer built offline from open-clip-torch's BPE file.
 
+    A folder holding only tokenizer_config.json / special_tokens_map.json (like configs/diffusers/*/tokenizer)
+    gets CLIP's vocab.json and merges.txt from the BPE file, and keeps its own special tokens.
     pad_token: override the folder's pad token ("!" or "<|endoftext|>"); required when building offline.
     """
     from transformers import CLIPTokenizer
@@ -104,6 +106,15 @@ def load_tokenizer(folder: str | None = None, pad_token: str | None = None):
         folder = write_clip_tokenizer_files(tempfile.mkdtemp(prefix="clip_tokenizer_"), open_clip_bpe_path(), pad_token)
     elif not Path(folder).is_dir():
         raise FileNotFoundError(f"tokenizer folder {folder} not found")
+    elif not ((Path(folder) / "vocab.json").exists() and (Path(folder) / "merges.txt").exists()):
+        filled = Path(tempfile.mkdtemp(prefix="clip_tokenizer_"))
+        vocab, merges = clip_vocab_from_bpe(open_clip_bpe_path())
+        (filled / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+        (filled / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):
+            if (Path(folder) / name).exists():
+                (filled / name).write_text((Path(folder) / name).read_text())
+        folder = filled
     kwargs = {} if pad_token is None else {"pad_token": pad_token}
     return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True, **kwargs)
 

@@ -167,3 +167,19 @@ def test_prompt_level_helpers(tiny_tokenizer_dir):
     with torch.no_grad():
         out2 = ref2(torch.from_numpy(prompts.tokenize(tok_bang, texts)).long())
     assert np.abs(np.asarray(pooled) - out2.text_embeds.numpy()).max() <= 1e-4
+
+
+@needs_open_clip
+@pytest.mark.parametrize("folder,pad_id", [
+    ("sd21-base/tokenizer", 0),            # "!" from special_tokens_map.json
+    ("sdxl-base/tokenizer", 49407),        # <|endoftext|>
+    ("sdxl-base/tokenizer_2", 0),          # "!"
+])
+def test_real_tokenizer_configs_pad_as_diffusers_pipelines(folder, pad_id):
+    from tests.torch_ref import REPO
+
+    tok = prompts.load_tokenizer(str(REPO / "configs/diffusers" / folder))
+    ids = prompts.tokenize(tok, ["a photo of a cat"])
+    assert ids.shape == (1, 77)
+    np.testing.assert_array_equal(ids[0, :7], [49406, 320, 1125, 539, 320, 2368, 49407])
+    assert set(ids[0, 7:].tolist()) == {pad_id}
