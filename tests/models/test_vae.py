@@ -90,21 +90,24 @@ def test_tiling_is_exact_for_local_operations():
 def test_tiled_decode_close_to_untiled_on_a_smooth_latent():
     """GroupNorm statistics and the mid-block attention are computed per tile (as in diffusers'
     tiled decode), so a tiled decode cannot equal the untiled one exactly. Measured at 64-latent tiles
-    with 16 of overlap, over 4 random VAEs and latents: mean abs error 0.02-0.07 x the output's std,
-    max 0.2-0.8 x std. Bounds: mean <= 0.1 x std, max <= 1.0 x std, and no seam."""
+    with 16 of overlap over 20 fresh latents: mean abs error median 0.023 x the output's std (worst
+    0.156), max abs error median 0.22 x std (worst 1.9), column-jump ratio at most 1.06.
+    Bounds, above the worst case seen: mean <= 0.25 x std, max <= 3 x std, jump ratio <= 1.2."""
     _, ours, params = _pair("tiny", seed=2)
     z = jnp.asarray(_smooth_latent(96, 128))
     full = np.asarray(ours.apply({"params": params}, z, method=AutoencoderKL.decode))
     tiled = np.asarray(jax.jit(lambda p, z: decode_tiled(ours, p, z, tile=64, overlap=16))(params, z))
     assert tiled.shape == full.shape == (1, 192, 256, 3)
     err = np.abs(tiled - full)[:, 8:-8, 8:-8]  # away from the image border
-    assert err.mean() <= 0.1 * full.std(), err.mean()
-    assert err.max() <= 1.0 * full.std(), err.max()
+    assert err.mean() <= 0.25 * full.std(), err.mean()
+    assert err.max() <= 3.0 * full.std(), err.max()
     # No seam: neighbouring columns differ no more in the tiled image than in the full one.
     assert np.abs(np.diff(tiled, axis=2)).max() <= 1.2 * np.abs(np.diff(full, axis=2)).max()
 
 
 def test_tiled_encode_close_to_untiled():
+    """Measured over 20 fresh images: mean abs error of the posterior mean median 0.031 x its std
+    (worst 0.082), max median 0.29 x std (worst 0.45). Bounds: mean <= 0.15 x std, max <= 1 x std."""
     _, ours, params = _pair("tiny", seed=4)
     x = jnp.asarray(np.tanh(_smooth_latent(128, 192, c=3)))
     full = ours.apply({"params": params}, x, method=AutoencoderKL.encode)
@@ -112,7 +115,7 @@ def test_tiled_encode_close_to_untiled():
     assert tiled.mean.shape == full.mean.shape == (1, 64, 96, 4)
     err = np.abs(np.asarray(tiled.mean) - np.asarray(full.mean))[:, 4:-4, 4:-4]
     std = float(np.std(full.mean))
-    assert err.mean() <= 0.1 * std and err.max() <= 1.0 * std, (err.mean(), err.max(), std)
+    assert err.mean() <= 0.15 * std and err.max() <= 1.0 * std, (err.mean(), err.max(), std)
     with pytest.raises(ValueError, match="multiples of the VAE factor 2"):
         encode_tiled(ours, params, x, tile=33, overlap=12)
 
