@@ -13,12 +13,13 @@ import argparse
 import sys
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 
 from diffbody_jax.interop import flax_checkpoint, pretrained, torch_files
 from diffbody_jax.interop.mapping import flatten_params
 
-_DTYPES = {"float32": np.float32, "bfloat16": "bfloat16", "float16": np.float16, "keep": None}
+_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "keep": None}
 
 
 def _model_folders(src: Path) -> tuple[str, dict[str, Path], list[str]]:
@@ -44,10 +45,6 @@ def _model_folders(src: Path) -> tuple[str, dict[str, Path], list[str]]:
 
 def to_flax(src: Path, dst: Path, param_dtype, overwrite: bool) -> None:
     layout, folders, skipped = _model_folders(src)
-    if param_dtype == "bfloat16":
-        import ml_dtypes
-
-        param_dtype = ml_dtypes.bfloat16
     components = {}
     for name, folder in folders.items():
         _, params = pretrained.load_pretrained(folder, param_dtype=param_dtype)

@@ -7,7 +7,7 @@ or CLIPVisionModel.
 
 from __future__ import annotations
 
-from diffbody_jax.interop.mapping import MappingTable, Rule, import_only, linear, nest, norm
+from diffbody_jax.interop.mapping import CONV_OIHW_TO_HWIO, MappingTable, Rule, import_only, linear, nest, norm
 from diffbody_jax.models.clip import CLIPTextConfig, CLIPVisionConfig
 
 
@@ -21,11 +21,8 @@ def encoder_layer_rules() -> list[Rule]:
 
 
 def _with_prefix(prefix: str, rows: list[Rule]) -> list[Rule]:
+    """Write the hub's prefixed keys; also read the unprefixed ones."""
     return nest(prefix, "", rows) + import_only(rows)
-
-
-def _strip_leading_slash(rows: list[Rule]) -> list[Rule]:
-    return [Rule(r.torch, r.flax.lstrip("/"), r.transform, r.import_only) for r in rows]
 
 
 def clip_text_table(config: CLIPTextConfig) -> MappingTable:
@@ -34,22 +31,20 @@ def clip_text_table(config: CLIPTextConfig) -> MappingTable:
         Rule("embeddings.position_embedding.weight", "embeddings/position_embedding/embedding"),
     ]
     rows += encoder_layer_rules() + norm("final_layer_norm", "final_layer_norm")
-    rows = _strip_leading_slash(_with_prefix("text_model", rows))
+    rows = _with_prefix("text_model", rows)
     if config.with_projection:
         rows += linear("text_projection", "text_projection", bias=False)
     return MappingTable(rows, skip=[r"position_ids$"])
 
 
 def clip_vision_table(config: CLIPVisionConfig) -> MappingTable:
-    from diffbody_jax.interop.mapping import CONV_OIHW_TO_HWIO
-
     rows = [
         Rule("embeddings.class_embedding", "embeddings/class_embedding"),
         Rule("embeddings.patch_embedding.weight", "embeddings/patch_embedding/kernel", CONV_OIHW_TO_HWIO),
         Rule("embeddings.position_embedding.weight", "embeddings/position_embedding/embedding"),
     ]
     rows += norm("pre_layrnorm", "pre_layrnorm") + encoder_layer_rules() + norm("post_layernorm", "post_layernorm")
-    rows = _strip_leading_slash(_with_prefix("vision_model", rows))
+    rows = _with_prefix("vision_model", rows)
     if config.with_projection:
         rows += linear("visual_projection", "visual_projection", bias=False)
     return MappingTable(rows, skip=[r"position_ids$"])

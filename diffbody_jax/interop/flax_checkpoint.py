@@ -57,10 +57,13 @@ def read_config(path: str | os.PathLike) -> dict:
     return config
 
 
-def load_component(path: str | os.PathLike, name: str) -> tuple[dict, dict]:
-    """(diffusers config dict, params as host numpy arrays) of one component."""
+def load_component(path: str | os.PathLike, name: str, config: dict | None = None) -> tuple[dict, dict]:
+    """(diffusers config dict, params as host numpy arrays) of one component.
+
+    config: the checkpoint's config item, if the caller has already read it.
+    """
     path = Path(path).absolute()
-    config = read_config(path)
+    config = config or read_config(path)
     if name not in config["components"]:
         raise KeyError(f"{path}: no component {name!r}; it holds {sorted(config['components'])}")
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax warns about the items we do not restore

@@ -96,8 +96,15 @@ def norm(t: str, f: str) -> list[Rule]:
 
 
 def nest(torch_prefix: str, flax_prefix: str, rules: Iterable[Rule]) -> list[Rule]:
-    """The same rules under a sub-module: `nest("mid_block.resnets.*", "mid_block/resnets_*", rows)`."""
-    return [dataclasses.replace(r, torch=f"{torch_prefix}.{r.torch}", flax=f"{flax_prefix}/{r.flax}") for r in rules]
+    """The same rules under a sub-module: `nest("mid_block.resnets.*", "mid_block/resnets_*", rows)`.
+
+    An empty prefix on either side leaves that side's keys as they are.
+    """
+    join = lambda prefix, key, sep: f"{prefix}{sep}{key}" if prefix else key  # noqa: E731
+    return [
+        dataclasses.replace(r, torch=join(torch_prefix, r.torch, "."), flax=join(flax_prefix, r.flax, "/"))
+        for r in rules
+    ]
 
 
 def import_only(rules: Iterable[Rule]) -> list[Rule]:

@@ -35,30 +35,28 @@ class Family:
     config_to_dict: Callable[[Any], dict] = lambda cfg: cfg.to_diffusers()  # noqa: E731
 
 
-def _unet_family() -> Family:
-    from diffbody_jax.interop.unet import unet_table
-    from diffbody_jax.models.unet import UNet2DConditionModel, UNetConfig
+def _diffusers_family(class_name: str, component: str) -> Callable[[], Family]:
+    """UNet2DConditionModel and AutoencoderKL: diffusers configs, built lazily to keep imports light."""
 
-    return Family(
-        "UNet2DConditionModel",
-        lambda d, src: UNetConfig.from_diffusers(d, src),
-        lambda cfg, **kw: UNet2DConditionModel(cfg, **kw),
-        unet_table,
-        "unet",
-    )
+    def make() -> Family:
+        from diffbody_jax.interop.unet import unet_table
+        from diffbody_jax.interop.vae import vae_table
+        from diffbody_jax.models.unet import UNet2DConditionModel, UNetConfig
+        from diffbody_jax.models.vae import AutoencoderKL, VAEConfig
 
+        config_cls, module_cls, table = {
+            "UNet2DConditionModel": (UNetConfig, UNet2DConditionModel, unet_table),
+            "AutoencoderKL": (VAEConfig, AutoencoderKL, vae_table),
+        }[class_name]
+        return Family(
+            class_name,
+            lambda d, src: config_cls.from_diffusers(d, src),
+            lambda cfg, **kw: module_cls(cfg, **kw),
+            table,
+            component,
+        )
 
-def _vae_family() -> Family:
-    from diffbody_jax.interop.vae import vae_table
-    from diffbody_jax.models.vae import AutoencoderKL, VAEConfig
-
-    return Family(
-        "AutoencoderKL",
-        lambda d, src: VAEConfig.from_diffusers(d, src),
-        lambda cfg, **kw: AutoencoderKL(cfg, **kw),
-        vae_table,
-        "vae",
-    )
+    return make
 
 
 def _clip_family(class_name: str) -> Callable[[], Family]:
@@ -85,8 +83,8 @@ def _clip_family(class_name: str) -> Callable[[], Family]:
 
 
 FAMILIES: dict[str, Callable[[], Family]] = {
-    "UNet2DConditionModel": _unet_family,
-    "AutoencoderKL": _vae_family,
+    "UNet2DConditionModel": _diffusers_family("UNet2DConditionModel", "unet"),
+    "AutoencoderKL": _diffusers_family("AutoencoderKL", "vae"),
     **{name: _clip_family(name) for name in (
         "CLIPTextModel", "CLIPTextModelWithProjection", "CLIPVisionModel", "CLIPVisionModelWithProjection")},
 }
@@ -131,9 +129,10 @@ def load_pretrained(
     Params are host numpy arrays in a nested dict; `jax.device_put` them with the sharding you want.
     """
     if flax_checkpoint.is_flax_checkpoint(path):
-        components = flax_checkpoint.read_config(path)["components"]
+        ckpt_config = flax_checkpoint.read_config(path)
+        components = ckpt_config["components"]
         name = subfolder or (next(iter(components)) if len(components) == 1 else "unet")
-        config_dict, params = flax_checkpoint.load_component(path, name)
+        config_dict, params = flax_checkpoint.load_component(path, name, ckpt_config)
         source = f"{path} (component {name})"
         family = family_of(config_dict, source)
         module = family.build(family.config_from_dict(config_dict, source), **module_kwargs)

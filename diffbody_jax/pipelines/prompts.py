@@ -74,13 +74,17 @@ def open_clip_bpe_path() -> Path:
     return path
 
 
+def _write_vocab_files(folder: Path, bpe_gz: str | os.PathLike) -> None:
+    vocab, merges = clip_vocab_from_bpe(bpe_gz)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+
+
 def write_clip_tokenizer_files(folder: str | os.PathLike, bpe_gz: str | os.PathLike, pad_token: str) -> Path:
     """Write vocab.json, merges.txt and the special-token files of a CLIPTokenizer folder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    vocab, merges = clip_vocab_from_bpe(bpe_gz)
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    _write_vocab_files(folder, bpe_gz)
     special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": pad_token}
     (folder / "special_tokens_map.json").write_text(json.dumps(special))
     (folder / "tokenizer_config.json").write_text(json.dumps({
@@ -108,9 +112,7 @@ def load_tokenizer(folder: str | None = None, pad_token: str | None = None):
         raise FileNotFoundError(f"tokenizer folder {folder} not found")
     elif not ((Path(folder) / "vocab.json").exists() and (Path(folder) / "merges.txt").exists()):
         filled = Path(tempfile.mkdtemp(prefix="clip_tokenizer_"))
-        vocab, merges = clip_vocab_from_bpe(open_clip_bpe_path())
-        (filled / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-        (filled / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+        _write_vocab_files(filled, open_clip_bpe_path())
         for name in ("tokenizer_config.json", "special_tokens_map.json"):
             if (Path(folder) / name).exists():
                 (filled / name).write_text((Path(folder) / name).read_text())
