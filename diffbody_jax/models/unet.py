@@ -129,14 +129,21 @@ class UNetConfig:
             value = getattr(self, name)
             if isinstance(value, (list, tuple)) and any(isinstance(v, (list, tuple)) for v in value):
                 raise ValueError(f"UNet config: per-layer lists in {name} are not supported: {value}")
-        if self.addition_embed_type not in (None, "text_time"):
+        if self.addition_embed_type not in (None, "text_time", "time"):
             raise ValueError(f"UNet config: addition_embed_type={self.addition_embed_type!r} is not supported")
-        if self.addition_embed_type == "text_time" and (
+        if self.addition_embed_type and (
             self.addition_time_embed_dim is None or self.projection_class_embeddings_input_dim is None
         ):
             raise ValueError(
-                "UNet config: addition_embed_type='text_time' needs addition_time_embed_dim and "
+                f"UNet config: addition_embed_type={self.addition_embed_type!r} needs addition_time_embed_dim and "
                 "projection_class_embeddings_input_dim"
+            )
+        time_only = self.addition_embed_type == "time"
+        if time_only and self.projection_class_embeddings_input_dim % self.addition_time_embed_dim:
+            raise ValueError(
+                "UNet config: addition_embed_type='time' needs projection_class_embeddings_input_dim = "
+                f"(number of time ids) x addition_time_embed_dim, got {self.projection_class_embeddings_input_dim} "
+                f"and {self.addition_time_embed_dim}"
             )
         for c in self.block_out_channels:
             if c % self.norm_num_groups:
@@ -186,11 +193,29 @@ class UNetConfig:
         return 4 * self.block_out_channels[0]
 
     @property
+    def num_time_ids(self) -> int:
+        """Size conditioning values per example: 6 for SDXL's text_time, any count for "time", else 0."""
+        if self.addition_embed_type == "text_time":
+            return 6
+        if self.addition_embed_type == "time":
+            return self.projection_class_embeddings_input_dim // self.addition_time_embed_dim
+        return 0
+
+    @property
     def text_embeds_dim(self) -> int | None:
         """Width of the pooled text embedding that SDXL's text_time embedding expects (6 time ids)."""
         if self.addition_embed_type != "text_time":
             return None
         return self.projection_class_embeddings_input_dim - 6 * self.addition_time_embed_dim
+
+    @property
+    def num_skips(self) -> int:
+        """Skip connections (and so ControlNet down residuals): conv_in, every ResNet, every downsampler."""
+        return 1 + sum(self.layers) + self.num_blocks - 1
+
+    @property
+    def skips_per_up_block(self) -> tuple[int, ...]:
+        return tuple(n + 1 for n in self.layers[::-1])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,45 +326,137 @@ class UpBlock(_Block):
         return x
 
 
-class UNet2DConditionModel(nn.Module):
-    """Conditional UNet of Stable Diffusion 2.x / XL. Run-time choices (dtype, attention backend, remat)
-    are module fields; the architecture is `config`.
+class UNetModule(nn.Module):
+    """Fields shared by the UNet, the ControlNet and the joint UNet: the architecture `config` first, then
+    the run-time choices (compute dtype, param dtype, matmul precision, attention backend, remat).
     """
 
-    config: UNetConfig
+    config: Any
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     precision: Precision = None
     attention_backend: str = "einsum"
     remat: bool = False  # rematerialise each block's activations in the backward pass
 
-    def _settings(self) -> BlockSettings:
-        c = self.config
-        return BlockSettings(
-            c.norm_num_groups, c.norm_eps, c.use_linear_projection, c.upcast_attention, self.attention_backend
-        )
+    def init_params(self, rng: jax.Array) -> dict:
+        """Random params as a plain pytree (logical-axis boxes removed)."""
+        return nn.unbox(self.init(rng, **self.dummy_inputs()))["params"]
 
-    def _block_kwargs(self) -> dict[str, Any]:
-        return dict(settings=self._settings(), dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+    def param_shapes(self) -> dict:
+        """Param shapes (ShapeDtypeStruct pytree) without allocating memory."""
+        return jax.eval_shape(self.init_params, jax.random.key(0))
 
-    def _time_embedding(self, timesteps: Array, batch: int, text_embeds, time_ids) -> Array:
-        c = self.config
-        t = jnp.broadcast_to(jnp.asarray(timesteps), (batch,))
-        sinusoid = dict(flip_sin_to_cos=c.flip_sin_to_cos, freq_shift=c.freq_shift)
-        t_emb = timestep_embedding(t, c.block_out_channels[0], **sinusoid)
 
-        def mlp(name):
-            return TimestepEmbedding(c.time_embed_dim, self.dtype, self.param_dtype, self.precision, name=name)
+# -------------------------------------------------------------------------------- trunk builders
+# The UNet, the ControlNet and the joint UNet assemble the same blocks from a `UNetConfig`. These
+# builders are called inside a module's compact `__call__` (`m`), so the blocks become its children.
 
-        emb = mlp("time_embedding")(t_emb.astype(self.dtype))
-        if c.addition_embed_type == "text_time":
-            if text_embeds is None or time_ids is None:
-                raise ValueError("this UNet has a text_time embedding: pass text_embeds [B, D] and time_ids [B, 6]")
-            time_emb = timestep_embedding(time_ids.reshape(-1), c.addition_time_embed_dim, **sinusoid)
-            time_emb = time_emb.reshape(batch, -1)
-            added = jnp.concatenate([text_embeds.astype(jnp.float32), time_emb], axis=-1)
-            emb = emb + mlp("add_embedding")(added.astype(self.dtype))
-        return emb
+
+def _kw(m: UNetModule, config: UNetConfig) -> dict[str, Any]:
+    settings = BlockSettings(
+        config.norm_num_groups, config.norm_eps, config.use_linear_projection, config.upcast_attention,
+        m.attention_backend,
+    )
+    return dict(settings=settings, dtype=m.dtype, param_dtype=m.param_dtype, precision=m.precision)
+
+
+def time_embedding(
+    m: UNetModule, config: UNetConfig, timesteps: Array, batch: int, text_embeds=None, time_ids=None
+) -> Array:
+    """The embedding every ResNet receives: [B, 4 C_0] from timesteps, plus the added size conditioning.
+
+    timesteps: [B] or scalar. text_embeds: [B, D] (text_time only). time_ids: [B, config.num_time_ids].
+    """
+    t = jnp.broadcast_to(jnp.asarray(timesteps), (batch,))
+    sinusoid = dict(flip_sin_to_cos=config.flip_sin_to_cos, freq_shift=config.freq_shift)
+    t_emb = timestep_embedding(t, config.block_out_channels[0], **sinusoid)
+
+    def mlp(name):
+        return TimestepEmbedding(config.time_embed_dim, m.dtype, m.param_dtype, m.precision, name=name)
+
+    emb = mlp("time_embedding")(t_emb.astype(m.dtype))
+    if config.addition_embed_type:
+        needs_text = config.addition_embed_type == "text_time"
+        if time_ids is None or (needs_text and text_embeds is None):
+            inputs = "text_embeds [B, D] and time_ids [B, 6]" if needs_text else f"time_ids [B, {config.num_time_ids}]"
+            raise ValueError(f"this model has a {config.addition_embed_type} embedding: pass {inputs}")
+        if time_ids.shape[-1] != config.num_time_ids:
+            raise ValueError(f"time_ids: expected {config.num_time_ids} values per example, got shape {time_ids.shape}")
+        added = timestep_embedding(time_ids.reshape(-1), config.addition_time_embed_dim, **sinusoid).reshape(batch, -1)
+        if needs_text:
+            added = jnp.concatenate([text_embeds.astype(jnp.float32), added], axis=-1)
+        emb = emb + mlp("add_embedding")(added.astype(m.dtype))
+    return emb
+
+
+def down_block(m: UNetModule, config: UNetConfig, i: int, name: str) -> DownBlock:
+    attn = config.down_block_types[i] == "CrossAttnDownBlock2D"
+    cls = nn.remat(DownBlock) if m.remat else DownBlock
+    return cls(
+        out_channels=config.block_out_channels[i], num_layers=config.layers[i],
+        heads=config.heads[i] if attn else None, transformer_depth=config.transformer_depths[i],
+        add_downsample=i < config.num_blocks - 1, downsample_padding=config.downsample_padding, name=name,
+        **_kw(m, config),
+    )
+
+
+def mid_block(m: UNetModule, config: UNetConfig, name: str = "mid_block") -> MidBlock:
+    cls = nn.remat(MidBlock) if m.remat else MidBlock
+    return cls(
+        out_channels=config.block_out_channels[-1], heads=config.heads[-1],
+        transformer_depth=config.transformer_depths[-1], output_scale_factor=config.mid_block_scale_factor,
+        name=name, **_kw(m, config),
+    )
+
+
+def up_block(m: UNetModule, config: UNetConfig, i: int, upsample_size: tuple[int, int] | None, name: str) -> UpBlock:
+    """Up block i (0 = deepest). `upsample_size`: the next skip's (H, W), which is 2x except when the latent
+    is not a multiple of the total down-sampling factor (then PyTorch's size-forced nearest resize).
+    """
+    attn = config.up_block_types[i] == "CrossAttnUpBlock2D"
+    last = i == config.num_blocks - 1
+    cls = nn.remat(UpBlock) if m.remat else UpBlock
+    return cls(
+        out_channels=config.block_out_channels[::-1][i], heads=config.heads[::-1][i] if attn else None,
+        transformer_depth=config.up_transformer_depths[i], upsample_size=None if last else upsample_size,
+        add_upsample=not last, name=name, **_kw(m, config),
+    )
+
+
+def output_head(m: UNetModule, config: UNetConfig, x: Array, suffix: str = "") -> Array:
+    """GroupNorm, SiLU, conv to `out_channels`: [B, H, W, C_0] -> [B, H, W, out_channels]."""
+    x = nn.silu(group_norm(m, config.norm_num_groups, config.norm_eps, f"conv_norm_out{suffix}")(x))
+    return conv(m, config.out_channels, config.conv_out_kernel, f"conv_out{suffix}")(x)
+
+
+def add_residuals(skips: Sequence[Array], residuals: Sequence[Array] | None) -> list[Array]:
+    """ControlNet down residuals added to the skips they were computed for, one per skip."""
+    if residuals is None:
+        return list(skips)
+    if len(residuals) != len(skips):
+        raise ValueError(f"down_residuals: expected {len(skips)} tensors (one per skip), got {len(residuals)}")
+    return [s + r.astype(s.dtype) for s, r in zip(skips, residuals, strict=True)]
+
+
+def dummy_unet_inputs(m: UNetModule, config: UNetConfig, in_channels: int, batch: int, size: int | None):
+    """Smallest inputs that build every parameter: latents of `size` (default 2^(levels-1))."""
+    size = size or 2 ** (config.num_blocks - 1)
+    inputs = dict(
+        sample=jnp.zeros((batch, size, size, in_channels), m.dtype),
+        timesteps=jnp.zeros((batch,), jnp.int32),
+        encoder_hidden_states=jnp.zeros((batch, 1, config.cross_attention_dim), m.dtype),
+    )
+    if config.addition_embed_type:
+        inputs["time_ids"] = jnp.zeros((batch, config.num_time_ids), jnp.float32)
+    if config.addition_embed_type == "text_time":
+        inputs["text_embeds"] = jnp.zeros((batch, config.text_embeds_dim), m.dtype)
+    return inputs
+
+
+class UNet2DConditionModel(UNetModule):
+    """Conditional UNet of Stable Diffusion 2.x / XL. Run-time choices (dtype, attention backend, remat)
+    are module fields; the architecture is `config` (a `UNetConfig`).
+    """
 
     @nn.compact
     def __call__(
@@ -358,93 +475,50 @@ class UNet2DConditionModel(nn.Module):
         sample: [B, H, W, in_channels] latents (plus any concatenated conditions), NHWC.
         timesteps: [B] or scalar, int or float.
         encoder_hidden_states: [B, S, cross_attention_dim] text features.
-        text_embeds: [B, D] pooled text embedding, time_ids: [B, 6] (SDXL's text_time embedding only).
+        text_embeds: [B, D] pooled text embedding (text_time only); time_ids: [B, config.num_time_ids].
         down_residuals: one tensor per skip, shaped like the skips (ControlNet), added before the up path.
         mid_residual: [B, H/2^k, W/2^k, C_last], added to the mid block's output.
         Returns [B, H, W, out_channels] in the compute dtype.
         """
         c = self.config
-        down_cls = nn.remat(DownBlock) if self.remat else DownBlock
-        mid_cls = nn.remat(MidBlock) if self.remat else MidBlock
-        up_cls = nn.remat(UpBlock) if self.remat else UpBlock
-        kw = self._block_kwargs()
-
         x = sample.astype(self.dtype)
         context = encoder_hidden_states.astype(self.dtype)
-        temb = self._time_embedding(timesteps, x.shape[0], text_embeds, time_ids)
+        temb = time_embedding(self, c, timesteps, x.shape[0], text_embeds, time_ids)
         if c.center_input_sample:
             x = 2 * x - 1.0
         x = conv(self, c.block_out_channels[0], c.conv_in_kernel, "conv_in")(x)
 
         skips = [x]
-        for i, kind in enumerate(c.down_block_types):
-            attn = kind == "CrossAttnDownBlock2D"
-            x, block_skips = down_cls(
-                out_channels=c.block_out_channels[i], num_layers=c.layers[i], heads=c.heads[i] if attn else None,
-                transformer_depth=c.transformer_depths[i], add_downsample=i < c.num_blocks - 1,
-                downsample_padding=c.downsample_padding, name=f"down_blocks_{i}", **kw,
-            )(x, temb, context)
+        for i in range(c.num_blocks):
+            x, block_skips = down_block(self, c, i, f"down_blocks_{i}")(x, temb, context)
             skips.extend(block_skips)
+        skips = add_residuals(skips, down_residuals)
 
-        if down_residuals is not None:
-            if len(down_residuals) != len(skips):
-                raise ValueError(f"down_residuals: expected {len(skips)} tensors, got {len(down_residuals)}")
-            skips = [s + r.astype(s.dtype) for s, r in zip(skips, down_residuals, strict=True)]
-
-        x = mid_cls(
-            out_channels=c.block_out_channels[-1], heads=c.heads[-1], transformer_depth=c.transformer_depths[-1],
-            output_scale_factor=c.mid_block_scale_factor, name="mid_block", **kw,
-        )(x, temb, context)
+        x = mid_block(self, c)(x, temb, context)
         if mid_residual is not None:
             x = x + mid_residual.astype(x.dtype)
 
-        up_channels, up_heads, up_layers = c.block_out_channels[::-1], c.heads[::-1], c.layers[::-1]
-        for i, kind in enumerate(c.up_block_types):
-            n = up_layers[i] + 1
+        for i, n in enumerate(c.skips_per_up_block):
             block_skips, skips = tuple(skips[-n:]), skips[:-n]
-            last = i == c.num_blocks - 1
-            attn = kind == "CrossAttnUpBlock2D"
-            x = up_cls(
-                out_channels=up_channels[i], heads=up_heads[i] if attn else None,
-                transformer_depth=c.up_transformer_depths[i],
-                # Upsample to the next skip's size: 2x normally, and PyTorch's size-forced nearest
-                # resize when the latent is not a multiple of the total down-sampling factor.
-                upsample_size=None if last else tuple(skips[-1].shape[1:3]), add_upsample=not last,
-                name=f"up_blocks_{i}", **kw,
-            )(x, block_skips, temb, context)
+            size = tuple(skips[-1].shape[1:3]) if skips else None
+            x = up_block(self, c, i, size, f"up_blocks_{i}")(x, block_skips, temb, context)
+        return output_head(self, c, x)
 
-        x = nn.silu(group_norm(self, c.norm_num_groups, c.norm_eps, "conv_norm_out")(x))
-        return conv(self, c.out_channels, c.conv_out_kernel, "conv_out")(x)
-
-    # --------------------------------------------------------------------------------------- init
     def dummy_inputs(self, batch: int = 1, size: int | None = None) -> dict[str, Array]:
-        """Smallest inputs that build every parameter: latents of `size` (default 2^(levels-1))."""
-        c = self.config
-        size = size or 2 ** (c.num_blocks - 1)
-        inputs = dict(
-            sample=jnp.zeros((batch, size, size, c.in_channels), self.dtype),
-            timesteps=jnp.zeros((batch,), jnp.int32),
-            encoder_hidden_states=jnp.zeros((batch, 1, c.cross_attention_dim), self.dtype),
-        )
-        if c.addition_embed_type == "text_time":
-            inputs["text_embeds"] = jnp.zeros((batch, c.text_embeds_dim), self.dtype)
-            inputs["time_ids"] = jnp.zeros((batch, 6), jnp.float32)
-        return inputs
-
-    def init_params(self, rng: jax.Array) -> dict:
-        """Random params as a plain pytree (logical-axis boxes removed)."""
-        inputs = self.dummy_inputs()
-        return nn.unbox(self.init(rng, **inputs))["params"]
-
-    def param_shapes(self) -> dict:
-        """Param shapes (ShapeDtypeStruct pytree) without allocating memory."""
-        return jax.eval_shape(self.init_params, jax.random.key(0))
+        return dummy_unet_inputs(self, self.config, self.config.in_channels, batch, size)
 
 
 def build_unet(model_config) -> UNet2DConditionModel:
     """The module described by a `configs/unet.py` `model` section (or any mapping with its fields)."""
     return UNet2DConditionModel(
         UNetConfig.from_diffusers(dict(model_config["diffusers"]), source="model.diffusers"),
+        **runtime_kwargs(model_config),
+    )
+
+
+def runtime_kwargs(model_config) -> dict[str, Any]:
+    """dtype, param_dtype, attention_backend and remat from a config file's `model` section."""
+    return dict(
         dtype=jnp.dtype(model_config["dtype"]),
         param_dtype=jnp.dtype(model_config["param_dtype"]),
         attention_backend=model_config["attention_backend"],

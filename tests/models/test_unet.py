@@ -163,7 +163,7 @@ def test_remat_changes_nothing_numerically():
 def test_wrong_residual_count_is_named():
     _, ours, params = _pair("tiny-sd21")
     x, t, ctx, _ = _inputs(ours.config, 1, 8, 8, np.random.default_rng())
-    with pytest.raises(ValueError, match="down_residuals: expected 6 tensors, got 2"):
+    with pytest.raises(ValueError, match=r"down_residuals: expected 6 tensors \(one per skip\), got 2"):
         ours.apply({"params": params}, jnp.asarray(nchw_to_nhwc(x)), t, ctx, down_residuals=[x, x], mid_residual=x)
 
 
