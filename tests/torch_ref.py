@@ -51,3 +51,34 @@ def nhwc_to_nchw(x):
 
 def vae_diffusers_config(variant: str) -> dict:
     return dict(load_config(f"{REPO}/configs/vae.py:variant={variant}").model.diffusers.to_dict())
+
+
+def controlnet_diffusers_config(variant: str) -> dict:
+    return dict(load_config(f"{REPO}/configs/controlnet.py:variant={variant}").model.diffusers.to_dict())
+
+
+def torch_controlnet(config: dict, seed: int = 0):
+    """diffusers' ControlNetModel for a config of ours, random weights (output convs included).
+
+    A "latent" conditioning embedding has no diffusers class: the twin's embedding is the single 3x3
+    conv that ours is, under the key ours exports (`controlnet_cond_embedding.conv_out`).
+    """
+    import diffusers
+    import torch
+
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    latent = config.pop("conditioning_embedding_type", "pixel") == "latent"
+    ref = diffusers.ControlNetModel.from_config(config).eval()
+    if latent:
+        class LatentConditioning(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv_out = torch.nn.Conv2d(config["conditioning_channels"], ref.config.block_out_channels[0], 3,
+                                                padding=1)
+
+            def forward(self, x):
+                return self.conv_out(x)
+
+        ref.controlnet_cond_embedding = LatentConditioning()
+    randomize_(ref, seed)
+    return ref

@@ -36,16 +36,18 @@ class Family:
 
 
 def _diffusers_family(class_name: str, component: str) -> Callable[[], Family]:
-    """UNet2DConditionModel and AutoencoderKL: diffusers configs, built lazily to keep imports light."""
+    """UNet2DConditionModel, ControlNetModel and AutoencoderKL: diffusers configs, built lazily."""
 
     def make() -> Family:
-        from diffbody_jax.interop.unet import unet_table
+        from diffbody_jax.interop.unet import controlnet_table, unet_table
         from diffbody_jax.interop.vae import vae_table
+        from diffbody_jax.models.controlnet import ControlNetConfig, ControlNetModel
         from diffbody_jax.models.unet import UNet2DConditionModel, UNetConfig
         from diffbody_jax.models.vae import AutoencoderKL, VAEConfig
 
         config_cls, module_cls, table = {
             "UNet2DConditionModel": (UNetConfig, UNet2DConditionModel, unet_table),
+            "ControlNetModel": (ControlNetConfig, ControlNetModel, controlnet_table),
             "AutoencoderKL": (VAEConfig, AutoencoderKL, vae_table),
         }[class_name]
         return Family(
@@ -84,6 +86,7 @@ def _clip_family(class_name: str) -> Callable[[], Family]:
 
 FAMILIES: dict[str, Callable[[], Family]] = {
     "UNet2DConditionModel": _diffusers_family("UNet2DConditionModel", "unet"),
+    "ControlNetModel": _diffusers_family("ControlNetModel", "controlnet"),
     "AutoencoderKL": _diffusers_family("AutoencoderKL", "vae"),
     **{name: _clip_family(name) for name in (
         "CLIPTextModel", "CLIPTextModelWithProjection", "CLIPVisionModel", "CLIPVisionModelWithProjection")},

@@ -1,30 +1,65 @@
-"""Mapping table of diffusers' UNet2DConditionModel <-> `diffbody_jax.models.unet`."""
+"""Mapping tables of diffusers' UNet2DConditionModel and ControlNetModel <-> ours.
+
+The per-block rows take the block's prefix on each side, so that the ControlNet and the joint UNet
+place the same blocks under their own names.
+"""
 
 from __future__ import annotations
 
 from diffbody_jax.interop.layers import resnet_rules, timestep_embedding_rules, transformer2d_rules
 from diffbody_jax.interop.mapping import MappingTable, Rule, conv2d, nest, norm
-from diffbody_jax.models.unet import UNetConfig
 
 
-def unet_block_rules(config: UNetConfig) -> list[Rule]:
-    """Rows for the down, mid and up blocks: shared by the UNet and (later) the ControlNet tables."""
-    attn = transformer2d_rules(config.use_linear_projection)
-    rows: list[Rule] = []
-    for side in ("down_blocks", "up_blocks"):
-        rows += nest(f"{side}.*.resnets.*", f"{side}_*/resnets_*", resnet_rules())
-        rows += nest(f"{side}.*.attentions.*", f"{side}_*/attentions_*", attn)
-    rows += conv2d("down_blocks.*.downsamplers.0.conv", "down_blocks_*/downsamplers_0/conv")
-    rows += conv2d("up_blocks.*.upsamplers.0.conv", "up_blocks_*/upsamplers_0/conv")
-    rows += nest("mid_block.resnets.*", "mid_block/resnets_*", resnet_rules())
-    rows += nest("mid_block.attentions.*", "mid_block/attentions_*", attn)
-    return rows
+def down_block_rules(torch_prefix: str, flax_prefix: str, use_linear_projection: bool) -> list[Rule]:
+    """A down block (ResNets, attentions, downsampler) at `torch_prefix` / `flax_prefix`, e.g. "down_blocks.*"."""
+    return (
+        nest(f"{torch_prefix}.resnets.*", f"{flax_prefix}/resnets_*", resnet_rules())
+        + nest(f"{torch_prefix}.attentions.*", f"{flax_prefix}/attentions_*", transformer2d_rules(use_linear_projection))
+        + conv2d(f"{torch_prefix}.downsamplers.0.conv", f"{flax_prefix}/downsamplers_0/conv")
+    )
 
 
-def unet_table(config: UNetConfig) -> MappingTable:
-    rows = conv2d("conv_in", "conv_in")
-    rows += nest("time_embedding", "time_embedding", timestep_embedding_rules())
-    rows += nest("add_embedding", "add_embedding", timestep_embedding_rules())
-    rows += unet_block_rules(config)
+def up_block_rules(torch_prefix: str, flax_prefix: str, use_linear_projection: bool) -> list[Rule]:
+    return (
+        nest(f"{torch_prefix}.resnets.*", f"{flax_prefix}/resnets_*", resnet_rules())
+        + nest(f"{torch_prefix}.attentions.*", f"{flax_prefix}/attentions_*", transformer2d_rules(use_linear_projection))
+        + conv2d(f"{torch_prefix}.upsamplers.0.conv", f"{flax_prefix}/upsamplers_0/conv")
+    )
+
+
+def mid_block_rules(use_linear_projection: bool) -> list[Rule]:
+    return (
+        nest("mid_block.resnets.*", "mid_block/resnets_*", resnet_rules())
+        + nest("mid_block.attentions.*", "mid_block/attentions_*", transformer2d_rules(use_linear_projection))
+    )
+
+
+def time_embedding_rules() -> list[Rule]:
+    """time_embedding and SDXL's (or our "time") add_embedding."""
+    return (
+        nest("time_embedding", "time_embedding", timestep_embedding_rules())
+        + nest("add_embedding", "add_embedding", timestep_embedding_rules())
+    )
+
+
+def unet_table(config) -> MappingTable:
+    linear = config.use_linear_projection
+    rows = conv2d("conv_in", "conv_in") + time_embedding_rules()
+    rows += down_block_rules("down_blocks.*", "down_blocks_*", linear)
+    rows += mid_block_rules(linear)
+    rows += up_block_rules("up_blocks.*", "up_blocks_*", linear)
     rows += norm("conv_norm_out", "conv_norm_out") + conv2d("conv_out", "conv_out")
+    return MappingTable(rows)
+
+
+def controlnet_table(config) -> MappingTable:
+    """diffusers' ControlNetModel layout; a latent conditioning embedding has only its `conv_out`."""
+    linear = config.use_linear_projection
+    rows = conv2d("conv_in", "conv_in") + time_embedding_rules()
+    emb = "controlnet_cond_embedding"
+    rows += conv2d(f"{emb}.conv_in", f"{emb}/conv_in") + conv2d(f"{emb}.blocks.*", f"{emb}/blocks_*")
+    rows += conv2d(f"{emb}.conv_out", f"{emb}/conv_out")
+    rows += down_block_rules("down_blocks.*", "down_blocks_*", linear) + mid_block_rules(linear)
+    rows += conv2d("controlnet_down_blocks.*", "controlnet_down_blocks_*")
+    rows += conv2d("controlnet_mid_block", "controlnet_mid_block")
     return MappingTable(rows)

@@ -49,9 +49,17 @@ def dense(m: nn.Module, features: int, name: str, axes=("embed", "mlp"), use_bia
 
 
 def conv(
-    m: nn.Module, features: int, kernel: int, name: str | None, stride: int = 1, padding: int | None = None
+    m: nn.Module,
+    features: int,
+    kernel: int,
+    name: str | None,
+    stride: int = 1,
+    padding: int | None = None,
+    zero_init: bool = False,
 ) -> nn.Conv:
+    """A 2-D conv over NHWC. `zero_init`: zero kernel (ControlNet outputs, widened inputs start with no effect)."""
     pad = kernel // 2 if padding is None else padding
+    kernel_init = nn.initializers.zeros_init() if zero_init else nn.initializers.lecun_normal()
     return nn.Conv(
         features,
         kernel_size=(kernel, kernel),
@@ -60,9 +68,7 @@ def conv(
         dtype=m.dtype,
         param_dtype=m.param_dtype,
         precision=m.precision,
-        kernel_init=nn.with_logical_partitioning(
-            nn.initializers.lecun_normal(), (None, None, "conv_in", "conv_out")
-        ),
+        kernel_init=nn.with_logical_partitioning(kernel_init, (None, None, "conv_in", "conv_out")),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
         name=name,
     )

@@ -99,8 +99,8 @@ def test_unsupported_config_names_the_file(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"config.json: UNet config fields not supported: class_embed_type"):
         diffbody_jax.load_pretrained(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "ControlNetModel"}))
-    with pytest.raises(ValueError, match="model class 'ControlNetModel' is not supported"):
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "UNet3DConditionModel"}))
+    with pytest.raises(ValueError, match="model class 'UNet3DConditionModel' is not supported"):
         diffbody_jax.load_pretrained(tmp_path)
 
 

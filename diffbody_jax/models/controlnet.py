@@ -1,0 +1,323 @@
+"""ControlNet (SD2.1 and SDXL layouts) in Flax, NHWC, built from the UNet's own blocks.
+
+A ControlNet is a trainable copy of the UNet's encoder (conv_in, time embedding, down blocks, mid block)
+that also sees a condition. Each skip tensor and the mid output pass through a zero-initialised 1x1 conv
+and come out as residuals for the frozen UNet (`UNet2DConditionModel(..., down_residuals=, mid_residual=)`).
+
+The condition enters through one of two embeddings, chosen by `conditioning_embedding_type`:
+
+  "pixel"   diffusers' ControlNetConditioningEmbedding: an image [B, 8H, 8W, conditioning_channels]
+            through 3x3 convs (channels `conditioning_embedding_out_channels`, a stride-2 conv between
+            levels, SiLU after each) and a zero-initialised 3x3 conv to C_0 at latent resolution.
+  "latent"  DiffBody's condition at latent resolution [B, H, W, conditioning_channels], e.g. v1's
+            [E(I_reg), E(I_pose), I_attn] (4 + 4 + 1) or v2 stage 1's E(I_ir) (4): only the zero-initialised
+            3x3 conv to C_0 (PyTorch key `controlnet_cond_embedding.conv_out`). This field is ours;
+            diffusers' ControlNetModel cannot load such a folder.
+
+The embedded condition is added to conv_in(sample) before the first down block, as in diffusers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffbody_jax.models.config_dict import dataclass_from_dict, dataclass_to_dict
+from diffbody_jax.models.layers import Array, conv
+from diffbody_jax.models.unet import (
+    _FEATURE_OFF,
+    UNetConfig,
+    UNetModule,
+    down_block,
+    dummy_unet_inputs,
+    mid_block,
+    time_embedding,
+)
+
+log = logging.getLogger(__name__)
+
+CONDITIONING_EMBEDDINGS = ("pixel", "latent")
+_UP_OF_DOWN = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlock2D"}
+_CONTROLNET_OFF = {k: v for k, v in _FEATURE_OFF.items() if k in {
+    "only_cross_attention", "class_embed_type", "num_class_embeds", "encoder_hid_dim", "encoder_hid_dim_type",
+    "resnet_time_scale_shift", "act_fn",
+}}
+_IGNORED = ("addition_embed_type_num_heads",)
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlNetConfig:
+    """Architecture of a ControlNet, with diffusers' ControlNetModel field names and defaults, plus
+    `conditioning_embedding_type` (ours: "pixel" as diffusers, or "latent"; see the module docstring).
+    """
+
+    in_channels: int = 4
+    conditioning_channels: int = 3
+    flip_sin_to_cos: bool = True
+    freq_shift: float = 0
+    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+    mid_block_type: str = "UNetMidBlock2DCrossAttn"
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: int | tuple[int, ...] = 2
+    downsample_padding: int = 1
+    mid_block_scale_factor: float = 1.0
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    cross_attention_dim: int = 1280
+    transformer_layers_per_block: int | tuple[int, ...] = 1
+    attention_head_dim: int | tuple[int, ...] = 8
+    num_attention_heads: int | tuple[int, ...] | None = None
+    use_linear_projection: bool = False
+    upcast_attention: bool = False
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
+    controlnet_conditioning_channel_order: str = "rgb"
+    conditioning_embedding_out_channels: tuple[int, ...] = (16, 32, 96, 256)
+    global_pool_conditions: bool = False
+    conditioning_embedding_type: str = "pixel"
+
+    def __post_init__(self):
+        if self.conditioning_embedding_type not in CONDITIONING_EMBEDDINGS:
+            raise ValueError(
+                f"ControlNet config: conditioning_embedding_type={self.conditioning_embedding_type!r}; "
+                f"expected one of {CONDITIONING_EMBEDDINGS}"
+            )
+        if self.controlnet_conditioning_channel_order not in ("rgb", "bgr"):
+            raise ValueError(
+                "ControlNet config: controlnet_conditioning_channel_order must be 'rgb' or 'bgr', got "
+                f"{self.controlnet_conditioning_channel_order!r}"
+            )
+        if self.conditioning_embedding_type == "pixel" and not self.conditioning_embedding_out_channels:
+            raise ValueError("ControlNet config: pixel conditioning needs conditioning_embedding_out_channels")
+        self.unet  # noqa: B018 - validates the shared block fields with the UNet's checks
+
+    @classmethod
+    def from_diffusers(cls, config: dict[str, Any], source: str = "config") -> ControlNetConfig:
+        """Build from a diffusers ControlNetModel config dict; unsupported fields are refused by name."""
+        config = dict(config)
+        config["upcast_attention"] = bool(config.get("upcast_attention") or False)
+        return dataclass_from_dict(
+            cls, config, kind="ControlNet", source=source, feature_off=_CONTROLNET_OFF, ignored=_IGNORED
+        )
+
+    def to_diffusers(self) -> dict[str, Any]:
+        d = dataclass_to_dict(self, "ControlNetModel")
+        if self.conditioning_embedding_type == "pixel":
+            del d["conditioning_embedding_type"]  # keeps the folder identical to diffusers' own
+        return d
+
+    @property
+    def unet(self) -> UNetConfig:
+        """The UNet whose encoder this ControlNet copies (up blocks mirrored; they are never built)."""
+        return UNetConfig(
+            in_channels=self.in_channels, flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift,
+            down_block_types=self.down_block_types, mid_block_type=self.mid_block_type,
+            up_block_types=tuple(_UP_OF_DOWN.get(t, t) for t in self.down_block_types[::-1]),
+            block_out_channels=self.block_out_channels, layers_per_block=self.layers_per_block,
+            downsample_padding=self.downsample_padding, mid_block_scale_factor=self.mid_block_scale_factor,
+            norm_num_groups=self.norm_num_groups, norm_eps=self.norm_eps,
+            cross_attention_dim=self.cross_attention_dim,
+            transformer_layers_per_block=self.transformer_layers_per_block,
+            # diffusers' ControlNet reads num_attention_heads or, when null, attention_head_dim as heads
+            attention_head_dim=self.num_attention_heads or self.attention_head_dim,
+            use_linear_projection=self.use_linear_projection, upcast_attention=self.upcast_attention,
+            addition_embed_type=self.addition_embed_type, addition_time_embed_dim=self.addition_time_embed_dim,
+            projection_class_embeddings_input_dim=self.projection_class_embeddings_input_dim,
+        )
+
+    @property
+    def condition_downscale(self) -> int:
+        """Condition resolution / latent resolution: 2^(levels-1) for pixel embeddings, 1 for latent ones."""
+        if self.conditioning_embedding_type == "latent":
+            return 1
+        return 2 ** (len(self.conditioning_embedding_out_channels) - 1)
+
+    @classmethod
+    def from_unet(cls, unet: UNetConfig, **overrides) -> ControlNetConfig:
+        """The ControlNet of a UNet (as diffusers' `ControlNetModel.from_unet`), with field overrides such as
+        conditioning_channels=9, conditioning_embedding_type="latent" or in_channels=8.
+        """
+        if unet.center_input_sample or unet.conv_in_kernel != 3:
+            raise ValueError("ControlNet.from_unet: a ControlNet has no center_input_sample and a 3x3 conv_in")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        shared = {k: v for k, v in dataclasses.asdict(unet).items() if k in fields}
+        return cls(**{**shared, **overrides})
+
+
+class ControlNetOutput(NamedTuple):
+    """Residuals for `UNet2DConditionModel`: `down` one per skip (NHWC), `mid` for the mid block output."""
+
+    down: tuple[Array, ...]
+    mid: Array
+
+
+class ConditioningEmbedding(nn.Module):
+    """Condition -> [B, H, W, out_channels] at latent resolution; see the module docstring for the kinds.
+
+    x: [B, H * s, W * s, C_cond] with s = 2^(len(block_out_channels) - 1) for "pixel", s = 1 for "latent".
+    """
+
+    out_channels: int
+    block_out_channels: tuple[int, ...] = (16, 32, 96, 256)
+    kind: str = "pixel"
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        if self.kind == "pixel":
+            x = nn.silu(conv(self, self.block_out_channels[0], 3, "conv_in")(x))
+            channels = self.block_out_channels
+            for i, (c_in, c_out) in enumerate(zip(channels[:-1], channels[1:], strict=True)):
+                x = nn.silu(conv(self, c_in, 3, f"blocks_{2 * i}")(x))
+                x = nn.silu(conv(self, c_out, 3, f"blocks_{2 * i + 1}", stride=2)(x))
+        return conv(self, self.out_channels, 3, "conv_out", zero_init=True)(x)
+
+
+class ControlNetModel(UNetModule):
+    """ControlNet over a `ControlNetConfig`; run-time fields as the UNet's (dtype, attention backend, remat)."""
+
+    @nn.compact
+    def __call__(
+        self,
+        sample: Array,
+        timesteps: Array,
+        encoder_hidden_states: Array,
+        controlnet_cond: Array,
+        *,
+        conditioning_scale: float | Array = 1.0,
+        guess_mode: bool = False,
+        text_embeds: Array | None = None,
+        time_ids: Array | None = None,
+    ) -> ControlNetOutput:
+        """Residuals for the UNet.
+
+        sample: [B, H, W, in_channels] noisy latents (the UNet's own input).
+        timesteps: [B] or scalar. encoder_hidden_states: [B, S, cross_attention_dim].
+        controlnet_cond: [B, H * s, W * s, conditioning_channels], s = `config.condition_downscale`
+          (8 for SD's pixel embedding, 1 for a latent condition).
+        conditioning_scale: a scalar or [B] array multiplying every residual (0 turns the ControlNet off).
+        guess_mode: scale the residuals from 0.1 (first skip) to 1.0 (mid) on a log scale, as diffusers.
+        text_embeds, time_ids: SDXL's text_time inputs, as for the UNet.
+        """
+        c, u = self.config, self.config.unet
+        x = sample.astype(self.dtype)
+        context = encoder_hidden_states.astype(self.dtype)
+        temb = time_embedding(self, u, timesteps, x.shape[0], text_embeds, time_ids)
+        cond = controlnet_cond.astype(self.dtype)
+        if c.controlnet_conditioning_channel_order == "bgr":
+            cond = cond[..., ::-1]
+        want = (x.shape[1] * c.condition_downscale, x.shape[2] * c.condition_downscale, c.conditioning_channels)
+        if tuple(cond.shape[1:]) != want:
+            raise ValueError(
+                f"controlnet_cond: expected [B, {want[0]}, {want[1]}, {want[2]}] for latents {tuple(x.shape)} "
+                f"({c.conditioning_embedding_type} conditioning), got {tuple(cond.shape)}"
+            )
+
+        x = conv(self, u.block_out_channels[0], 3, "conv_in")(x)
+        x = x + ConditioningEmbedding(
+            u.block_out_channels[0], tuple(c.conditioning_embedding_out_channels), c.conditioning_embedding_type,
+            self.dtype, self.param_dtype, self.precision, name="controlnet_cond_embedding",
+        )(cond)
+
+        skips = [x]
+        for i in range(u.num_blocks):
+            x, block_skips = down_block(self, u, i, f"down_blocks_{i}")(x, temb, context)
+            skips.extend(block_skips)
+        x = mid_block(self, u)(x, temb, context)
+
+        down = [
+            conv(self, s.shape[-1], 1, f"controlnet_down_blocks_{k}", zero_init=True)(s) for k, s in enumerate(skips)
+        ]
+        mid = conv(self, x.shape[-1], 1, "controlnet_mid_block", zero_init=True)(x)
+
+        scale = jnp.asarray(conditioning_scale, jnp.float32)
+        scale = scale.reshape(-1, 1, 1, 1) if scale.ndim == 1 else scale
+        if guess_mode and not c.global_pool_conditions:
+            scales = np.logspace(-1, 0, len(down) + 1, dtype=np.float32)  # torch.logspace(-1, 0, n + 1)
+        else:
+            scales = np.ones(len(down) + 1, np.float32)
+        down = [(d * (s * scale)).astype(self.dtype) for d, s in zip(down, scales[:-1], strict=True)]
+        mid = (mid * (scales[-1] * scale)).astype(self.dtype)
+        if c.global_pool_conditions:
+            down = [d.mean(axis=(1, 2), keepdims=True) for d in down]
+            mid = mid.mean(axis=(1, 2), keepdims=True)
+        return ControlNetOutput(tuple(down), mid)
+
+    def dummy_inputs(self, batch: int = 1, size: int | None = None) -> dict[str, Array]:
+        c = self.config
+        inputs = dummy_unet_inputs(self, c.unet, c.in_channels, batch, size)
+        h, w = inputs["sample"].shape[1:3]
+        s = c.condition_downscale
+        inputs["controlnet_cond"] = jnp.zeros((batch, h * s, w * s, c.conditioning_channels), self.dtype)
+        return inputs
+
+
+def sum_residuals(outputs: Sequence[ControlNetOutput]) -> ControlNetOutput:
+    """Several ControlNets steering one UNet: their residuals add (diffusers' MultiControlNetModel)."""
+    down = tuple(sum(parts) for parts in zip(*(o.down for o in outputs), strict=True))
+    return ControlNetOutput(down, sum(o.mid for o in outputs))
+
+
+# ---------------------------------------------------------------------------- init from a UNet
+def widen_conv_in(kernel: np.ndarray, in_channels: int, source: str) -> np.ndarray:
+    """A conv kernel [kh, kw, C, O] widened to `in_channels` inputs: the first C copied, the new ones zero,
+    so that the extra inputs (a concatenated condition) start with no effect.
+    """
+    kernel = np.asarray(kernel)
+    have = kernel.shape[2]
+    if in_channels < have:
+        raise ValueError(f"{source}: cannot narrow conv_in from {have} to {in_channels} input channels")
+    pad = np.zeros(kernel.shape[:2] + (in_channels - have,) + kernel.shape[3:], kernel.dtype)
+    return np.concatenate([kernel, pad], axis=2)
+
+
+def controlnet_from_unet(
+    unet_params: dict, controlnet: ControlNetModel, rng: jax.Array
+) -> tuple[dict, list[str]]:
+    """ControlNet params initialised from a UNet's params, as diffusers' `ControlNetModel.from_unet`.
+
+    conv_in (widened with zero input channels when the ControlNet takes more), time_embedding,
+    add_embedding, every down block and the mid block are copied; the conditioning embedding is random
+    with a zero last conv, and every residual output conv is zero, so the UNet's output is unchanged.
+    Returns (params, the copied Flax param paths); the paths are also logged.
+    """
+    from flax import traverse_util
+
+    fresh = traverse_util.flatten_dict(controlnet.init_params(rng), sep="/")
+    source = traverse_util.flatten_dict(unet_params, sep="/")
+    copy_roots = ("conv_in/", "time_embedding/", "add_embedding/", "down_blocks_", "mid_block/")
+    out, copied = {}, []
+    for path, value in fresh.items():
+        if not path.startswith(copy_roots):
+            out[path] = value
+            continue
+        if path not in source:
+            raise ValueError(f"controlnet_from_unet: the UNet params have no {path}")
+        src = np.asarray(source[path])
+        if path == "conv_in/kernel":
+            src = widen_conv_in(src, value.shape[2], "controlnet_from_unet")
+        if src.shape != value.shape:
+            raise ValueError(f"controlnet_from_unet: {path} is {src.shape} in the UNet, {value.shape} here")
+        out[path] = jnp.asarray(src, value.dtype)
+        copied.append(path)
+    log.info("ControlNet initialised from the UNet: copied %d tensors (%s), %d fresh", len(copied),
+             ", ".join(sorted({p.split("/")[0] for p in copied})), len(out) - len(copied))
+    return traverse_util.unflatten_dict(out, sep="/"), sorted(copied)
+
+
+def build_controlnet(model_config) -> ControlNetModel:
+    """The module described by a `configs/controlnet.py` `model` section."""
+    from diffbody_jax.models.unet import runtime_kwargs
+
+    cfg = ControlNetConfig.from_diffusers(dict(model_config["diffusers"]), source="model.diffusers")
+    return ControlNetModel(cfg, **runtime_kwargs(model_config))
