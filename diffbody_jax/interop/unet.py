@@ -10,28 +10,26 @@ from diffbody_jax.interop.layers import resnet_rules, timestep_embedding_rules, 
 from diffbody_jax.interop.mapping import MappingTable, Rule, conv2d, nest, norm
 
 
-def down_block_rules(torch_prefix: str, flax_prefix: str, use_linear_projection: bool) -> list[Rule]:
-    """A down block (ResNets, attentions, downsampler) at `torch_prefix` / `flax_prefix`, e.g. "down_blocks.*"."""
+def _block_rules(torch_prefix: str, flax_prefix: str, use_linear_projection: bool, sampler: str) -> list[Rule]:
+    attn = transformer2d_rules(use_linear_projection)
     return (
         nest(f"{torch_prefix}.resnets.*", f"{flax_prefix}/resnets_*", resnet_rules())
-        + nest(f"{torch_prefix}.attentions.*", f"{flax_prefix}/attentions_*", transformer2d_rules(use_linear_projection))
-        + conv2d(f"{torch_prefix}.downsamplers.0.conv", f"{flax_prefix}/downsamplers_0/conv")
+        + nest(f"{torch_prefix}.attentions.*", f"{flax_prefix}/attentions_*", attn)
+        + conv2d(f"{torch_prefix}.{sampler}.0.conv", f"{flax_prefix}/{sampler}_0/conv")
     )
+
+
+def down_block_rules(torch_prefix: str, flax_prefix: str, use_linear_projection: bool) -> list[Rule]:
+    """A down block (ResNets, attentions, downsampler) at `torch_prefix` / `flax_prefix`, e.g. "down_blocks.*"."""
+    return _block_rules(torch_prefix, flax_prefix, use_linear_projection, "downsamplers")
 
 
 def up_block_rules(torch_prefix: str, flax_prefix: str, use_linear_projection: bool) -> list[Rule]:
-    return (
-        nest(f"{torch_prefix}.resnets.*", f"{flax_prefix}/resnets_*", resnet_rules())
-        + nest(f"{torch_prefix}.attentions.*", f"{flax_prefix}/attentions_*", transformer2d_rules(use_linear_projection))
-        + conv2d(f"{torch_prefix}.upsamplers.0.conv", f"{flax_prefix}/upsamplers_0/conv")
-    )
+    return _block_rules(torch_prefix, flax_prefix, use_linear_projection, "upsamplers")
 
 
 def mid_block_rules(use_linear_projection: bool) -> list[Rule]:
-    return (
-        nest("mid_block.resnets.*", "mid_block/resnets_*", resnet_rules())
-        + nest("mid_block.attentions.*", "mid_block/attentions_*", transformer2d_rules(use_linear_projection))
-    )
+    return _block_rules("mid_block", "mid_block", use_linear_projection, "no_sampler")
 
 
 def time_embedding_rules() -> list[Rule]:

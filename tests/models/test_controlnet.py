@@ -188,7 +188,8 @@ def test_wrong_condition_shape_is_named():
     inputs = cn.dummy_inputs(size=8)
     params = cn.init_params(jax.random.key(0))
     inputs["controlnet_cond"] = jnp.ones((1, 64, 64, 9))
-    with pytest.raises(ValueError, match=r"controlnet_cond: expected \[B, 8, 8, 9\].*latent conditioning.*got \(1, 64, 64, 9\)"):
+    want = r"controlnet_cond: expected \[B, 8, 8, 9\].*latent conditioning.*got \(1, 64, 64, 9\)"
+    with pytest.raises(ValueError, match=want):
         cn.apply({"params": params}, **inputs)
 
 
