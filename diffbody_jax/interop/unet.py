@@ -10,13 +10,13 @@ from diffbody_jax.interop.layers import resnet_rules, timestep_embedding_rules, 
 from diffbody_jax.interop.mapping import MappingTable, Rule, conv2d, nest, norm
 
 
-def _block_rules(torch_prefix: str, flax_prefix: str, use_linear_projection: bool, sampler: str) -> list[Rule]:
+def _block_rules(torch_prefix: str, flax_prefix: str, use_linear_projection: bool, sampler: str | None) -> list[Rule]:
     attn = transformer2d_rules(use_linear_projection)
-    return (
-        nest(f"{torch_prefix}.resnets.*", f"{flax_prefix}/resnets_*", resnet_rules())
-        + nest(f"{torch_prefix}.attentions.*", f"{flax_prefix}/attentions_*", attn)
-        + conv2d(f"{torch_prefix}.{sampler}.0.conv", f"{flax_prefix}/{sampler}_0/conv")
-    )
+    rows = nest(f"{torch_prefix}.resnets.*", f"{flax_prefix}/resnets_*", resnet_rules())
+    rows += nest(f"{torch_prefix}.attentions.*", f"{flax_prefix}/attentions_*", attn)
+    if sampler:
+        rows += conv2d(f"{torch_prefix}.{sampler}.0.conv", f"{flax_prefix}/{sampler}_0/conv")
+    return rows
 
 
 def down_block_rules(torch_prefix: str, flax_prefix: str, use_linear_projection: bool) -> list[Rule]:
@@ -29,7 +29,7 @@ def up_block_rules(torch_prefix: str, flax_prefix: str, use_linear_projection: b
 
 
 def mid_block_rules(use_linear_projection: bool) -> list[Rule]:
-    return _block_rules("mid_block", "mid_block", use_linear_projection, "no_sampler")
+    return _block_rules("mid_block", "mid_block", use_linear_projection, None)
 
 
 def time_embedding_rules() -> list[Rule]:
