@@ -84,7 +84,18 @@ def _clip_family(class_name: str) -> Callable[[], Family]:
     return make
 
 
+def _joint_unet_family() -> Family:
+    from diffbody_jax.interop.joint_unet import joint_unet_table
+    from diffbody_jax.models.joint_unet import JointUNet, JointUNetConfig
+
+    return Family(
+        "JointUNet", JointUNetConfig.from_dict, lambda cfg, **kw: JointUNet(cfg, **kw), joint_unet_table, "unet",
+        config_to_dict=lambda cfg: cfg.to_dict(),
+    )
+
+
 FAMILIES: dict[str, Callable[[], Family]] = {
+    "JointUNet": _joint_unet_family,
     "UNet2DConditionModel": _diffusers_family("UNet2DConditionModel", "unet"),
     "ControlNetModel": _diffusers_family("ControlNetModel", "controlnet"),
     "AutoencoderKL": _diffusers_family("AutoencoderKL", "vae"),

@@ -20,7 +20,6 @@ The embedded condition is added to conv_in(sample) before the first down block, 
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -31,6 +30,7 @@ import numpy as np
 
 from diffbody_jax.models.config_dict import dataclass_from_dict, dataclass_to_dict
 from diffbody_jax.models.layers import Array, conv
+from diffbody_jax.models.param_copy import copy_from_unet
 from diffbody_jax.models.unet import (
     _FEATURE_OFF,
     UNetConfig,
@@ -40,8 +40,6 @@ from diffbody_jax.models.unet import (
     mid_block,
     time_embedding,
 )
-
-log = logging.getLogger(__name__)
 
 CONDITIONING_EMBEDDINGS = ("pixel", "latent")
 _UP_OF_DOWN = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlock2D"}
@@ -269,18 +267,6 @@ def sum_residuals(outputs: Sequence[ControlNetOutput]) -> ControlNetOutput:
 
 
 # ---------------------------------------------------------------------------- init from a UNet
-def widen_conv_in(kernel: np.ndarray, in_channels: int, source: str) -> np.ndarray:
-    """A conv kernel [kh, kw, C, O] widened to `in_channels` inputs: the first C copied, the new ones zero,
-    so that the extra inputs (a concatenated condition) start with no effect.
-    """
-    kernel = np.asarray(kernel)
-    have = kernel.shape[2]
-    if in_channels < have:
-        raise ValueError(f"{source}: cannot narrow conv_in from {have} to {in_channels} input channels")
-    pad = np.zeros(kernel.shape[:2] + (in_channels - have,) + kernel.shape[3:], kernel.dtype)
-    return np.concatenate([kernel, pad], axis=2)
-
-
 def controlnet_from_unet(
     unet_params: dict, controlnet: ControlNetModel, rng: jax.Array
 ) -> tuple[dict, list[str]]:
@@ -289,30 +275,12 @@ def controlnet_from_unet(
     conv_in (widened with zero input channels when the ControlNet takes more), time_embedding,
     add_embedding, every down block and the mid block are copied; the conditioning embedding is random
     with a zero last conv, and every residual output conv is zero, so the UNet's output is unchanged.
-    Returns (params, the copied Flax param paths); the paths are also logged.
+    Returns (params, the copied Flax param paths); a summary is logged.
     """
-    from flax import traverse_util
-
-    fresh = traverse_util.flatten_dict(controlnet.init_params(rng), sep="/")
-    source = traverse_util.flatten_dict(unet_params, sep="/")
-    copy_roots = ("conv_in/", "time_embedding/", "add_embedding/", "down_blocks_", "mid_block/")
-    out, copied = {}, []
-    for path, value in fresh.items():
-        if not path.startswith(copy_roots):
-            out[path] = value
-            continue
-        if path not in source:
-            raise ValueError(f"controlnet_from_unet: the UNet params have no {path}")
-        src = np.asarray(source[path])
-        if path == "conv_in/kernel":
-            src = widen_conv_in(src, value.shape[2], "controlnet_from_unet")
-        if src.shape != value.shape:
-            raise ValueError(f"controlnet_from_unet: {path} is {src.shape} in the UNet, {value.shape} here")
-        out[path] = jnp.asarray(src, value.dtype)
-        copied.append(path)
-    log.info("ControlNet initialised from the UNet: copied %d tensors (%s), %d fresh", len(copied),
-             ", ".join(sorted({p.split("/")[0] for p in copied})), len(out) - len(copied))
-    return traverse_util.unflatten_dict(out, sep="/"), sorted(copied)
+    roots = ("conv_in/", "time_embedding/", "add_embedding/", "down_blocks_", "mid_block/")
+    return copy_from_unet(
+        controlnet.init_params(rng), unet_params, lambda path: path if path.startswith(roots) else None, "ControlNet"
+    )
 
 
 def build_controlnet(model_config) -> ControlNetModel:
