@@ -3,8 +3,13 @@
   python -m convert to-flax  --src stable-diffusion-2-1-base       --dst ckpt/sd21-base
   python -m convert to-flax  --src stable-diffusion-2-1-base/unet  --dst ckpt/sd21-unet --param-dtype bfloat16
   python -m convert to-torch --src ckpt/sd21-base --dst exported/sd21-base
+  python -m convert init-from-unet --unet stable-diffusion-2-1 --config configs/joint_unet.py:variant=sd21-768v \
+      --dst ckpt/joint-unet
+  python -m convert init-from-unet --unet stable-diffusion-2-1-base \
+      --config configs/controlnet.py:variant=diffbody-v1 --dst ckpt/controlnet-v1 --format torch
 
 A pipeline folder converts every component whose `_class_name` we support and lists the ones skipped.
+`init-from-unet` starts a ControlNet or a joint UNet (the config file's `model` section) from a trained UNet.
 """
 
 from __future__ import annotations
@@ -68,6 +73,41 @@ def to_torch(src: Path, dst: Path, overwrite: bool) -> None:
     print(f"wrote {dst}")
 
 
+def init_from_unet(unet_src: Path, config_spec: str, dst: Path, fmt: str, seed: int, overwrite: bool) -> None:
+    import jax
+
+    from diffbody_jax.cli.config_args import load_config
+    from diffbody_jax.models.controlnet import build_controlnet, controlnet_from_unet
+    from diffbody_jax.models.joint_unet import build_joint_unet, joint_unet_from_unet
+
+    model_config = load_config(config_spec).model
+    if "config" in model_config and model_config.config.get("_class_name") == "JointUNet":
+        module, init = build_joint_unet(model_config), joint_unet_from_unet
+    elif "diffusers" in model_config and model_config.diffusers.get("_class_name") == "ControlNetModel":
+        module, init = build_controlnet(model_config), controlnet_from_unet
+    else:
+        raise ValueError(f"{config_spec}: the model section describes neither a JointUNet nor a ControlNetModel")
+    subfolder = "unet" if (unet_src / "unet").is_dir() else None
+    unet, unet_params = pretrained.load_pretrained(unet_src, subfolder=subfolder)
+    if type(unet).__name__ != "UNet2DConditionModel":
+        raise ValueError(f"{unet_src}: expected a UNet2DConditionModel, found {type(unet).__name__}")
+    params, copied = init(unet_params, module, jax.random.key(seed))
+    params = jax.device_get(params)
+    roots = sorted({p.split("/")[0] for p in copied})
+    print(f"  copied {len(copied)} tensors from {unet_src}: {', '.join(roots)}")
+    print(f"  fresh: {len(flatten_params(params)) - len(copied)} tensors")
+    family = pretrained.family_for_module(module)
+    if fmt == "torch":
+        if (dst / "config.json").exists() and not overwrite:
+            raise FileExistsError(f"{dst} already holds a model; pass --overwrite to replace it")
+        pretrained.save_pretrained(dst, module, params)
+    else:
+        config_dict = family.config_to_dict(module.config)
+        flax_checkpoint.save_components(dst, {family.component: (config_dict, params)}, layout="model",
+                                        overwrite=overwrite)
+    print(f"wrote {dst}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m convert", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -81,12 +121,22 @@ def main(argv=None) -> int:
     p.add_argument("--src", required=True, type=Path)
     p.add_argument("--dst", required=True, type=Path)
     p.add_argument("--overwrite", action="store_true")
+    p = sub.add_parser("init-from-unet", help="a ControlNet or joint UNet initialised from a UNet's weights")
+    p.add_argument("--unet", required=True, type=Path, help="UNet folder, pipeline folder or our checkpoint")
+    p.add_argument("--config", required=True, help="configs/joint_unet.py:... or configs/controlnet.py:...")
+    p.add_argument("--dst", required=True, type=Path)
+    p.add_argument("--format", default="flax", choices=["flax", "torch"],
+                   help="flax: our orbax checkpoint; torch: a diffusers-style folder (safetensors)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the parameters that are not copied")
+    p.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     try:
         if args.command == "to-flax":
             to_flax(args.src, args.dst, _DTYPES[args.param_dtype], args.overwrite)
-        else:
+        elif args.command == "to-torch":
             to_torch(args.src, args.dst, args.overwrite)
+        else:
+            init_from_unet(args.unet, args.config, args.dst, args.format, args.seed, args.overwrite)
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -92,3 +92,33 @@ def test_errors_are_reported_not_raised(pipeline, tmp_path, capsys):
     assert main(["to-flax", "--src", str(root), "--dst", str(tmp_path / "ckpt")]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert main(["to-flax", "--src", str(root), "--dst", str(tmp_path / "ckpt"), "--overwrite"]) == 0
+
+
+def test_init_from_unet_writes_joint_unet_and_controlnet(tmp_path, capsys):
+    unet = diffusers.UNet2DConditionModel(**unet_diffusers_config("tiny-sd21")).eval()
+    randomize_(unet, seed=14)
+    unet.save_pretrained(tmp_path / "sd" / "unet")  # a pipeline folder holding the UNet
+    sd = state_dict_numpy(unet)
+
+    joint_cfg = f"{REPO}/configs/joint_unet.py:variant=tiny,copy_first=2"
+    assert main(["init-from-unet", "--unet", str(tmp_path / "sd"), "--config", joint_cfg,
+                 "--dst", str(tmp_path / "joint")]) == 0
+    assert "copied" in capsys.readouterr().out
+    joint, params = diffbody_jax.load_pretrained(tmp_path / "joint", param_dtype=None)
+    assert type(joint).__name__ == "JointUNet" and joint.config.copy_first_n_block == 2
+    np.testing.assert_array_equal(params["down_blocks_branch_2_1"]["resnets_0"]["conv1"]["kernel"],
+                                  sd["down_blocks.1.resnets.0.conv1.weight"].transpose(2, 3, 1, 0))
+
+    cn_cfg = f"{REPO}/configs/controlnet.py:variant=tiny-v1"
+    assert main(["init-from-unet", "--unet", str(tmp_path / "sd" / "unet"), "--config", cn_cfg,
+                 "--dst", str(tmp_path / "cn"), "--format", "torch"]) == 0
+    saved = json.loads((tmp_path / "cn" / "config.json").read_text())
+    assert saved["_class_name"] == "ControlNetModel" and saved["conditioning_embedding_type"] == "latent"
+    cn, cn_params = diffbody_jax.load_pretrained(tmp_path / "cn")
+    assert not np.asarray(cn_params["controlnet_mid_block"]["kernel"]).any()
+    np.testing.assert_array_equal(cn_params["mid_block"]["resnets_1"]["norm2"]["scale"],
+                                  sd["mid_block.resnets.1.norm2.weight"])
+
+    bad = f"{REPO}/configs/unet.py:variant=tiny-sd21"
+    assert main(["init-from-unet", "--unet", str(tmp_path / "sd"), "--config", bad, "--dst", str(tmp_path / "x")]) == 2
+    assert "neither a JointUNet nor a ControlNetModel" in capsys.readouterr().err

@@ -232,3 +232,32 @@ def test_bad_input_channels_are_named():
         joint.apply({"params": params}, x, t, ctx)
     with pytest.raises(ValueError, match=r"copy_last_n_block=4 is outside 0..3"):
         JointUNetConfig(_unet().config, copy_last_n_block=4)
+
+
+def test_stage1_controlnet_steers_every_branch():
+    """The diffbody-v2-stage1 ControlNet sees the RGB branch's input and E(I_ir); its residuals fit the joint UNet,
+    start at zero (output unchanged) and, once trained (here: random output convs), change every branch."""
+    from diffbody_jax.models.controlnet import ControlNetConfig, ControlNetModel, controlnet_from_unet
+
+    plain = _unet(in_channels=4)
+    unet_params = _noisy_params(plain, 9)
+    joint = JointUNet(JointUNetConfig.from_unet(plain.config))
+    params, _ = joint_unet_from_unet(unet_params, joint, jax.random.key(0))
+    cn = ControlNetModel(ControlNetConfig.from_unet(joint.config.unet, conditioning_channels=4,
+                                                    conditioning_embedding_type="latent"))
+    cn_params, _ = controlnet_from_unet(unet_params, cn, jax.random.key(1))
+
+    rng = np.random.default_rng()
+    x, t, ctx = _inputs(rng, 2, 24)
+    i_ir = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
+
+    @jax.jit
+    def steer(cn_params, x):
+        res = cn.apply({"params": cn_params}, x[..., :8], t, ctx, i_ir)
+        return joint.apply({"params": params}, x, t, ctx, down_residuals=res.down, mid_residual=res.mid)
+
+    base = jax.jit(joint.apply)({"params": params}, x, t, ctx)
+    np.testing.assert_allclose(steer(cn_params, x), base, atol=1e-5, rtol=0)  # one compiled graph vs another
+    steered = steer(_noisy_params(cn, 10), x)  # "trained": random output convs
+    for b in range(3):
+        assert np.abs(steered[..., 4 * b: 4 * b + 4] - base[..., 4 * b: 4 * b + 4]).mean() > 1e-3
