@@ -1,7 +1,10 @@
-"""Time our jitted UNet forward against diffusers' PyTorch forward on the same weights and inputs.
+"""Time our jitted UNet (and UNet + ControlNet) forward against diffusers' PyTorch forward, same weights and inputs.
 
   python bench/unet_forward.py                                  # mid-sd21 and sd21-base, 32x32 latents
-  python bench/unet_forward.py --variants tiny-sdxl --batch 1 --size 16
+  python bench/unet_forward.py --variants tiny-sdxl --batch 1 --size 16 --controlnet on
+
+--controlnet off|on|both: the UNet alone, the UNet steered by a ControlNet built from it (diffusers'
+`ControlNetModel.from_unet`: pixel condition at 8x the latent size, residuals into the UNet), or both rows.
 
 Both sides run fp32 on the CPU with every core; each time is the median of --repeats runs after
 --warmup runs (for JAX, the first call compiles and is reported separately). ratio = torch / ours, so
@@ -23,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from diffusers import ControlNetModel as TorchControlNet
 from diffusers import UNet2DConditionModel as TorchUNet
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +35,8 @@ sys.path.insert(0, str(REPO))
 from diffbody_jax.cli.config_args import load_config  # noqa: E402
 from diffbody_jax.interop.mapping import torch_to_flax  # noqa: E402
 from diffbody_jax.interop.torch_files import torch_to_numpy  # noqa: E402
-from diffbody_jax.interop.unet import unet_table  # noqa: E402
+from diffbody_jax.interop.unet import controlnet_table, unet_table  # noqa: E402
+from diffbody_jax.models.controlnet import ControlNetConfig, ControlNetModel  # noqa: E402
 from diffbody_jax.models.unet import build_unet  # noqa: E402
 
 
@@ -46,15 +51,24 @@ def _median_time(fn, warmup: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench(variant: str, batch: int, size: int, warmup: int, repeats: int) -> dict:
+def _flax_params(ref, ours, table, source):
+    state = {k: torch_to_numpy(v) for k, v in ref.state_dict().items()}
+    return jax.device_put(torch_to_flax(state, table, ours.param_shapes(), source))
+
+
+def bench(variant: str, batch: int, size: int, warmup: int, repeats: int, controlnet: bool) -> dict:
     model_cfg = load_config(f"{REPO}/configs/unet.py:variant={variant}").model
     ours = build_unet(model_cfg)
     torch.manual_seed(0)
     ref = TorchUNet.from_config(model_cfg.diffusers.to_dict()).eval()
-    state = {k: torch_to_numpy(v) for k, v in ref.state_dict().items()}
-    params = jax.device_put(torch_to_flax(state, unet_table(ours.config), ours.param_shapes(), variant))
-    del state
+    params = {"unet": _flax_params(ref, ours, unet_table(ours.config), variant)}
     n_params = sum(p.numel() for p in ref.parameters())
+    if controlnet:
+        ref_cn = TorchControlNet.from_unet(ref).eval()
+        ours_cn = ControlNetModel(ControlNetConfig.from_unet(ours.config), dtype=ours.dtype,
+                                  attention_backend=ours.attention_backend)
+        params["controlnet"] = _flax_params(ref_cn, ours_cn, controlnet_table(ours_cn.config), variant)
+        n_params += sum(p.numel() for p in ref_cn.parameters())
 
     c = ours.config
     rng = np.random.default_rng(0)
@@ -66,19 +80,32 @@ def bench(variant: str, batch: int, size: int, warmup: int, repeats: int) -> dic
         added = dict(text_embeds=rng.standard_normal((batch, c.text_embeds_dim)).astype(np.float32),
                      time_ids=np.tile(np.array([[1024, 1024, 0, 0, 1024, 1024]], np.float32), (batch, 1)))
 
-    x_t, t_t, ctx_t = torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(ctx)
+    cond = rng.uniform(-1, 1, (batch, 3, 8 * size, 8 * size)).astype(np.float32)
+    x_t, t_t, ctx_t, cond_t = (torch.from_numpy(a) for a in (x, t, ctx, cond))
     added_t = {k: torch.from_numpy(v) for k, v in added.items()}
 
     def torch_forward():
         with torch.inference_mode():
-            return ref(x_t, t_t, ctx_t, added_cond_kwargs=added_t or None).sample
+            kw = {}
+            if controlnet:
+                down, mid = ref_cn(x_t, t_t, ctx_t, cond_t, added_cond_kwargs=added_t or None, return_dict=False)
+                kw = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
+            return ref(x_t, t_t, ctx_t, added_cond_kwargs=added_t or None, **kw).sample
 
-    forward = jax.jit(lambda p, x, t, ctx, added: ours.apply({"params": p}, x, t, ctx, **added))
+    @jax.jit
+    def forward(p, x, t, ctx, cond, added):
+        kw = {}
+        if controlnet:
+            res = ours_cn.apply({"params": p["controlnet"]}, x, t, ctx, cond, **added)
+            kw = dict(down_residuals=res.down, mid_residual=res.mid)
+        return ours.apply({"params": p["unet"]}, x, t, ctx, **added, **kw)
+
     x_j, t_j, ctx_j = jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(t), jnp.asarray(ctx)
+    cond_j = jnp.asarray(cond.transpose(0, 2, 3, 1))
     added_j = {k: jnp.asarray(v) for k, v in added.items()}
 
     def jax_forward():
-        return forward(params, x_j, t_j, ctx_j, added_j).block_until_ready()
+        return forward(params, x_j, t_j, ctx_j, cond_j, added_j).block_until_ready()
 
     start = time.perf_counter()
     out = jax_forward()
@@ -87,7 +114,8 @@ def bench(variant: str, batch: int, size: int, warmup: int, repeats: int) -> dic
 
     ours_s = _median_time(jax_forward, warmup, repeats)
     torch_s = _median_time(torch_forward, warmup, repeats)
-    return dict(variant=variant, params_m=round(n_params / 1e6, 1), batch=batch, latent=size,
+    name = variant + ("+controlnet" if controlnet else "")
+    return dict(variant=name, params_m=round(n_params / 1e6, 1), batch=batch, latent=size,
                 ours_ms=round(ours_s * 1e3, 1), torch_ms=round(torch_s * 1e3, 1),
                 ratio=round(torch_s / ours_s, 3), jax_compile_s=round(compile_s, 1), max_abs_err=err)
 
@@ -99,17 +127,20 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=32, help="latent height and width")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--controlnet", default="both", choices=["off", "on", "both"])
     args = parser.parse_args()
+    with_controlnet = {"off": [False], "on": [True], "both": [False, True]}[args.controlnet]
 
     threads = os.cpu_count()
     torch.set_num_threads(threads)
     print(f"# machine: {platform.processor() or platform.machine()}, {threads} cores; "
           f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}")
-    print(f"{'variant':<12} {'params':>8} {'batch':>5} {'latent':>6} {'ours ms':>9} {'torch ms':>9} "
+    print(f"{'variant':<22} {'params':>8} {'batch':>5} {'latent':>6} {'ours ms':>9} {'torch ms':>9} "
           f"{'ratio':>6} {'compile s':>9} {'max err':>9}")
-    for variant in args.variants.split(","):
-        r = bench(variant, args.batch, args.size, args.warmup, args.repeats)
-        print(f"{r['variant']:<12} {r['params_m']:>7}M {r['batch']:>5} {r['latent']:>6} {r['ours_ms']:>9} "
+    runs = [(v, cn) for v in args.variants.split(",") for cn in with_controlnet]
+    for variant, controlnet in runs:
+        r = bench(variant, args.batch, args.size, args.warmup, args.repeats, controlnet)
+        print(f"{r['variant']:<22} {r['params_m']:>7}M {r['batch']:>5} {r['latent']:>6} {r['ours_ms']:>9} "
               f"{r['torch_ms']:>9} {r['ratio']:>6} {r['jax_compile_s']:>9} {r['max_abs_err']:>9.2e}")
         print("json:", json.dumps(r))
 
