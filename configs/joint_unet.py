@@ -16,7 +16,7 @@ import pathlib
 
 import ml_collections
 
-from diffbody_jax.cli.config_args import load_config, parse_arg
+from diffbody_jax.cli.config_args import load_config, model_section, parse_arg
 
 UNET_CONFIG = pathlib.Path(__file__).parent / "unet.py"
 UNET_VARIANT = {"sd21-768v": "sd21-768v", "sd21-base": "sd21-base", "tiny": "tiny-sd21"}
@@ -37,16 +37,7 @@ def get_config(arg=None):
         copy_last_n_block=arg["copy_last"],
     )
     config = ml_collections.ConfigDict()
-    config.model = ml_collections.ConfigDict(
-        dict(
-            variant=arg["variant"],
-            unet_variant=UNET_VARIANT[arg["variant"]],
-            config=joint.to_dict(),
-            dtype="float32",
-            param_dtype="float32",
-            attention_backend="einsum",
-            remat=False,
-        )
-    )
+    config.model = model_section(variant=arg["variant"], unet_variant=UNET_VARIANT[arg["variant"]],
+                                 config=joint.to_dict())
     config.lock()
     return config

@@ -82,3 +82,19 @@ def torch_controlnet(config: dict, seed: int = 0):
         ref.controlnet_cond_embedding = LatentConditioning()
     randomize_(ref, seed)
     return ref
+
+
+def assert_coverage(ref_meta, ours, table, n_keys: int, n_params: int, source: str) -> None:
+    """Every key of a PyTorch module (built on the meta device) maps both ways onto `ours` with equal shapes,
+    and both sides hold the measured key and parameter counts. No weights, no memory."""
+    from diffbody_jax.interop.mapping import flatten_params, plan_import
+
+    torch_shapes = {k: tuple(v.shape) for k, v in ref_meta.state_dict().items()}
+    assert len(torch_shapes) == n_keys
+    flax_shapes = {k: tuple(v.shape) for k, v in flatten_params(ours.param_shapes()).items()}
+    assert sum(int(np.prod(s)) for s in flax_shapes.values()) == n_params
+    plan = plan_import(torch_shapes, flax_shapes, table, source)  # raises on any gap
+    assert len(plan) == len(torch_shapes) == len(flax_shapes)
+    for path, shape in flax_shapes.items():  # export direction
+        key, transform = table.torch_key(path)
+        assert torch_shapes[key] == transform.torch_shape(shape), path

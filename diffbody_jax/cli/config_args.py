@@ -43,3 +43,16 @@ def load_config(spec: str):
     module = importlib.util.module_from_spec(spec_obj)
     spec_obj.loader.exec_module(module)
     return module.get_config(arg or None)
+
+
+def model_section(**fields):
+    """A config file's `model` section: `fields` plus the run-time choices every UNet-like module reads."""
+    import ml_collections
+
+    return ml_collections.ConfigDict(dict(
+        **fields,
+        dtype="float32",  # compute dtype: float32 | bfloat16
+        param_dtype="float32",
+        attention_backend="einsum",  # einsum | xla | cudnn | auto | a registered one (TPU splash)
+        remat=False,  # rematerialise block activations in the backward pass
+    ))

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 import diffbody_jax
-from diffbody_jax.interop.mapping import flatten_params, flax_to_torch, plan_import, torch_to_flax
+from diffbody_jax.interop.mapping import flatten_params, flax_to_torch, torch_to_flax
 from diffbody_jax.interop.unet import controlnet_table
 from diffbody_jax.models.controlnet import ControlNetConfig, ControlNetModel
-from tests.torch_ref import REPO, controlnet_diffusers_config, state_dict_numpy, torch_controlnet
+from tests.torch_ref import REPO, assert_coverage, controlnet_diffusers_config, state_dict_numpy, torch_controlnet
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -65,16 +65,5 @@ def test_real_architecture_coverage(variant, n_keys, n_params):
     cfg = json.loads((REPO / f"configs/diffusers/{variant}/config.json").read_text())
     with torch.device("meta"):
         ref = diffusers.ControlNetModel.from_config(cfg)
-    torch_shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
-    assert len(torch_shapes) == n_keys
-
     ours = ControlNetModel(ControlNetConfig.from_diffusers(cfg, variant))
-    flax_shapes = {k: tuple(v.shape) for k, v in flatten_params(ours.param_shapes()).items()}
-    assert sum(int(np.prod(s)) for s in flax_shapes.values()) == n_params
-
-    table = controlnet_table(ours.config)
-    plan = plan_import(torch_shapes, flax_shapes, table, variant)
-    assert len(plan) == len(torch_shapes) == len(flax_shapes)
-    for path, shape in flax_shapes.items():
-        key, transform = table.torch_key(path)
-        assert torch_shapes[key] == transform.torch_shape(shape), path
+    assert_coverage(ref, ours, controlnet_table(ours.config), n_keys, n_params, variant)

@@ -8,10 +8,18 @@ import numpy as np
 import pytest
 
 import diffbody_jax
-from diffbody_jax.interop.mapping import ConversionError, flatten_params, flax_to_torch, plan_import, torch_to_flax
+from diffbody_jax.interop.mapping import ConversionError, flax_to_torch, torch_to_flax
 from diffbody_jax.interop.unet import unet_table
 from diffbody_jax.models.unet import UNet2DConditionModel, UNetConfig
-from tests.torch_ref import REPO, nchw_to_nhwc, nhwc_to_nchw, randomize_, state_dict_numpy, unet_diffusers_config
+from tests.torch_ref import (
+    REPO,
+    assert_coverage,
+    nchw_to_nhwc,
+    nhwc_to_nchw,
+    randomize_,
+    state_dict_numpy,
+    unet_diffusers_config,
+)
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -114,19 +122,8 @@ def test_real_architecture_coverage(variant, n_keys, n_params):
     cfg = json.loads((REPO / f"configs/diffusers/{variant}/unet/config.json").read_text())
     with torch.device("meta"):
         ref = diffusers.UNet2DConditionModel.from_config(cfg)
-    torch_shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
-    assert len(torch_shapes) == n_keys
-
     ours = UNet2DConditionModel(UNetConfig.from_diffusers(cfg, variant))
-    flax_shapes = {k: tuple(v.shape) for k, v in flatten_params(ours.param_shapes()).items()}
-    assert sum(int(np.prod(s)) for s in flax_shapes.values()) == n_params
-
-    table = unet_table(ours.config)
-    plan = plan_import(torch_shapes, flax_shapes, table, variant)  # raises on any gap
-    assert len(plan) == len(torch_shapes) == len(flax_shapes)
-    for path, shape in flax_shapes.items():  # export direction
-        key, transform = table.torch_key(path)
-        assert torch_shapes[key] == transform.torch_shape(shape), path
+    assert_coverage(ref, ours, unet_table(ours.config), n_keys, n_params, variant)
 
 
 def test_param_tree_is_plain_and_jittable():
