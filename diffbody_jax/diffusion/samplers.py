@@ -1,0 +1,203 @@
+"""Samplers as one `jax.lax.scan` over steps inside one jitted function: DDPM and DDIM, with classifier-free
+guidance and DiffBody's gradient guidance (seed 000, Algorithm 1).
+
+    sampler = make_sampler(model_fn, schedule, SamplerConfig(method="ddpm", num_steps=50, cfg_scale=4.0))
+    out = sampler(key, z_T, cond, uncond)            # out.sample: z_0; out.x0_trajectory when asked
+
+`model_fn(z_t, t, cond) -> output` is any pure function (a UNet's apply with its params closed over, a UNet
+plus ControlNet, ...): z_t [B, H, W, C] NHWC, t [B] int32, cond any pytree with a leading batch axis. Its
+output is eps, v or x0 as `schedule.prediction_type` says.
+
+Gradient guidance: `guidance_loss(x0_hat, t, aux) -> scalar` (e.g. the VAE decoder and a part-feature
+network, all traced into the same program). At each step inside the guidance window its gradient with
+respect to z_t, through the model, is scaled and subtracted from the step's mean before noise is added:
+z_{t-1} ~ N(mu(z_t) - s_t grad, sigma_t^2). Outside the window no gradient is computed (lax.cond).
+
+Each step's noise is `jax.random.normal(fold_in(key, i), shape)` (`step_noise`), so a run is reproducible
+from its key and tests can hand diffusers the same noise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffbody_jax.diffusion.schedule import NoiseSchedule, predict_eps, predict_x0, q_sample
+
+Array = jax.Array
+METHODS = ("ddpm", "ddim")
+GUIDANCE_SCHEDULES = ("constant", "linear", "sqrt_one_minus_alpha_bar")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+    """Static choices of a sampler; changing one recompiles, changing inputs does not.
+
+    cfg_scale: classifier-free guidance scale (1.0: off, the unconditional pass is skipped).
+    guidance_scale: s of Algorithm 1 (0.0: off). The gradient is applied while
+      guidance_start >= t / num_train_timesteps >= guidance_end (the window, in diffusion time; 1.0 = pure
+      noise), scaled per step by `guidance_schedule`: constant s, linear (s at the window's start to 0 at its
+      end) or sqrt_one_minus_alpha_bar (s * sqrt(1 - a_t), larger at noisier steps).
+    strength: < 1.0 starts from `x0_init` noised to the step int(num_steps * strength) from the end
+      (img2img); the sampler then runs that many steps.
+    eta: DDIM's stochasticity (0: deterministic).
+    return_trajectory: also return z and the x0 estimate after every step ([N, B, H, W, C] scan outputs).
+    """
+
+    method: str = "ddpm"
+    num_steps: int = 50
+    eta: float = 0.0
+    cfg_scale: float = 1.0
+    guidance_scale: float = 0.0
+    guidance_start: float = 1.0
+    guidance_end: float = 0.0
+    guidance_schedule: str = "constant"
+    strength: float = 1.0
+    return_trajectory: bool = False
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"SamplerConfig: method={self.method!r}; supported: {METHODS}")
+        if self.guidance_schedule not in GUIDANCE_SCHEDULES:
+            raise ValueError(f"SamplerConfig: guidance_schedule={self.guidance_schedule!r}; "
+                             f"supported: {GUIDANCE_SCHEDULES}")
+        if not 0.0 < self.strength <= 1.0:
+            raise ValueError(f"SamplerConfig: strength={self.strength} must be in (0, 1]")
+
+
+class SampleOutput(NamedTuple):
+    sample: Array  # z_0 estimate after the last step, [B, H, W, C]
+    trajectory: Array | None = None  # [N, B, H, W, C]: z after each step, when return_trajectory
+    x0_trajectory: Array | None = None  # [N, B, H, W, C]: each step's x0 estimate, when return_trajectory
+
+
+def step_noise(key: jax.Array, step: int | Array, shape, dtype=jnp.float32) -> Array:
+    """The noise the sampler adds at scan step `step` (also used for the start noise at step -1)."""
+    return jax.random.normal(jax.random.fold_in(key, step + 1), shape, dtype)
+
+
+def _step_tables(schedule: NoiseSchedule, config: SamplerConfig) -> dict[str, np.ndarray]:
+    """Per-step constants computed on the host: timesteps, alpha bars and guidance weights."""
+    ac = schedule.alphas_cumprod().astype(np.float64)
+    ts = schedule.timesteps(config.num_steps)
+    if config.method == "ddpm":
+        prev = np.append(ts[1:], -1)  # DDPMScheduler.previous_timestep
+        final = 1.0
+    else:
+        prev = ts - schedule.num_train_timesteps // config.num_steps
+        final = 1.0 if schedule.set_alpha_to_one else ac[0]
+    a_t = ac[ts]
+    a_prev = np.where(prev >= 0, ac[np.maximum(prev, 0)], final)
+    frac = ts / schedule.num_train_timesteps
+    active = (frac <= config.guidance_start) & (frac >= config.guidance_end)
+    if config.guidance_schedule == "constant":
+        w = np.ones_like(frac)
+    elif config.guidance_schedule == "linear":
+        span = max(config.guidance_start - config.guidance_end, 1e-12)
+        w = (frac - config.guidance_end) / span
+    else:
+        w = np.sqrt(1 - a_t)
+    n_run = int(config.num_steps * config.strength) if config.strength < 1.0 else config.num_steps
+    first = config.num_steps - n_run
+    tables = dict(t=ts, a_t=a_t, a_prev=a_prev, g=np.where(active, config.guidance_scale * w, 0.0),
+                  index=np.arange(config.num_steps))
+    return {k: v[first:] for k, v in tables.items()}
+
+
+def _concat(a, b):
+    return jax.tree.map(lambda x, y: jnp.concatenate([x, y], axis=0), a, b)
+
+
+def make_sampler(
+    model_fn: Callable[[Array, Array, Any], Array],
+    schedule: NoiseSchedule,
+    config: SamplerConfig,
+    guidance_loss: Callable[[Array, Array, Any], Array] | None = None,
+) -> Callable[..., SampleOutput]:
+    """A jitted `sampler(key, z_T, cond, uncond=None, aux=None, x0_init=None) -> SampleOutput`.
+
+    z_T: [B, H, W, C] start noise (ignored when strength < 1: then x0_init is noised with step_noise(key, -1)).
+    uncond: the negative / null condition for classifier-free guidance (same structure as cond).
+    aux: anything `guidance_loss` reads (e.g. I_reg and the part network's params).
+    """
+    if config.guidance_scale and guidance_loss is None:
+        raise ValueError("SamplerConfig.guidance_scale is set but no guidance_loss was given")
+    tables = {k: jnp.asarray(v, jnp.int32 if k in ("t", "index") else jnp.float32)
+              for k, v in _step_tables(schedule, config).items()}
+    ptype = schedule.prediction_type
+    guided = bool(config.guidance_scale) and bool(np.any(np.asarray(tables["g"]) != 0))
+
+    def model_output(z, t, cond, uncond):
+        tb = jnp.full((z.shape[0],), t, jnp.int32)
+        if config.cfg_scale == 1.0:
+            return model_fn(z, tb, cond)
+        both = model_fn(jnp.concatenate([z, z]), jnp.concatenate([tb, tb]), _concat(uncond, cond))
+        out_uncond, out_cond = jnp.split(both, 2)
+        return out_uncond + config.cfg_scale * (out_cond - out_uncond)
+
+    def estimate(z, t, a_t, cond, uncond):
+        out = model_output(z, t, cond, uncond)
+        x0 = predict_x0(out, z, a_t, ptype)
+        if schedule.clip_sample:
+            x0 = jnp.clip(x0, -schedule.clip_sample_range, schedule.clip_sample_range)
+        return x0, out
+
+    def step(carry, xs, key, cond, uncond, aux):
+        z = carry
+        t, a_t, a_prev, g, i = xs["t"], xs["a_t"], xs["a_prev"], xs["g"], xs["index"]
+        if guided:
+            def with_grad(z):
+                def loss(z):
+                    x0, out = estimate(z, t, a_t, cond, uncond)
+                    return guidance_loss(x0, t, aux), (x0, out)
+
+                (_, (x0, out)), grad = jax.value_and_grad(loss, has_aux=True)(z)
+                return x0, out, grad
+
+            def without(z):
+                x0, out = estimate(z, t, a_t, cond, uncond)
+                return x0, out, jnp.zeros_like(z)
+
+            x0, out, grad = jax.lax.cond(g != 0, with_grad, without, z)
+        else:
+            x0, out = estimate(z, t, a_t, cond, uncond)
+            grad = None
+
+        noise = step_noise(key, i, z.shape, z.dtype)
+        if config.method == "ddpm":
+            beta_t, beta_prev = 1 - a_t, 1 - a_prev
+            alpha_step = a_t / a_prev
+            mean = (jnp.sqrt(a_prev) * (1 - alpha_step) / beta_t) * x0 + (jnp.sqrt(alpha_step) * beta_prev / beta_t) * z
+            var = jnp.maximum(beta_prev / beta_t * (1 - alpha_step), 1e-20)
+            std = jnp.where(t > 0, jnp.exp(0.5 * jnp.log(var)) if schedule.variance_type == "fixed_small_log"
+                            else jnp.sqrt(var), 0.0)
+        else:
+            eps = predict_eps(out, z, a_t, ptype) if not schedule.clip_sample else (
+                (z - jnp.sqrt(a_t) * x0) / jnp.sqrt(1 - a_t))
+            var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+            std = config.eta * jnp.sqrt(var)
+            mean = jnp.sqrt(a_prev) * x0 + jnp.sqrt(1 - a_prev - std**2) * eps
+        if grad is not None:
+            mean = mean - g * grad
+        z_prev = mean + std * noise if (config.method == "ddpm" or config.eta > 0) else mean
+        z_prev = z_prev.astype(z.dtype)
+        return z_prev, ((z_prev, x0) if config.return_trajectory else None)
+
+    @jax.jit
+    def sampler(key, z_T, cond, uncond=None, aux=None, x0_init=None) -> SampleOutput:
+        if config.cfg_scale != 1.0 and uncond is None:
+            raise ValueError("SamplerConfig.cfg_scale != 1 needs an uncond (negative or null) condition")
+        z = z_T
+        if config.strength < 1.0:
+            if x0_init is None:
+                raise ValueError("SamplerConfig.strength < 1 needs x0_init (the latents to start from)")
+            z = q_sample(x0_init, step_noise(key, -1, x0_init.shape, x0_init.dtype), tables["a_t"][0])
+        z, trajectories = jax.lax.scan(lambda c, xs: step(c, xs, key, cond, uncond, aux), z, tables)
+        return SampleOutput(z, *(trajectories or (None, None)))
+
+    return sampler

@@ -1,0 +1,222 @@
+"""Scan samplers: trajectory parity with diffusers' schedulers, one compilation, guidance, keys."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffbody_jax.diffusion.samplers import SamplerConfig, make_sampler, step_noise
+from diffbody_jax.diffusion.schedule import NoiseSchedule
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+SHAPE = (2, 8, 8, 4)
+
+
+def _model_jax(z, t, cond):
+    """A deterministic stand-in for a UNet: close to z (as a trained eps-model is at high noise), nonlinear in
+    z, varying with t and the condition."""
+    tt = t.astype(jnp.float32)[:, None, None, None]
+    return 0.9 * z + 0.1 * jnp.tanh(z) * jnp.cos(tt / 300.0) + 0.05 * cond[:, None, None, :]
+
+
+def _model_torch(z, t, cond):
+    tt = torch.as_tensor(t, dtype=torch.float32).reshape(-1, 1, 1, 1).expand(z.shape[0], 1, 1, 1)
+    return 0.9 * z + 0.1 * torch.tanh(z) * torch.cos(tt / 300.0) + 0.05 * cond[:, None, None, :]
+
+
+def _reference(scheduler, z, cond, noises, steps, eta=None):
+    """diffusers' loop over the same model (NHWC tensors: the schedulers are layout-agnostic)."""
+    scheduler.set_timesteps(steps)
+    z = torch.from_numpy(np.asarray(z))
+    cond = torch.from_numpy(np.asarray(cond))
+    zs, x0s = [], []
+    for i, t in enumerate(scheduler.timesteps):
+        out = _model_torch(z, t, cond)
+        kw = {}
+        if eta is not None:
+            kw = dict(eta=eta, variance_noise=torch.from_numpy(np.asarray(noises[i])))
+        res = scheduler.step(out, t, z, **kw)
+        z, x0 = res.prev_sample, res.pred_original_sample
+        zs.append(z.numpy())
+        x0s.append(x0.numpy())
+    return np.stack(zs), np.stack(x0s)
+
+
+def _assert_trajectories_match(out, want_z, want_x0):
+    """z after every step within 1e-5; x0 estimates within 1e-5 of their scale (at high noise x0 = (z - s eps) /
+    sqrt(a) multiplies float32 rounding by 1 / sqrt(a), up to 15x)."""
+    assert np.abs(np.asarray(out.trajectory) - want_z).max() <= 1e-5
+    assert np.abs(np.asarray(out.sample) - want_z[-1]).max() <= 1e-5
+    scale = np.abs(want_x0).max(axis=(1, 2, 3, 4), keepdims=True)
+    assert (np.abs(np.asarray(out.x0_trajectory) - want_x0) / np.maximum(scale, 1.0)).max() <= 1e-5
+
+
+@pytest.mark.parametrize("prediction_type,variance_type,spacing", [
+    ("epsilon", "fixed_small", "leading"), ("v_prediction", "fixed_small_log", "trailing"),
+    ("epsilon", "fixed_small", "linspace")])
+def test_ddpm_matches_diffusers_over_50_steps(monkeypatch, prediction_type, variance_type, spacing):
+    kw = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type,
+              variance_type=variance_type, timestep_spacing=spacing, steps_offset=1 if spacing == "leading" else 0,
+              clip_sample=False)
+    schedule = NoiseSchedule(**kw)
+    key = jax.random.key(int(np.random.default_rng().integers(1 << 30)))
+    rng = np.random.default_rng()
+    z_T = rng.standard_normal(SHAPE).astype(np.float32)
+    cond = rng.standard_normal((2, 4)).astype(np.float32)
+    noises = [np.asarray(step_noise(key, i, SHAPE)) for i in range(50)]
+    queue = iter(noises)
+    # DDPMScheduler.step draws its noise itself: hand it ours, in step order.
+    monkeypatch.setattr("diffusers.schedulers.scheduling_ddpm.randn_tensor",
+                        lambda shape, **_: torch.from_numpy(next(queue).copy()))
+    want_z, want_x0 = _reference(diffusers.DDPMScheduler(**kw), z_T, cond, noises, 50)
+
+    out = make_sampler(_model_jax, schedule, SamplerConfig("ddpm", 50, return_trajectory=True))(key, z_T, cond)
+    _assert_trajectories_match(out, want_z, want_x0)
+
+
+@pytest.mark.parametrize("eta,prediction_type", [(0.0, "epsilon"), (0.7, "v_prediction")])
+def test_ddim_matches_diffusers_over_50_steps(eta, prediction_type):
+    kw = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type,
+              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    key = jax.random.key(int(np.random.default_rng().integers(1 << 30)))
+    rng = np.random.default_rng()
+    z_T = rng.standard_normal(SHAPE).astype(np.float32)
+    cond = rng.standard_normal((2, 4)).astype(np.float32)
+    noises = [np.asarray(step_noise(key, i, SHAPE)) for i in range(50)]
+    want_z, want_x0 = _reference(diffusers.DDIMScheduler(**kw), z_T, cond, noises, 50, eta=eta)
+    out = make_sampler(_model_jax, NoiseSchedule(**kw), SamplerConfig("ddim", 50, eta=eta, return_trajectory=True))(
+        key, z_T, cond)
+    _assert_trajectories_match(out, want_z, want_x0)
+
+
+def test_compiled_once_and_one_loop():
+    traces = []
+
+    def model(z, t, cond):
+        traces.append(1)
+        return _model_jax(z, t, cond)
+
+    schedule = NoiseSchedule()
+    sampler = make_sampler(model, schedule, SamplerConfig("ddpm", 50, cfg_scale=3.0))
+    rng = np.random.default_rng()
+    args = lambda: (jax.random.key(int(rng.integers(1 << 30))), rng.standard_normal(SHAPE).astype(np.float32),  # noqa: E731
+                    rng.standard_normal((2, 4)).astype(np.float32), rng.standard_normal((2, 4)).astype(np.float32))
+    sampler(*args())
+    n = len(traces)
+    sampler(*args())
+    assert len(traces) == n, "a second call with new inputs of the same shape retraced"
+
+    def program(steps):
+        s = make_sampler(_model_jax, schedule, SamplerConfig("ddpm", steps))
+        return s.lower(*args()[:3]).as_text()
+
+    short, long = program(5), program(50)
+    # One scan loop (the PRNG's own loops add the same few in both); the model appears once, not per step.
+    assert short.count("stablehlo.while") == long.count("stablehlo.while") >= 1
+    assert long.count("stablehlo.tanh") == short.count("stablehlo.tanh") == 1
+
+
+def test_classifier_free_guidance_combines_the_two_passes():
+    schedule = NoiseSchedule()
+    rng = np.random.default_rng()
+    key = jax.random.key(3)
+    z_T = rng.standard_normal(SHAPE).astype(np.float32)
+    cond, uncond = rng.standard_normal((2, 2, 4)).astype(np.float32)
+    guided = make_sampler(_model_jax, schedule, SamplerConfig("ddim", 10, cfg_scale=5.0))(key, z_T, cond, uncond)
+
+    def combined(z, t, c):  # the guided model written out by hand
+        return _model_jax(z, t, uncond) + 5.0 * (_model_jax(z, t, c) - _model_jax(z, t, uncond))
+
+    by_hand = make_sampler(combined, schedule, SamplerConfig("ddim", 10))(key, z_T, cond)
+    np.testing.assert_allclose(guided.sample, by_hand.sample, atol=1e-5)
+
+
+def _quadratic_setup():
+    schedule = NoiseSchedule(prediction_type="epsilon")
+    rng = np.random.default_rng()
+    target = jnp.asarray(rng.standard_normal(SHAPE).astype(np.float32))
+    loss = lambda x0, t, aux: jnp.sum((x0 - aux) ** 2)  # noqa: E731
+    return schedule, rng, target, loss
+
+
+def test_gradient_guidance_moves_samples_toward_the_optimum_and_scale_zero_changes_nothing():
+    schedule, rng, target, loss = _quadratic_setup()
+    z_T = rng.standard_normal(SHAPE).astype(np.float32)
+    cond = rng.standard_normal((2, 4)).astype(np.float32)
+    key = jax.random.key(5)
+    cfg = dict(method="ddpm", num_steps=20, return_trajectory=True)
+    plain = make_sampler(_model_jax, schedule, SamplerConfig(**cfg))(key, z_T, cond)
+    zero_cfg = SamplerConfig(**cfg, guidance_scale=0.0)
+    zero = make_sampler(_model_jax, schedule, zero_cfg, loss)(key, z_T, cond, aux=target)
+    np.testing.assert_array_equal(plain.sample, zero.sample)
+    guided = make_sampler(_model_jax, schedule, SamplerConfig(**cfg, guidance_scale=0.05), loss)(
+        key, z_T, cond, aux=target)
+    dist = lambda x: float(jnp.mean((x - target) ** 2))  # noqa: E731
+    assert dist(guided.x0_trajectory[-1]) < 0.5 * dist(plain.x0_trajectory[-1])
+    windowed = make_sampler(_model_jax, schedule, SamplerConfig(**cfg, guidance_scale=0.05, guidance_start=0.3),
+                            loss)(key, z_T, cond, aux=target)
+    # Outside the window the path is the plain one; inside it moves toward the target.
+    n_outside = int(np.sum(schedule.timesteps(20) / 1000 > 0.3))
+    np.testing.assert_allclose(windowed.x0_trajectory[:n_outside], plain.x0_trajectory[:n_outside], atol=1e-5)
+    assert dist(windowed.x0_trajectory[-1]) < dist(plain.x0_trajectory[-1])
+
+
+def test_guidance_gradient_matches_finite_differences():
+    """The sampler subtracts s * d loss(x0_hat(z)) / dz, the gradient taken through the model."""
+    from diffbody_jax.diffusion.schedule import predict_x0
+
+    schedule, rng, target, loss = _quadratic_setup()
+    z = jnp.asarray(rng.standard_normal(SHAPE).astype(np.float32))
+    cond = jnp.asarray(rng.standard_normal((2, 4)).astype(np.float32))
+    t = int(schedule.timesteps(2)[0])  # 501: the first of a 2-step DDIM run
+    a = jnp.float32(schedule.alphas_cumprod()[t])
+
+    def f(z):
+        return loss(predict_x0(_model_jax(z, jnp.full((2,), t), cond), z, a, "epsilon"), t, target)
+
+    grad = jax.grad(f)(z)
+
+    def f64(z):  # the same loss in float64 numpy, for central differences without float32 cancellation
+        out = 0.9 * z + 0.1 * np.tanh(z) * np.cos(t / 300.0) + 0.05 * np.asarray(cond, np.float64)[:, None, None, :]
+        a64 = np.float64(a)
+        return np.sum(((z - np.sqrt(1 - a64) * out) / np.sqrt(a64) - np.asarray(target, np.float64)) ** 2)
+
+    z64, h = np.asarray(z, np.float64), 1e-5
+    for idx in [(0, 1, 2, 3), (1, 7, 0, 0), (1, 3, 5, 2)]:
+        e = np.zeros(SHAPE)
+        e[idx] = h
+        fd = (f64(z64 + e) - f64(z64 - e)) / (2 * h)
+        assert abs(fd - float(grad[idx])) <= 1e-4 * max(1.0, abs(fd))
+
+    key = jax.random.key(0)
+    cfg = dict(method="ddim", num_steps=2, return_trajectory=True)
+    plain = make_sampler(_model_jax, schedule, SamplerConfig(**cfg))(key, z, cond)
+    guided_cfg = SamplerConfig(**cfg, guidance_scale=0.3)
+    guided = make_sampler(_model_jax, schedule, guided_cfg, loss)(key, z, cond, aux=target)
+    np.testing.assert_allclose(guided.trajectory[0], plain.trajectory[0] - 0.3 * grad, atol=1e-4, rtol=1e-5)
+
+
+def test_same_key_same_samples_different_keys_differ():
+    schedule = NoiseSchedule()
+    sampler = make_sampler(_model_jax, schedule, SamplerConfig("ddpm", 10))
+    rng = np.random.default_rng()
+    z_T = rng.standard_normal(SHAPE).astype(np.float32)
+    cond = rng.standard_normal((2, 4)).astype(np.float32)
+    a, b = sampler(jax.random.key(1), z_T, cond), sampler(jax.random.key(1), z_T, cond)
+    np.testing.assert_array_equal(a.sample, b.sample)
+    c = sampler(jax.random.key(2), z_T, cond)
+    assert np.abs(np.asarray(a.sample) - np.asarray(c.sample)).mean() > 1e-3
+
+
+def test_strength_starts_from_a_noised_latent():
+    schedule = NoiseSchedule()
+    rng = np.random.default_rng()
+    x0 = rng.standard_normal(SHAPE).astype(np.float32)
+    cond = rng.standard_normal((2, 4)).astype(np.float32)
+    out = make_sampler(_model_jax, schedule, SamplerConfig("ddim", 50, strength=0.3, return_trajectory=True))(
+        jax.random.key(0), None, cond, x0_init=x0)
+    assert out.x0_trajectory.shape[0] == 15  # int(50 * 0.3) steps from t = timesteps[35]
+    with pytest.raises(ValueError, match="strength < 1 needs x0_init"):
+        make_sampler(_model_jax, schedule, SamplerConfig("ddim", 50, strength=0.3))(jax.random.key(0), None, cond)
