@@ -1,5 +1,7 @@
-"""Samplers as one `jax.lax.scan` over steps inside one jitted function: DDPM and DDIM, with classifier-free
-guidance and DiffBody's gradient guidance (seed 000, Algorithm 1).
+"""Samplers as one `jax.lax.scan` over steps inside one jitted function: DDPM, DDIM and DPM-Solver++(2M), with
+classifier-free guidance and DiffBody's gradient guidance (seed 000, Algorithm 1). Each matches the diffusers
+scheduler of the same name step for step (DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler with its
+defaults: dpmsolver++, order 2, midpoint, final sigma zero).
 
     sampler = make_sampler(model_fn, schedule, SamplerConfig(method="ddpm", num_steps=50, cfg_scale=4.0))
     out = sampler(key, z_T, cond, uncond)            # out.sample: z_0; out.x0_trajectory when asked
@@ -30,7 +32,7 @@ import numpy as np
 from diffbody_jax.diffusion.schedule import NoiseSchedule, predict_eps, predict_x0, q_sample
 
 Array = jax.Array
-METHODS = ("ddpm", "ddim")
+METHODS = ("ddpm", "ddim", "dpmpp_2m")
 GUIDANCE_SCHEDULES = ("constant", "linear", "sqrt_one_minus_alpha_bar")
 
 
@@ -81,14 +83,34 @@ def step_noise(key: jax.Array, step: int | Array, shape, dtype=jnp.float32) -> A
     return jax.random.normal(jax.random.fold_in(key, step + 1), shape, dtype)
 
 
+def dpm_timesteps(schedule: NoiseSchedule, num_steps: int) -> np.ndarray:
+    """DPMSolverMultistepScheduler's timesteps: num_steps + 1 points of the spacing with the last dropped."""
+    n = schedule.num_train_timesteps
+    if schedule.timestep_spacing == "linspace":
+        ts = np.linspace(0, n - 1, num_steps + 1).round()[::-1][:-1]
+    elif schedule.timestep_spacing == "leading":
+        ts = (np.arange(num_steps + 1) * (n // (num_steps + 1))).round()[::-1][:-1] + schedule.steps_offset
+    else:
+        ts = np.arange(n, 0, -n / num_steps).round() - 1
+    return ts.astype(np.int32)
+
+
 def _step_tables(schedule: NoiseSchedule, config: SamplerConfig) -> dict[str, np.ndarray]:
-    """Per-step constants computed on the host: timesteps, alpha bars and guidance weights."""
-    ac = schedule.alphas_cumprod().astype(np.float64)
-    ts = schedule.timesteps(config.num_steps)
-    if config.method == "ddpm":
+    """Per-step constants computed on the host: timesteps, alpha bars, DPM sigmas and guidance weights."""
+    ac32 = schedule.alphas_cumprod()
+    ac = ac32.astype(np.float64)
+    if config.method == "dpmpp_2m":
+        ts = dpm_timesteps(schedule, config.num_steps)
+        sigmas = np.sqrt((np.float32(1) - ac32) / ac32)  # float32, as diffusers computes them
+        sig = np.append(np.interp(ts, np.arange(len(sigmas)), sigmas), 0.0).astype(np.float32)
+        prev = ts  # unused by the DPM update
+        final = 1.0
+    elif config.method == "ddpm":
+        ts = schedule.timesteps(config.num_steps)
         prev = np.append(ts[1:], -1)  # DDPMScheduler.previous_timestep
         final = 1.0
     else:
+        ts = schedule.timesteps(config.num_steps)
         prev = ts - schedule.num_train_timesteps // config.num_steps
         final = 1.0 if schedule.set_alpha_to_one else ac[0]
     a_t = ac[ts]
@@ -102,11 +124,38 @@ def _step_tables(schedule: NoiseSchedule, config: SamplerConfig) -> dict[str, np
         w = (frac - config.guidance_end) / span
     else:
         w = np.sqrt(1 - a_t)
-    n_run = int(config.num_steps * config.strength) if config.strength < 1.0 else config.num_steps
-    first = config.num_steps - n_run
+    n = len(ts)
+    n_run = int(n * config.strength) if config.strength < 1.0 else n
+    first = n - n_run
     tables = dict(t=ts, a_t=a_t, a_prev=a_prev, g=np.where(active, config.guidance_scale * w, 0.0),
-                  index=np.arange(config.num_steps))
+                  index=np.arange(n))
+    if config.method == "dpmpp_2m":
+        # First order on the first step run (no previous x0) and on the last (final sigma zero), else second.
+        order = np.full(n, 2)
+        order[first] = order[-1] = 1
+        tables.update(sigma_s0=sig[:-1], sigma_t=sig[1:], sigma_s1=np.append(sig[:1], sig[:-2]), order=order)
     return {k: v[first:] for k, v in tables.items()}
+
+
+def _dpm_alpha_sigma(sigma):
+    alpha = 1 / jnp.sqrt(sigma**2 + 1)
+    return alpha, sigma * alpha
+
+
+def _dpmpp_2m_update(z, x0, prev_x0, xs):
+    """DPM-Solver++ multistep update (midpoint), first order where xs["order"] == 1."""
+    alpha_t, sigma_t = _dpm_alpha_sigma(xs["sigma_t"])
+    alpha_s0, sigma_s0 = _dpm_alpha_sigma(xs["sigma_s0"])
+    alpha_s1, sigma_s1 = _dpm_alpha_sigma(xs["sigma_s1"])
+    lambda_t = jnp.log(alpha_t) - jnp.log(sigma_t)
+    lambda_s0 = jnp.log(alpha_s0) - jnp.log(sigma_s0)
+    lambda_s1 = jnp.log(alpha_s1) - jnp.log(sigma_s1)
+    h = lambda_t - lambda_s0
+    first = (sigma_t / sigma_s0) * z - (alpha_t * (jnp.exp(-h) - 1.0)) * x0
+    r0 = (lambda_s0 - lambda_s1) / h
+    d1 = (1.0 / r0) * (x0 - prev_x0)
+    second = first - 0.5 * (alpha_t * (jnp.exp(-h) - 1.0)) * d1
+    return jnp.where(xs["order"] == 1, first, second)
 
 
 def _concat(a, b):
@@ -127,7 +176,7 @@ def make_sampler(
     """
     if config.guidance_scale and guidance_loss is None:
         raise ValueError("SamplerConfig.guidance_scale is set but no guidance_loss was given")
-    tables = {k: jnp.asarray(v, jnp.int32 if k in ("t", "index") else jnp.float32)
+    tables = {k: jnp.asarray(v, jnp.int32 if k in ("t", "index", "order") else jnp.float32)
               for k, v in _step_tables(schedule, config).items()}
     ptype = schedule.prediction_type
     guided = bool(config.guidance_scale) and bool(np.any(np.asarray(tables["g"]) != 0))
@@ -148,7 +197,7 @@ def make_sampler(
         return x0, out
 
     def step(carry, xs, key, cond, uncond, aux):
-        z = carry
+        z, prev_x0 = carry
         t, a_t, a_prev, g, i = xs["t"], xs["a_t"], xs["a_prev"], xs["g"], xs["index"]
         if guided:
             def with_grad(z):
@@ -168,7 +217,7 @@ def make_sampler(
             x0, out = estimate(z, t, a_t, cond, uncond)
             grad = None
 
-        noise = step_noise(key, i, z.shape, z.dtype)
+        std = None
         if config.method == "ddpm":
             beta_t, beta_prev = 1 - a_t, 1 - a_prev
             alpha_step = a_t / a_prev
@@ -176,17 +225,19 @@ def make_sampler(
             var = jnp.maximum(beta_prev / beta_t * (1 - alpha_step), 1e-20)
             std = jnp.where(t > 0, jnp.exp(0.5 * jnp.log(var)) if schedule.variance_type == "fixed_small_log"
                             else jnp.sqrt(var), 0.0)
-        else:
+        elif config.method == "ddim":
             eps = predict_eps(out, z, a_t, ptype) if not schedule.clip_sample else (
                 (z - jnp.sqrt(a_t) * x0) / jnp.sqrt(1 - a_t))
             var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
-            std = config.eta * jnp.sqrt(var)
-            mean = jnp.sqrt(a_prev) * x0 + jnp.sqrt(1 - a_prev - std**2) * eps
+            std = config.eta * jnp.sqrt(var) if config.eta > 0 else None
+            mean = jnp.sqrt(a_prev) * x0 + jnp.sqrt(1 - a_prev - (std**2 if std is not None else 0.0)) * eps
+        else:
+            mean = _dpmpp_2m_update(z, x0, prev_x0, xs)
         if grad is not None:
             mean = mean - g * grad
-        z_prev = mean + std * noise if (config.method == "ddpm" or config.eta > 0) else mean
+        z_prev = mean if std is None else mean + std * step_noise(key, i, z.shape, z.dtype)
         z_prev = z_prev.astype(z.dtype)
-        return z_prev, ((z_prev, x0) if config.return_trajectory else None)
+        return (z_prev, x0.astype(z.dtype)), ((z_prev, x0) if config.return_trajectory else None)
 
     @jax.jit
     def sampler(key, z_T, cond, uncond=None, aux=None, x0_init=None) -> SampleOutput:
@@ -197,7 +248,8 @@ def make_sampler(
             if x0_init is None:
                 raise ValueError("SamplerConfig.strength < 1 needs x0_init (the latents to start from)")
             z = q_sample(x0_init, step_noise(key, -1, x0_init.shape, x0_init.dtype), tables["a_t"][0])
-        z, trajectories = jax.lax.scan(lambda c, xs: step(c, xs, key, cond, uncond, aux), z, tables)
+        (z, _), trajectories = jax.lax.scan(lambda c, xs: step(c, xs, key, cond, uncond, aux),
+                                            (z, jnp.zeros_like(z)), tables)
         return SampleOutput(z, *(trajectories or (None, None)))
 
     return sampler
