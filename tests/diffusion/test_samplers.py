@@ -238,3 +238,28 @@ def test_strength_starts_from_a_noised_latent():
     assert out.x0_trajectory.shape[0] == 15  # int(50 * 0.3) steps from t = timesteps[35]
     with pytest.raises(ValueError, match="strength < 1 needs x0_init"):
         make_sampler(_model_jax, schedule, SamplerConfig("ddim", 50, strength=0.3))(jax.random.key(0), None, cond)
+
+
+def test_guidance_through_a_vae_decoder_under_jit():
+    """Algorithm 1's shape: decode x0_hat with the VAE inside the guidance loss, all in the sampler's program."""
+    from diffbody_jax.models.vae import AutoencoderKL, VAEConfig
+    from tests.torch_ref import vae_diffusers_config
+
+    vae = AutoencoderKL(VAEConfig.from_diffusers(vae_diffusers_config("tiny")))
+    vae_params = vae.init_params(jax.random.key(0))
+    rng = np.random.default_rng()
+    image = jnp.asarray(rng.uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32))
+
+    def loss(x0, t, aux):
+        decoded = vae.apply({"params": aux["vae"]}, x0, method=AutoencoderKL.decode_latents)
+        return jnp.sum((decoded - aux["image"]) ** 2)
+
+    schedule = NoiseSchedule()
+    z_T = rng.standard_normal(SHAPE).astype(np.float32)
+    cond = rng.standard_normal((2, 4)).astype(np.float32)
+    aux = {"vae": vae_params, "image": image}
+    cfg = dict(method="ddim", num_steps=8, return_trajectory=True)
+    plain = make_sampler(_model_jax, schedule, SamplerConfig(**cfg))(jax.random.key(1), z_T, cond)
+    guided = make_sampler(_model_jax, schedule, SamplerConfig(**cfg, guidance_scale=0.02), loss)(
+        jax.random.key(1), z_T, cond, aux=aux)
+    assert float(loss(guided.x0_trajectory[-1], 0, aux)) < float(loss(plain.x0_trajectory[-1], 0, aux))
