@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -30,25 +29,15 @@ from diffusers import UNet2DConditionModel as TorchUNet
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from common import flax_params, median_time  # noqa: E402
+
 from diffbody_jax.cli.config_args import load_config  # noqa: E402
 from diffbody_jax.diffusion.samplers import SamplerConfig, make_sampler  # noqa: E402
 from diffbody_jax.diffusion.schedule import NoiseSchedule  # noqa: E402
-from diffbody_jax.interop.mapping import torch_to_flax  # noqa: E402
-from diffbody_jax.interop.torch_files import torch_to_numpy  # noqa: E402
 from diffbody_jax.interop.unet import unet_table  # noqa: E402
 from diffbody_jax.models.unet import build_unet  # noqa: E402
 
 TORCH_SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmpp_2m": DPMSolverMultistepScheduler}
-
-
-def _median(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -67,8 +56,7 @@ def main() -> None:
     unet = build_unet(model_cfg)
     torch.manual_seed(0)
     ref = TorchUNet.from_config(model_cfg.diffusers.to_dict()).eval()
-    state = {k: torch_to_numpy(v) for k, v in ref.state_dict().items()}
-    params = jax.device_put(torch_to_flax(state, unet_table(unet.config), unet.param_shapes(), args.variant))
+    params = flax_params(ref, unet, unet_table(unet.config), args.variant)
     c = unet.config
     if c.addition_embed_type:
         raise SystemExit(f"{args.variant}: pick a UNet without size conditioning (the bench passes text only)")
@@ -87,8 +75,8 @@ def main() -> None:
     start = time.perf_counter()
     sampler(key, z_T, ctx, null if cfg_on else None).sample.block_until_ready()
     compile_s = time.perf_counter() - start
-    scan_s = _median(lambda: sampler(key, z_T, ctx, null if cfg_on else None).sample.block_until_ready(),
-                     args.repeats)
+    scan_s = median_time(lambda: sampler(key, z_T, ctx, null if cfg_on else None).sample.block_until_ready(),
+                         1, args.repeats)
 
     forward = jax.jit(lambda p, z, t, ctx: unet.apply({"params": p}, z, t, ctx))
     batch = 2 * b if cfg_on else b
@@ -101,7 +89,7 @@ def main() -> None:
             out = forward(params, zf, t, ctxf)
         out.block_until_ready()
 
-    forwards_s = _median(forwards, args.repeats)
+    forwards_s = median_time(forwards, 1, args.repeats)
 
     scheduler = TORCH_SCHEDULERS[args.method].from_config(dict(
         beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, timestep_spacing="leading", steps_offset=1,
@@ -122,7 +110,7 @@ def main() -> None:
                 z = scheduler.step(out, t, z).prev_sample
         return z
 
-    torch_s = _median(torch_loop, args.repeats)
+    torch_s = median_time(torch_loop, 1, args.repeats)
 
     print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
           f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}")

@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,28 +31,12 @@ from diffusers import UNet2DConditionModel as TorchUNet
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from common import flax_params, median_time  # noqa: E402
+
 from diffbody_jax.cli.config_args import load_config  # noqa: E402
-from diffbody_jax.interop.mapping import torch_to_flax  # noqa: E402
-from diffbody_jax.interop.torch_files import torch_to_numpy  # noqa: E402
 from diffbody_jax.interop.unet import controlnet_table, unet_table  # noqa: E402
 from diffbody_jax.models.controlnet import ControlNetConfig, ControlNetModel  # noqa: E402
 from diffbody_jax.models.unet import build_unet  # noqa: E402
-
-
-def _median_time(fn, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def _flax_params(ref, ours, table, source):
-    state = {k: torch_to_numpy(v) for k, v in ref.state_dict().items()}
-    return jax.device_put(torch_to_flax(state, table, ours.param_shapes(), source))
 
 
 def bench(variant: str, batch: int, size: int, warmup: int, repeats: int, controlnet: bool) -> dict:
@@ -61,13 +44,13 @@ def bench(variant: str, batch: int, size: int, warmup: int, repeats: int, contro
     ours = build_unet(model_cfg)
     torch.manual_seed(0)
     ref = TorchUNet.from_config(model_cfg.diffusers.to_dict()).eval()
-    params = {"unet": _flax_params(ref, ours, unet_table(ours.config), variant)}
+    params = {"unet": flax_params(ref, ours, unet_table(ours.config), variant)}
     n_params = sum(p.numel() for p in ref.parameters())
     if controlnet:
         ref_cn = TorchControlNet.from_unet(ref).eval()
         ours_cn = ControlNetModel(ControlNetConfig.from_unet(ours.config), dtype=ours.dtype,
                                   attention_backend=ours.attention_backend)
-        params["controlnet"] = _flax_params(ref_cn, ours_cn, controlnet_table(ours_cn.config), variant)
+        params["controlnet"] = flax_params(ref_cn, ours_cn, controlnet_table(ours_cn.config), variant)
         n_params += sum(p.numel() for p in ref_cn.parameters())
 
     c = ours.config
@@ -112,8 +95,8 @@ def bench(variant: str, batch: int, size: int, warmup: int, repeats: int, contro
     compile_s = time.perf_counter() - start
     err = float(np.abs(np.asarray(out).transpose(0, 3, 1, 2) - torch_forward().numpy()).max())
 
-    ours_s = _median_time(jax_forward, warmup, repeats)
-    torch_s = _median_time(torch_forward, warmup, repeats)
+    ours_s = median_time(jax_forward, warmup, repeats)
+    torch_s = median_time(torch_forward, warmup, repeats)
     name = variant + ("+controlnet" if controlnet else "")
     return dict(variant=name, params_m=round(n_params / 1e6, 1), batch=batch, latent=size,
                 ours_ms=round(ours_s * 1e3, 1), torch_ms=round(torch_s * 1e3, 1),

@@ -1,0 +1,29 @@
+"""What the benchmark scripts share: the timing loop and moving a PyTorch model's weights into ours."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+
+
+def median_time(fn, warmup: int, repeats: int) -> float:
+    """Median wall time of `fn()` over `repeats` calls after `warmup` calls (fn must block until done)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def flax_params(ref, ours, table, source: str):
+    """A PyTorch module's weights as our params on the default device (layout moved by `table`)."""
+    from diffbody_jax.interop.mapping import torch_to_flax
+    from diffbody_jax.interop.torch_files import torch_to_numpy
+
+    state = {k: torch_to_numpy(v) for k, v in ref.state_dict().items()}
+    return jax.device_put(torch_to_flax(state, table, ours.param_shapes(), source))
