@@ -98,3 +98,62 @@ def assert_coverage(ref_meta, ours, table, n_keys: int, n_params: int, source: s
     for path, shape in flax_shapes.items():  # export direction
         key, transform = table.torch_key(path)
         assert torch_shapes[key] == transform.torch_shape(shape), path
+
+
+class _Dummy(type):
+    """A class whose every attribute is another dummy class: enough for module-level uses of torchvision."""
+
+    def __getattr__(cls, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _Dummy(name, (), {})
+
+    def __call__(cls, *args, **kwargs):
+        return cls
+
+
+def import_with_torchvision_stub(module: str):
+    """Import `module` while `import torchvision[.x.y]` gives dummy modules, then remove every trace.
+
+    torchvision cannot be installed beside the CPU torch; spandrel imports it for architectures we never
+    build. The stub is taken away afterwards so that transformers/diffusers still see no torchvision.
+    """
+    import importlib
+    import importlib.abc
+    import importlib.machinery
+    import sys
+    import types
+
+    class Module(types.ModuleType):
+        def __getattr__(self, name):
+            if name.startswith("__"):
+                raise AttributeError(name)
+            return _Dummy(name, (), {})
+
+    class Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+        def find_spec(self, fullname, path, target=None):
+            if fullname == "torchvision" or fullname.startswith("torchvision."):
+                return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+            return None
+
+        def create_module(self, spec):
+            module = Module(spec.name)
+            module.__path__ = []
+            return module
+
+        def exec_module(self, module):
+            pass
+
+    finder = Finder()
+    sys.meta_path.insert(0, finder)
+    try:
+        return importlib.import_module(module)
+    finally:
+        sys.meta_path.remove(finder)
+        for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+            del sys.modules[name]
+
+
+def spandrel_swinir_class():
+    """The official SwinIR definition as spandrel 0.4 carries it."""
+    return import_with_torchvision_stub("spandrel.architectures.SwinIR.__arch.SwinIR").SwinIR

@@ -47,14 +47,29 @@ def torch_to_numpy(tensor) -> np.ndarray:
     return tensor.numpy()
 
 
+def numpy_to_torch(array: np.ndarray):
+    """A numpy array as a CPU torch tensor, keeping ml_dtypes' bfloat16 as torch.bfloat16."""
+    import ml_dtypes
+    import torch
+
+    array = np.ascontiguousarray(array)
+    if array.dtype == ml_dtypes.bfloat16:
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
+
+
 def _read_bin(path: Path) -> dict[str, np.ndarray]:
     try:
         import torch
     except ImportError as e:
         raise ImportError(f"{path}: reading .bin checkpoints needs torch: pip install 'diffbody_jax[torch]'") from e
     obj = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        obj = obj["state_dict"]
+    # Training checkpoints nest the weights: KAIR/BasicSR under params_ema (preferred, as their test
+    # scripts do) or params, Lightning under state_dict.
+    for container in ("params_ema", "params", "state_dict"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(container), Mapping):
+            obj = obj[container]
+            break
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path}: expected a state dict, found {type(obj).__name__}")
     return {k: torch_to_numpy(v) for k, v in obj.items() if isinstance(v, torch.Tensor)}

@@ -35,14 +35,17 @@ Precision = Any
 # logical axis names. `m` is the calling module: it carries dtype, param_dtype and precision.
 
 
-def dense(m: nn.Module, features: int, name: str, axes=("embed", "mlp"), use_bias: bool = True) -> nn.Dense:
+def dense(
+    m: nn.Module, features: int, name: str, axes=("embed", "mlp"), use_bias: bool = True, kernel_init=None
+) -> nn.Dense:
+    kernel_init = nn.initializers.lecun_normal() if kernel_init is None else kernel_init
     return nn.Dense(
         features,
         use_bias=use_bias,
         dtype=m.dtype,
         param_dtype=m.param_dtype,
         precision=m.precision,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
+        kernel_init=nn.with_logical_partitioning(kernel_init, axes),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[-1:]),
         name=name,
     )

@@ -1,0 +1,180 @@
+"""SwinIR: parity with the official definition (spandrel's copy), every head, any size, checkpoints."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffbody_jax.cli.config_args import load_config
+from diffbody_jax.interop.swinir import load_swinir, save_swinir, swinir_from_state_dict, swinir_state_dict
+from diffbody_jax.models.swinir import (
+    SwinIR,
+    SwinIRConfig,
+    pixel_shuffle,
+    pixel_unshuffle,
+    swinir_l2_loss,
+    swinir_restore,
+)
+from tests.torch_ref import REPO, nchw_to_nhwc, nhwc_to_nchw, randomize_, spandrel_swinir_class, state_dict_numpy
+
+torch = pytest.importorskip("torch")
+try:
+    spandrel_swinir_class()
+except ImportError as e:
+    pytest.skip(f"spandrel is needed for the reference: {e}", allow_module_level=True)
+
+TOL = 1e-4
+TINY = dict(img_size=16, embed_dim=24, depths=(2, 2), num_heads=(2, 3), window_size=4, mlp_ratio=2.0)
+
+CASES = {
+    "denoise": dict(TINY, upsampler="", upscale=1),
+    "pixelshuffle-x2": dict(TINY, upsampler="pixelshuffle", upscale=2),
+    "pixelshuffle-x3-3conv": dict(TINY, upsampler="pixelshuffle", upscale=3, resi_connection="3conv"),
+    "pixelshuffledirect-x3": dict(TINY, upsampler="pixelshuffledirect", upscale=3, img_range=255.0),
+    "nearest+conv-x4-ape": dict(TINY, upsampler="nearest+conv", upscale=4, ape=True),
+    "nearest+conv-x2-gray": dict(TINY, upsampler="nearest+conv", upscale=2, in_chans=1, qkv_bias=False),
+}
+
+
+def _reference(config: SwinIRConfig, seed: int):
+    fields = config.to_dict()
+    del fields["_class_name"]
+    fields["start_unshuffle"] = fields.pop("unshuffle_scale")
+    ref = spandrel_swinir_class()(**fields).eval()
+    randomize_(ref, seed)
+    return ref
+
+
+def _run_ref(ref, x_nhwc):
+    with torch.no_grad():
+        return nchw_to_nhwc(ref(torch.from_numpy(nhwc_to_nchw(x_nhwc))).numpy())
+
+
+@functools.cache
+def _apply(config: SwinIRConfig):
+    return jax.jit(lambda p, x: SwinIR(config).apply({"params": p}, x))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_parity_with_official(name):
+    config = SwinIRConfig(**CASES[name])
+    ref = _reference(config, seed=len(name))
+    params = swinir_from_state_dict(state_dict_numpy(ref), config, name)
+    rng = np.random.default_rng()
+    # One size on the window grid and one that needs reflect padding and a crop back.
+    for size in [(16, 16), (13, 18)] if not config.ape else [(16, 16)]:
+        x = rng.uniform(0, 1, (2, *size, config.in_chans)).astype(np.float32)
+        want = _run_ref(ref, x)
+        got = np.asarray(_apply(config)(params, x))
+        assert got.shape == (2, size[0] * config.upscale, size[1] * config.upscale, config.in_chans)
+        assert want.std() > 0.05
+        assert np.abs(got - want).max() <= TOL * max(1.0, config.img_range)
+
+
+def test_diffbir_variant_parity():
+    """Pixel-unshuffle in, nearest+conv x4 out: the output has the input's size; DiffBIR key layout."""
+    config = SwinIRConfig(**dict(TINY, upsampler="nearest+conv", upscale=4, unshuffle_scale=4))
+    ref = _reference(config, seed=3)
+    state = state_dict_numpy(ref)
+    state = {k.replace("conv_first.", "conv_first.1.", 1): v for k, v in state.items()}  # DiffBIR's names
+    state = {f"module.{k}": v for k, v in state.items()}  # as a DDP-trained DiffBIR checkpoint stores them
+    params = swinir_from_state_dict(state, config, "diffbir")
+    x = np.random.default_rng().uniform(0, 1, (1, 32, 48, 3)).astype(np.float32)
+    got = np.asarray(_apply(config)(params, x))
+    assert got.shape == x.shape
+    assert np.abs(got - _run_ref(ref, x)).max() <= TOL
+    assert "conv_first.1.weight" in swinir_state_dict(config, params)
+
+
+def test_any_size_and_small_images():
+    config = SwinIRConfig(**dict(TINY, upsampler="nearest+conv", upscale=4, unshuffle_scale=4))
+    params = SwinIR(config).init_params(jax.random.key(0))
+    for size in [(17, 50), (5, 3)]:
+        x = np.random.default_rng().uniform(0, 1, (1, *size, 3)).astype(np.float32)
+        out = jax.jit(functools.partial(swinir_restore, SwinIR(config)))(params, jnp.asarray(x[0]))
+        assert out.shape == (*size, 3)
+        assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+
+
+def test_export_loads_strictly_in_official_class(tmp_path):
+    config = SwinIRConfig(**CASES["pixelshuffle-x3-3conv"])
+    ref = _reference(config, seed=0)
+    params = swinir_from_state_dict(state_dict_numpy(ref), config)
+    fresh = _reference(config, seed=1)
+    save_swinir(tmp_path / "swinir.pth", config, params)
+    obj = torch.load(tmp_path / "swinir.pth", weights_only=True)
+    fresh.load_state_dict(obj["params"], strict=True)  # buffers included, nothing missing or extra
+    for key, value in ref.state_dict().items():
+        assert torch.equal(value, fresh.state_dict()[key]), key
+    # And back: params_ema wins over params, round trip bit-exact.
+    torch.save({"params": {}, "params_ema": obj["params"]}, tmp_path / "ema.pth")
+    again = load_swinir(tmp_path / "ema.pth", config)
+    jax.tree.map(np.testing.assert_array_equal, params, again)
+    save_swinir(tmp_path / "swinir.safetensors", config, params)
+    jax.tree.map(np.testing.assert_array_equal, params, load_swinir(tmp_path / "swinir.safetensors", config))
+
+
+def test_wrong_checkpoint_names_keys_and_shapes():
+    config = SwinIRConfig(**CASES["denoise"])
+    state = swinir_state_dict(config, SwinIR(config).init_params(jax.random.key(0)))
+    state["layers.0.residual_group.blocks.0.mlp.fc1.weight"] = np.zeros((5, 24), np.float32)
+    del state["conv_last.bias"]
+    with pytest.raises(ValueError, match=r"(?s)conv_last/bias.*mlp\.fc1\.weight \(5, 24\)"):
+        swinir_from_state_dict(state, config, "bad.pth")
+
+
+def test_pixel_shuffle_matches_torch():
+    x = np.random.default_rng().standard_normal((2, 18, 5, 4)).astype(np.float32)
+    want = torch.nn.functional.pixel_shuffle(torch.from_numpy(x), 3).numpy()
+    np.testing.assert_array_equal(nhwc_to_nchw(pixel_shuffle(nchw_to_nhwc(x), 3)), want)
+    back = pixel_unshuffle(pixel_shuffle(jnp.asarray(nchw_to_nhwc(x)), 3), 3)
+    np.testing.assert_array_equal(back, nchw_to_nhwc(x))
+
+
+def test_l2_loss_trains_and_drop_path_is_random():
+    config = SwinIRConfig(**dict(TINY, upsampler="", upscale=1, drop_path_rate=0.5))
+    module = SwinIR(config)
+    params = module.init_params(jax.random.key(0))
+    rng = np.random.default_rng()
+    clean = jnp.asarray(rng.uniform(0, 1, (2, 16, 16, 3)), jnp.float32)
+    noisy = jnp.clip(clean + 0.1 * jnp.asarray(rng.standard_normal(clean.shape), jnp.float32), 0, 1)
+    loss = swinir_l2_loss(module, params, noisy, clean)
+    assert float(loss) == pytest.approx(float(jnp.mean((module.apply({"params": params}, noisy) - clean) ** 2)))
+    a = swinir_l2_loss(module, params, noisy, clean, jax.random.key(1))
+    b = swinir_l2_loss(module, params, noisy, clean, jax.random.key(2))
+    assert float(a) != float(b)
+    grads = jax.grad(lambda p: swinir_l2_loss(module, p, noisy, clean))(params)
+    assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+    step = jax.tree.map(lambda p, g: p - 1e-3 * g, params, grads)
+    assert float(swinir_l2_loss(module, step, noisy, clean)) < float(loss)
+
+
+@pytest.mark.parametrize("variant", ["diffbir", "real-sr-x4-l"])
+def test_real_config_coverage(variant):
+    """Real sizes vs eval_shape: every official key maps and every shape fits (SwinIR is small enough to
+    build on the CPU; its constructor cannot run on the meta device)."""
+    from diffbody_jax.interop.mapping import plan_import
+    from diffbody_jax.interop.swinir import swinir_table
+
+    fields = dict(load_config(f"{REPO}/configs/swinir.py:variant={variant}").model.swinir.to_dict())
+    config = SwinIRConfig.from_dict(fields)
+    kwargs = config.to_dict()
+    del kwargs["_class_name"]
+    kwargs["start_unshuffle"] = kwargs.pop("unshuffle_scale")
+    ref = spandrel_swinir_class()(**kwargs)  # its constructor calls .item(), so not on the meta device
+    shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    if config.unshuffle_scale > 1:
+        shapes = {k.replace("conv_first.", "conv_first.1.", 1): v for k, v in shapes.items()}
+    ours = jax.tree.map(lambda s: s.shape, SwinIR(config).param_shapes())
+    from diffbody_jax.interop.mapping import flatten_params
+
+    plan = plan_import(shapes, flatten_params(ours), swinir_table(config), variant)
+    n_ref = sum(int(np.prod(p.shape)) for p in ref.parameters())
+    n_ours = sum(int(np.prod(s)) for s in jax.tree.leaves(ours, is_leaf=lambda x: isinstance(x, tuple)))
+    assert len(plan) == len(list(ref.parameters())) and n_ours == n_ref
+    # Exported buffers match the official ones in shape (so a strict load accepts them).
+    is_shape = lambda x: isinstance(x, tuple)  # noqa: E731
+    exported = swinir_state_dict(config, jax.tree.map(lambda s: np.zeros(s, np.float32), ours, is_leaf=is_shape))
+    assert {k: v.shape for k, v in exported.items()} == shapes
