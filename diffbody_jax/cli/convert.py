@@ -7,6 +7,9 @@
       --dst ckpt/joint-unet
   python -m convert init-from-unet --unet stable-diffusion-2-1-base \
       --config configs/controlnet.py:variant=diffbody-v1 --dst ckpt/controlnet-v1 --format torch
+  python -m convert swinir-to-flax --src general_swinir_v1.ckpt --config configs/swinir.py:variant=diffbir \
+      --dst ckpt/swinir
+  python -m convert swinir-to-torch --src ckpt/swinir --dst exported/swinir.pth
 
 A pipeline folder converts every component whose `_class_name` we support and lists the ones skipped.
 `init-from-unet` starts a ControlNet or a joint UNet (the config file's `model` section) from a trained UNet.
@@ -108,6 +111,28 @@ def init_from_unet(unet_src: Path, config_spec: str, dst: Path, fmt: str, seed: 
     print(f"wrote {dst}")
 
 
+def swinir_to_flax(src: Path, config_spec: str, dst: Path, param_dtype, overwrite: bool) -> None:
+    from diffbody_jax.cli.config_args import load_config
+    from diffbody_jax.interop.swinir import load_swinir
+    from diffbody_jax.models.swinir import SwinIRConfig
+
+    config = SwinIRConfig.from_dict(load_config(config_spec).model.swinir.to_dict(), config_spec)
+    params = load_swinir(src, config, param_dtype)
+    flax_checkpoint.save_components(dst, {"swinir": (config.to_dict(), params)}, layout="model", overwrite=overwrite)
+    print(f"wrote {dst} ({len(flatten_params(params))} tensors from {src})")
+
+
+def swinir_to_torch(src: Path, dst: Path, overwrite: bool) -> None:
+    from diffbody_jax.interop.swinir import save_swinir
+    from diffbody_jax.models.swinir import SwinIRConfig
+
+    config_dict, params = flax_checkpoint.load_component(src, "swinir")
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
+    save_swinir(dst, SwinIRConfig.from_dict(config_dict, str(src)), params)
+    print(f"wrote {dst}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m convert", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -129,14 +154,28 @@ def main(argv=None) -> int:
                    help="flax: our orbax checkpoint; torch: a diffusers-style folder (safetensors)")
     p.add_argument("--seed", type=int, default=0, help="seed of the parameters that are not copied")
     p.add_argument("--overwrite", action="store_true")
+    p = sub.add_parser("swinir-to-flax", help="official/DiffBIR SwinIR .pth/.ckpt -> orbax checkpoint")
+    p.add_argument("--src", required=True, type=Path)
+    p.add_argument("--config", required=True, help="configs/swinir.py:variant=...")
+    p.add_argument("--dst", required=True, type=Path)
+    p.add_argument("--param-dtype", default="float32", choices=sorted(_DTYPES))
+    p.add_argument("--overwrite", action="store_true")
+    p = sub.add_parser("swinir-to-torch", help="orbax SwinIR checkpoint -> .pth ({'params': ...}) or .safetensors")
+    p.add_argument("--src", required=True, type=Path)
+    p.add_argument("--dst", required=True, type=Path)
+    p.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     try:
         if args.command == "to-flax":
             to_flax(args.src, args.dst, _DTYPES[args.param_dtype], args.overwrite)
         elif args.command == "to-torch":
             to_torch(args.src, args.dst, args.overwrite)
-        else:
+        elif args.command == "init-from-unet":
             init_from_unet(args.unet, args.config, args.dst, args.format, args.seed, args.overwrite)
+        elif args.command == "swinir-to-flax":
+            swinir_to_flax(args.src, args.config, args.dst, _DTYPES[args.param_dtype], args.overwrite)
+        else:
+            swinir_to_torch(args.src, args.dst, args.overwrite)
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -138,6 +138,11 @@ def jpeg(image: np.ndarray, quality: int) -> np.ndarray:
     return (out.astype(np.float32) / 255.0).reshape(image.shape)
 
 
+def upsample(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bicubic resize to `size`, clipped to [0, 1] (bicubic overshoots at edges)."""
+    return np.clip(resize(image, size, "bicubic"), 0.0, 1.0)
+
+
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
     return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
@@ -195,7 +200,7 @@ class FixedMixture:
         for op in self.ops:
             out = op(out, rng)
         out = quantize(out)
-        return Degraded(out, resize(out, image.shape[:2], "bicubic"))
+        return Degraded(out, upsample(out, image.shape[:2]))
 
 
 # Table 1 of the DiffBody v2 paper names the mixtures but not the blur kernel size or the order within
@@ -359,7 +364,7 @@ class RealESRGANDegradation:
         else:
             out = resize_and_sinc(jpeg(out, quality))
         out = quantize(out)
-        return Degraded(out, resize(out, (h, w), "bicubic"))
+        return Degraded(out, upsample(out, (h, w)))
 
 
 def degradation_from_config(config) -> FixedMixture | RealESRGANDegradation:
