@@ -1,6 +1,6 @@
 """Degradations that make (degraded, clean) training pairs and the paper's evaluation inputs.
 
-  python -c "from diffbody_jax.cli.config_args import load_config; print(load_config('configs/degradation.py:kind=blur2-noise40-down4'))"
+  python -c "from diffbody_jax.cli.config_args import load_config as c; print(c('configs/degradation.py'))"
 
 kind:
   real-esrgan                  Real-ESRGAN's second-order pipeline with its published ranges (training)

@@ -65,7 +65,10 @@ def _config(**kw):
 MIX = deg.table1_mixture("blur2-noise20-down4-jpeg50")
 
 
-def _take(records, n, config=None, shard=ShardInfo(), seed=0, state=None, workers=0):
+ONE_HOST = ShardInfo()
+
+
+def _take(records, n, config=None, shard=ONE_HOST, seed=0, state=None, workers=0):
     it = iter(make_dataset(records, config or _config(), MIX, seed, shard, workers))
     if state is not None:
         it.set_state(state)
