@@ -19,7 +19,16 @@ from typing import Any
 import numpy as np
 
 from diffbody_jax.interop import torch_files
-from diffbody_jax.interop.mapping import MappingTable, Rule, conv2d, linear, nest, norm, torch_to_flax
+from diffbody_jax.interop.mapping import (
+    MappingTable,
+    Rule,
+    conv2d,
+    import_only,
+    linear,
+    nest,
+    norm,
+    torch_to_flax,
+)
 from diffbody_jax.models.swinir import SwinIR, SwinIRConfig, relative_position_index, shifted_window_mask
 
 BUFFERS = (r"\.relative_position_index$", r"\.attn_mask$")
@@ -42,6 +51,8 @@ def swinir_table(config: SwinIRConfig) -> MappingTable:
         + linear("mlp.fc2", "mlp/fc2")
     )
     rows = conv2d("conv_first.1" if config.unshuffle_scale > 1 else "conv_first", "conv_first")
+    if config.unshuffle_scale > 1:  # spandrel and other ports drop the Sequential index: read that too
+        rows += import_only(conv2d("conv_first", "conv_first"))
     rows += norm("patch_embed.norm", "patch_embed_norm") + [Rule("absolute_pos_embed", "absolute_pos_embed")]
     rows += nest("layers.*.residual_group.blocks.*", "layers_*/residual_group/blocks_*", block)
     rows += nest("layers.*", "layers_*", _residual_conv("conv", "conv", config))
