@@ -50,11 +50,17 @@ class ManifestError(ValueError):
         super().__init__(f"{path}: {len(self.problems)} problem(s)\n" + "\n".join(f"  {p}" for p in self.problems))
 
 
+EXIF_ORIENTATION = 0x0112
+_TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
 def _image_size(path: Path, decode: bool) -> tuple[int, int]:
+    """(H, W) as the image is displayed, i.e. after its EXIF orientation (phone photos often carry one)."""
     with Image.open(path) as img:
         if decode:
             img.load()  # a truncated or corrupt file fails here, not in a training worker
-        return img.height, img.width
+        h, w = img.height, img.width
+        return (w, h) if img.getexif().get(EXIF_ORIENTATION) in _TRANSPOSED else (h, w)
 
 
 def _parse_keypoints(value, fmt: str) -> np.ndarray:

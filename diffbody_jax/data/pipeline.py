@@ -37,7 +37,7 @@ from typing import Any
 
 import grain
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from diffbody_jax.data import degradations as deg
 from diffbody_jax.data.manifest import Record
@@ -143,11 +143,12 @@ class BucketedOrder(Sequence):
 # ----------------------------------------------------------------------------------------- loading
 def _load_rgb(path: str) -> np.ndarray:
     with Image.open(path) as img:
-        return np.asarray(img.convert("RGB"), np.float32) / 255.0
+        return np.asarray(ImageOps.exif_transpose(img).convert("RGB"), np.float32) / 255.0
 
 
 def _load_map(path: str, channels: int) -> np.ndarray:
-    with Image.open(path) as img:
+    with Image.open(path) as opened:
+        img = ImageOps.exif_transpose(opened)
         if channels == 1:
             arr = np.asarray(img, np.float32)
             arr = arr.mean(-1) if arr.ndim == 3 else arr  # RGB depth renders: the channel mean

@@ -69,3 +69,17 @@ def test_required_maps(tmp_path):
         read_manifest(manifest, require=("depth",))
     with pytest.raises(FileNotFoundError, match="no such manifest"):
         read_manifest(tmp_path / "none.jsonl")
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    from diffbody_jax.data.pipeline import _load_rgb
+
+    img = Image.fromarray(np.random.default_rng().integers(0, 255, (40, 60, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display", as phones write portrait shots
+    img.save(tmp_path / "phone.jpg", exif=exif)
+    manifest = tmp_path / "m.jsonl"
+    _write(manifest, [{"image": "phone.jpg", "caption": "portrait"}])
+    for decode in (True, False):
+        assert read_manifest(manifest, decode=decode)[0].size == (60, 40)
+    assert _load_rgb(str(tmp_path / "phone.jpg")).shape == (60, 40, 3)

@@ -49,8 +49,10 @@ def test_two_hosts_read_disjoint_slices_of_the_same_global_batches(tmp_path):
     address = f"127.0.0.1:{_free_port()}"
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
     procs = [
-        subprocess.Popen([sys.executable, "-c", HOST_SCRIPT, address, str(i), str(manifest), str(tmp_path / f"{i}.json")],
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", HOST_SCRIPT, address, str(i), str(manifest), str(tmp_path / f"{i}.json")],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
         for i in range(2)
     ]
     for p in procs:
