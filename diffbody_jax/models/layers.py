@@ -59,6 +59,7 @@ def conv(
     stride: int = 1,
     padding: int | None = None,
     zero_init: bool = False,
+    use_bias: bool = True,
 ) -> nn.Conv:
     """A 2-D conv over NHWC. `zero_init`: zero kernel (ControlNet outputs, widened inputs start with no effect)."""
     pad = kernel // 2 if padding is None else padding
@@ -67,6 +68,7 @@ def conv(
         features,
         kernel_size=(kernel, kernel),
         strides=(stride, stride),
+        use_bias=use_bias,
         padding=((pad, pad), (pad, pad)),
         dtype=m.dtype,
         param_dtype=m.param_dtype,

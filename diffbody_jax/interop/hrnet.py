@@ -1,0 +1,45 @@
+"""HRNet weights: timm / torchreid state dicts <-> `diffbody_jax.models.hrnet` variables.
+
+Our submodule names are the PyTorch paths with indices joined by "_", so each row follows from a Flax
+path: `stage2_0/branches_1_3/conv1/kernel` <-> `stage2.0.branches.1.3.conv1.weight`. BatchNorm running
+statistics live in the "batch_stats" collection; `num_batches_tracked` is dropped.
+"""
+
+from __future__ import annotations
+
+import re
+
+from diffbody_jax.interop.mapping import (
+    CONV_OIHW_TO_HWIO,
+    IDENTITY,
+    NORM_WEIGHT_TO_SCALE,
+    MappingTable,
+    Rule,
+    flatten_params,
+)
+
+_LEAF = {
+    ("params", "kernel"): ("weight", CONV_OIHW_TO_HWIO),
+    ("params", "scale"): ("weight", NORM_WEIGHT_TO_SCALE),
+    ("params", "bias"): ("bias", IDENTITY),
+    ("batch_stats", "mean"): ("running_mean", IDENTITY),
+    ("batch_stats", "var"): ("running_var", IDENTITY),
+}
+
+
+def torch_key(flax_path: str) -> tuple[str, object]:
+    """'params/stage2_0/branches_1_3/conv1/kernel' -> ('stage2.0.branches.1.3.conv1.weight', transform)."""
+    collection, *module, leaf = flax_path.split("/")
+    name, transform = _LEAF[(collection, leaf)]
+    dotted = re.sub(r"_(\d)", r".\1", ".".join(module))
+    return f"{dotted}.{name}", transform
+
+
+def hrnet_table(variables: dict, prefix: str = "") -> MappingTable:
+    """Rows for every leaf of `variables` ({"params", "batch_stats"} or their eval_shape); `prefix` is
+    prepended to the PyTorch keys (e.g. a re-id model's "backbone.")."""
+    rows = []
+    for path in flatten_params(variables):
+        key, transform = torch_key(path)
+        rows.append(Rule(prefix + key, path, transform))
+    return MappingTable(rows, skip=[r"\.num_batches_tracked$"])

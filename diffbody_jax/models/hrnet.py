@@ -1,0 +1,211 @@
+"""HRNet (Wang et al. 2019), the backbone of the BPBreID body-part network. NHWC, inference-mode BatchNorm.
+
+    net = HRNet(HRNetConfig.w32())
+    feats = net.apply({"params": p, "batch_stats": s}, image)  # [stem, branch_0 .. branch_3]
+
+A stride-4 stem (two 3x3 stride-2 convs), a stage of Bottlenecks, then stages of parallel branches at
+1/4, 1/8, 1/16, 1/32 resolution whose modules exchange information after every block group (each
+output branch sums all inputs: 1x1 conv + nearest upsampling from lower resolutions, strided 3x3 convs
+from higher ones). BatchNorm uses stored statistics (collection "batch_stats"): the network is a frozen
+feature extractor in DiffBody, and gradients flow through it to the image.
+
+Submodule names are timm's attribute paths with list indices joined by "_" and Sequential indices as
+child names (`stage3_1/branches_2_0/conv1`, `transition2_2/0/0`), so `interop/hrnet.py` derives the
+mapping from the names alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from diffbody_jax.models.layers import Array, Dtype, Precision, conv
+
+BN_EPS = 1e-5
+STEM_OUT = 64  # the second stem conv has 64 channels in every HRNet, whatever stem_width is
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+    num_modules: int
+    num_blocks: tuple[int, ...]
+    num_channels: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class HRNetConfig:
+    """stem_width, the Bottleneck stage (layer1), then the multi-branch stages 2-4."""
+
+    stem_width: int = 64
+    layer1_blocks: int = 4
+    layer1_channels: int = 64
+    stages: tuple[StageConfig, ...] = (
+        StageConfig(1, (4, 4), (32, 64)),
+        StageConfig(4, (4, 4, 4), (32, 64, 128)),
+        StageConfig(3, (4, 4, 4, 4), (32, 64, 128, 256)),
+    )
+
+    @classmethod
+    def w32(cls) -> HRNetConfig:
+        return cls()
+
+    @classmethod
+    def tiny(cls) -> HRNetConfig:
+        return cls(16, 1, 8, (StageConfig(1, (1, 1), (8, 16)), StageConfig(2, (1, 1, 2), (8, 16, 24)),
+                              StageConfig(1, (1, 1, 1, 1), (8, 16, 24, 32))))
+
+    @property
+    def out_channels(self) -> tuple[int, ...]:
+        return self.stages[-1].num_channels
+
+
+class HRModule(nn.Module):
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    precision: Precision = None
+
+
+def batch_norm(m: HRModule, name: str) -> nn.BatchNorm:
+    return nn.BatchNorm(use_running_average=True, epsilon=BN_EPS, dtype=m.dtype, param_dtype=m.param_dtype,
+                        name=name)
+
+
+def _conv(m: HRModule, features: int, kernel: int, stride: int, name: str) -> nn.Conv:
+    return conv(m, features, kernel, name, stride=stride, use_bias=False)
+
+
+class ConvBN(HRModule):
+    """torch Sequential(Conv2d(bias=False), BatchNorm2d[, ReLU]): children "0" and "1"."""
+
+    features: int = 0
+    kernel: int = 3
+    stride: int = 1
+    relu: bool = True
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        x = batch_norm(self, "1")(_conv(self, self.features, self.kernel, self.stride, "0")(x))
+        return nn.relu(x) if self.relu else x
+
+
+class Block(HRModule):
+    """timm's BasicBlock (two 3x3) or Bottleneck (1x1, 3x3, 1x1 x4), with a conv shortcut when shapes change."""
+
+    planes: int = 0
+    bottleneck: bool = False
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        out_ch = self.planes * (4 if self.bottleneck else 1)
+        kernels = (1, 3, 1) if self.bottleneck else (3, 3)
+        widths = (self.planes, self.planes, out_ch) if self.bottleneck else (self.planes, self.planes)
+        y = x
+        for i, (k, w) in enumerate(zip(kernels, widths, strict=True)):
+            y = batch_norm(self, f"bn{i + 1}")(_conv(self, w, k, 1, f"conv{i + 1}")(y))
+            if i < len(kernels) - 1:
+                y = nn.relu(y)
+        shortcut = x
+        if x.shape[-1] != out_ch:
+            shortcut = ConvBN(self.dtype, self.param_dtype, self.precision, out_ch, 1, 1, False, name="downsample")(x)
+        return nn.relu(y + shortcut)
+
+
+class MultiResolutionModule(HRModule):
+    """Branches of BasicBlocks, then the exchange: out_i = relu(sum_j f_ij(x_j))."""
+
+    num_blocks: tuple[int, ...] = ()
+    channels: tuple[int, ...] = ()
+
+    @nn.compact
+    def __call__(self, xs: list[Array]) -> list[Array]:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+        xs = list(xs)
+        for b, (n, ch) in enumerate(zip(self.num_blocks, self.channels, strict=True)):
+            for k in range(n):
+                xs[b] = Block(**kw, planes=ch, name=f"branches_{b}_{k}")(xs[b])
+        if len(xs) == 1:
+            return xs
+        out = []
+        for i, ch_i in enumerate(self.channels):
+            total = None
+            for j, x in enumerate(xs):
+                if j > i:
+                    y = ConvBN(**kw, features=ch_i, kernel=1, relu=False, name=f"fuse_layers_{i}_{j}")(x)
+                    y = jnp.repeat(jnp.repeat(y, 2 ** (j - i), axis=1), 2 ** (j - i), axis=2)
+                elif j == i:
+                    y = x
+                else:
+                    name = f"fuse_layers_{i}_{j}"
+                    y = FuseDown(**kw, steps=i - j, in_ch=self.channels[j], out_ch=ch_i, name=name)(x)
+                total = y if total is None else total + y
+            out.append(nn.relu(total))
+        return out
+
+
+class FuseDown(HRModule):
+    """(steps) strided 3x3 ConvBNs: the last maps to out_ch without ReLU. Children "0", "1", ..."""
+
+    steps: int = 1
+    in_ch: int = 0
+    out_ch: int = 0
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+        for k in range(self.steps):
+            last = k == self.steps - 1
+            x = ConvBN(**kw, features=self.out_ch if last else self.in_ch, stride=2, relu=not last, name=str(k))(x)
+        return x
+
+
+class NewBranch(HRModule):
+    """A new branch of the next stage: strided 3x3 ConvBNs from the lowest-resolution branch, the last one
+    to `features` channels. Children "0", "1", ..."""
+
+    steps: int = 1
+    features: int = 0
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+        for k in range(self.steps):
+            width = self.features if k == self.steps - 1 else x.shape[-1]
+            x = ConvBN(**kw, features=width, stride=2, name=str(k))(x)
+        return x
+
+
+class HRNet(HRModule):
+    """[B, H, W, 3] normalised image -> [stem (H/2, stem_width), branch_b (H/2^(b+2), channels_b) ...]."""
+
+    config: HRNetConfig = HRNetConfig()
+
+    @nn.compact
+    def __call__(self, image: Array) -> list[Array]:
+        cfg = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+        stem = nn.relu(batch_norm(self, "bn1")(_conv(self, cfg.stem_width, 3, 2, "conv1")(image)))
+        x = nn.relu(batch_norm(self, "bn2")(_conv(self, STEM_OUT, 3, 2, "conv2")(stem)))
+        for k in range(cfg.layer1_blocks):
+            x = Block(**kw, planes=cfg.layer1_channels, bottleneck=True, name=f"layer1_{k}")(x)
+        xs, prev = [x], (cfg.layer1_channels * 4,)
+        for s, stage in enumerate(cfg.stages):
+            new = []
+            for i, ch in enumerate(stage.num_channels):
+                name = f"transition{s + 1}_{i}"
+                if i < len(prev):
+                    new.append(xs[i] if prev[i] == ch else ConvBN(**kw, features=ch, name=name)(xs[i]))
+                else:
+                    new.append(NewBranch(**kw, steps=i + 1 - len(prev), features=ch, name=name)(xs[-1]))
+            xs = new
+            for k in range(stage.num_modules):
+                xs = MultiResolutionModule(**kw, num_blocks=stage.num_blocks, channels=stage.num_channels,
+                                           name=f"stage{s + 2}_{k}")(xs)
+            prev = stage.num_channels
+        return [stem, *xs]
+
+    def init_variables(self, rng: jax.Array, size: int = 64) -> dict:
+        """{"params", "batch_stats"} as plain pytrees."""
+        return nn.unbox(self.init(rng, jnp.zeros((1, size, size, 3), self.dtype)))
