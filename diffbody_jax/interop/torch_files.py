@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
+import types
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -58,12 +60,46 @@ def numpy_to_torch(array: np.ndarray):
     return torch.from_numpy(array)
 
 
+class _Inert(dict):
+    """Stands in for a pickled object whose class we do not import (torchreid stores its yacs config in
+    every checkpoint): it keeps its arguments and state as data and runs no code from the file."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+        self.__dict__["args"] = args
+
+    def __setstate__(self, state):
+        self.__dict__["state"] = state
+
+
+def _load_with_inert_objects(path: Path):
+    """torch.load for a training checkpoint holding objects `weights_only` refuses. Globals outside torch's
+    own weights-only allow-list become `_Inert` placeholders, so unpickling executes nothing new; the
+    tensors come back as usual."""
+    import torch
+    from torch import _weights_only_unpickler
+
+    allowed = _weights_only_unpickler._get_allowed_globals()
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            obj = allowed.get(f"{module}.{name}")
+            return obj if obj is not None else type(name, (_Inert,), {"__module__": module})
+
+    restricted = types.SimpleNamespace(__name__="inert_pickle", Unpickler=Unpickler,
+                                       load=lambda f, **kw: Unpickler(f, **kw).load())
+    return torch.load(path, map_location="cpu", weights_only=False, pickle_module=restricted)
+
+
 def _read_bin(path: Path) -> dict[str, np.ndarray]:
     try:
         import torch
     except ImportError as e:
         raise ImportError(f"{path}: reading .bin checkpoints needs torch: pip install 'diffbody_jax[torch]'") from e
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        obj = _load_with_inert_objects(path)
     # Training checkpoints nest the weights: KAIR/BasicSR under params_ema (preferred, as their test
     # scripts do) or params, Lightning under state_dict.
     for container in ("params_ema", "params", "state_dict"):
@@ -98,7 +134,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
             return safetensors.numpy.load_file(str(path))
         except Exception as e:
             raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
-    if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
+    if path.suffix in (".bin", ".pt", ".pth", ".ckpt", ".tar"):  # .pth.tar: torchreid's checkpoints
         return _read_bin(path)
     raise ValueError(f"{path}: unknown weight format {path.suffix!r} (expected .safetensors, .bin, .pt, .pth)")
 

@@ -26,6 +26,7 @@ from diffbody_jax.models.layers import Array, Dtype, Precision, conv
 
 BN_EPS = 1e-5
 STEM_OUT = 64  # the second stem conv has 64 channels in every HRNet, whatever stem_width is
+W32_INCRE = (32, 64, 128, 256)  # fixed in timm and in HRNet-Image-Classification, whatever the width
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +38,12 @@ class StageConfig:
 
 @dataclasses.dataclass(frozen=True)
 class HRNetConfig:
-    """stem_width, the Bottleneck stage (layer1), then the multi-branch stages 2-4."""
+    """stem_width, the Bottleneck stage (layer1), then the multi-branch stages 2-4.
+
+    incre_planes: the classification design's "incre" head, one Bottleneck per branch widening it to 4x
+    planes (W32: 32, 64, 128, 256 -> 128, 256, 512, 1024 channels; empty: no incre modules). BPBreID
+    uses it; the plain feature network does not.
+    """
 
     stem_width: int = 64
     layer1_blocks: int = 4
@@ -47,18 +53,26 @@ class HRNetConfig:
         StageConfig(4, (4, 4, 4), (32, 64, 128)),
         StageConfig(3, (4, 4, 4, 4), (32, 64, 128, 256)),
     )
+    incre_planes: tuple[int, ...] = ()
 
     @classmethod
-    def w32(cls) -> HRNetConfig:
-        return cls()
+    def w32(cls, incre: bool = False) -> HRNetConfig:
+        return cls(incre_planes=W32_INCRE if incre else ())
 
     @classmethod
-    def tiny(cls) -> HRNetConfig:
+    def tiny(cls, incre_planes: tuple[int, ...] = ()) -> HRNetConfig:
         return cls(16, 1, 8, (StageConfig(1, (1, 1), (8, 16)), StageConfig(2, (1, 1, 2), (8, 16, 24)),
-                              StageConfig(1, (1, 1, 1, 1), (8, 16, 24, 32))))
+                              StageConfig(1, (1, 1, 1, 1), (8, 16, 24, 32))), incre_planes)
+
+    def __post_init__(self):
+        if self.incre_planes and len(self.incre_planes) != len(self.stages[-1].num_channels):
+            raise ValueError(f"HRNetConfig: incre_planes {self.incre_planes} needs one entry per final branch "
+                             f"({len(self.stages[-1].num_channels)})")
 
     @property
     def out_channels(self) -> tuple[int, ...]:
+        if self.incre_planes:
+            return tuple(4 * p for p in self.incre_planes)
         return self.stages[-1].num_channels
 
 
@@ -78,16 +92,18 @@ def _conv(m: HRModule, features: int, kernel: int, stride: int, name: str) -> nn
 
 
 class ConvBN(HRModule):
-    """torch Sequential(Conv2d(bias=False), BatchNorm2d[, ReLU]): children "0" and "1"."""
+    """torch Sequential(Conv2d(bias=False unless use_bias), BatchNorm2d[, ReLU]): children "0" and "1"."""
 
     features: int = 0
     kernel: int = 3
     stride: int = 1
     relu: bool = True
+    use_bias: bool = False
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        x = batch_norm(self, "1")(_conv(self, self.features, self.kernel, self.stride, "0")(x))
+        y = conv(self, self.features, self.kernel, "0", stride=self.stride, use_bias=self.use_bias)(x)
+        x = batch_norm(self, "1")(y)
         return nn.relu(x) if self.relu else x
 
 
@@ -178,7 +194,10 @@ class NewBranch(HRModule):
 
 
 class HRNet(HRModule):
-    """[B, H, W, 3] normalised image -> [stem (H/2, stem_width), branch_b (H/2^(b+2), channels_b) ...]."""
+    """[B, H, W, 3] normalised image -> [stem (H/2, stem_width), branch_b (H/2^(b+2), out_channels_b) ...].
+
+    With `incre_planes` each branch output has passed its incre Bottleneck (timm's feature_location="incre").
+    """
 
     config: HRNetConfig = HRNetConfig()
 
@@ -204,6 +223,9 @@ class HRNet(HRModule):
                 xs = MultiResolutionModule(**kw, num_blocks=stage.num_blocks, channels=stage.num_channels,
                                            name=f"stage{s + 2}_{k}")(xs)
             prev = stage.num_channels
+        if cfg.incre_planes:
+            xs = [Block(**kw, planes=p, bottleneck=True, name=f"incre_modules_{i}_0")(x)
+                  for i, (p, x) in enumerate(zip(cfg.incre_planes, xs, strict=True))]
         return [stem, *xs]
 
     def init_variables(self, rng: jax.Array, size: int = 64) -> dict:

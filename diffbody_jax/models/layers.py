@@ -247,6 +247,23 @@ def nearest_resize(x: Array, size: tuple[int, int]) -> Array:
     return x
 
 
+def bilinear_resize_align_corners(x: Array, size: tuple[int, int]) -> Array:
+    """Bilinear resize of [B, H, W, C] with corner pixels aligned: `F.interpolate(mode="bilinear",
+    align_corners=True)`, which HRNet heads use; `jax.image.resize` has only half-pixel centres."""
+    for axis, out in zip((1, 2), size, strict=True):
+        n = x.shape[axis]
+        if out == n:
+            continue
+        src = np.arange(out, dtype=np.float64) * ((n - 1) / (out - 1) if out > 1 else 0.0)
+        lo = np.floor(src).astype(np.int64)
+        hi = np.minimum(lo + 1, n - 1)
+        shape = [1] * x.ndim
+        shape[axis] = out
+        w = jnp.asarray((src - lo).reshape(shape), x.dtype)
+        x = jnp.take(x, jnp.asarray(lo), axis=axis) * (1 - w) + jnp.take(x, jnp.asarray(hi), axis=axis) * w
+    return x
+
+
 class Upsample2D(nn.Module):
     """Nearest x2 (or to `output_size`) then a 3x3 conv. x: [B, H, W, C] -> [B, H', W', out_channels]."""
 
