@@ -10,6 +10,9 @@
   python -m convert swinir-to-flax --src general_swinir_v1.ckpt --config configs/swinir.py:variant=diffbir \
       --dst ckpt/swinir
   python -m convert swinir-to-torch --src ckpt/swinir --dst exported/swinir.pth
+  python -m convert bodypart-to-flax --src bpbreid_market1501_hrnet32_10642.pth --dst ckpt/bodypart
+  python -m convert bodypart-to-flax --imagenet hrnetv2_w32_imagenet_pretrained.pth --dst ckpt/bodypart-init
+  python -m convert bodypart-to-torch --src ckpt/bodypart --dst exported/bpbreid.pth.tar
 
 A pipeline folder converts every component whose `_class_name` we support and lists the ones skipped.
 `init-from-unet` starts a ControlNet or a joint UNet (the config file's `model` section) from a trained UNet.
@@ -133,6 +136,44 @@ def swinir_to_torch(src: Path, dst: Path, overwrite: bool) -> None:
     print(f"wrote {dst}")
 
 
+def bodypart_to_flax(src: Path | None, imagenet: Path | None, config_spec: str, dst: Path, overwrite: bool) -> None:
+    import jax
+
+    from diffbody_jax.cli.config_args import load_config
+    from diffbody_jax.interop.bodypart import backbone_from_imagenet, infer_config, load_bodypart
+    from diffbody_jax.interop.torch_files import read_state_dict
+    from diffbody_jax.models.bodypart import BodyPartConfig, BodyPartNet
+
+    if src is None and imagenet is None:
+        raise ValueError("bodypart-to-flax needs --src (a BPBreID checkpoint) or --imagenet (HRNet weights)")
+    model = load_config(config_spec).model
+    base = BodyPartConfig.from_variant(model.variant, **model.overrides.to_dict())
+    if src is not None:
+        config, variables = load_bodypart(src, infer_config(read_state_dict(src), base))
+        print(f"  {src}: {config.num_parts} parts, {config.dim_reduce} to {config.embed_dim}, "
+              f"{config.num_identities} identities")
+    else:
+        config = base
+        variables = BodyPartNet(config=config).init_variables(jax.random.key(0))
+        print("  part head: fresh (random) weights")
+    if imagenet is not None:
+        variables = backbone_from_imagenet(read_state_dict(imagenet), variables, str(imagenet))
+        print(f"  backbone: {imagenet}")
+    flax_checkpoint.save_components(dst, {"bodypart": (config.to_dict(), variables)}, layout="model",
+                                    overwrite=overwrite)
+    print(f"wrote {dst} ({len(flatten_params(variables))} tensors)")
+
+
+def bodypart_to_torch(src: Path, dst: Path, overwrite: bool) -> None:
+    from diffbody_jax.interop.bodypart import save_bodypart
+
+    _, variables = flax_checkpoint.load_component(src, "bodypart")
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
+    save_bodypart(dst, variables)
+    print(f"wrote {dst}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m convert", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -164,6 +205,16 @@ def main(argv=None) -> int:
     p.add_argument("--src", required=True, type=Path)
     p.add_argument("--dst", required=True, type=Path)
     p.add_argument("--overwrite", action="store_true")
+    p = sub.add_parser("bodypart-to-flax", help="BPBreID checkpoint and/or HRNet ImageNet weights -> orbax")
+    p.add_argument("--src", type=Path, help="torchreid BPBreID .pth / .pth.tar (state_dict or bare, module. ok)")
+    p.add_argument("--imagenet", type=Path, help="HRNet-W32 ImageNet weights (timm or HRNet-Image-Classification)")
+    p.add_argument("--config", default="configs/bodypart.py:variant=bpbreid")
+    p.add_argument("--dst", required=True, type=Path)
+    p.add_argument("--overwrite", action="store_true")
+    p = sub.add_parser("bodypart-to-torch", help="orbax body-part checkpoint -> torchreid .pth.tar or .safetensors")
+    p.add_argument("--src", required=True, type=Path)
+    p.add_argument("--dst", required=True, type=Path)
+    p.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     try:
         if args.command == "to-flax":
@@ -172,6 +223,10 @@ def main(argv=None) -> int:
             to_torch(args.src, args.dst, args.overwrite)
         elif args.command == "init-from-unet":
             init_from_unet(args.unet, args.config, args.dst, args.format, args.seed, args.overwrite)
+        elif args.command == "bodypart-to-flax":
+            bodypart_to_flax(args.src, args.imagenet, args.config, args.dst, args.overwrite)
+        elif args.command == "bodypart-to-torch":
+            bodypart_to_torch(args.src, args.dst, args.overwrite)
         elif args.command == "swinir-to-flax":
             swinir_to_flax(args.src, args.config, args.dst, _DTYPES[args.param_dtype], args.overwrite)
         else:

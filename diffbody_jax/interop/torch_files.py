@@ -55,6 +55,8 @@ def numpy_to_torch(array: np.ndarray):
     import torch
 
     array = np.ascontiguousarray(array)
+    if not array.flags.writeable:  # views of jax arrays are read-only; torch wants to own writable memory
+        array = array.copy()
     if array.dtype == ml_dtypes.bfloat16:
         return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(array)

@@ -27,11 +27,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffbody_jax.models.hrnet import ConvBN, HRModule, HRNet, HRNetConfig, batch_norm
+from diffbody_jax.models.hrnet import ConvBN, HRModule, HRNet, HRNetConfig, StageConfig, batch_norm
 from diffbody_jax.models.layers import Array, bilinear_resize_align_corners, conv
 
-# BPBreID's "five_v" grouping of the PifPaf part fields, in its channel order (1..K; 0 is background).
-FIVE_PARTS = ("head", "upper_torso_arms", "lower_torso_arms", "legs", "feet")
+# The paper's five parts (seed 000, Sec. 3.4), as labels of channels 1..K (0 is background); what each
+# channel means is fixed by the masks the checkpoint was trained on (BPBreID's "five_v" grouping).
+FIVE_PARTS = ("head", "upper_body", "arms_hands", "legs", "feet")
 DIM_REDUCE = ("after_pooling", "before_pooling", "none")
 POOLING = ("gwap", "gap", "gmp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -85,6 +86,33 @@ class BodyPartConfig:
         """A small backbone and 32-d embeddings for tests and demos."""
         fields = dict(hrnet=HRNetConfig.tiny(incre_planes=(8, 16, 16, 16)), embed_dim=32, input_size=(64, 32))
         return cls(**{**fields, **overrides})
+
+    @classmethod
+    def from_variant(cls, variant: str, **overrides) -> BodyPartConfig:
+        """"bpbreid" or "tiny" (configs/bodypart.py), with field overrides (lists become tuples)."""
+        makers = {"bpbreid": cls.bpbreid, "tiny": cls.tiny}
+        if variant not in makers:
+            raise ValueError(f"unknown body-part network variant {variant!r}; known: {sorted(makers)}")
+        fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+        return makers[variant](**fixed)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> BodyPartConfig:
+        """Inverse of `to_dict` (JSON lists accepted); unknown keys are refused by name."""
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"{source}: unknown body-part network fields {unknown}")
+        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        if "hrnet" in d:
+            h = dict(d["hrnet"])
+            h["stages"] = tuple(StageConfig(s["num_modules"], tuple(s["num_blocks"]), tuple(s["num_channels"]))
+                                for s in h["stages"])
+            h["incre_planes"] = tuple(h.get("incre_planes", ()))
+            d["hrnet"] = HRNetConfig(**h)
+        return cls(**d)
 
     @property
     def num_parts(self) -> int:
@@ -214,10 +242,11 @@ class BodyPartNet(HRModule):
             cls_head(feats)
 
         part_logits = PixelToPartClassifier(**kw, num_outputs=cfg.num_parts + 1, name="pixel_classifier")(feats)
-        probs = jax.nn.softmax(part_logits.astype(jnp.float32), axis=-1)
+        acc = jnp.promote_types(self.dtype, jnp.float32)  # head statistics in at least float32
+        probs = jax.nn.softmax(part_logits.astype(acc), axis=-1)
         background, parts = probs[..., 0], probs[..., 1:]
         # BPBreID pools its foreground embedding under the strongest part; the attention map is 1 - background.
-        feats = feats.astype(jnp.float32)
+        feats = feats.astype(acc)
         pooled = {
             "global": jnp.mean(feats, axis=(1, 2)),
             "foreground": pool_parts(feats, jnp.max(parts, axis=-1, keepdims=True), "gap")[:, 0],
@@ -227,7 +256,7 @@ class BodyPartNet(HRModule):
         if cfg.dim_reduce == "after_pooling":
             pooled = {k: DimReduce(**kw, features=cfg.embed_dim, name=f"{k}_after_pooling_dim_reduce")(v)
                       for k, v in pooled.items()}
-        pooled = {k: v.astype(jnp.float32) for k, v in pooled.items()}
+        pooled = {k: v.astype(acc) for k, v in pooled.items()}
         b, k, d = pooled["parts"].shape
         pooled["concat_parts"] = pooled["parts"].reshape(b, k * d)
 
@@ -250,7 +279,7 @@ class BodyPartNet(HRModule):
             part_features=pooled["parts"],
             part_embeddings=l2_normalize(pooled["parts"]),
             global_embedding=l2_normalize(pooled["global"]),
-            foreground_embedding=l2_normalize(heads["foreground"][0].astype(jnp.float32)),
+            foreground_embedding=l2_normalize(heads["foreground"][0].astype(acc)),
         )
         if not logits:
             return out

@@ -103,14 +103,18 @@ class _VAEBase(nn.Module):
     param_dtype: Dtype = jnp.float32
     precision: Precision = None
     attention_backend: str = "einsum"
+    # Rematerialise every ResNet and attention block in the backward pass: gradients through a 512 x 512
+    # decode (part-loss guidance, perceptual losses) then keep only block boundaries alive.
+    remat: bool = False
 
     def submodule_kwargs(self) -> dict[str, Any]:
         return dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
-                    attention_backend=self.attention_backend)
+                    attention_backend=self.attention_backend, remat=self.remat)
 
     def resnet(self, channels: int, name: str) -> ResnetBlock2D:
         g = self.config.norm_num_groups
-        return ResnetBlock2D(channels, g, VAE_EPS, 1.0, self.dtype, self.param_dtype, self.precision, name=name)
+        cls = nn.remat(ResnetBlock2D) if self.remat else ResnetBlock2D
+        return cls(channels, g, VAE_EPS, 1.0, self.dtype, self.param_dtype, self.precision, name=name)
 
 
 class SpatialSelfAttention(_VAEBase):
@@ -135,7 +139,8 @@ class VAEMidBlock(_VAEBase):
         c = x.shape[-1]
         x = self.resnet(c, "resnets_0")(x)
         if self.config.mid_block_add_attention:
-            x = SpatialSelfAttention(name="attentions_0", **self.submodule_kwargs())(x)
+            attention = nn.remat(SpatialSelfAttention) if self.remat else SpatialSelfAttention
+            x = attention(name="attentions_0", **self.submodule_kwargs())(x)
         return self.resnet(c, "resnets_1")(x)
 
 
