@@ -82,7 +82,8 @@ def test_config_refuses_unknown_choices():
         PartLossConfig(visibility="soft")
 
 
-@pytest.mark.parametrize("distance", ["ce", "cosine", "l2"])
+@pytest.mark.parametrize("distance", ["ce", pytest.param("cosine", marks=pytest.mark.slow),
+                                      pytest.param("l2", marks=pytest.mark.slow)])
 def test_gradient_through_the_vae_decode_matches_finite_differences(distance):
     """d/dz of the guidance loss (VAE decode with remat, resize, body-part net, Eq. 6) against central
     differences, in float64 so that a step of 1e-5 is exact enough and crosses no ReLU kink."""

@@ -122,8 +122,11 @@ def _shapes(config: BodyPartConfig):
     return BodyPartNet(config=config).variable_shapes()
 
 
-@pytest.mark.parametrize("dim_reduce,pooling", [("after_pooling", "gwap"), ("before_pooling", "gap"),
-                                                ("none", "gwap")])
+@pytest.mark.parametrize("dim_reduce,pooling", [
+    ("after_pooling", "gwap"),
+    pytest.param("before_pooling", "gap", marks=pytest.mark.slow),
+    pytest.param("none", "gwap", marks=pytest.mark.slow),
+])
 def test_matches_pytorch_twin(dim_reduce, pooling):
     config = dataclasses.replace(TINY, dim_reduce=dim_reduce, pooling=pooling)
     twin = _twin(config, seed=3)
@@ -154,7 +157,11 @@ def test_part_maps_are_probabilities_and_the_network_is_differentiable():
     assert grad.shape == x.shape and bool(np.all(np.isfinite(grad))) and float(np.abs(grad).max()) > 0
 
 
-@pytest.mark.parametrize("suffix,wrap", [(".pth.tar", True), (".pth", False), (".safetensors", False)])
+@pytest.mark.parametrize("suffix,wrap", [
+    (".pth.tar", True),
+    pytest.param(".pth", False, marks=pytest.mark.slow),
+    pytest.param(".safetensors", False, marks=pytest.mark.slow),
+])
 def test_checkpoint_import_and_export(tmp_path, suffix, wrap):
     """torchreid's {"state_dict"} with DataParallel's module. prefix, a bare dict, or safetensors; the head
     is read from the file; export loads strictly into the twin, bit-exact."""
