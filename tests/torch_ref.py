@@ -35,6 +35,19 @@ def randomize_(module, seed: int = 0) -> None:
                 p.copy_(0.1 * noise)
 
 
+def randomize_batch_norm_stats_(module, seed: int = 0) -> None:
+    """Running means ~ 0.1 N(0, 1) and variances ~ U(0.5, 1.5), so a swapped mean/var would show."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, buf in module.named_buffers():
+            if name.endswith("running_var"):
+                buf.copy_(torch.rand(buf.shape, generator=gen) + 0.5)
+            elif name.endswith("running_mean"):
+                buf.copy_(0.1 * torch.randn(buf.shape, generator=gen))
+
+
 def state_dict_numpy(module) -> dict[str, np.ndarray]:
     from diffbody_jax.interop.torch_files import torch_to_numpy
 

@@ -21,7 +21,13 @@ from diffbody_jax.interop.bodypart import (
 from diffbody_jax.interop.mapping import flatten_params, plan_import
 from diffbody_jax.models.bodypart import BodyPartConfig, BodyPartNet
 from diffbody_jax.models.hrnet import W32_INCRE, HRNetConfig
-from tests.torch_ref import import_with_torchvision_stub, nhwc_to_nchw, randomize_, state_dict_numpy
+from tests.torch_ref import (
+    import_with_torchvision_stub,
+    nhwc_to_nchw,
+    randomize_,
+    randomize_batch_norm_stats_,
+    state_dict_numpy,
+)
 
 torch = pytest.importorskip("torch")
 try:
@@ -107,13 +113,7 @@ class _FakeCfgNode(dict):
 def _twin(config: BodyPartConfig, seed: int) -> TwinBPBreID:
     twin = TwinBPBreID(config).eval()
     randomize_(twin, seed)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, buf in twin.named_buffers():
-            if name.endswith("running_var"):
-                buf.copy_(torch.rand(buf.shape, generator=gen) + 0.5)
-            elif name.endswith("running_mean"):
-                buf.copy_(0.1 * torch.randn(buf.shape, generator=gen))
+    randomize_batch_norm_stats_(twin, seed)
     return twin
 
 

@@ -9,7 +9,14 @@ import pytest
 from diffbody_jax.interop.hrnet import hrnet_table
 from diffbody_jax.interop.mapping import flax_to_torch, torch_to_flax
 from diffbody_jax.models.hrnet import HRNet, HRNetConfig
-from tests.torch_ref import import_with_torchvision_stub, nchw_to_nhwc, nhwc_to_nchw, randomize_, state_dict_numpy
+from tests.torch_ref import (
+    import_with_torchvision_stub,
+    nchw_to_nhwc,
+    nhwc_to_nchw,
+    randomize_,
+    randomize_batch_norm_stats_,
+    state_dict_numpy,
+)
 
 torch = pytest.importorskip("torch")
 try:
@@ -34,13 +41,7 @@ def timm_cfg(c: HRNetConfig) -> dict:
 def _reference(config: HRNetConfig, seed: int):
     ref = timm_hrnet.HighResolutionNetFeatures(timm_cfg(config), feature_location="").eval()
     randomize_(ref, seed)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # non-trivial BatchNorm statistics, so a swapped mean/var would show
-        for name, buf in ref.named_buffers():
-            if name.endswith("running_var"):
-                buf.copy_(torch.rand(buf.shape, generator=gen) + 0.5)
-            elif name.endswith("running_mean"):
-                buf.copy_(0.1 * torch.randn(buf.shape, generator=gen))
+    randomize_batch_norm_stats_(ref, seed)
     return ref
 
 
