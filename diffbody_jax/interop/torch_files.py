@@ -110,7 +110,30 @@ def _read_bin(path: Path) -> dict[str, np.ndarray]:
             break
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path}: expected a state dict, found {type(obj).__name__}")
-    return {k: torch_to_numpy(v) for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    return _flatten_tensors(obj, torch.Tensor)
+
+
+def _flatten_tensors(obj: Mapping, tensor_type, prefix: str = "") -> dict[str, np.ndarray]:
+    """Tensors of a (possibly nested) dict, keys joined by "." (IP-Adapter's .bin holds {"image_proj": {...},
+    "ip_adapter": {...}}); entries that are neither tensors nor dicts (step counters, configs) are dropped."""
+    out = {}
+    for key, value in obj.items():
+        if isinstance(value, tensor_type):
+            out[prefix + str(key)] = torch_to_numpy(value)
+        elif isinstance(value, Mapping) and not isinstance(value, _Inert):
+            out.update(_flatten_tensors(value, tensor_type, f"{prefix}{key}."))
+    return out
+
+
+def write_torch(obj: Mapping, path: str | os.PathLike) -> None:
+    """torch.save a (possibly nested) dict of numpy arrays as torch tensors, atomically."""
+    import torch
+
+    def to_torch(value):
+        return {k: to_torch(v) for k, v in value.items()} if isinstance(value, Mapping) else numpy_to_torch(value)
+
+    tensors = to_torch(obj)
+    atomic_write(path, lambda tmp: torch.save(tensors, tmp))
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -358,7 +358,11 @@ class Attention(nn.Module):
     x: [B, T, C] queries; context: [B, S, C_ctx] or None for self-attention; returns [B, T, out_features].
     `upcast` computes the attention in float32 whatever the compute dtype (SD2.1-768's setting).
     `qkv_bias` adds biases to the q/k/v projections (the VAE's and CLIP's attention have them).
+    `out_bias` False drops the output projection's bias (IP-Adapter's Resampler).
     `causal` masks each query from later keys (CLIP's text tower).
+    `ip_adapter` adds IP-Adapter's decoupled cross-attention: a second key/value pair (`to_k_ip`, `to_v_ip`)
+    over image tokens ip_context [B, N, C_ctx], attended by the same queries; its output, times ip_scale
+    (a scalar or [B]), is added to the main attention output before `to_out_0`.
     """
 
     heads: int
@@ -366,27 +370,40 @@ class Attention(nn.Module):
     out_features: int
     upcast: bool = False
     qkv_bias: bool = False
+    out_bias: bool = True
     causal: bool = False
+    ip_adapter: bool = False
     backend: str = "einsum"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     precision: Precision = None
 
     @nn.compact
-    def __call__(self, x: Array, context: Array | None = None) -> Array:
+    def __call__(
+        self, x: Array, context: Array | None = None, ip_context: Array | None = None, ip_scale: Array | float = 1.0
+    ) -> Array:
         context = x if context is None else context
         inner = self.heads * self.head_dim
         qkv_axes = ("embed", "heads")
-        q = dense(self, inner, "to_q", qkv_axes, use_bias=self.qkv_bias)(x)
-        k = dense(self, inner, "to_k", qkv_axes, use_bias=self.qkv_bias)(context)
-        v = dense(self, inner, "to_v", qkv_axes, use_bias=self.qkv_bias)(context)
-        split = lambda t: t.reshape(t.shape[0], t.shape[1], self.heads, self.head_dim)  # noqa: E731
-        q, k, v = split(q), split(k), split(v)
-        if self.upcast:
-            q, k, v = (t.astype(jnp.promote_types(t.dtype, jnp.float32)) for t in (q, k, v))
-        out = attention_backend(self.backend)(q, k, v, is_causal=self.causal).astype(self.dtype)
+        attend = attention_backend(self.backend)
+
+        def project(name, t, bias=self.qkv_bias):
+            t = dense(self, inner, name, qkv_axes, use_bias=bias)(t)
+            t = t.reshape(t.shape[0], t.shape[1], self.heads, self.head_dim)
+            return t.astype(jnp.promote_types(t.dtype, jnp.float32)) if self.upcast else t
+
+        q = project("to_q", x)
+        out = attend(q, project("to_k", context), project("to_v", context), is_causal=self.causal).astype(self.dtype)
+        if self.ip_adapter and (ip_context is not None or self.is_initializing()):
+            ip_context = context if ip_context is None else ip_context  # init: only the shapes matter
+            ip = attend(q, project("to_k_ip", ip_context, False), project("to_v_ip", ip_context, False))
+            scale = jnp.asarray(ip_scale, jnp.float32)
+            scale = scale.reshape(-1, 1, 1, 1) if scale.ndim == 1 else scale
+            out = (out + scale * ip).astype(self.dtype)
+        elif ip_context is not None:
+            raise ValueError(f"{self.name}: image tokens given to an attention built without ip_adapter=True")
         out = out.reshape(out.shape[0], out.shape[1], inner)
-        return dense(self, self.out_features, "to_out_0", ("heads", "embed"))(out)
+        return dense(self, self.out_features, "to_out_0", ("heads", "embed"), use_bias=self.out_bias)(out)
 
 
 class GEGLU(nn.Module):
@@ -421,10 +438,44 @@ class GEGLUFeedForward(nn.Module):
         return dense(self, dim, "net_2", ("mlp", "embed"))(h)
 
 
+class GELU(nn.Module):
+    """Dense then exact GELU: diffusers' GELU activation module. x: [B, T, C] -> [B, T, features]."""
+
+    features: int
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    precision: Precision = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        return nn.gelu(dense(self, self.features, "proj", use_bias=self.use_bias)(x), approximate=False)
+
+
+class GELUFeedForward(nn.Module):
+    """GELU to mult x C, then Dense back to C: diffusers' FeedForward(activation_fn="gelu").
+    x: [B, T, C] -> [B, T, C]. `net_0` and `net_2` mirror its nn.Sequential(GELU, Dropout, Linear).
+    """
+
+    mult: int = 4
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    precision: Precision = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        dim = x.shape[-1]
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+        h = GELU(dim * self.mult, self.use_bias, name="net_0", **kw)(x)
+        return dense(self, dim, "net_2", ("mlp", "embed"), use_bias=self.use_bias)(h)
+
+
 class BasicTransformerBlock(nn.Module):
     """Pre-norm self-attention, cross-attention and GEGLU feed-forward, each residual.
 
-    x: [B, T, C]; context: [B, S, C_ctx]; returns [B, T, C].
+    x: [B, T, C]; context: [B, S, C_ctx]; returns [B, T, C]. With `ip_adapter`, the cross-attention also
+    attends to image tokens ip_context [B, N, C_ctx] (IP-Adapter; see `Attention`).
     """
 
     heads: int
@@ -432,21 +483,26 @@ class BasicTransformerBlock(nn.Module):
     upcast_attention: bool = False
     attention_backend: str = "einsum"
     norm_eps: float = 1e-5
+    ip_adapter: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     precision: Precision = None
 
-    def _attention(self, name: str, dim: int) -> Attention:
+    def _attention(self, name: str, dim: int, ip_adapter: bool = False) -> Attention:
         return Attention(
-            self.heads, self.head_dim, dim, upcast=self.upcast_attention, backend=self.attention_backend,
-            dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision, name=name,
+            self.heads, self.head_dim, dim, upcast=self.upcast_attention, ip_adapter=ip_adapter,
+            backend=self.attention_backend, dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
+            name=name,
         )
 
     @nn.compact
-    def __call__(self, x: Array, context: Array) -> Array:
+    def __call__(
+        self, x: Array, context: Array, ip_context: Array | None = None, ip_scale: Array | float = 1.0
+    ) -> Array:
         dim = x.shape[-1]
         x = x + self._attention("attn1", dim)(layer_norm(self, self.norm_eps, "norm1")(x))
-        x = x + self._attention("attn2", dim)(layer_norm(self, self.norm_eps, "norm2")(x), context)
+        attn2 = self._attention("attn2", dim, self.ip_adapter)
+        x = x + attn2(layer_norm(self, self.norm_eps, "norm2")(x), context, ip_context, ip_scale)
         ff = GEGLUFeedForward(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision, name="ff")
         return x + ff(layer_norm(self, self.norm_eps, "norm3")(x))
 
@@ -454,7 +510,8 @@ class BasicTransformerBlock(nn.Module):
 class Transformer2D(nn.Module):
     """GroupNorm, projection in (Dense or 1x1 conv), `depth` transformer blocks, projection out, residual.
 
-    x: [B, H, W, C]; context: [B, S, C_ctx]; returns [B, H, W, C].
+    x: [B, H, W, C]; context: [B, S, C_ctx]; ip_context: [B, N, C_ctx] image tokens (`ip_adapter` only);
+    returns [B, H, W, C].
     """
 
     heads: int
@@ -464,12 +521,15 @@ class Transformer2D(nn.Module):
     groups: int = 32
     upcast_attention: bool = False
     attention_backend: str = "einsum"
+    ip_adapter: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     precision: Precision = None
 
     @nn.compact
-    def __call__(self, x: Array, context: Array) -> Array:
+    def __call__(
+        self, x: Array, context: Array, ip_context: Array | None = None, ip_scale: Array | float = 1.0
+    ) -> Array:
         b, h, w, c = x.shape
         inner = self.heads * self.head_dim
         residual = x
@@ -481,9 +541,9 @@ class Transformer2D(nn.Module):
         for i in range(self.depth):
             x = BasicTransformerBlock(
                 self.heads, self.head_dim, upcast_attention=self.upcast_attention,
-                attention_backend=self.attention_backend, dtype=self.dtype, param_dtype=self.param_dtype,
-                precision=self.precision, name=f"transformer_blocks_{i}",
-            )(x, context)
+                attention_backend=self.attention_backend, ip_adapter=self.ip_adapter, dtype=self.dtype,
+                param_dtype=self.param_dtype, precision=self.precision, name=f"transformer_blocks_{i}",
+            )(x, context, ip_context, ip_scale)
         if self.use_linear_projection:
             x = dense(self, c, "proj_out", ("mlp", "embed"))(x).reshape(b, h, w, c)
         else:

@@ -227,6 +227,7 @@ class BlockSettings:
     use_linear_projection: bool = False
     upcast_attention: bool = False
     attention_backend: str = "einsum"
+    ip_adapter: bool = False  # IP-Adapter key/value pairs in every cross-attention
 
 
 class _Block(nn.Module):
@@ -248,14 +249,14 @@ class _Block(nn.Module):
         s = self.settings
         return Transformer2D(
             heads, self.out_channels // heads, depth, s.use_linear_projection, s.groups, s.upcast_attention,
-            s.attention_backend, self.dtype, self.param_dtype, self.precision, name=name,
+            s.attention_backend, s.ip_adapter, self.dtype, self.param_dtype, self.precision, name=name,
         )
 
 
 class DownBlock(_Block):
     """`num_layers` ResNets (each followed by a Transformer2D if `heads`), then an optional stride-2 conv.
 
-    x: [B, H, W, C_in]; temb: [B, T]; context: [B, S, C_ctx].
+    x: [B, H, W, C_in]; temb: [B, T]; context: [B, S, C_ctx]; ip_context: [B, N, C_ctx] image tokens or None.
     Returns (x, skips): x [B, H', W', out_channels] and one skip per ResNet plus one for the downsampler.
     """
 
@@ -266,12 +267,15 @@ class DownBlock(_Block):
     downsample_padding: int = 1
 
     @nn.compact
-    def __call__(self, x: Array, temb: Array, context: Array | None) -> tuple[Array, tuple[Array, ...]]:
+    def __call__(
+        self, x: Array, temb: Array, context: Array | None, ip_context: Array | None = None, ip_scale=1.0
+    ) -> tuple[Array, tuple[Array, ...]]:
         skips = []
         for i in range(self.num_layers):
             x = self.resnet(f"resnets_{i}")(x, temb)
             if self.heads:
-                x = self.transformer(self.heads, self.transformer_depth, f"attentions_{i}")(x, context)
+                attn = self.transformer(self.heads, self.transformer_depth, f"attentions_{i}")
+                x = attn(x, context, ip_context, ip_scale)
             skips.append(x)
         if self.add_downsample:
             x = Downsample2D(
@@ -291,10 +295,10 @@ class MidBlock(_Block):
     output_scale_factor: float = 1.0
 
     @nn.compact
-    def __call__(self, x: Array, temb: Array, context: Array) -> Array:
+    def __call__(self, x: Array, temb: Array, context: Array, ip_context: Array | None = None, ip_scale=1.0) -> Array:
         x = self.resnet("resnets_0", self.output_scale_factor)(x, temb)
         for i in range(self.num_layers):
-            x = self.transformer(self.heads, self.transformer_depth, f"attentions_{i}")(x, context)
+            x = self.transformer(self.heads, self.transformer_depth, f"attentions_{i}")(x, context, ip_context, ip_scale)
             x = self.resnet(f"resnets_{i + 1}", self.output_scale_factor)(x, temb)
         return x
 
@@ -312,12 +316,16 @@ class UpBlock(_Block):
     add_upsample: bool = True
 
     @nn.compact
-    def __call__(self, x: Array, skips: tuple[Array, ...], temb: Array, context: Array | None) -> Array:
+    def __call__(
+        self, x: Array, skips: tuple[Array, ...], temb: Array, context: Array | None,
+        ip_context: Array | None = None, ip_scale=1.0,
+    ) -> Array:
         for i, skip in enumerate(reversed(skips)):
             x = jnp.concatenate([x, skip.astype(x.dtype)], axis=-1)
             x = self.resnet(f"resnets_{i}")(x, temb)
             if self.heads:
-                x = self.transformer(self.heads, self.transformer_depth, f"attentions_{i}")(x, context)
+                attn = self.transformer(self.heads, self.transformer_depth, f"attentions_{i}")
+                x = attn(x, context, ip_context, ip_scale)
         if self.add_upsample:
             x = Upsample2D(
                 self.out_channels, self.upsample_size, self.dtype, self.param_dtype, self.precision,
@@ -355,7 +363,7 @@ class UNetModule(nn.Module):
 def _kw(m: UNetModule, config: UNetConfig) -> dict[str, Any]:
     settings = BlockSettings(
         config.norm_num_groups, config.norm_eps, config.use_linear_projection, config.upcast_attention,
-        m.attention_backend,
+        m.attention_backend, getattr(m, "ip_adapter", False),
     )
     return dict(settings=settings, dtype=m.dtype, param_dtype=m.param_dtype, precision=m.precision)
 
@@ -456,7 +464,13 @@ def dummy_unet_inputs(m: UNetModule, config: UNetConfig, in_channels: int, batch
 class UNet2DConditionModel(UNetModule):
     """Conditional UNet of Stable Diffusion 2.x / XL. Run-time choices (dtype, attention backend, remat)
     are module fields; the architecture is `config` (a `UNetConfig`).
+
+    `ip_adapter=True` adds IP-Adapter's image key/value projections (`to_k_ip`, `to_v_ip`) to every
+    cross-attention: the colour adapter's half that lives inside the UNet (the Resampler is separate,
+    `diffbody_jax.models.ip_adapter`). Without image tokens, such a UNet computes exactly the plain one.
     """
+
+    ip_adapter: bool = False
 
     @nn.compact
     def __call__(
@@ -469,6 +483,8 @@ class UNet2DConditionModel(UNetModule):
         time_ids: Array | None = None,
         down_residuals: Sequence[Array] | None = None,
         mid_residual: Array | None = None,
+        image_tokens: Array | None = None,
+        ip_scale: float | Array = 1.0,
     ) -> Array:
         """Predict the model output (eps or v, as trained) for noisy latents.
 
@@ -478,11 +494,20 @@ class UNet2DConditionModel(UNetModule):
         text_embeds: [B, D] pooled text embedding (text_time only); time_ids: [B, config.num_time_ids].
         down_residuals: one tensor per skip, shaped like the skips (ControlNet), added before the up path.
         mid_residual: [B, H/2^k, W/2^k, C_last], added to the mid block's output.
+        image_tokens: [B, N, cross_attention_dim] IP-Adapter image tokens (the Resampler's output); needs
+          `ip_adapter=True`. ip_scale: a scalar or [B] weight of their attention; a Python 0 skips it.
         Returns [B, H, W, out_channels] in the compute dtype.
         """
         c = self.config
         x = sample.astype(self.dtype)
         context = encoder_hidden_states.astype(self.dtype)
+        if image_tokens is not None and not self.ip_adapter:
+            raise ValueError("image_tokens given to a UNet built without ip_adapter=True")
+        if isinstance(ip_scale, (int, float)) and ip_scale == 0:
+            image_tokens = None  # adapter off: the plain UNet's program
+        ip = None if image_tokens is None else image_tokens.astype(self.dtype)
+        if ip is not None and ip.shape[-1] != c.cross_attention_dim:
+            raise ValueError(f"image_tokens: expected [B, N, {c.cross_attention_dim}], got {tuple(ip.shape)}")
         temb = time_embedding(self, c, timesteps, x.shape[0], text_embeds, time_ids)
         if c.center_input_sample:
             x = 2 * x - 1.0
@@ -490,18 +515,18 @@ class UNet2DConditionModel(UNetModule):
 
         skips = [x]
         for i in range(c.num_blocks):
-            x, block_skips = down_block(self, c, i, f"down_blocks_{i}")(x, temb, context)
+            x, block_skips = down_block(self, c, i, f"down_blocks_{i}")(x, temb, context, ip, ip_scale)
             skips.extend(block_skips)
         skips = add_residuals(skips, down_residuals)
 
-        x = mid_block(self, c)(x, temb, context)
+        x = mid_block(self, c)(x, temb, context, ip, ip_scale)
         if mid_residual is not None:
             x = x + mid_residual.astype(x.dtype)
 
         for i, n in enumerate(c.skips_per_up_block):
             block_skips, skips = tuple(skips[-n:]), skips[:-n]
             size = tuple(skips[-1].shape[1:3]) if skips else None
-            x = up_block(self, c, i, size, f"up_blocks_{i}")(x, block_skips, temb, context)
+            x = up_block(self, c, i, size, f"up_blocks_{i}")(x, block_skips, temb, context, ip, ip_scale)
         return output_head(self, c, x)
 
     def dummy_inputs(self, batch: int = 1, size: int | None = None) -> dict[str, Array]:
