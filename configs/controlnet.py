@@ -8,8 +8,11 @@ Variants:
   diffbody-v1          SD2.1-base ControlNet with a latent condition [E(I_reg), E(I_pose), I_attn]: 4 + 4 + 1
   diffbody-v2-stage1   SD2.1-base ControlNet of the joint UNet: sample = the RGB branch's 8-channel input
                        (noisy latent + pose latent), latent condition E(I_ir) with 4 channels
+  diffbody-v2-stage2   SDXL-base ControlNet whose condition fuses I_ir, I_pose, I_depth, I_normal (3 channels each,
+                       image resolution) through one pixel embedding each: sum_i alpha_i F_i, softmax alphas
   tiny-sd21, tiny-sdxl the tiny UNets of configs/unet.py with a 4-level pixel embedding (8, 8, 16, 16)
   tiny-v1, tiny-v2-stage1   the DiffBody variants on the tiny-sd21 UNet
+  tiny-v2-stage2       the stage-2 variant on the tiny-sdxl UNet
 """
 
 import json
@@ -29,11 +32,15 @@ FROM_UNET = {
     "diffbody-v2-stage1": (
         "sd21-base", dict(in_channels=8, conditioning_channels=4, conditioning_embedding_type="latent")
     ),
+    "diffbody-v2-stage2": ("sdxl-base", dict(conditioning_embedding_type="prior_fusion")),
     "tiny-sd21": ("tiny-sd21", dict(conditioning_embedding_out_channels=[8, 8, 16, 16])),
     "tiny-sdxl": ("tiny-sdxl", dict(conditioning_embedding_out_channels=[8, 8, 16, 16])),
     "tiny-v1": ("tiny-sd21", dict(conditioning_channels=9, conditioning_embedding_type="latent")),
     "tiny-v2-stage1": (
         "tiny-sd21", dict(in_channels=8, conditioning_channels=4, conditioning_embedding_type="latent")
+    ),
+    "tiny-v2-stage2": (
+        "tiny-sdxl", dict(conditioning_embedding_out_channels=[8, 8, 16, 16], conditioning_embedding_type="prior_fusion")
     ),
 }
 

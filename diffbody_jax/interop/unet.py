@@ -51,12 +51,19 @@ def unet_table(config) -> MappingTable:
 
 
 def controlnet_table(config) -> MappingTable:
-    """diffusers' ControlNetModel layout; a latent conditioning embedding has only its `conv_out`."""
+    """diffusers' ControlNetModel layout; a latent conditioning embedding has only its `conv_out`; a prior-fusion
+    one has a pixel embedding per prior (`controlnet_cond_embedding.<prior>.*`) and its alphas."""
     linear = config.use_linear_projection
     rows = conv2d("conv_in", "conv_in") + time_embedding_rules()
     emb = "controlnet_cond_embedding"
-    rows += conv2d(f"{emb}.conv_in", f"{emb}/conv_in") + conv2d(f"{emb}.blocks.*", f"{emb}/blocks_*")
-    rows += conv2d(f"{emb}.conv_out", f"{emb}/conv_out")
+    # one pixel embedding per prior under its name for "prior_fusion", else the single embedding
+    fusion = config.conditioning_embedding_type == "prior_fusion"
+    for prefix in [f".{n}" for n in config.prior_names] if fusion else [""]:
+        t, f = emb + prefix, emb + prefix.replace(".", "/")
+        rows += conv2d(f"{t}.conv_in", f"{f}/conv_in") + conv2d(f"{t}.blocks.*", f"{f}/blocks_*")
+        rows += conv2d(f"{t}.conv_out", f"{f}/conv_out")
+    if fusion:
+        rows += [Rule(f"{emb}.alpha", f"{emb}/alpha"), Rule(f"{emb}.alpha_logits", f"{emb}/alpha_logits")]
     rows += down_block_rules("down_blocks.*", "down_blocks_*", linear) + mid_block_rules(linear)
     rows += conv2d("controlnet_down_blocks.*", "controlnet_down_blocks_*")
     rows += conv2d("controlnet_mid_block", "controlnet_mid_block")

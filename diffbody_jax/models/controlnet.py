@@ -11,8 +11,13 @@ The condition enters through one of two embeddings, chosen by `conditioning_embe
             levels, SiLU after each) and a zero-initialised 3x3 conv to C_0 at latent resolution.
   "latent"  DiffBody's condition at latent resolution [B, H, W, conditioning_channels], e.g. v1's
             [E(I_reg), E(I_pose), I_attn] (4 + 4 + 1) or v2 stage 1's E(I_ir) (4): only the zero-initialised
-            3x3 conv to C_0 (PyTorch key `controlnet_cond_embedding.conv_out`). This field is ours;
-            diffusers' ControlNetModel cannot load such a folder.
+            3x3 conv to C_0 (PyTorch key `controlnet_cond_embedding.conv_out`).
+  "prior_fusion"  DiffBody v2 stage 2: several image-resolution priors, each through its own pixel embedding,
+            fused as sum_i alpha_i F_i(prior_i) (`diffbody_jax.models.prior_fusion`); the condition is a dict
+            {prior name: [B, 8H, 8W, C_i]}. PyTorch keys `controlnet_cond_embedding.<prior>.conv_in...` and
+            `controlnet_cond_embedding.alpha` / `alpha_logits`.
+The "latent" and "prior_fusion" kinds and their fields are ours; diffusers' ControlNetModel cannot load such
+a folder.
 
 The embedded condition is added to conv_in(sample) before the first down block, as in diffusers.
 """
@@ -20,17 +25,20 @@ The embedded condition is added to conv_in(sample) before the first down block, 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import logging
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from diffbody_jax.models.config_dict import dataclass_from_dict, dataclass_to_dict
 from diffbody_jax.models.layers import Array, conv
-from diffbody_jax.models.param_copy import copy_from_unet
+from diffbody_jax.models.param_copy import copy_from_unet, widen_conv_in
+from diffbody_jax.models.prior_fusion import DEFAULT_PRIORS, PriorFusion, PriorFusionConfig, prior_alphas
 from diffbody_jax.models.unet import (
     _FEATURE_OFF,
     UNetConfig,
@@ -41,13 +49,16 @@ from diffbody_jax.models.unet import (
     time_embedding,
 )
 
-CONDITIONING_EMBEDDINGS = ("pixel", "latent")
+CONDITIONING_EMBEDDINGS = ("pixel", "latent", "prior_fusion")
+# our fields, written to config.json only for the conditioning kinds that use them
+_FUSION_FIELDS = ("prior_names", "prior_channels", "fusion_alpha_mode", "fusion_alphas", "missing_prior")
 _UP_OF_DOWN = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlock2D"}
 _CONTROLNET_OFF = {k: v for k, v in _FEATURE_OFF.items() if k in {
     "only_cross_attention", "class_embed_type", "num_class_embeds", "encoder_hid_dim", "encoder_hid_dim_type",
     "resnet_time_scale_shift", "act_fn",
 }}
 _IGNORED = ("addition_embed_type_num_heads",)
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +92,12 @@ class ControlNetConfig:
     conditioning_embedding_out_channels: tuple[int, ...] = (16, 32, 96, 256)
     global_pool_conditions: bool = False
     conditioning_embedding_type: str = "pixel"
+    # "prior_fusion" only (see diffbody_jax.models.prior_fusion); None: 3 channels each, equal alphas
+    prior_names: tuple[str, ...] = DEFAULT_PRIORS
+    prior_channels: tuple[int, ...] | None = None
+    fusion_alpha_mode: str = "softmax"
+    fusion_alphas: tuple[float, ...] | None = None
+    missing_prior: str = "drop"
 
     def __post_init__(self):
         if self.conditioning_embedding_type not in CONDITIONING_EMBEDDINGS:
@@ -93,8 +110,10 @@ class ControlNetConfig:
                 "ControlNet config: controlnet_conditioning_channel_order must be 'rgb' or 'bgr', got "
                 f"{self.controlnet_conditioning_channel_order!r}"
             )
-        if self.conditioning_embedding_type == "pixel" and not self.conditioning_embedding_out_channels:
+        if self.conditioning_embedding_type != "latent" and not self.conditioning_embedding_out_channels:
             raise ValueError("ControlNet config: pixel conditioning needs conditioning_embedding_out_channels")
+        if self.conditioning_embedding_type == "prior_fusion":
+            self.prior_fusion  # noqa: B018 - validates the fusion fields
         self.unet  # noqa: B018 - validates the shared block fields with the UNet's checks
 
     @classmethod
@@ -108,9 +127,22 @@ class ControlNetConfig:
 
     def to_diffusers(self) -> dict[str, Any]:
         d = dataclass_to_dict(self, "ControlNetModel")
+        if self.conditioning_embedding_type != "prior_fusion":
+            for name in _FUSION_FIELDS:
+                del d[name]
         if self.conditioning_embedding_type == "pixel":
             del d["conditioning_embedding_type"]  # keeps the folder identical to diffusers' own
         return d
+
+    @property
+    def prior_fusion(self) -> PriorFusionConfig:
+        """The fused condition's config ("prior_fusion" conditioning)."""
+        n = len(self.prior_names)
+        return PriorFusionConfig(
+            priors=tuple(self.prior_names), channels=tuple(self.prior_channels or (self.conditioning_channels,) * n),
+            embedding_channels=tuple(self.conditioning_embedding_out_channels), alpha_mode=self.fusion_alpha_mode,
+            alphas=tuple(self.fusion_alphas or (1.0 / n,) * n), missing_prior=self.missing_prior,
+        )
 
     @property
     def unet(self) -> UNetConfig:
@@ -190,8 +222,9 @@ class ControlNetModel(UNetModule):
         sample: Array,
         timesteps: Array,
         encoder_hidden_states: Array,
-        controlnet_cond: Array,
+        controlnet_cond: Array | Mapping[str, Array | None],
         *,
+        prior_mask: Array | None = None,
         conditioning_scale: float | Array = 1.0,
         guess_mode: bool = False,
         text_embeds: Array | None = None,
@@ -202,7 +235,9 @@ class ControlNetModel(UNetModule):
         sample: [B, H, W, in_channels] noisy latents (the UNet's own input).
         timesteps: [B] or scalar. encoder_hidden_states: [B, S, cross_attention_dim].
         controlnet_cond: [B, H * s, W * s, conditioning_channels], s = `config.condition_downscale`
-          (8 for SD's pixel embedding, 1 for a latent condition).
+          (8 for SD's pixel embedding, 1 for a latent condition); for "prior_fusion" a dict
+          {prior name: [B, H * s, W * s, C_i] or None} (missing priors follow `config.missing_prior`).
+        prior_mask: "prior_fusion" only: [B, P] with 0 where an example lacks a prior (order of prior_names).
         conditioning_scale: a scalar or [B] array multiplying every residual (0 turns the ControlNet off).
         guess_mode: scale the residuals from 0.1 (first skip) to 1.0 (mid) on a log scale, as diffusers.
         text_embeds, time_ids: SDXL's text_time inputs, as for the UNet.
@@ -211,21 +246,20 @@ class ControlNetModel(UNetModule):
         x = sample.astype(self.dtype)
         context = encoder_hidden_states.astype(self.dtype)
         temb = time_embedding(self, u, timesteps, x.shape[0], text_embeds, time_ids)
-        cond = controlnet_cond.astype(self.dtype)
-        if c.controlnet_conditioning_channel_order == "bgr":
-            cond = cond[..., ::-1]
-        want = (x.shape[1] * c.condition_downscale, x.shape[2] * c.condition_downscale, c.conditioning_channels)
-        if tuple(cond.shape[1:]) != want:
-            raise ValueError(
-                f"controlnet_cond: expected [B, {want[0]}, {want[1]}, {want[2]}] for latents {tuple(x.shape)} "
-                f"({c.conditioning_embedding_type} conditioning), got {tuple(cond.shape)}"
-            )
+        size = (x.shape[1] * c.condition_downscale, x.shape[2] * c.condition_downscale)
+        if c.conditioning_embedding_type == "prior_fusion":
+            embed = PriorFusion(c.prior_fusion, u.block_out_channels[0], self.dtype, self.param_dtype, self.precision,
+                                name="controlnet_cond_embedding")
+            cond_features = embed(self._check_priors(controlnet_cond, size), prior_mask)
+        else:
+            cond = self._check_condition(controlnet_cond, size, x.shape)
+            cond_features = ConditioningEmbedding(
+                u.block_out_channels[0], tuple(c.conditioning_embedding_out_channels), c.conditioning_embedding_type,
+                self.dtype, self.param_dtype, self.precision, name="controlnet_cond_embedding",
+            )(cond)
 
         x = conv(self, u.block_out_channels[0], 3, "conv_in")(x)
-        x = x + ConditioningEmbedding(
-            u.block_out_channels[0], tuple(c.conditioning_embedding_out_channels), c.conditioning_embedding_type,
-            self.dtype, self.param_dtype, self.precision, name="controlnet_cond_embedding",
-        )(cond)
+        x = x + cond_features
 
         skips = [x]
         for i in range(u.num_blocks):
@@ -251,12 +285,53 @@ class ControlNetModel(UNetModule):
             mid = mid.mean(axis=(1, 2), keepdims=True)
         return ControlNetOutput(tuple(down), mid)
 
+    def _check_condition(self, cond: Array, size: tuple[int, int], latent_shape) -> Array:
+        c = self.config
+        if isinstance(cond, Mapping):
+            raise ValueError(f"controlnet_cond: a dict of priors needs conditioning_embedding_type='prior_fusion', "
+                             f"this ControlNet's is {c.conditioning_embedding_type!r}")
+        cond = cond.astype(self.dtype)
+        if c.controlnet_conditioning_channel_order == "bgr":
+            cond = cond[..., ::-1]
+        if tuple(cond.shape[1:]) != (*size, c.conditioning_channels):
+            raise ValueError(
+                f"controlnet_cond: expected [B, {size[0]}, {size[1]}, {c.conditioning_channels}] for latents "
+                f"{tuple(latent_shape)} ({c.conditioning_embedding_type} conditioning), got {tuple(cond.shape)}"
+            )
+        return cond
+
+    def _check_priors(self, priors, size: tuple[int, int]) -> dict[str, Array | None]:
+        c = self.config
+        if not isinstance(priors, Mapping):
+            raise ValueError(f"controlnet_cond: a prior-fusion ControlNet takes a dict {{prior: [B, H, W, C]}} with "
+                             f"priors {c.prior_names}, got {type(priors).__name__}")
+        out = {}
+        for name, x in priors.items():
+            if x is not None:
+                if tuple(x.shape[1:3]) != size:
+                    raise ValueError(f"prior {name!r}: expected {size[0]}x{size[1]} (latent size x "
+                                     f"{c.condition_downscale}), got shape {tuple(x.shape)}")
+                x = x[..., ::-1] if c.controlnet_conditioning_channel_order == "bgr" else x
+            out[name] = x
+        return out
+
+    def fusion_alphas(self, params: Mapping[str, Any]) -> dict[str, float]:
+        """The current alpha_i of a prior-fusion ControlNet's params, {prior: value}, for logging."""
+        if self.config.conditioning_embedding_type != "prior_fusion":
+            raise ValueError("fusion_alphas: this ControlNet has no prior fusion")
+        return prior_alphas(self.config.prior_fusion, params.get("controlnet_cond_embedding"))
+
     def dummy_inputs(self, batch: int = 1, size: int | None = None) -> dict[str, Array]:
         c = self.config
         inputs = dummy_unet_inputs(self, c.unet, c.in_channels, batch, size)
         h, w = inputs["sample"].shape[1:3]
         s = c.condition_downscale
-        inputs["controlnet_cond"] = jnp.zeros((batch, h * s, w * s, c.conditioning_channels), self.dtype)
+        if c.conditioning_embedding_type == "prior_fusion":
+            f = c.prior_fusion
+            inputs["controlnet_cond"] = {n: jnp.zeros((batch, h * s, w * s, ch), self.dtype)
+                                         for n, ch in zip(f.priors, f.channels, strict=True)}
+        else:
+            inputs["controlnet_cond"] = jnp.zeros((batch, h * s, w * s, c.conditioning_channels), self.dtype)
         return inputs
 
 
@@ -289,3 +364,55 @@ def build_controlnet(model_config) -> ControlNetModel:
 
     cfg = ControlNetConfig.from_diffusers(dict(model_config["diffusers"]), source="model.diffusers")
     return ControlNetModel(cfg, **runtime_kwargs(model_config))
+
+
+def _adapt_prior_conv_in(kernel: np.ndarray, channels: int, prior: str) -> np.ndarray:
+    """The source embedding's conv_in for a prior with `channels` inputs: extra channels start at zero; a
+    1-channel prior gets the kernel summed over its inputs (the same response as its map repeated 3 times)."""
+    if channels == 1 and kernel.shape[2] > 1:
+        return kernel.sum(axis=2, keepdims=True)
+    return widen_conv_in(kernel, channels, f"prior {prior!r} conv_in")
+
+
+def prior_fusion_from_controlnet(
+    controlnet_params: dict, fusion: ControlNetModel, rng: jax.Array
+) -> tuple[dict, list[str]]:
+    """A prior-fusion ControlNet initialised from a trained pixel-conditioned one (e.g. a diffusers SDXL
+    ControlNet folder): the trunk and output convs are copied, and every F_i starts as a copy of the source's
+    conditioning embedding (its conv_in widened with zero input channels where a prior has more channels, summed
+    over its inputs for a 1-channel prior).
+    The alphas start at their configured values. Returns (params, copied paths) and logs what was copied.
+    """
+    c = fusion.config
+    if c.conditioning_embedding_type != "prior_fusion":
+        raise ValueError("prior_fusion_from_controlnet: the target ControlNet must have prior_fusion conditioning")
+    fresh = traverse_util.flatten_dict(fusion.init_params(rng), sep="/")
+    source = traverse_util.flatten_dict(controlnet_params, sep="/")
+    emb = "controlnet_cond_embedding/"
+    if not any(k.startswith(emb + "conv_in/") for k in source):
+        raise ValueError("prior_fusion_from_controlnet: the source params have no pixel conditioning embedding "
+                         f"({emb}conv_in); got {sorted({k.split('/')[0] for k in source})}")
+    out, copied = {}, []
+    for path, value in fresh.items():
+        if path.startswith(emb):
+            prior, _, rest = path[len(emb):].partition("/")
+            src_path = emb + rest if rest else None  # alpha params have no source
+        else:
+            src_path = path
+        if src_path is None:
+            out[path] = value
+            continue
+        if src_path not in source:
+            raise ValueError(f"prior_fusion_from_controlnet: the source params have no {src_path} (for {path})")
+        src = np.asarray(source[src_path])
+        if src_path == emb + "conv_in/kernel":
+            src = _adapt_prior_conv_in(src, value.shape[2], prior)
+        if src.shape != value.shape:
+            raise ValueError(f"prior_fusion_from_controlnet: {src_path} is {src.shape}, {path} needs {value.shape}")
+        out[path] = jnp.asarray(src, value.dtype)
+        copied.append(path)
+    log.info("prior-fusion ControlNet initialised from a ControlNet: trunk copied; F_i of %s each start as a copy "
+             "of its conditioning embedding; alphas %s (%s)", ", ".join(c.prior_names),
+             prior_alphas(c.prior_fusion, traverse_util.unflatten_dict(out, sep="/").get(emb[:-1])),
+             c.fusion_alpha_mode)
+    return traverse_util.unflatten_dict(out, sep="/"), sorted(copied)
