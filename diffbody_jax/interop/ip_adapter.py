@@ -5,8 +5,9 @@ Our adapter params are one tree:
     {"image_proj": <Resampler params>,
      "ip_adapter": <the UNet's param tree cut down to every attn2/to_k_ip and attn2/to_v_ip>}
 
-`with_ip_adapter(unet_params, adapter)` puts the second half into a `UNet2DConditionModel(ip_adapter=True)`'s
-params and `ip_adapter_of(unet_params)` takes it out. Two PyTorch layouts are read:
+`with_ip_adapter(unet_params, adapter)` (in diffbody_jax.models.ip_adapter) puts the second half into the
+params of a `UNet2DConditionModel(ip_adapter=True)`; `ip_adapter_of(unet_params)` takes it out.
+Two PyTorch layouts are read:
 
   "original"   the file users download (ip-adapter-plus_sdxl_vit-h.bin / .safetensors): `image_proj` with the
                Resampler's own names (layers.i.0 = attention with norm1, norm2, to_q, a fused to_kv, to_out;
@@ -29,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flax import traverse_util
 
 from diffbody_jax.interop import torch_files
 from diffbody_jax.interop.mapping import (
@@ -37,17 +37,15 @@ from diffbody_jax.interop.mapping import (
     ConversionError,
     MappingTable,
     Rule,
-    flatten_params,
     flax_to_torch,
     linear,
     nest,
     norm,
     torch_to_flax,
 )
-from diffbody_jax.models.ip_adapter import Resampler, ResamplerConfig
+from diffbody_jax.models.ip_adapter import IP_KERNELS, Resampler, ResamplerConfig, ip_adapter_of
 from diffbody_jax.models.unet import UNetConfig
 
-IP_KERNELS = ("to_k_ip", "to_v_ip")
 _KV = re.compile(r"^(image_proj\.layers\.\d+\.0\.)to_kv\.weight$")
 DIFFUSERS_PROJ = "encoder_hid_proj.image_projection_layers.0"
 
@@ -124,25 +122,6 @@ def adapter_table(config: UNetConfig, layout: str = "original") -> MappingTable:
 
 
 # --------------------------------------------------------------------------------- the Flax side
-def ip_adapter_of(unet_params: Mapping[str, Any]) -> dict:
-    """The to_k_ip / to_v_ip kernels of a UNet's params, as a tree of the same nesting."""
-    flat = flatten_params(unet_params)
-    keep = {k: v for k, v in flat.items() if k.split("/")[-2] in IP_KERNELS}
-    return traverse_util.unflatten_dict(keep, sep="/")
-
-
-def with_ip_adapter(unet_params: Mapping[str, Any], adapter: Mapping[str, Any]) -> dict:
-    """A plain UNet's params plus the adapter's kernels (`adapter["ip_adapter"]` or that subtree itself):
-    the params of the same UNet built with `ip_adapter=True`. Existing kernels are replaced."""
-    ip = adapter.get("ip_adapter", adapter)
-    flat = {k: v for k, v in flatten_params(unet_params).items() if k.split("/")[-2] not in IP_KERNELS}
-    for path, value in flatten_params(ip).items():
-        if path.rsplit("/", 2)[0] + "/to_q/kernel" not in flat:
-            raise ValueError(f"IP-Adapter kernel {path} has no cross-attention in the UNet params")
-        flat[path] = value
-    return traverse_util.unflatten_dict(flat, sep="/")
-
-
 def adapter_shapes(unet, resampler: Resampler) -> dict:
     """The adapter tree's param shapes for `unet` (built with ip_adapter=True) and `resampler`: no memory."""
     if not getattr(unet, "ip_adapter", False):
@@ -193,7 +172,8 @@ def infer_resampler_config(flat: Mapping[str, Any], source: str = "state dict", 
         latents = flat[prefix + "latents"]
         proj_in, proj_out = flat[prefix + "proj_in.weight"], flat[prefix + "proj_out.weight"]
     except KeyError as e:
-        raise ValueError(f"{source}: IP-Adapter-Plus Resampler key {e.args[0]} missing (is this IP-Adapter Plus?)")
+        msg = f"{source}: IP-Adapter-Plus Resampler key {e.args[0]} missing (is this IP-Adapter Plus?)"
+        raise ValueError(msg) from None
     layer = re.compile(re.escape(prefix) + r"layers\.(\d+)\.")
     depth = 1 + max(int(m.group(1)) for k in flat if (m := layer.match(k)))
     q = flat[prefix + ("layers.0.0.to_q.weight" if prefix == "image_proj." else "layers.0.attn.to_q.weight")]

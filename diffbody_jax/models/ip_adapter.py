@@ -15,14 +15,19 @@ Param names follow diffusers' `IPAdapterPlusImageProjection` (layers_i/ln0, ln1,
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
+from flax.core import meta
 
 from diffbody_jax.models.config_dict import dataclass_to_dict
 from diffbody_jax.models.layers import Array, Attention, Dtype, GELUFeedForward, Precision, dense, layer_norm
+
+IP_KERNELS = ("to_k_ip", "to_v_ip")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,3 +139,27 @@ class Resampler(nn.Module):
 
     def param_shapes(self) -> dict:
         return jax.eval_shape(self.init_params, jax.random.key(0))
+
+
+# ------------------------------------------------------------------- the adapter's half of the UNet
+def _flat(tree: Mapping[str, Any]) -> dict[str, Any]:
+    return traverse_util.flatten_dict(meta.unbox(dict(tree)), sep="/")
+
+
+def ip_adapter_of(unet_params: Mapping[str, Any]) -> dict:
+    """The to_k_ip / to_v_ip kernels of a UNet's params, as a tree of the same nesting."""
+    flat = _flat(unet_params)
+    keep = {k: v for k, v in flat.items() if k.split("/")[-2] in IP_KERNELS}
+    return traverse_util.unflatten_dict(keep, sep="/")
+
+
+def with_ip_adapter(unet_params: Mapping[str, Any], adapter: Mapping[str, Any]) -> dict:
+    """A plain UNet's params plus the adapter's kernels (`adapter["ip_adapter"]` or that subtree itself):
+    the params of the same UNet built with `ip_adapter=True`. Existing kernels are replaced."""
+    ip = adapter.get("ip_adapter", adapter)
+    flat = {k: v for k, v in _flat(unet_params).items() if k.split("/")[-2] not in IP_KERNELS}
+    for path, value in _flat(ip).items():
+        if path.rsplit("/", 2)[0] + "/to_q/kernel" not in flat:
+            raise ValueError(f"IP-Adapter kernel {path} has no cross-attention in the UNet params")
+        flat[path] = value
+    return traverse_util.unflatten_dict(flat, sep="/")

@@ -66,7 +66,7 @@ class PriorFusionConfig:
         if self.missing_prior not in MISSING_RULES:
             raise ValueError(f"prior fusion: missing_prior={self.missing_prior!r}; expected one of {MISSING_RULES}")
         if self.alpha_mode == "softmax" and min(self.alphas) <= 0:
-            raise ValueError(f"prior fusion: softmax weights start at log(alpha): alphas must be > 0, got {self.alphas}")
+            raise ValueError(f"prior fusion: softmax logits start at log(alpha), so alphas must be > 0: {self.alphas}")
 
     @property
     def downscale(self) -> int:

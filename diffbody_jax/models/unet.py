@@ -298,7 +298,8 @@ class MidBlock(_Block):
     def __call__(self, x: Array, temb: Array, context: Array, ip_context: Array | None = None, ip_scale=1.0) -> Array:
         x = self.resnet("resnets_0", self.output_scale_factor)(x, temb)
         for i in range(self.num_layers):
-            x = self.transformer(self.heads, self.transformer_depth, f"attentions_{i}")(x, context, ip_context, ip_scale)
+            attn = self.transformer(self.heads, self.transformer_depth, f"attentions_{i}")
+            x = attn(x, context, ip_context, ip_scale)
             x = self.resnet(f"resnets_{i + 1}", self.output_scale_factor)(x, temb)
         return x
 

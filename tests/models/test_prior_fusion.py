@@ -92,8 +92,8 @@ def test_dropping_a_prior_follows_the_rule(trained, mode):
     want = sum(wi * feats[PRIORS[i]] for wi, i in zip(w, present, strict=True))
     np.testing.assert_allclose(dropped, want, atol=1e-5)
     # not given at all is the same as None
-    np.testing.assert_array_equal(module.apply({"params": emb_params}, {n: priors[n] for n in ("ir", "pose", "normal")}),
-                                  dropped)
+    three = {n: priors[n] for n in ("ir", "pose", "normal")}
+    np.testing.assert_array_equal(module.apply({"params": emb_params}, three), dropped)
     # per-example: example 0 lacks depth, example 1 has everything
     mask = jnp.array([[1, 1, 0, 1], [1, 1, 1, 1]], jnp.float32)
     per = module.apply({"params": emb_params}, priors, mask)

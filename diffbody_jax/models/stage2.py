@@ -1,0 +1,142 @@
+"""DiffBody v2 stage 2 (seed 002, Sec. 3.3): a frozen SDXL UNet steered by the prior-fusion ControlNet and
+the colour adapter; the forward pass and the losses of Eq. 3 and Eq. 4.
+
+    model = Stage2Model(unet=UNet2DConditionModel(sdxl, ip_adapter=True),
+                        controlnet=ControlNetModel(stage2_controlnet), image_proj=Resampler(ResamplerConfig()))
+    eps = model.apply({"params": params}, z_t, t, text, priors, image_features)
+
+params = {"unet": ..., "controlnet": ..., "image_proj": ...} (`stage2_params` assembles them). The two
+training phases are named trainable subsets (`STAGE2_SUBSETS`):
+
+  "controlnet"      Eq. 3: the ControlNet with its fusion (every F_i and the alphas); UNet and adapter frozen,
+                    the adapter off (ip_scale 0: exactly the plain UNet).
+  "colour_adapter"  Eq. 4: only the Resampler and every to_k_ip / to_v_ip; UNet and ControlNet frozen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from diffbody_jax.diffusion.losses import diffusion_loss, noising
+from diffbody_jax.models.controlnet import ControlNetModel
+from diffbody_jax.models.ip_adapter import Resampler, with_ip_adapter
+from diffbody_jax.models.layers import Array
+from diffbody_jax.models.unet import UNet2DConditionModel
+from diffbody_jax.training.trainable import TrainableSubset
+
+PHASES = ("controlnet", "colour_adapter")
+STAGE2_SUBSETS = {
+    "controlnet": TrainableSubset("controlnet", (r"^controlnet/",)),
+    "colour_adapter": TrainableSubset("colour_adapter", (r"^image_proj/", r"^unet/.*/to_[kv]_ip/")),
+}
+
+
+class SDXLText(NamedTuple):
+    """SDXL's text conditioning. prompt_embeds: [B, S, 2048] (both encoders' penultimate hidden states,
+    concatenated on channels); text_embeds: [B, 1280] (encoder 2's projected pooled output); time_ids: [B, 6]
+    (original size, crop top-left, target size)."""
+
+    prompt_embeds: Array
+    text_embeds: Array
+    time_ids: Array
+
+
+class Stage2Model(nn.Module):
+    """z_t [B, H, W, 4], t [B], text (SDXLText), priors {name: [B, 8H, 8W, C_i]}, image_features [B, T, D_clip]
+    (CLIP ViT-H/14 penultimate hidden states of I_res, or None: adapter off) -> eps [B, H, W, 4].
+    """
+
+    unet: UNet2DConditionModel
+    controlnet: ControlNetModel
+    image_proj: Resampler
+
+    def __post_init__(self):
+        if not self.unet.ip_adapter:
+            raise ValueError("Stage2Model: build the UNet with ip_adapter=True (the colour adapter's key/values)")
+        if self.controlnet.config.conditioning_embedding_type != "prior_fusion":
+            raise ValueError("Stage2Model: the ControlNet needs conditioning_embedding_type='prior_fusion'")
+        if self.image_proj.config.output_dims != self.unet.config.cross_attention_dim:
+            raise ValueError(f"Stage2Model: the Resampler outputs {self.image_proj.config.output_dims} channels, the "
+                             f"UNet's cross-attention takes {self.unet.config.cross_attention_dim}")
+        super().__post_init__()
+
+    def __call__(
+        self,
+        z_t: Array,
+        timesteps: Array,
+        text: SDXLText,
+        priors: Mapping[str, Array | None],
+        image_features: Array | None = None,
+        *,
+        prior_mask: Array | None = None,
+        conditioning_scale: float | Array = 1.0,
+        ip_scale: float | Array = 1.0,
+    ) -> Array:
+        if image_features is None and self.is_initializing():
+            image_features = jnp.zeros((z_t.shape[0], 1, self.image_proj.config.embed_dims), z_t.dtype)
+        residuals = self.controlnet(
+            z_t, timesteps, text.prompt_embeds, priors, prior_mask=prior_mask, conditioning_scale=conditioning_scale,
+            text_embeds=text.text_embeds, time_ids=text.time_ids,
+        )
+        tokens = None if image_features is None else self.image_proj(image_features)
+        return self.unet(
+            z_t, timesteps, text.prompt_embeds, text_embeds=text.text_embeds, time_ids=text.time_ids,
+            down_residuals=residuals.down, mid_residual=residuals.mid, image_tokens=tokens, ip_scale=ip_scale,
+        )
+
+    def dummy_inputs(self, batch: int = 1) -> dict[str, Any]:
+        unet = self.unet.dummy_inputs(batch)
+        cn = self.controlnet.dummy_inputs(batch)
+        text = SDXLText(unet["encoder_hidden_states"], unet["text_embeds"], unet["time_ids"])
+        return dict(z_t=unet["sample"], timesteps=unet["timesteps"], text=text, priors=cn["controlnet_cond"],
+                    image_features=self.image_proj.dummy_inputs(batch)["image_features"])
+
+    def init_params(self, rng: jax.Array) -> dict:
+        return nn.unbox(self.init(rng, **self.dummy_inputs()))["params"]
+
+    def param_shapes(self) -> dict:
+        return jax.eval_shape(self.init_params, jax.random.key(0))
+
+
+def stage2_params(unet_params: Mapping, controlnet_params: Mapping, adapter: Mapping) -> dict:
+    """The model's param tree from a plain SDXL UNet's params, the prior-fusion ControlNet's and the colour
+    adapter's ({"image_proj", "ip_adapter"}, as `diffbody_jax.interop.ip_adapter` imports IP-Adapter-Plus-XL)."""
+    return {"unet": with_ip_adapter(unet_params, adapter), "controlnet": dict(controlnet_params),
+            "image_proj": dict(adapter["image_proj"])}
+
+
+def stage2_loss(
+    model: Stage2Model,
+    params: Mapping,
+    batch: Mapping[str, Any],
+    key: jax.Array,
+    alphas_cumprod: Array,
+    phase: str,
+    *,
+    prediction_type: str = "epsilon",
+    noise_offset: float = 0.0,
+    min_snr_gamma: float | None = None,
+) -> tuple[Array, dict[str, Array]]:
+    """Eq. 3 (phase "controlnet") or Eq. 4 ("colour_adapter"): E ||eps - eps_theta(z_t, t, c_t, [c_i,] c_g)||^2.
+
+    batch: latents [B, H, W, 4] (VAE latents of the HQ image, scaled), prompt_embeds, text_embeds, time_ids,
+    priors {name: [B, 8H, 8W, C_i]}, optional prior_mask [B, P]; "colour_adapter" also image_features
+    [B, T, D_clip] (CLIP of I_res). Returns (loss, {"loss", "t_mean"}). Differentiate it with respect to
+    `STAGE2_SUBSETS[phase]` (see `diffbody_jax.training.trainable.partition`).
+    """
+    if phase not in PHASES:
+        raise ValueError(f"stage2_loss: phase {phase!r}; expected one of {PHASES}")
+    if phase == "colour_adapter" and batch.get("image_features") is None:
+        raise ValueError("stage2_loss: the colour_adapter phase needs batch['image_features'] (CLIP of I_res)")
+    x0 = batch["latents"]
+    t, eps, z_t = noising(key, x0, alphas_cumprod, noise_offset)
+    text = SDXLText(batch["prompt_embeds"], batch["text_embeds"], batch["time_ids"])
+    image = batch["image_features"] if phase == "colour_adapter" else None
+    pred = model.apply({"params": params}, z_t, t, text, batch["priors"], image, prior_mask=batch.get("prior_mask"))
+    loss = diffusion_loss(pred, x0, eps, alphas_cumprod[t], prediction_type, min_snr_gamma=min_snr_gamma)
+    return loss, {"loss": loss, "t_mean": t.astype(jnp.float32).mean()}

@@ -1,0 +1,1 @@
+"""Training utilities shared by the phases: trainable subsets of a param tree."""
