@@ -13,9 +13,16 @@
   python -m convert bodypart-to-flax --src bpbreid_market1501_hrnet32_10642.pth --dst ckpt/bodypart
   python -m convert bodypart-to-flax --imagenet hrnetv2_w32_imagenet_pretrained.pth --dst ckpt/bodypart-init
   python -m convert bodypart-to-torch --src ckpt/bodypart --dst exported/bpbreid.pth.tar
+  python -m convert init-from-controlnet --controlnet controlnet-canny-sdxl-1.0 \
+      --config configs/controlnet.py:variant=diffbody-v2-stage2 --dst ckpt/controlnet-stage2
+  python -m convert ip-adapter-to-flax --src ip-adapter-plus_sdxl_vit-h.bin --dst ckpt/colour-adapter
+  python -m convert ip-adapter-to-torch --src ckpt/colour-adapter --dst exported/ip-adapter-plus_sdxl_vit-h.bin
 
 A pipeline folder converts every component whose `_class_name` we support and lists the ones skipped.
-`init-from-unet` starts a ControlNet or a joint UNet (the config file's `model` section) from a trained UNet.
+`init-from-unet` starts a ControlNet or a joint UNet (the config file's `model` section) from a trained UNet;
+`init-from-controlnet` starts the stage-2 prior-fusion ControlNet from a trained (diffusers) ControlNet, every
+prior's embedding a copy of its conditioning embedding. `ip-adapter-*` move the colour adapter's
+IP-Adapter-Plus weights (original .bin/.safetensors, or a diffusers UNet holding them) to and from orbax.
 """
 
 from __future__ import annotations
@@ -102,16 +109,7 @@ def init_from_unet(unet_src: Path, config_spec: str, dst: Path, fmt: str, seed: 
     roots = sorted({p.split("/")[0] for p in copied})
     print(f"  copied {len(copied)} tensors from {unet_src}: {', '.join(roots)}")
     print(f"  fresh: {len(flatten_params(params)) - len(copied)} tensors")
-    family = pretrained.family_for_module(module)
-    if fmt == "torch":
-        if (dst / "config.json").exists() and not overwrite:
-            raise FileExistsError(f"{dst} already holds a model; pass --overwrite to replace it")
-        pretrained.save_pretrained(dst, module, params)
-    else:
-        config_dict = family.config_to_dict(module.config)
-        flax_checkpoint.save_components(dst, {family.component: (config_dict, params)}, layout="model",
-                                        overwrite=overwrite)
-    print(f"wrote {dst}")
+    _save_model(module, params, dst, fmt, overwrite)
 
 
 def swinir_to_flax(src: Path, config_spec: str, dst: Path, param_dtype, overwrite: bool) -> None:
@@ -174,6 +172,62 @@ def bodypart_to_torch(src: Path, dst: Path, overwrite: bool) -> None:
     print(f"wrote {dst}")
 
 
+def _save_model(module, params, dst: Path, fmt: str, overwrite: bool) -> None:
+    family = pretrained.family_for_module(module)
+    if fmt == "torch":
+        if (dst / "config.json").exists() and not overwrite:
+            raise FileExistsError(f"{dst} already holds a model; pass --overwrite to replace it")
+        pretrained.save_pretrained(dst, module, params)
+    else:
+        flax_checkpoint.save_components(dst, {family.component: (family.config_to_dict(module.config), params)},
+                                        layout="model", overwrite=overwrite)
+    print(f"wrote {dst}")
+
+
+def init_from_controlnet(src: Path, config_spec: str, dst: Path, fmt: str, seed: int, overwrite: bool) -> None:
+    import jax
+
+    from diffbody_jax.cli.config_args import load_config
+    from diffbody_jax.models.controlnet import build_controlnet, prior_fusion_from_controlnet
+
+    module = build_controlnet(load_config(config_spec).model)
+    subfolder = "controlnet" if (src / "controlnet").is_dir() else None
+    source, source_params = pretrained.load_pretrained(src, subfolder=subfolder)
+    if type(source).__name__ != "ControlNetModel":
+        raise ValueError(f"{src}: expected a ControlNetModel, found {type(source).__name__}")
+    params, copied = prior_fusion_from_controlnet(source_params, module, jax.random.key(seed))
+    print(f"  copied {len(copied)} tensors from {src}; priors {', '.join(module.config.prior_names)} each start as "
+          f"a copy of its conditioning embedding; alphas {module.fusion_alphas(params)}")
+    _save_model(module, jax.device_get(params), dst, fmt, overwrite)
+
+
+COLOUR_ADAPTER = "colour_adapter"
+
+
+def ip_adapter_to_flax(src: Path, unet_spec: str, dst: Path, param_dtype, overwrite: bool) -> None:
+    from diffbody_jax.cli.config_args import load_config
+    from diffbody_jax.interop.ip_adapter import load_ip_adapter
+    from diffbody_jax.models.unet import UNetConfig
+
+    unet_dict = load_config(unet_spec).model.diffusers.to_dict()
+    resampler, params = load_ip_adapter(src, UNetConfig.from_diffusers(unet_dict, unet_spec), dtype=param_dtype)
+    config = {"_class_name": "IPAdapterPlus", "resampler": resampler.config.to_dict(), "unet": unet_dict}
+    flax_checkpoint.save_components(dst, {COLOUR_ADAPTER: (config, params)}, layout="model", overwrite=overwrite)
+    n = len(flatten_params(params["ip_adapter"]))
+    print(f"wrote {dst}: Resampler {resampler.config} and {n} to_k_ip/to_v_ip kernels from {src}")
+
+
+def ip_adapter_to_torch(src: Path, dst: Path, overwrite: bool) -> None:
+    from diffbody_jax.interop.ip_adapter import original_state_dict, write_ip_adapter
+    from diffbody_jax.models.unet import UNetConfig
+
+    config, params = flax_checkpoint.load_component(src, COLOUR_ADAPTER)
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
+    write_ip_adapter(dst, original_state_dict(params, UNetConfig.from_diffusers(config["unet"], str(src))))
+    print(f"wrote {dst}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m convert", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -215,6 +269,24 @@ def main(argv=None) -> int:
     p.add_argument("--src", required=True, type=Path)
     p.add_argument("--dst", required=True, type=Path)
     p.add_argument("--overwrite", action="store_true")
+    p = sub.add_parser("init-from-controlnet", help="the stage-2 prior-fusion ControlNet from a trained ControlNet")
+    p.add_argument("--controlnet", required=True, type=Path, help="diffusers ControlNet folder or our checkpoint")
+    p.add_argument("--config", default="configs/controlnet.py:variant=diffbody-v2-stage2")
+    p.add_argument("--dst", required=True, type=Path)
+    p.add_argument("--format", default="flax", choices=["flax", "torch"])
+    p.add_argument("--seed", type=int, default=0, help="seed of the parameters that are not copied")
+    p.add_argument("--overwrite", action="store_true")
+    p = sub.add_parser("ip-adapter-to-flax", help="IP-Adapter-Plus .bin/.safetensors (either layout) -> orbax")
+    p.add_argument("--src", required=True, type=Path)
+    p.add_argument("--unet-config", default="configs/unet.py:variant=sdxl-base",
+                   help="the UNet whose cross-attentions the to_k_ip/to_v_ip pairs belong to")
+    p.add_argument("--dst", required=True, type=Path)
+    p.add_argument("--param-dtype", default="float32", choices=sorted(_DTYPES))
+    p.add_argument("--overwrite", action="store_true")
+    p = sub.add_parser("ip-adapter-to-torch", help="orbax colour adapter -> IP-Adapter-Plus .bin or .safetensors")
+    p.add_argument("--src", required=True, type=Path)
+    p.add_argument("--dst", required=True, type=Path)
+    p.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     try:
         if args.command == "to-flax":
@@ -227,6 +299,12 @@ def main(argv=None) -> int:
             bodypart_to_flax(args.src, args.imagenet, args.config, args.dst, args.overwrite)
         elif args.command == "bodypart-to-torch":
             bodypart_to_torch(args.src, args.dst, args.overwrite)
+        elif args.command == "init-from-controlnet":
+            init_from_controlnet(args.controlnet, args.config, args.dst, args.format, args.seed, args.overwrite)
+        elif args.command == "ip-adapter-to-flax":
+            ip_adapter_to_flax(args.src, args.unet_config, args.dst, _DTYPES[args.param_dtype], args.overwrite)
+        elif args.command == "ip-adapter-to-torch":
+            ip_adapter_to_torch(args.src, args.dst, args.overwrite)
         elif args.command == "swinir-to-flax":
             swinir_to_flax(args.src, args.config, args.dst, _DTYPES[args.param_dtype], args.overwrite)
         else:

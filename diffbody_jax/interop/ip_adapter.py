@@ -238,3 +238,17 @@ def write_ip_adapter(path: str | os.PathLike, flat: Mapping[str, np.ndarray]) ->
         nested[part][rest] = value
     torch_files.write_torch(nested, path)
     return path
+
+
+def load_ip_adapter(
+    path: str | os.PathLike, unet_config: UNetConfig, dim_head: int = 64, dtype: Any = None, **resampler_kwargs
+) -> tuple[Resampler, dict]:
+    """(Resampler module, adapter params) from an IP-Adapter-Plus file of either layout, for a UNet of
+    `unet_config`; the Resampler's shape is read from the file (heads = query width // dim_head).
+    resampler_kwargs: run-time fields of the Resampler (dtype=jnp.bfloat16, attention_backend=...)."""
+    from diffbody_jax.models.unet import UNet2DConditionModel
+
+    flat = read_ip_adapter(path)
+    resampler = Resampler(infer_resampler_config(flat, str(path), dim_head), **resampler_kwargs)
+    unet = UNet2DConditionModel(unet_config, ip_adapter=True)
+    return resampler, adapter_from_state_dict(flat, unet, resampler, str(path), dtype)

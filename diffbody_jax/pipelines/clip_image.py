@@ -28,3 +28,16 @@ def clip_preprocess(images: jax.Array, size: int = 224, crop: int = 224) -> jax.
     top, left = (new_h - crop) // 2, (new_w - crop) // 2
     x = x[:, top : top + crop, left : left + crop]
     return (x - jnp.asarray(CLIP_MEAN)) / jnp.asarray(CLIP_STD)
+
+
+def colour_adapter_features(vision, params, images: jax.Array, size: int | None = None) -> jax.Array:
+    """What the colour adapter's Resampler reads: CLIP vision penultimate hidden states of I_res.
+
+    vision: a `CLIPVisionModel` (ViT-H/14 for IP-Adapter-Plus-XL); params: its params; images: [B, H, W, 3]
+    uint8 or float in [0, 1]. Returns [B, 1 + P, hidden] (257 x 1280 for ViT-H/14 at 224). The unconditional
+    features for classifier-free guidance are, as in diffusers, those of an all-zero *normalised* input:
+    `vision.apply({"params": params}, jnp.zeros_like(pixels))["hidden_states"][-2]`.
+    """
+    size = size or vision.config.image_size
+    pixels = clip_preprocess(images, size=size, crop=size)
+    return vision.apply({"params": params}, pixels.astype(vision.dtype))["hidden_states"][-2]

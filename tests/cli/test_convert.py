@@ -122,3 +122,46 @@ def test_init_from_unet_writes_joint_unet_and_controlnet(tmp_path, capsys):
     bad = f"{REPO}/configs/unet.py:variant=tiny-sd21"
     assert main(["init-from-unet", "--unet", str(tmp_path / "sd"), "--config", bad, "--dst", str(tmp_path / "x")]) == 2
     assert "neither a JointUNet nor a ControlNetModel" in capsys.readouterr().err
+
+
+def test_init_from_controlnet_and_ip_adapter_round_trip(tmp_path, capsys):
+    """The stage-2 ControlNet from a diffusers ControlNet folder; an IP-Adapter-Plus .bin to orbax and back."""
+    import torch
+
+    from diffbody_jax.interop.ip_adapter import original_state_dict, write_ip_adapter
+    from diffbody_jax.models.controlnet import ControlNetModel
+    from diffbody_jax.models.ip_adapter import Resampler, ResamplerConfig
+    from diffbody_jax.models.unet import UNet2DConditionModel, UNetConfig
+    from tests.torch_ref import controlnet_diffusers_config, torch_controlnet
+
+    torch_controlnet(controlnet_diffusers_config("tiny-sdxl"), seed=1).save_pretrained(tmp_path / "cn")
+    cfg = f"{REPO}/configs/controlnet.py:variant=tiny-v2-stage2"
+    assert main(["init-from-controlnet", "--controlnet", str(tmp_path / "cn"), "--config", cfg,
+                 "--dst", str(tmp_path / "stage2")]) == 0
+    assert "copy of its conditioning embedding" in capsys.readouterr().out
+    module, params = diffbody_jax.load_pretrained(tmp_path / "stage2")
+    assert isinstance(module, ControlNetModel) and module.config.conditioning_embedding_type == "prior_fusion"
+    assert module.fusion_alphas(params) == pytest.approx({"ir": 0.25, "pose": 0.25, "depth": 0.25, "normal": 0.25})
+
+    unet_cfg = UNetConfig.from_diffusers(unet_diffusers_config("tiny-sdxl"))
+    import jax
+
+    adapter = {"image_proj": Resampler(ResamplerConfig.tiny(32, 24)).init_params(jax.random.key(0)),
+               "ip_adapter": {}}
+    from diffbody_jax.models.ip_adapter import ip_adapter_of
+
+    adapter["ip_adapter"] = ip_adapter_of(UNet2DConditionModel(unet_cfg, ip_adapter=True).init_params(
+        jax.random.key(1)))
+    flat = original_state_dict(jax.tree.map(np.asarray, adapter), unet_cfg)
+    write_ip_adapter(tmp_path / "ip.bin", flat)
+    unet_spec = f"{REPO}/configs/unet.py:variant=tiny-sdxl"
+    assert main(["ip-adapter-to-flax", "--src", str(tmp_path / "ip.bin"), "--unet-config", unet_spec,
+                 "--dst", str(tmp_path / "ca")]) == 0
+    assert main(["ip-adapter-to-torch", "--src", str(tmp_path / "ca"), "--dst", str(tmp_path / "back.bin")]) == 0
+    back = torch.load(tmp_path / "back.bin", weights_only=True)
+    assert set(back) == {"image_proj", "ip_adapter"}
+    for key, value in flat.items():
+        part, _, rest = key.partition(".")
+        np.testing.assert_array_equal(back[part][rest].numpy(), value)
+    assert main(["ip-adapter-to-flax", "--src", str(tmp_path / "cn" / "config.json"), "--unet-config", unet_spec,
+                 "--dst", str(tmp_path / "bad")]) == 2

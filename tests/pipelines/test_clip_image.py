@@ -37,3 +37,19 @@ def test_float_and_uint8_inputs_agree():
     a = clip_preprocess(jnp.asarray(img[None]))
     b = clip_preprocess(jnp.asarray(img[None], jnp.float32) / 255.0)
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_colour_adapter_features_are_the_penultimate_hidden_states():
+    from diffbody_jax.models.clip import CLIPVisionConfig, CLIPVisionModel
+    from diffbody_jax.pipelines.clip_image import clip_preprocess, colour_adapter_features
+
+    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                           image_size=28, patch_size=7)
+    vision = CLIPVisionModel(cfg)
+    params = vision.init_params(jax.random.key(0))
+    images = jax.random.uniform(jax.random.key(1), (2, 40, 30, 3))
+    got = colour_adapter_features(vision, params, images)
+    out = vision.apply({"params": params}, clip_preprocess(images, 28, 28))
+    assert got.shape == (2, 1 + 16, 32)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(out["hidden_states"][-2]))
+    assert not np.allclose(np.asarray(got), np.asarray(out["last_hidden_state"]))
