@@ -40,7 +40,8 @@ FROM_UNET = {
         "tiny-sd21", dict(in_channels=8, conditioning_channels=4, conditioning_embedding_type="latent")
     ),
     "tiny-v2-stage2": (
-        "tiny-sdxl", dict(conditioning_embedding_out_channels=[8, 8, 16, 16], conditioning_embedding_type="prior_fusion")
+        "tiny-sdxl",
+        dict(conditioning_embedding_out_channels=[8, 8, 16, 16], conditioning_embedding_type="prior_fusion"),
     ),
 }
 

@@ -140,3 +140,19 @@ def stage2_loss(
     pred = model.apply({"params": params}, z_t, t, text, batch["priors"], image, prior_mask=batch.get("prior_mask"))
     loss = diffusion_loss(pred, x0, eps, alphas_cumprod[t], prediction_type, min_snr_gamma=min_snr_gamma)
     return loss, {"loss": loss, "t_mean": t.astype(jnp.float32).mean()}
+
+
+def build_stage2(model_config) -> Stage2Model:
+    """The model described by a `configs/stage2.py` `model` section (run-time fields shared by all three)."""
+    from diffbody_jax.models.controlnet import ControlNetConfig
+    from diffbody_jax.models.ip_adapter import ResamplerConfig
+    from diffbody_jax.models.unet import UNetConfig, runtime_kwargs
+
+    kw = runtime_kwargs(model_config)
+    unet = UNet2DConditionModel(UNetConfig.from_diffusers(dict(model_config["unet"]), "model.unet"), ip_adapter=True,
+                                **kw)
+    controlnet = ControlNetModel(ControlNetConfig.from_diffusers(dict(model_config["controlnet"]), "model.controlnet"),
+                                 **kw)
+    resampler = Resampler(ResamplerConfig.from_dict(dict(model_config["resampler"]), "model.resampler"),
+                          dtype=kw["dtype"], param_dtype=kw["param_dtype"], attention_backend=kw["attention_backend"])
+    return Stage2Model(unet, controlnet, resampler)

@@ -144,3 +144,19 @@ def test_real_size_subsets():
     # to_k_ip/to_v_ip (2 x C x 2048) of 70 cross-attentions: 10 at C = 640 and 60 at C = 1280 = 340,787,200
     assert n_ad == 82_961_664 + 340_787_200
     assert total == 2_567_463_684 + n_cn + n_ad
+
+
+@pytest.mark.parametrize("variant", ["tiny", "sdxl"])
+def test_config_builds_the_model(variant):
+    from diffbody_jax.cli.config_args import load_config
+    from diffbody_jax.models.stage2 import build_stage2
+
+    config = load_config(f"{REPO}/configs/stage2.py:variant={variant},phase=colour_adapter")
+    model = build_stage2(config.model)
+    assert config.train.learning_rate == 1e-4 and config.train.batch_size == 64
+    assert model.image_proj.config.output_dims == model.unet.config.cross_attention_dim
+    if variant == "tiny":
+        shapes = model.param_shapes()
+        assert set(shapes) == {"unet", "controlnet", "image_proj"}
+    else:
+        assert model.image_proj.config == ResamplerConfig()

@@ -1,0 +1,52 @@
+"""DiffBody v2 stage 2: SDXL UNet + prior-fusion ControlNet + colour adapter (diffbody_jax/models/stage2.py).
+
+  python -m convert init-from-controlnet --controlnet controlnet-sdxl --dst ckpt/controlnet-stage2
+  python -m convert ip-adapter-to-flax --src ip-adapter-plus_sdxl_vit-h.bin --dst ckpt/colour-adapter
+
+Variants:
+  sdxl   SDXL-base UNet, configs/controlnet.py:diffbody-v2-stage2, IP-Adapter-Plus-XL's Resampler (16 queries,
+         width 1280, 4 layers of 20 heads of 64, ViT-H/14 features of width 1280 in, 2048 out)
+  tiny   the tiny-sdxl UNet, tiny-v2-stage2 ControlNet and a tiny Resampler (CLIP width 24), for tests and demos
+Arguments: phase = controlnet (Eq. 3) | colour_adapter (Eq. 4): the trainable subset and the paper's
+hyperparameters for it (seed 002, Sec. 4): ControlNet + fusion 100k steps, batch 32 with 2 accumulation steps,
+Adam lr 1e-5; adapter 200k steps, batch 64, Adam lr 1e-4. The training program that reads `train` lands with
+the training engine.
+"""
+
+import pathlib
+
+import ml_collections
+
+from diffbody_jax.cli.config_args import load_config, model_section, parse_arg
+
+HERE = pathlib.Path(__file__).parent
+VARIANTS = {"sdxl": ("sdxl-base", "diffbody-v2-stage2"), "tiny": ("tiny-sdxl", "tiny-v2-stage2")}
+PHASES = {
+    "controlnet": dict(steps=100_000, batch_size=32, grad_accum=2, learning_rate=1e-5),
+    "colour_adapter": dict(steps=200_000, batch_size=64, grad_accum=1, learning_rate=1e-4),
+}
+
+
+def get_config(arg=None):
+    from diffbody_jax.models.ip_adapter import ResamplerConfig
+
+    arg = parse_arg(arg, variant="sdxl", phase="controlnet")
+    if arg["variant"] not in VARIANTS:
+        raise ValueError(f"unknown stage-2 variant {arg['variant']!r}; known: {sorted(VARIANTS)}")
+    if arg["phase"] not in PHASES:
+        raise ValueError(f"unknown stage-2 phase {arg['phase']!r}; known: {sorted(PHASES)}")
+    unet_variant, cn_variant = VARIANTS[arg["variant"]]
+    unet = load_config(f"{HERE / 'unet.py'}:variant={unet_variant}").model.diffusers.to_dict()
+    controlnet = load_config(f"{HERE / 'controlnet.py'}:variant={cn_variant}").model.diffusers.to_dict()
+    tiny = arg["variant"] == "tiny"
+    resampler = ResamplerConfig.tiny(output_dims=unet["cross_attention_dim"]) if tiny else ResamplerConfig()
+
+    config = ml_collections.ConfigDict()
+    config.model = model_section(variant=arg["variant"], unet=unet, controlnet=controlnet,
+                                 resampler=resampler.to_dict())
+    config.train = ml_collections.ConfigDict(dict(
+        phase=arg["phase"], prediction_type="epsilon", noise_offset=0.0, min_snr_gamma=None,
+        optimizer="adam", **PHASES[arg["phase"]],
+    ))
+    config.lock()
+    return config
