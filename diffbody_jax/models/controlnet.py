@@ -386,33 +386,25 @@ def prior_fusion_from_controlnet(
     c = fusion.config
     if c.conditioning_embedding_type != "prior_fusion":
         raise ValueError("prior_fusion_from_controlnet: the target ControlNet must have prior_fusion conditioning")
-    fresh = traverse_util.flatten_dict(fusion.init_params(rng), sep="/")
-    source = traverse_util.flatten_dict(controlnet_params, sep="/")
     emb = "controlnet_cond_embedding/"
-    if not any(k.startswith(emb + "conv_in/") for k in source):
+    if not any(k.startswith(emb + "conv_in/") for k in traverse_util.flatten_dict(controlnet_params, sep="/")):
         raise ValueError("prior_fusion_from_controlnet: the source params have no pixel conditioning embedding "
-                         f"({emb}conv_in); got {sorted({k.split('/')[0] for k in source})}")
-    out, copied = {}, []
-    for path, value in fresh.items():
-        if path.startswith(emb):
-            prior, _, rest = path[len(emb):].partition("/")
-            src_path = emb + rest if rest else None  # alpha params have no source
-        else:
-            src_path = path
-        if src_path is None:
-            out[path] = value
-            continue
-        if src_path not in source:
-            raise ValueError(f"prior_fusion_from_controlnet: the source params have no {src_path} (for {path})")
-        src = np.asarray(source[src_path])
-        if src_path == emb + "conv_in/kernel":
-            src = _adapt_prior_conv_in(src, value.shape[2], prior)
-        if src.shape != value.shape:
-            raise ValueError(f"prior_fusion_from_controlnet: {src_path} is {src.shape}, {path} needs {value.shape}")
-        out[path] = jnp.asarray(src, value.dtype)
-        copied.append(path)
+                         f"({emb}conv_in); got {sorted(controlnet_params)}")
+
+    def source_path(path: str) -> str | None:
+        if not path.startswith(emb):
+            return path
+        _, _, rest = path[len(emb):].partition("/")  # <prior>/<rest>; the alpha params have no rest
+        return emb + rest if rest else None
+
+    def adapt(path: str, src: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        if path.startswith(emb) and path.endswith("/conv_in/kernel"):
+            return _adapt_prior_conv_in(src, shape[2], path.split("/")[1])
+        return src
+
+    params, copied = copy_from_unet(fusion.init_params(rng), controlnet_params, source_path, "prior-fusion ControlNet",
+                                    adapt, source_name="a ControlNet")
     log.info("prior-fusion ControlNet initialised from a ControlNet: trunk copied; F_i of %s each start as a copy "
              "of its conditioning embedding; alphas %s (%s)", ", ".join(c.prior_names),
-             prior_alphas(c.prior_fusion, traverse_util.unflatten_dict(out, sep="/").get(emb[:-1])),
-             c.fusion_alpha_mode)
-    return traverse_util.unflatten_dict(out, sep="/"), sorted(copied)
+             prior_alphas(c.prior_fusion, params.get(emb[:-1])), c.fusion_alpha_mode)
+    return params, copied

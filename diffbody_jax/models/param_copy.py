@@ -25,13 +25,19 @@ def widen_conv_in(kernel: np.ndarray, in_channels: int, source: str) -> np.ndarr
 
 
 def copy_from_unet(
-    fresh: dict, unet_params: dict, source_path: Callable[[str], str | None], target: str
+    fresh: dict,
+    unet_params: dict,
+    source_path: Callable[[str], str | None],
+    target: str,
+    adapt: Callable[[str, np.ndarray, tuple[int, ...]], np.ndarray] | None = None,
+    source_name: str = "a UNet",
 ) -> tuple[dict, list[str]]:
-    """Fill `fresh` (a new model's params) from `unet_params` wherever `source_path(path)` names a UNet param.
+    """Fill `fresh` (a new model's params) from `unet_params` wherever `source_path(path)` names a source param.
 
-    The UNet's conv_in kernel is widened with zero input channels wherever the target takes more inputs.
-    Shapes must otherwise agree. Paths mapped to None keep their
-    fresh values. Returns (params, sorted copied target paths) and logs a summary.
+    The source's conv_in kernel is widened with zero input channels wherever the target takes more inputs;
+    `adapt(target path, source value, target shape)` may reshape any other tensor. Shapes must otherwise
+    agree. Paths mapped to None keep their fresh values. Returns (params, sorted copied target paths) and
+    logs a summary.
     """
     fresh_flat = traverse_util.flatten_dict(fresh, sep="/")
     source = traverse_util.flatten_dict(unet_params, sep="/")
@@ -42,15 +48,17 @@ def copy_from_unet(
             out[path] = value
             continue
         if src_path not in source:
-            raise ValueError(f"{target} init from a UNet: the UNet params have no {src_path} (for {path})")
+            raise ValueError(f"{target} init from {source_name}: its params have no {src_path} (for {path})")
         src = np.asarray(source[src_path])
         if src_path == "conv_in/kernel":
             src = widen_conv_in(src, value.shape[2], f"{target} init, {path}")
+        if adapt is not None:
+            src = adapt(path, src, tuple(value.shape))
         if src.shape != value.shape:
-            raise ValueError(f"{target} init from a UNet: {src_path} is {src.shape}, {path} is {value.shape}")
+            raise ValueError(f"{target} init from {source_name}: {src_path} is {src.shape}, {path} is {value.shape}")
         out[path] = jnp.asarray(src, value.dtype)
         copied.append(path)
     roots = sorted({p.split("/")[0] for p in copied})
-    log.info("%s initialised from a UNet: copied %d tensors under %s; %d kept fresh", target, len(copied),
+    log.info("%s initialised from %s: copied %d tensors under %s; %d kept fresh", target, source_name, len(copied),
              ", ".join(roots), len(out) - len(copied))
     return traverse_util.unflatten_dict(out, sep="/"), sorted(copied)

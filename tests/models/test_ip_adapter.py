@@ -15,7 +15,7 @@ import pytest
 from diffbody_jax.interop import ip_adapter as ipa
 from diffbody_jax.interop.mapping import ConversionError, flatten_params, torch_to_flax
 from diffbody_jax.interop.unet import unet_table
-from diffbody_jax.models.ip_adapter import Resampler, ResamplerConfig
+from diffbody_jax.models.ip_adapter import Resampler, ResamplerConfig, with_ip_adapter
 from diffbody_jax.models.unet import UNet2DConditionModel, UNetConfig
 from tests.torch_ref import REPO, nchw_to_nhwc, nhwc_to_nchw, randomize_, state_dict_numpy, unet_diffusers_config
 
@@ -129,7 +129,7 @@ def test_unet_with_adapter_matches_diffusers(tiny, seed, scale):
         want_tokens = ref.encoder_hid_proj.image_projection_layers[0](torch.from_numpy(x["clip"])).numpy()
     tokens = resampler.apply({"params": tiny["adapter"]["image_proj"]}, x["clip"])
     np.testing.assert_allclose(tokens, want_tokens, atol=TOL, rtol=0)
-    params = ipa.with_ip_adapter(tiny["plain"], tiny["adapter"])
+    params = with_ip_adapter(tiny["plain"], tiny["adapter"])
     got = unet.apply({"params": params}, x["sample"], x["t"], x["ctx"], text_embeds=x["text_embeds"],
                      time_ids=x["time_ids"], image_tokens=tokens, ip_scale=scale)
     err = np.abs(np.asarray(got) - nchw_to_nhwc(want)).max()
@@ -143,7 +143,7 @@ def test_unet_with_adapter_matches_diffusers(tiny, seed, scale):
 def test_scale_zero_is_the_plain_unet_exactly(tiny):
     unet = tiny["unet"]
     x = _inputs(5, unet.config)
-    params = ipa.with_ip_adapter(tiny["plain"], tiny["adapter"])
+    params = with_ip_adapter(tiny["plain"], tiny["adapter"])
     tokens = Resampler(tiny["rcfg"]).apply({"params": tiny["adapter"]["image_proj"]}, x["clip"])
     kw = dict(text_embeds=x["text_embeds"], time_ids=x["time_ids"])
     plain = jax.jit(lambda p: UNet2DConditionModel(unet.config).apply({"params": p}, x["sample"], x["t"], x["ctx"],
