@@ -70,7 +70,7 @@ def test_forward_composes_controlnet_adapter_and_unet(stage2):
     np.testing.assert_array_equal(np.asarray(off), np.asarray(plain))
 
 
-@pytest.mark.parametrize("phase", ["controlnet", "colour_adapter"])
+@pytest.mark.parametrize("phase", [pytest.param("controlnet", marks=pytest.mark.slow), "colour_adapter"])
 def test_loss_trains_exactly_its_subset(stage2, phase):
     model, params = stage2
     batch = _batch(1)

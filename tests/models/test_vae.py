@@ -106,8 +106,9 @@ def test_tiled_decode_close_to_untiled_on_a_smooth_latent():
 
 
 def test_tiled_encode_close_to_untiled():
-    """Measured over 20 fresh images: mean abs error of the posterior mean median 0.031 x its std
-    (worst 0.082), max median 0.29 x std (worst 0.45). Bounds: mean <= 0.15 x std, max <= 1 x std."""
+    """Measured over 60 fresh images: mean abs error of the posterior mean median 0.032 x its std
+    (worst 0.20), max median 0.28 x std (worst 0.99): the tail is long, as per-tile GroupNorm statistics
+    drift on images whose content differs between tiles. Bounds: mean <= 0.3 x std, max <= 2 x std."""
     _, ours, params = _pair("tiny", seed=4)
     x = jnp.asarray(np.tanh(_smooth_latent(128, 192, c=3)))
     full = ours.apply({"params": params}, x, method=AutoencoderKL.encode)
@@ -115,7 +116,7 @@ def test_tiled_encode_close_to_untiled():
     assert tiled.mean.shape == full.mean.shape == (1, 64, 96, 4)
     err = np.abs(np.asarray(tiled.mean) - np.asarray(full.mean))[:, 4:-4, 4:-4]
     std = float(np.std(full.mean))
-    assert err.mean() <= 0.15 * std and err.max() <= 1.0 * std, (err.mean(), err.max(), std)
+    assert err.mean() <= 0.3 * std and err.max() <= 2.0 * std, (err.mean(), err.max(), std)
     with pytest.raises(ValueError, match="multiples of the VAE factor 2"):
         encode_tiled(ours, params, x, tile=33, overlap=12)
 
