@@ -43,6 +43,7 @@ def test_swinir_conversion_round_trip(tmp_path):
     assert convert_main(["swinir-to-torch", "--src", str(tmp_path / "ckpt"), "--dst", str(tmp_path / "out.pth")]) != 0
 
 
+@pytest.mark.slow  # ~45 s; the body-part import/export itself is tested in tests/models/test_bodypart.py
 def test_bodypart_conversion_round_trip(tmp_path):
     """torchreid checkpoint -> orbax (head read from the file) -> torchreid checkpoint, bit-exact; and a
     checkpoint holding only ImageNet backbone weights."""

@@ -111,6 +111,7 @@ def test_gradient_through_the_vae_decode_matches_finite_differences(distance):
             assert abs(fd - analytic) <= 1e-4 * abs(analytic) + 1e-9, (fd, analytic)
 
 
+@pytest.mark.slow  # ~65 s; guided sampling through a VAE decoder stays in the default set (test_samplers)
 def test_guided_ddpm_lowers_the_final_part_loss():
     """Algorithm 1 with the tiny UNet, VAE and body-part net: s > 0 ends nearer I_reg's parts than s = 0."""
     from diffbody_jax.models.unet import UNet2DConditionModel, UNetConfig
