@@ -170,3 +170,14 @@ def import_with_torchvision_stub(module: str):
 def spandrel_swinir_class():
     """The official SwinIR definition as spandrel 0.4 carries it."""
     return import_with_torchvision_stub("spandrel.architectures.SwinIR.__arch.SwinIR").SwinIR
+
+
+def timm_hrnet_or_skip():
+    """timm's HRNet module (the HRNet and BPBreID reference), imported past the torchvision stub; skips the
+    calling test module when timm is not installed."""
+    import pytest
+
+    try:
+        return import_with_torchvision_stub("timm.models.hrnet")
+    except ImportError as e:
+        pytest.skip(f"timm is needed for the reference: {e}", allow_module_level=True)

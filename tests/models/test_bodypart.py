@@ -22,18 +22,15 @@ from diffbody_jax.interop.mapping import flatten_params, plan_import
 from diffbody_jax.models.bodypart import BodyPartConfig, BodyPartNet
 from diffbody_jax.models.hrnet import W32_INCRE, HRNetConfig
 from tests.torch_ref import (
-    import_with_torchvision_stub,
     nhwc_to_nchw,
     randomize_,
     randomize_batch_norm_stats_,
     state_dict_numpy,
+    timm_hrnet_or_skip,
 )
 
 torch = pytest.importorskip("torch")
-try:
-    timm_hrnet = import_with_torchvision_stub("timm.models.hrnet")
-except ImportError as e:
-    pytest.skip(f"timm is needed for the reference: {e}", allow_module_level=True)
+timm_hrnet = timm_hrnet_or_skip()
 from tests.models.test_hrnet import timm_cfg  # noqa: E402
 
 nn, F = torch.nn, torch.nn.functional

@@ -10,19 +10,16 @@ from diffbody_jax.interop.hrnet import hrnet_table
 from diffbody_jax.interop.mapping import flax_to_torch, torch_to_flax
 from diffbody_jax.models.hrnet import HRNet, HRNetConfig
 from tests.torch_ref import (
-    import_with_torchvision_stub,
     nchw_to_nhwc,
     nhwc_to_nchw,
     randomize_,
     randomize_batch_norm_stats_,
     state_dict_numpy,
+    timm_hrnet_or_skip,
 )
 
 torch = pytest.importorskip("torch")
-try:
-    timm_hrnet = import_with_torchvision_stub("timm.models.hrnet")
-except ImportError as e:
-    pytest.skip(f"timm is needed for the reference: {e}", allow_module_level=True)
+timm_hrnet = timm_hrnet_or_skip()
 
 
 def timm_cfg(c: HRNetConfig) -> dict:
