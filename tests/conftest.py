@@ -1,7 +1,94 @@
+"""Suite-wide fixtures and rules.
+
+- Seeds: every run draws a fresh session seed (or takes DIFFBODY_TEST_SEED); each test's seed is derived from it
+  and the test's id, so `DIFFBODY_TEST_SEED=<n> pytest path::test` replays a failure exactly. The `rng` fixture
+  is a numpy Generator on that seed, `seed` the integer; numpy's legacy global RNG, Python's `random` and torch's
+  global RNG (random weights of the PyTorch references) are seeded with it before every test. A failed test's
+  report carries its seed.
+- Under CI=true a skip is a failure: .ci/run installs every reference package, so a parity test that skips
+  means a broken install, not a missing optional extra.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import secrets
+import zlib
+
+import numpy as np
+import pytest
+
 try:
     import torch
 
     # CI has 2 cores; more intra-op threads than that only adds contention with XLA.
     torch.set_num_threads(2)
 except ImportError:
-    pass
+    torch = None
+
+SEED_ENV = "DIFFBODY_TEST_SEED"
+SESSION_SEED = int(os.environ.get(SEED_ENV) or secrets.randbits(31))
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def seed_of(nodeid: str) -> int:
+    """The seed of one test: a function of the session seed and the test id only."""
+    return (SESSION_SEED * 1_000_003 + zlib.crc32(nodeid.encode())) % (1 << 31)
+
+
+def pytest_report_header(config):
+    return f"test seed: {SEED_ENV}={SESSION_SEED}{'  (CI: skips fail)' if IN_CI else ''}"
+
+
+@pytest.fixture(autouse=True)
+def _seed_global_rngs(request):
+    s = seed_of(request.node.nodeid)
+    request.node.user_properties.append(("seed", s))
+    np.random.seed(s)
+    random.seed(s)
+    if torch is not None:
+        torch.manual_seed(s)
+    yield
+
+
+@pytest.fixture
+def seed(request) -> int:
+    """This test's integer seed (also printed in the report when the test fails)."""
+    return seed_of(request.node.nodeid)
+
+
+@pytest.fixture
+def rng(seed) -> np.random.Generator:
+    """A numpy Generator on this test's seed: fresh every run, replayable with DIFFBODY_TEST_SEED."""
+    return np.random.default_rng(seed)
+
+
+def _skip_reason(report) -> str:
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        return str(longrepr[2])
+    return str(longrepr)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        report.sections.append(("seed", f"test seed {seed_of(item.nodeid)}; replay with "
+                                        f"{SEED_ENV}={SESSION_SEED} python -m pytest '{item.nodeid}'"))
+    if IN_CI and report.skipped and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI=true (every reference package is installed there): {_skip_reason(report)}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    report = outcome.get_result()
+    if IN_CI and report.skipped:
+        report.outcome = "failed"
+        report.longrepr = (f"{collector.nodeid}: module skipped under CI=true (every reference package is "
+                           f"installed there): {_skip_reason(report)}")
+

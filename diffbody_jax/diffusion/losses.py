@@ -2,10 +2,13 @@
 
     t, eps, z_t = noising(key, x0, alphas_cumprod, noise_offset=0.05)
     pred = model(z_t, t, ...)
-    loss = diffusion_loss(pred, x0, eps, alphas_cumprod[t], "v_prediction", weight_map=1 + attn)
+    loss = diffusion_loss(pred, x0, eps, alphas_cumprod[t], "v_prediction")
+    loss = body_attention_loss(pred, x0, eps, alphas_cumprod[t], "epsilon", attn)   # DiffBody v1, Eq. 4
 
-v1 (seed 000, Eq. 4) weights the per-pixel error by (1 + I_attn) at latent resolution; v2 (seed 002, Eq. 1)
-sums one loss per branch (RGB, depth, normal), each branch noised independently: `multi_branch_loss`.
+v1 (seed 000, Eq. 4) is ||(1 + I_attn) * (eps - eps_theta)||^2: the factor sits inside the square, so each
+latent pixel's squared error is weighted by (1 + I_attn)^2, from 1 (background) to 4 (body): `body_attention_loss`.
+v2 (seed 002, Eq. 1) sums one loss per branch (RGB, depth, normal), each branch noised independently:
+`multi_branch_loss`.
 """
 
 from __future__ import annotations
@@ -86,8 +89,9 @@ def diffusion_loss(
     """Mean squared error of one prediction, in float32; returns a scalar.
 
     prediction, x0, eps: [B, H, W, C]. alpha_bar: [B] (alphas_cumprod at each example's t).
-    weight_map: [B, H, W, 1] or [B, H, W, C] per-pixel weights (DiffBody v1: 1 + I_attn at latent size);
-      the mean is over all elements of weight * error, so a map of ones equals no map.
+    weight_map: [B, H, W, 1] or [B, H, W, C] per-pixel weights on the squared error (DiffBody v1's Eq. 4 is
+      `body_attention_loss`, weight (1 + I_attn)^2); the mean is over all elements of weight * error, so a map of
+      ones equals no map.
     min_snr_gamma: weight each example by `min_snr_weight` (off when None).
     """
     a = _per_example(alpha_bar, x0.ndim)
@@ -100,6 +104,35 @@ def diffusion_loss(
     if min_snr_gamma is not None:
         per_example = per_example * min_snr_weight(alpha_bar, min_snr_gamma, prediction_type)
     return per_example.mean()
+
+
+ATTENTION_WEIGHTINGS = ("squared", "linear")
+
+
+def body_attention_loss(
+    prediction: Array,
+    x0: Array,
+    eps: Array,
+    alpha_bar: Array,
+    prediction_type: str,
+    attention: Array,
+    *,
+    weighting: str = "squared",
+    min_snr_gamma: float | None = None,
+) -> Array:
+    """DiffBody v1's training loss (seed 000, Eq. 4): mean of ((1 + I_attn) * (target - prediction))^2.
+
+    attention: I_attn at latent resolution, [B, H, W, 1] (or [B, H, W, C]), in [0, 1].
+    weighting: "squared" (default, Eq. 4 as written: the weight is inside the norm, so the squared error is
+      weighted by (1 + I_attn)^2, 1 to 4); "linear" weights the squared error by (1 + I_attn) (1 to 2), a
+      config choice that is not the paper's. The mean runs over all B * H * W * C elements, as
+      `diffusion_loss` does, so an all-zero map gives the plain loss.
+    """
+    if weighting not in ATTENTION_WEIGHTINGS:
+        raise ValueError(f"body_attention_loss: weighting={weighting!r}; expected one of {ATTENTION_WEIGHTINGS}")
+    w = 1.0 + attention.astype(jnp.float32)
+    return diffusion_loss(prediction, x0, eps, alpha_bar, prediction_type,
+                          weight_map=jnp.square(w) if weighting == "squared" else w, min_snr_gamma=min_snr_gamma)
 
 
 def multi_branch_loss(

@@ -1,7 +1,8 @@
 """The body attention map I_attn of DiffBody v1 (seed 000, Eq. 3): where the body-part network sees a body.
 
     attn = body_attention_map(net, variables, i_reg)      # i_reg: [B, H, W, 3] RGB in [0, 1]
-    attn.latent   # [B, H/8, W/8, 1]: a ControlNet condition channel, and W_a = 1 + attn.latent in Eq. 4
+    attn.latent   # [B, H/8, W/8, 1]: I_attn, the ControlNet condition channel (Eq. 4's condition; Eq. 5
+                  # calls it W_a) and the loss weight of Eq. 4 (`diffusion.losses.body_attention_loss`)
     attn.image    # [B, H, W, 1]: the same map at image resolution, for viewing
 
 The network sees I_reg resized to its input size (BPBreID: 384 x 128) and returns the foreground

@@ -41,8 +41,7 @@ def test_blur_removes_high_frequencies_and_keeps_mean(photo):
     assert abs(float(out.mean() - photo.mean())) < 1e-3
 
 
-def test_noise_has_the_stated_sigma():
-    rng = np.random.default_rng()
+def test_noise_has_the_stated_sigma(rng):
     grey = np.full((128, 128, 3), 0.5, np.float32)
     for sigma in (20.0, 40.0):
         noise = deg.gaussian_noise(grey, sigma, rng) - grey

@@ -30,8 +30,7 @@ def _write(path, rows):
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
 
 
-def test_every_bad_line_is_named(tmp_path):
-    rng = np.random.default_rng()
+def test_every_bad_line_is_named(tmp_path, rng):
     Image.fromarray(rng.integers(0, 255, (32, 48, 3), dtype=np.uint8)).save(tmp_path / "ok.png")
     Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(tmp_path / "small_depth.png")
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
@@ -71,10 +70,10 @@ def test_required_maps(tmp_path):
         read_manifest(tmp_path / "none.jsonl")
 
 
-def test_exif_orientation_is_applied(tmp_path):
+def test_exif_orientation_is_applied(tmp_path, rng):
     from diffbody_jax.data.pipeline import _load_rgb
 
-    img = Image.fromarray(np.random.default_rng().integers(0, 255, (40, 60, 3), dtype=np.uint8))
+    img = Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8))
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 CW to display", as phones write portrait shots
     img.save(tmp_path / "phone.jpg", exif=exif)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffbody_jax.diffusion.losses import diffusion_loss, multi_branch_loss, noising
+from diffbody_jax.diffusion.losses import body_attention_loss, diffusion_loss, multi_branch_loss, noising
 from diffbody_jax.diffusion.schedule import NoiseSchedule
 
 torch = pytest.importorskip("torch")
@@ -19,9 +19,9 @@ def _draw(rng, shape=(3, 8, 6, 4)):
     return [rng.standard_normal(shape).astype(np.float32) for _ in range(3)]
 
 
-def test_noising_matches_diffusers_add_noise_and_offsets_per_channel():
-    x0 = np.random.default_rng().standard_normal((3, 8, 6, 4)).astype(np.float32)
-    key = jax.random.key(int(np.random.default_rng().integers(1 << 30)))
+def test_noising_matches_diffusers_add_noise_and_offsets_per_channel(rng):
+    x0 = rng.standard_normal((3, 8, 6, 4)).astype(np.float32)
+    key = jax.random.key(int(rng.integers(1 << 30)))
     t, eps, z = noising(key, jnp.asarray(x0), ALPHAS)
     ref = diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     want = ref.add_noise(torch.from_numpy(x0), torch.from_numpy(np.array(eps)), torch.from_numpy(np.array(t)))
@@ -32,10 +32,33 @@ def test_noising_matches_diffusers_add_noise_and_offsets_per_channel():
     assert np.abs(shift).max() > 1e-3
 
 
+def test_body_attention_loss_is_eq4_as_written(rng):
+    """Seed 000 Eq. 4, ||(1 + I_attn) * (eps - eps_theta)||^2, in float64 numpy: the factor inside the square."""
+    pred, x0, eps = _draw(rng)
+    attn = rng.uniform(0, 1, (3, 8, 6, 1))
+    t = rng.integers(0, 1000, 3)
+    residual = (1.0 + attn) * (eps.astype(np.float64) - pred.astype(np.float64))
+    want = np.sum(residual**2) / residual.size
+    got = body_attention_loss(pred, x0, eps, ALPHAS[t], "epsilon", attn.astype(np.float32))
+    assert abs(float(got) - want) <= 1e-6 * want
+    # the weight reaches 4 where I_attn = 1: a pixel's error counts four times, not twice
+    one_pixel = np.zeros_like(pred)
+    one_pixel[0, 2, 3, 1] = 1.0
+    full = np.zeros((3, 8, 6, 1), np.float32)
+    full[0, 2, 3, 0] = 1.0
+    ratio = body_attention_loss(one_pixel, x0, np.zeros_like(eps), ALPHAS[t], "epsilon", full) / diffusion_loss(
+        one_pixel, x0, np.zeros_like(eps), ALPHAS[t], "epsilon")
+    assert float(ratio) == pytest.approx(4.0, rel=1e-6)
+    linear = np.sum((1.0 + attn) * (eps.astype(np.float64) - pred) ** 2) / residual.size
+    got_linear = body_attention_loss(pred, x0, eps, ALPHAS[t], "epsilon", attn.astype(np.float32), weighting="linear")
+    assert abs(float(got_linear) - linear) <= 1e-6 * linear
+    with pytest.raises(ValueError, match="weighting='cubic'"):
+        body_attention_loss(pred, x0, eps, ALPHAS[t], "epsilon", attn, weighting="cubic")
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_attention_weighted_loss_matches_torch(prediction_type):
-    """DiffBody v1 Eq. 4: mean of (1 + I_attn) * (prediction - target)^2."""
-    rng = np.random.default_rng()
+def test_weight_map_loss_matches_torch(prediction_type, rng):
+    """A per-pixel weight on the squared error, against the PyTorch expression with diffusers' v target."""
     pred, x0, eps = _draw(rng)
     attn = rng.uniform(0, 1, (3, 8, 6, 1)).astype(np.float32)
     t = rng.integers(0, 1000, 3)
@@ -54,10 +77,9 @@ def test_attention_weighted_loss_matches_torch(prediction_type):
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_min_snr_weighting_matches_diffusers_training_scripts(prediction_type):
+def test_min_snr_weighting_matches_diffusers_training_scripts(prediction_type, rng):
     from diffusers.training_utils import compute_snr
 
-    rng = np.random.default_rng()
     pred, x0, eps = _draw(rng)
     t = np.array([3, 400, 990])
     ref = diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
@@ -73,8 +95,7 @@ def test_min_snr_weighting_matches_diffusers_training_scripts(prediction_type):
     assert abs(float(got) - want) <= 1e-5 * abs(want)
 
 
-def test_multi_branch_loss_sums_branch_losses():
-    rng = np.random.default_rng()
+def test_multi_branch_loss_sums_branch_losses(rng):
     xs, es, preds = _draw(rng), _draw(rng), _draw(rng)
     a = ALPHAS[np.array([10, 500, 900])]
     total, parts = multi_branch_loss(np.concatenate(preds, -1), xs, es, a, "v_prediction")

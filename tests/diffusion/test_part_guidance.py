@@ -52,10 +52,10 @@ def _smooth_images(seed, shape=(2, 64, 32, 3)):
 
 
 @pytest.mark.parametrize("distance", ["ce", "cosine", "l2"])
-def test_part_loss_is_zero_for_identical_images_and_positive_otherwise(distance):
+def test_part_loss_is_zero_for_identical_images_and_positive_otherwise(distance, rng):
     net, variables = _net()
     config = PartLossConfig(distance=distance)
-    seed = int(np.random.default_rng().integers(1 << 30))
+    seed = int(rng.integers(1 << 30))
     a, b = _smooth_images(seed), _smooth_images(seed + 1)
     loss = jax.jit(lambda x, y: part_loss(net, variables, x, y, config))
     assert abs(float(loss(a, a))) <= 1e-6
@@ -84,7 +84,7 @@ def test_config_refuses_unknown_choices():
 
 @pytest.mark.parametrize("distance", ["ce", pytest.param("cosine", marks=pytest.mark.slow),
                                       pytest.param("l2", marks=pytest.mark.slow)])
-def test_gradient_through_the_vae_decode_matches_finite_differences(distance):
+def test_gradient_through_the_vae_decode_matches_finite_differences(distance, rng):
     """d/dz of the guidance loss (VAE decode with remat, resize, body-part net, Eq. 6) against central
     differences, in float64 so that a step of 1e-5 is exact enough and crosses no ReLU kink."""
     with jax.enable_x64(True):
@@ -97,7 +97,6 @@ def test_gradient_through_the_vae_decode_matches_finite_differences(distance):
         i_reg = f64(_smooth_images(5, (1, 64, 32, 3)))
         aux = part_guidance_aux(net, f64(variables), f64(vae_params), i_reg)
         guidance = make_part_guidance(vae, net, PartLossConfig(distance=distance))
-        rng = np.random.default_rng()
         z = jnp.asarray(rng.standard_normal((1, 32, 16, 4)))
         f = jax.jit(lambda z: guidance(z, 0, aux))
         grad = jax.jit(jax.grad(lambda z: guidance(z, 0, aux)))(z)
@@ -112,7 +111,7 @@ def test_gradient_through_the_vae_decode_matches_finite_differences(distance):
 
 
 @pytest.mark.slow  # ~65 s; guided sampling through a VAE decoder stays in the default set (test_samplers)
-def test_guided_ddpm_lowers_the_final_part_loss():
+def test_guided_ddpm_lowers_the_final_part_loss(rng):
     """Algorithm 1 with the tiny UNet, VAE and body-part net: s > 0 ends nearer I_reg's parts than s = 0."""
     from diffbody_jax.models.unet import UNet2DConditionModel, UNetConfig
 
@@ -124,11 +123,11 @@ def test_guided_ddpm_lowers_the_final_part_loss():
     def model_fn(z, t, cond):
         return unet.apply({"params": unet_params}, z, t, cond)
 
-    i_reg = _smooth_images(int(np.random.default_rng().integers(1 << 30)), (2, 64, 32, 3))
+    i_reg = _smooth_images(int(rng.integers(1 << 30)), (2, 64, 32, 3))
     aux = part_guidance_aux(net, variables, vae_params, i_reg)
     config = PartLossConfig(distance="ce")
     guidance = make_part_guidance(vae, net, config)
-    cond = jnp.asarray(np.random.default_rng().standard_normal((2, 4, 24)).astype(np.float32))
+    cond = jnp.asarray(rng.standard_normal((2, 4, 24)).astype(np.float32))
     z_T = jax.random.normal(jax.random.key(3), (2, 32, 16, 4))
     schedule = NoiseSchedule()
 

@@ -58,13 +58,12 @@ def _assert_trajectories_match(out, want_z, want_x0):
 @pytest.mark.parametrize("prediction_type,variance_type,spacing", [
     ("epsilon", "fixed_small", "leading"), ("v_prediction", "fixed_small_log", "trailing"),
     ("epsilon", "fixed_small", "linspace")])
-def test_ddpm_matches_diffusers_over_50_steps(monkeypatch, prediction_type, variance_type, spacing):
+def test_ddpm_matches_diffusers_over_50_steps(monkeypatch, prediction_type, variance_type, spacing, rng):
     kw = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type,
               variance_type=variance_type, timestep_spacing=spacing, steps_offset=1 if spacing == "leading" else 0,
               clip_sample=False)
     schedule = NoiseSchedule(**kw)
-    key = jax.random.key(int(np.random.default_rng().integers(1 << 30)))
-    rng = np.random.default_rng()
+    key = jax.random.key(int(rng.integers(1 << 30)))
     z_T = rng.standard_normal(SHAPE).astype(np.float32)
     cond = rng.standard_normal((2, 4)).astype(np.float32)
     noises = [np.asarray(step_noise(key, i, SHAPE)) for i in range(50)]
@@ -79,11 +78,10 @@ def test_ddpm_matches_diffusers_over_50_steps(monkeypatch, prediction_type, vari
 
 
 @pytest.mark.parametrize("eta,prediction_type", [(0.0, "epsilon"), (0.7, "v_prediction")])
-def test_ddim_matches_diffusers_over_50_steps(eta, prediction_type):
+def test_ddim_matches_diffusers_over_50_steps(eta, prediction_type, rng):
     kw = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type,
               clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    key = jax.random.key(int(np.random.default_rng().integers(1 << 30)))
-    rng = np.random.default_rng()
+    key = jax.random.key(int(rng.integers(1 << 30)))
     z_T = rng.standard_normal(SHAPE).astype(np.float32)
     cond = rng.standard_normal((2, 4)).astype(np.float32)
     noises = [np.asarray(step_noise(key, i, SHAPE)) for i in range(50)]
@@ -95,10 +93,9 @@ def test_ddim_matches_diffusers_over_50_steps(eta, prediction_type):
 
 @pytest.mark.parametrize("prediction_type,spacing,steps", [
     ("epsilon", "linspace", 50), ("v_prediction", "leading", 50), ("epsilon", "trailing", 10)])
-def test_dpmpp_2m_matches_diffusers(prediction_type, spacing, steps):
+def test_dpmpp_2m_matches_diffusers(prediction_type, spacing, steps, rng):
     kw = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type,
               timestep_spacing=spacing, steps_offset=1 if spacing == "leading" else 0)
-    rng = np.random.default_rng()
     z_T = rng.standard_normal(SHAPE).astype(np.float32)
     cond = rng.standard_normal((2, 4)).astype(np.float32)
     ref = diffusers.DPMSolverMultistepScheduler(**kw)
@@ -109,7 +106,7 @@ def test_dpmpp_2m_matches_diffusers(prediction_type, spacing, steps):
     _assert_trajectories_match(out, want_z, None)
 
 
-def test_compiled_once_and_one_loop():
+def test_compiled_once_and_one_loop(rng):
     traces = []
 
     def model(z, t, cond):
@@ -118,7 +115,6 @@ def test_compiled_once_and_one_loop():
 
     schedule = NoiseSchedule()
     sampler = make_sampler(model, schedule, SamplerConfig("ddpm", 50, cfg_scale=3.0))
-    rng = np.random.default_rng()
     args = lambda: (jax.random.key(int(rng.integers(1 << 30))), rng.standard_normal(SHAPE).astype(np.float32),  # noqa: E731
                     rng.standard_normal((2, 4)).astype(np.float32), rng.standard_normal((2, 4)).astype(np.float32))
     sampler(*args())
@@ -136,9 +132,8 @@ def test_compiled_once_and_one_loop():
     assert long.count("stablehlo.tanh") == short.count("stablehlo.tanh") == 1
 
 
-def test_classifier_free_guidance_combines_the_two_passes():
+def test_classifier_free_guidance_combines_the_two_passes(rng):
     schedule = NoiseSchedule()
-    rng = np.random.default_rng()
     key = jax.random.key(3)
     z_T = rng.standard_normal(SHAPE).astype(np.float32)
     cond, uncond = rng.standard_normal((2, 2, 4)).astype(np.float32)
@@ -151,16 +146,15 @@ def test_classifier_free_guidance_combines_the_two_passes():
     np.testing.assert_allclose(guided.sample, by_hand.sample, atol=1e-5)
 
 
-def _quadratic_setup():
+def _quadratic_setup(rng):
     schedule = NoiseSchedule(prediction_type="epsilon")
-    rng = np.random.default_rng()
     target = jnp.asarray(rng.standard_normal(SHAPE).astype(np.float32))
     loss = lambda x0, t, aux: jnp.sum((x0 - aux) ** 2)  # noqa: E731
     return schedule, rng, target, loss
 
 
-def test_gradient_guidance_moves_samples_toward_the_optimum_and_scale_zero_changes_nothing():
-    schedule, rng, target, loss = _quadratic_setup()
+def test_gradient_guidance_moves_samples_toward_the_optimum_and_scale_zero_changes_nothing(rng):
+    schedule, rng, target, loss = _quadratic_setup(rng)
     z_T = rng.standard_normal(SHAPE).astype(np.float32)
     cond = rng.standard_normal((2, 4)).astype(np.float32)
     key = jax.random.key(5)
@@ -181,11 +175,11 @@ def test_gradient_guidance_moves_samples_toward_the_optimum_and_scale_zero_chang
     assert dist(windowed.x0_trajectory[-1]) < dist(plain.x0_trajectory[-1])
 
 
-def test_guidance_gradient_matches_finite_differences():
+def test_guidance_gradient_matches_finite_differences(rng):
     """The sampler subtracts s * d loss(x0_hat(z)) / dz, the gradient taken through the model."""
     from diffbody_jax.diffusion.schedule import predict_x0
 
-    schedule, rng, target, loss = _quadratic_setup()
+    schedule, rng, target, loss = _quadratic_setup(rng)
     z = jnp.asarray(rng.standard_normal(SHAPE).astype(np.float32))
     cond = jnp.asarray(rng.standard_normal((2, 4)).astype(np.float32))
     t = int(schedule.timesteps(2)[0])  # 501: the first of a 2-step DDIM run
@@ -216,10 +210,9 @@ def test_guidance_gradient_matches_finite_differences():
     np.testing.assert_allclose(guided.trajectory[0], plain.trajectory[0] - 0.3 * grad, atol=1e-4, rtol=1e-5)
 
 
-def test_same_key_same_samples_different_keys_differ():
+def test_same_key_same_samples_different_keys_differ(rng):
     schedule = NoiseSchedule()
     sampler = make_sampler(_model_jax, schedule, SamplerConfig("ddpm", 10))
-    rng = np.random.default_rng()
     z_T = rng.standard_normal(SHAPE).astype(np.float32)
     cond = rng.standard_normal((2, 4)).astype(np.float32)
     a, b = sampler(jax.random.key(1), z_T, cond), sampler(jax.random.key(1), z_T, cond)
@@ -228,9 +221,8 @@ def test_same_key_same_samples_different_keys_differ():
     assert np.abs(np.asarray(a.sample) - np.asarray(c.sample)).mean() > 1e-3
 
 
-def test_strength_starts_from_a_noised_latent():
+def test_strength_starts_from_a_noised_latent(rng):
     schedule = NoiseSchedule()
-    rng = np.random.default_rng()
     x0 = rng.standard_normal(SHAPE).astype(np.float32)
     cond = rng.standard_normal((2, 4)).astype(np.float32)
     out = make_sampler(_model_jax, schedule, SamplerConfig("ddim", 50, strength=0.3, return_trajectory=True))(
@@ -240,14 +232,13 @@ def test_strength_starts_from_a_noised_latent():
         make_sampler(_model_jax, schedule, SamplerConfig("ddim", 50, strength=0.3))(jax.random.key(0), None, cond)
 
 
-def test_guidance_through_a_vae_decoder_under_jit():
+def test_guidance_through_a_vae_decoder_under_jit(rng):
     """Algorithm 1's shape: decode x0_hat with the VAE inside the guidance loss, all in the sampler's program."""
     from diffbody_jax.models.vae import AutoencoderKL, VAEConfig
     from tests.torch_ref import vae_diffusers_config
 
     vae = AutoencoderKL(VAEConfig.from_diffusers(vae_diffusers_config("tiny")))
     vae_params = vae.init_params(jax.random.key(0))
-    rng = np.random.default_rng()
     image = jnp.asarray(rng.uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32))
 
     def loss(x0, t, aux):

@@ -41,8 +41,7 @@ def test_alphas_cumprod_equal_diffusers(config):
     np.testing.assert_array_equal(ours.alphas_cumprod(), ref.alphas_cumprod.numpy())
 
 
-def test_torch_linspace_f32_matches_torch():
-    rng = np.random.default_rng()
+def test_torch_linspace_f32_matches_torch(rng):
     for _ in range(20):
         start, end = sorted(rng.uniform(-2, 2, 2))
         steps = int(rng.integers(1, 3000))
@@ -73,8 +72,7 @@ def test_real_scheduler_configs_load():
         NoiseSchedule(beta_schedule="sigmoid")
 
 
-def test_prediction_conversions_are_consistent():
-    rng = np.random.default_rng()
+def test_prediction_conversions_are_consistent(rng):
     x0, eps = rng.standard_normal((2, 3, 4, 4, 1)).astype(np.float32)
     a = rng.uniform(0.05, 0.95, (3, 1, 1, 1)).astype(np.float32)
     z = q_sample(x0, eps, a)

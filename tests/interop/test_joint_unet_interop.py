@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 
-def test_plain_sd_unet_folder_imports_into_a_fresh_joint_unet(tmp_path):
+def test_plain_sd_unet_folder_imports_into_a_fresh_joint_unet(tmp_path, rng):
     ref = diffusers.UNet2DConditionModel(**unet_diffusers_config("tiny-sd21")).eval()
     randomize_(ref, 11)
     ref.save_pretrained(tmp_path / "sd-unet")
@@ -26,7 +26,6 @@ def test_plain_sd_unet_folder_imports_into_a_fresh_joint_unet(tmp_path):
     assert joint.config.unet.in_channels == 8 and joint.config.branches == ("rgb", "depth", "normal")
     assert "conv_in_branch_2/kernel" in copied and "up_blocks_branch_1_1/resnets_0/conv1/kernel" in copied
 
-    rng = np.random.default_rng()
     x = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
     ctx = rng.standard_normal((1, 5, 24)).astype(np.float32)
     with torch.no_grad():

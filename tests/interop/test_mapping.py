@@ -34,10 +34,10 @@ def test_first_rule_wins_and_variant_tables_layer_on_top():
 
 
 @pytest.mark.parametrize("transform_shape", [((5, 3), "linear"), ((6, 4, 3, 2), "conv")])
-def test_transforms_invert(transform_shape):
+def test_transforms_invert(transform_shape, rng):
     shape, kind = transform_shape
     t = LINEAR_T if kind == "linear" else CONV_OIHW_TO_HWIO
-    x = np.random.default_rng().standard_normal(shape).astype(np.float32)
+    x = rng.standard_normal(shape).astype(np.float32)
     assert t.to_flax(x).shape == t.flax_shape(shape)
     assert t.torch_shape(t.flax_shape(shape)) == shape
     np.testing.assert_array_equal(t.to_torch(t.to_flax(x)), x)
@@ -64,8 +64,7 @@ def test_one_error_lists_every_problem():
     assert "fc.weight (5, 4) -> fc/kernel (3, 5)" in msg and "conv/bias" in msg and "extra.weight" in msg
 
 
-def test_round_trip_on_a_small_table():
-    rng = np.random.default_rng()
+def test_round_trip_on_a_small_table(rng):
     table = MappingTable(nest("layers.*", "layers_*", linear("fc", "fc") + conv2d("conv", "conv")))
     sd = {}
     for i in range(3):

@@ -46,7 +46,7 @@ def test_round_trip_is_bit_exact(variant, dtype):
         assert back[key].tobytes() == value.tobytes(), key
 
 
-def test_saved_folder_loads_in_diffusers_and_matches(tmp_path):
+def test_saved_folder_loads_in_diffusers_and_matches(tmp_path, rng):
     ref = _torch_unet("tiny-sdxl", seed=3)
     ref.save_pretrained(tmp_path / "src")  # diffusers' own layout: config.json + safetensors
     module, params = diffbody_jax.load_pretrained(tmp_path / "src")
@@ -56,7 +56,6 @@ def test_saved_folder_loads_in_diffusers_and_matches(tmp_path):
     for key, value in ref.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
 
-    rng = np.random.default_rng()
     x = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
     ctx = rng.standard_normal((1, 5, 32)).astype(np.float32)
     text = rng.standard_normal((1, 16)).astype(np.float32)

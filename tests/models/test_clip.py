@@ -27,9 +27,8 @@ def _text_pair(arch, **overrides):
     return ref, ours, params
 
 
-def _ids(eos, batch=3, length=16, vocab=118):
+def _ids(rng, eos, batch=3, length=16, vocab=118):
     """Prompts of random lengths: BOS, tokens, EOS, then padding with id 0 (SD2.1's "!")."""
-    rng = np.random.default_rng()
     ids = np.zeros((batch, length), np.int64)
     for b in range(batch):
         n = rng.integers(1, length - 2)
@@ -44,9 +43,9 @@ def _ids(eos, batch=3, length=16, vocab=118):
     ("CLIPTextModel", "quick_gelu", 2),               # SDXL's CLIP-L (legacy eos_token_id 2: argmax pooling)
     ("CLIPTextModelWithProjection", "gelu", 2),       # SDXL's bigG with projection
 ])
-def test_text_parity(arch, act, eos):
+def test_text_parity(arch, act, eos, rng):
     ref, ours, params = _text_pair(arch, hidden_act=act, eos_token_id=eos)
-    ids = _ids(eos=119)
+    ids = _ids(rng, eos=119)
     with torch.no_grad():
         want = ref(torch.from_numpy(ids), output_hidden_states=True)
     got = jax.jit(lambda p, i: ours.apply({"params": p}, i))(params, jnp.asarray(ids))
@@ -59,9 +58,9 @@ def test_text_parity(arch, act, eos):
         assert np.abs(np.asarray(got["text_embeds"]) - want.text_embeds.numpy()).max() <= TOL
 
 
-def test_text_is_causal():
+def test_text_is_causal(rng):
     _, ours, params = _text_pair("CLIPTextModel")
-    ids = _ids(eos=119, batch=1)
+    ids = _ids(rng, eos=119, batch=1)
     changed = ids.copy()
     changed[0, -1] = 7
     a = ours.apply({"params": params}, jnp.asarray(ids))["last_hidden_state"]
@@ -69,7 +68,7 @@ def test_text_is_causal():
     np.testing.assert_array_equal(np.asarray(a)[:, :-1], np.asarray(b)[:, :-1])
 
 
-def test_vision_parity():
+def test_vision_parity(rng):
     cfg = transformers.CLIPVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
                                         num_attention_heads=3, image_size=28, patch_size=7, projection_dim=24,
                                         hidden_act="gelu")
@@ -78,7 +77,7 @@ def test_vision_parity():
     ours = CLIPVisionModel(CLIPVisionConfig.from_transformers(
         {**cfg.to_dict(), "architectures": ["CLIPVisionModelWithProjection"]}))
     params = torch_to_flax(state_dict_numpy(ref), clip_vision_table(ours.config), ours.param_shapes(), "vision")
-    x = np.random.default_rng().standard_normal((2, 3, 28, 28)).astype(np.float32)
+    x = rng.standard_normal((2, 3, 28, 28)).astype(np.float32)
     with torch.no_grad():
         want = ref(torch.from_numpy(x), output_hidden_states=True)
     got = jax.jit(lambda p, x: ours.apply({"params": p}, x))(params, jnp.asarray(x.transpose(0, 2, 3, 1)))

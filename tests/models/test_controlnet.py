@@ -78,28 +78,28 @@ def _max_err(got, want):
     ("tiny-v1", (6, 10), 0.55, False),  # latent condition, odd latent size
     ("tiny-v2-stage1", (8, 8), 1.3, True),
 ])
-def test_parity(variant, size, scale, guess):
+def test_parity(variant, size, scale, guess, rng):
     ref, ours, params = _pair(controlnet_diffusers_config(variant), seed=1)
-    args = _inputs(ours.config, 2, *size, np.random.default_rng())
+    args = _inputs(ours.config, 2, *size, rng)
     want = _run_torch(ref, *args, scale=scale, guess_mode=guess)
     got = _run_ours(ours, params, *args, scale=scale, guess_mode=guess)
     assert min(float(w.std()) for w in want[0]) > 0.01
     assert _max_err(got, want) <= TOL
 
 
-def test_parity_bgr_order_and_pooled_conditions():
+def test_parity_bgr_order_and_pooled_conditions(rng):
     config = controlnet_diffusers_config("tiny-sd21")
     config.update(controlnet_conditioning_channel_order="bgr", global_pool_conditions=True)
     ref, ours, params = _pair(config, seed=2)
-    args = _inputs(ours.config, 1, 8, 8, np.random.default_rng())
+    args = _inputs(ours.config, 1, 8, 8, rng)
     got, want = _run_ours(ours, params, *args, guess_mode=True), _run_torch(ref, *args, guess_mode=True)
     assert got[1].shape[2:] == (1, 1)
     assert _max_err(got, want) <= TOL
 
 
-def test_per_example_conditioning_scale():
+def test_per_example_conditioning_scale(rng):
     _, ours, params = _pair(controlnet_diffusers_config("tiny-sd21"))
-    x, t, ctx, cond, _ = _inputs(ours.config, 2, 8, 8, np.random.default_rng())
+    x, t, ctx, cond, _ = _inputs(ours.config, 2, 8, 8, rng)
     scales = jnp.array([0.3, 1.7])
     apply = lambda s: ours.apply({"params": params}, nchw_to_nhwc(x), t, ctx, nchw_to_nhwc(cond),  # noqa: E731
                                  conditioning_scale=s)
@@ -109,14 +109,14 @@ def test_per_example_conditioning_scale():
 
 
 @pytest.mark.parametrize("variant", ["tiny-sd21", "tiny-sdxl"])
-def test_unet_plus_controlnet_end_to_end(variant):
+def test_unet_plus_controlnet_end_to_end(variant, rng):
     """diffusers' UNet fed diffusers' ControlNet residuals == our UNet fed ours."""
     ref_cn, ours_cn, cn_params = _pair(controlnet_diffusers_config(variant), seed=3)
     ref_unet = diffusers.UNet2DConditionModel(**unet_diffusers_config(variant)).eval()
     randomize_(ref_unet, 4)
     unet = UNet2DConditionModel(UNetConfig.from_diffusers(dict(ref_unet.config)))
     unet_params = torch_to_flax(state_dict_numpy(ref_unet), unet_table(unet.config), unet.param_shapes(), variant)
-    x, t, ctx, cond, added = _inputs(ours_cn.config, 2, 8, 8, np.random.default_rng())
+    x, t, ctx, cond, added = _inputs(ours_cn.config, 2, 8, 8, rng)
 
     tkw = {"added_cond_kwargs": {k: torch.from_numpy(v) for k, v in added.items()}} if added else {}
     with torch.no_grad():
@@ -136,7 +136,7 @@ def test_unet_plus_controlnet_end_to_end(variant):
 
 
 @pytest.mark.parametrize("variant", ["tiny-v1", "tiny-v2-stage1", "tiny-sdxl"])
-def test_from_unet_copies_the_encoder_and_leaves_the_unet_output_unchanged(variant):
+def test_from_unet_copies_the_encoder_and_leaves_the_unet_output_unchanged(variant, rng):
     cn_config = controlnet_diffusers_config(variant)
     unet_variant = "tiny-sdxl" if variant == "tiny-sdxl" else "tiny-sd21"
     ref_unet = diffusers.UNet2DConditionModel(**unet_diffusers_config(unet_variant)).eval()
@@ -163,7 +163,6 @@ def test_from_unet_copies_the_encoder_and_leaves_the_unet_output_unchanged(varia
         assert not kernel[:, 4:].any()
 
     # Zero output convs: the UNet's output is unchanged, bit for bit.
-    rng = np.random.default_rng()
     x, t, ctx, cond, added = _inputs(cn.config, 2, 8, 8, rng)
     x = nchw_to_nhwc(x)
     res = cn.apply({"params": params}, x, t, ctx, nchw_to_nhwc(cond), **added)
@@ -174,9 +173,9 @@ def test_from_unet_copies_the_encoder_and_leaves_the_unet_output_unchanged(varia
     np.testing.assert_array_equal(plain, steered)
 
 
-def test_sum_residuals_adds_two_controlnets():
+def test_sum_residuals_adds_two_controlnets(rng):
     _, ours, params = _pair(controlnet_diffusers_config("tiny-sd21"))
-    x, t, ctx, cond, _ = _inputs(ours.config, 1, 8, 8, np.random.default_rng())
+    x, t, ctx, cond, _ = _inputs(ours.config, 1, 8, 8, rng)
     out = ours.apply({"params": params}, nchw_to_nhwc(x), t, ctx, nchw_to_nhwc(cond))
     total = sum_residuals([out, out])
     np.testing.assert_allclose(total.down[3], 2 * out.down[3], rtol=1e-6)

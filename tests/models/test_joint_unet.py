@@ -40,27 +40,27 @@ def _inputs(rng, batch, channels, h=8, w=8):
 
 
 @pytest.mark.parametrize("split", SPLITS)
-def test_one_branch_is_the_plain_unet(split):
+def test_one_branch_is_the_plain_unet(split, rng):
     unet = _unet()
     unet_params = _noisy_params(unet, 0)
     joint = JointUNet(JointUNetConfig(unet.config, ("rgb",), *split))
     params, _ = joint_unet_from_unet(unet_params, joint, jax.random.key(1))
-    x, t, ctx = _inputs(np.random.default_rng(), 2, 8)
+    x, t, ctx = _inputs(rng, 2, 8)
     want = jax.jit(unet.apply)({"params": unet_params}, x, t, ctx)
     got = jax.jit(joint.apply)({"params": params}, x, t, ctx)
     np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("split", SPLITS)
-def test_three_identical_branches_from_one_unet_each_equal_the_unet(split):
+def test_three_identical_branches_from_one_unet_each_equal_the_unet(split, rng):
     plain = _unet(in_channels=4)
     unet_params = _noisy_params(plain, 2)
     joint = JointUNet(JointUNetConfig.from_unet(plain.config, in_channels=8, copy_first_n_block=split[0],
                                                 copy_last_n_block=split[1]))
     params, copied = joint_unet_from_unet(unet_params, joint, jax.random.key(3))
     assert "fusion_logits" not in copied and not np.asarray(params["fusion_logits"]).any()
-    x, t, ctx = _inputs(np.random.default_rng(), 2, 4)
-    pose = np.random.default_rng().standard_normal(x.shape).astype(np.float32)
+    x, t, ctx = _inputs(rng, 2, 4)
+    pose = rng.standard_normal(x.shape).astype(np.float32)
     branch_input = np.concatenate([x, pose], -1)  # the pose latent meets zero-initialised conv_in channels
     want = jax.jit(plain.apply)({"params": unet_params}, x, t, ctx)
     got = jax.jit(joint.apply)({"params": params}, np.concatenate([branch_input] * 3, -1), t, ctx)
@@ -68,14 +68,14 @@ def test_three_identical_branches_from_one_unet_each_equal_the_unet(split):
         np.testing.assert_allclose(got[..., 4 * b: 4 * b + 4], want, atol=2e-5, rtol=0)
 
 
-def test_size_conditioning_starts_with_no_effect():
+def test_size_conditioning_starts_with_no_effect(rng):
     plain = _unet(in_channels=4)
     unet_params = _noisy_params(plain, 4)
     joint = JointUNet(JointUNetConfig.from_unet(plain.config, num_time_ids=8, addition_time_embed_dim=8,
                                                 branches=("rgb",)))
     params, _ = joint_unet_from_unet(unet_params, joint, jax.random.key(5))
-    x, t, ctx = _inputs(np.random.default_rng(), 2, 4)
-    ids = np.random.default_rng().uniform(0, 1024, (2, 8)).astype(np.float32)
+    x, t, ctx = _inputs(rng, 2, 4)
+    ids = rng.uniform(0, 1024, (2, 8)).astype(np.float32)
     got = joint.apply({"params": params}, np.concatenate([x, x], -1), t, ctx, time_ids=ids)
     np.testing.assert_allclose(got, plain.apply({"params": unet_params}, x, t, ctx), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match=r"time_ids: expected 8 values per example"):
@@ -171,7 +171,7 @@ class TorchJointUNet(torch.nn.Module):
 
 @pytest.mark.parametrize("split,time_ids,residuals", [
     ((0, 0), 0, False), ((1, 1), 0, True), ((2, 2), 8, False), ((1, 2), 6, True)])
-def test_parity_with_torch_twin(split, time_ids, residuals):
+def test_parity_with_torch_twin(split, time_ids, residuals, rng):
     cfg = {**unet_diffusers_config("tiny-sd21"), "in_channels": 8}
     twin = TorchJointUNet(cfg, 3, *split, num_time_ids=time_ids).eval()
     randomize_(twin, seed=7)
@@ -183,7 +183,6 @@ def test_parity_with_torch_twin(split, time_ids, residuals):
     ours = JointUNet(ours_cfg)
     params = torch_to_flax(state_dict_numpy(twin), joint_unet_table(ours_cfg), ours.param_shapes(), "twin")
 
-    rng = np.random.default_rng()
     x = rng.standard_normal((2, 24, 8, 8)).astype(np.float32)
     t = rng.integers(0, 1000, 2)
     ctx = rng.standard_normal((2, 5, 24)).astype(np.float32)
@@ -224,17 +223,17 @@ def test_state_dict_round_trip_is_bit_exact(split):
         assert pa == pb and np.asarray(a).tobytes() == np.asarray(b).tobytes(), pa
 
 
-def test_bad_input_channels_are_named():
+def test_bad_input_channels_are_named(rng):
     joint = JointUNet(JointUNetConfig(_unet().config))
     params = joint.init_params(jax.random.key(0))
-    x, t, ctx = _inputs(np.random.default_rng(), 1, 16)
+    x, t, ctx = _inputs(rng, 1, 16)
     with pytest.raises(ValueError, match=r"sample has 16 channels; expected 3 branches x 8 \(rgb, depth, normal\)"):
         joint.apply({"params": params}, x, t, ctx)
     with pytest.raises(ValueError, match=r"copy_last_n_block=4 is outside 0..3"):
         JointUNetConfig(_unet().config, copy_last_n_block=4)
 
 
-def test_stage1_controlnet_steers_every_branch():
+def test_stage1_controlnet_steers_every_branch(rng):
     """The diffbody-v2-stage1 ControlNet sees the RGB branch's input and E(I_ir); its residuals fit the joint UNet,
     start at zero (output unchanged) and, once trained (here: random output convs), change every branch."""
     from diffbody_jax.models.controlnet import ControlNetConfig, ControlNetModel, controlnet_from_unet
@@ -247,7 +246,6 @@ def test_stage1_controlnet_steers_every_branch():
                                                     conditioning_embedding_type="latent"))
     cn_params, _ = controlnet_from_unet(unet_params, cn, jax.random.key(1))
 
-    rng = np.random.default_rng()
     x, t, ctx = _inputs(rng, 2, 24)
     i_ir = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
 

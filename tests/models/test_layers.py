@@ -24,10 +24,10 @@ def _params(flax_module, torch_module, rules, *inputs):
 @pytest.mark.parametrize("flip", [True, False])
 @pytest.mark.parametrize("shift", [0, 1])
 @pytest.mark.parametrize("dim", [32, 33])
-def test_timestep_embedding_matches_diffusers(flip, shift, dim):
+def test_timestep_embedding_matches_diffusers(flip, shift, dim, rng):
     from diffusers.models.embeddings import get_timestep_embedding
 
-    t = np.random.default_rng().uniform(0, 999, size=7).astype(np.float32)
+    t = rng.uniform(0, 999, size=7).astype(np.float32)
     ref = get_timestep_embedding(torch.from_numpy(t), dim, flip_sin_to_cos=flip, downscale_freq_shift=shift).numpy()
     out = layers.timestep_embedding(jnp.asarray(t), dim, flip_sin_to_cos=flip, freq_shift=shift)
     # sin/cos of arguments up to ~1000 in float32: the two libraries' sin differ in the last ulp of the
@@ -36,21 +36,20 @@ def test_timestep_embedding_matches_diffusers(flip, shift, dim):
 
 
 @pytest.mark.parametrize("size_in,size_out", [((4, 6), (8, 12)), ((3, 5), (7, 9)), ((4, 4), (5, 11)), ((5, 3), (5, 3))])
-def test_nearest_resize_matches_torch_interpolate(size_in, size_out):
-    x = np.random.default_rng().standard_normal((2, 3, *size_in)).astype(np.float32)
+def test_nearest_resize_matches_torch_interpolate(size_in, size_out, rng):
+    x = rng.standard_normal((2, 3, *size_in)).astype(np.float32)
     ref = torch.nn.functional.interpolate(torch.from_numpy(x), size=size_out, mode="nearest").numpy()
     out = layers.nearest_resize(jnp.asarray(nchw_to_nhwc(x)), size_out)
     np.testing.assert_array_equal(nhwc_to_nchw(out), ref)
 
 
 @pytest.mark.parametrize("c_in,c_out,with_temb", [(16, 16, True), (16, 32, True), (16, 32, False)])
-def test_resnet_block_parity(c_in, c_out, with_temb):
+def test_resnet_block_parity(c_in, c_out, with_temb, rng):
     from diffusers.models.resnet import ResnetBlock2D
 
     temb_channels = 24 if with_temb else None
     ref = ResnetBlock2D(in_channels=c_in, out_channels=c_out, temb_channels=temb_channels, groups=8, eps=1e-5).eval()
     randomize_(ref, seed=1)
-    rng = np.random.default_rng()
     x = rng.standard_normal((2, c_in, 6, 5)).astype(np.float32)
     temb = rng.standard_normal((2, 24)).astype(np.float32) if with_temb else None
     ours = layers.ResnetBlock2D(c_out, groups=8, eps=1e-5)
@@ -65,13 +64,12 @@ def test_resnet_block_parity(c_in, c_out, with_temb):
 
 @pytest.mark.parametrize("backend", ["einsum", "xla", "auto"])
 @pytest.mark.parametrize("cross", [False, True])
-def test_attention_parity_heads_differ_from_head_dim(cross, backend):
+def test_attention_parity_heads_differ_from_head_dim(cross, backend, rng):
     from diffusers.models.attention_processor import Attention
 
     heads, head_dim, dim = 3, 8, 20  # 3 heads of 8 into a 20-wide model: no two sizes coincide
     ref = Attention(query_dim=dim, cross_attention_dim=12 if cross else None, heads=heads, dim_head=head_dim).eval()
     randomize_(ref, seed=2)
-    rng = np.random.default_rng()
     x = rng.standard_normal((2, 10, dim)).astype(np.float32)
     ctx = rng.standard_normal((2, 7, 12)).astype(np.float32) if cross else None
     ours = layers.Attention(heads, head_dim, dim, backend=backend)
@@ -84,7 +82,7 @@ def test_attention_parity_heads_differ_from_head_dim(cross, backend):
 
 
 @pytest.mark.parametrize("linear", [True, False])
-def test_transformer2d_parity(linear):
+def test_transformer2d_parity(linear, rng):
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
     heads, head_dim, c = 2, 12, 24
@@ -93,7 +91,6 @@ def test_transformer2d_parity(linear):
         norm_num_groups=8, use_linear_projection=linear,
     ).eval()
     randomize_(ref, seed=3)
-    rng = np.random.default_rng()
     x = rng.standard_normal((2, c, 5, 4)).astype(np.float32)
     ctx = rng.standard_normal((2, 6, 10)).astype(np.float32)
     ours = layers.Transformer2D(heads, head_dim, depth=2, use_linear_projection=linear, groups=8)
@@ -106,8 +103,7 @@ def test_transformer2d_parity(linear):
 
 
 @pytest.mark.parametrize("shape,groups", [((2, 6, 5, 32), 8), ((2, 7, 24), 4), ((1, 3, 3, 16), 16)])
-def test_group_norm_matches_torch_and_float64(shape, groups):
-    rng = np.random.default_rng()
+def test_group_norm_matches_torch_and_float64(shape, groups, rng):
     # Large mean relative to the spread: the case where a one-pass variance would lose digits.
     x = (rng.standard_normal(shape) * 0.5 + 40).astype(np.float32)
     scale = (1 + 0.1 * rng.standard_normal(shape[-1])).astype(np.float32)
@@ -128,7 +124,7 @@ def test_group_norm_names_bad_channel_count():
         layers.GroupNorm(8, name="norm1").init(jax.random.key(0), jnp.ones((1, 2, 2, 12)))
 
 
-def test_attention_backend_registry():
+def test_attention_backend_registry(rng):
     with pytest.raises(ValueError, match="unknown attention backend 'nope'.*registered"):
         layers.attention_backend("nope")
     calls = []
@@ -138,7 +134,7 @@ def test_attention_backend_registry():
         return layers.attention_backend("einsum")(q, k, v, is_causal=is_causal)
 
     layers.register_attention_backend("test-traced", traced)
-    x = jnp.asarray(np.random.default_rng().standard_normal((1, 6, 8)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((1, 6, 8)), jnp.float32)
     attn = layers.Attention(2, 4, 8, backend="test-traced")
     params = attn.init(jax.random.key(0), x)
     attn.apply(params, x)
@@ -146,8 +142,7 @@ def test_attention_backend_registry():
 
 
 @pytest.mark.parametrize("backend", ["xla", "auto"])
-def test_causal_einsum_matches_jax(backend):
-    rng = np.random.default_rng()
+def test_causal_einsum_matches_jax(backend, rng):
     q, k, v = (jnp.asarray(rng.standard_normal((2, 9, 3, 8)), jnp.float32) for _ in range(3))
     got = layers.einsum_attention(q, k, v, is_causal=True)
     want = layers.attention_backend(backend)(q, k, v, is_causal=True)
@@ -164,9 +159,8 @@ def test_logical_axis_names_on_kernels():
     assert boxed["norm1"]["scale"].names == ("norm",)
 
 
-def test_chunked_attention_matches_einsum_with_gradients():
+def test_chunked_attention_matches_einsum_with_gradients(rng):
     """Query blocks of 16 over 50 queries (a padded last block); values and gradients as the whole softmax."""
-    rng = np.random.default_rng()
     q, k, v = (jnp.asarray(rng.standard_normal((2, n, 3, 8)), jnp.float32) for n in (50, 37, 37))
 
     def loss(fn, q, k, v):

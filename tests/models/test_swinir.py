@@ -58,11 +58,10 @@ def _apply(config: SwinIRConfig):
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_parity_with_official(name):
+def test_parity_with_official(name, rng):
     config = SwinIRConfig(**CASES[name])
     ref = _reference(config, seed=len(name))
     params = swinir_from_state_dict(state_dict_numpy(ref), config, name)
-    rng = np.random.default_rng()
     # One size on the window grid and one that needs reflect padding and a crop back.
     for size in [(16, 16), (13, 18)] if not config.ape else [(16, 16)]:
         x = rng.uniform(0, 1, (2, *size, config.in_chans)).astype(np.float32)
@@ -73,7 +72,7 @@ def test_parity_with_official(name):
         assert np.abs(got - want).max() <= TOL * max(1.0, config.img_range)
 
 
-def test_diffbir_variant_parity():
+def test_diffbir_variant_parity(rng):
     """Pixel-unshuffle in, nearest+conv x4 out: the output has the input's size; DiffBIR key layout."""
     config = SwinIRConfig(**dict(TINY, upsampler="nearest+conv", upscale=4, unshuffle_scale=4))
     ref = _reference(config, seed=3)
@@ -81,18 +80,18 @@ def test_diffbir_variant_parity():
     state = {k.replace("conv_first.", "conv_first.1.", 1): v for k, v in state.items()}  # DiffBIR's names
     state = {f"module.{k}": v for k, v in state.items()}  # as a DDP-trained DiffBIR checkpoint stores them
     params = swinir_from_state_dict(state, config, "diffbir")
-    x = np.random.default_rng().uniform(0, 1, (1, 32, 48, 3)).astype(np.float32)
+    x = rng.uniform(0, 1, (1, 32, 48, 3)).astype(np.float32)
     got = np.asarray(_apply(config)(params, x))
     assert got.shape == x.shape
     assert np.abs(got - _run_ref(ref, x)).max() <= TOL
     assert "conv_first.1.weight" in swinir_state_dict(config, params)
 
 
-def test_any_size_and_small_images():
+def test_any_size_and_small_images(rng):
     config = SwinIRConfig(**dict(TINY, upsampler="nearest+conv", upscale=4, unshuffle_scale=4))
     params = SwinIR(config).init_params(jax.random.key(0))
     for size in [(17, 50), (5, 3)]:
-        x = np.random.default_rng().uniform(0, 1, (1, *size, 3)).astype(np.float32)
+        x = rng.uniform(0, 1, (1, *size, 3)).astype(np.float32)
         out = jax.jit(functools.partial(swinir_restore, SwinIR(config)))(params, jnp.asarray(x[0]))
         assert out.shape == (*size, 3)
         assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
@@ -125,19 +124,18 @@ def test_wrong_checkpoint_names_keys_and_shapes():
         swinir_from_state_dict(state, config, "bad.pth")
 
 
-def test_pixel_shuffle_matches_torch():
-    x = np.random.default_rng().standard_normal((2, 18, 5, 4)).astype(np.float32)
+def test_pixel_shuffle_matches_torch(rng):
+    x = rng.standard_normal((2, 18, 5, 4)).astype(np.float32)
     want = torch.nn.functional.pixel_shuffle(torch.from_numpy(x), 3).numpy()
     np.testing.assert_array_equal(nhwc_to_nchw(pixel_shuffle(nchw_to_nhwc(x), 3)), want)
     back = pixel_unshuffle(pixel_shuffle(jnp.asarray(nchw_to_nhwc(x)), 3), 3)
     np.testing.assert_array_equal(back, nchw_to_nhwc(x))
 
 
-def test_l2_loss_trains_and_drop_path_is_random():
+def test_l2_loss_trains_and_drop_path_is_random(rng):
     config = SwinIRConfig(**dict(TINY, upsampler="", upscale=1, drop_path_rate=0.5))
     module = SwinIR(config)
     params = module.init_params(jax.random.key(0))
-    rng = np.random.default_rng()
     clean = jnp.asarray(rng.uniform(0, 1, (2, 16, 16, 3)), jnp.float32)
     noisy = jnp.clip(clean + 0.1 * jnp.asarray(rng.standard_normal(clean.shape), jnp.float32), 0, 1)
     loss = swinir_l2_loss(module, params, noisy, clean)

@@ -62,9 +62,9 @@ def _run_ours(ours, params, x, t, ctx, added, down=None, mid=None):
 
 
 @pytest.mark.parametrize("variant,size", [("tiny-sd21", (16, 16)), ("tiny-sdxl", (16, 8)), ("tiny-sd21", (12, 10))])
-def test_parity_with_diffusers(variant, size):
+def test_parity_with_diffusers(variant, size, rng):
     ref, ours, params = _pair(variant)
-    x, t, ctx, added = _inputs(ours.config, 2, *size, np.random.default_rng())
+    x, t, ctx, added = _inputs(ours.config, 2, *size, rng)
     want = _run_torch(ref, x, t, ctx, added)
     got = _run_ours(ours, params, x, t, ctx, added)
     assert got.shape == want.shape
@@ -72,11 +72,10 @@ def test_parity_with_diffusers(variant, size):
     assert np.abs(got - want).max() <= TOL
 
 
-def test_parity_extra_channels_controlnet_residuals_odd_size():
+def test_parity_extra_channels_controlnet_residuals_odd_size(rng):
     """tiny-cond: 9 input channels, conv projections, upcast, per-block layers, 10x6 latents (not a
     multiple of 4, so the up path uses size-forced nearest upsampling), ControlNet residuals."""
     ref, ours, params = _pair("tiny-cond", seed=5)
-    rng = np.random.default_rng()
     x, t, ctx, added = _inputs(ours.config, 2, 10, 6, rng)
     # Shapes of every skip and of the mid output, read off diffusers' own forward (hooks fire in order:
     # conv_in, each down block's (x, skips), the mid block).
@@ -131,9 +130,9 @@ def test_config_round_trips_through_diffusers_dict():
         diffusers.UNet2DConditionModel.from_config(cfg.to_diffusers())  # diffusers accepts what we write
 
 
-def test_bf16_close_to_fp32():
+def test_bf16_close_to_fp32(rng):
     _, ours, params = _pair("tiny-sdxl", seed=7)
-    x, t, ctx, added = _inputs(ours.config, 2, 16, 16, np.random.default_rng())
+    x, t, ctx, added = _inputs(ours.config, 2, 16, 16, rng)
     ref = _run_ours(ours, params, x, t, ctx, added)
     bf16 = UNet2DConditionModel(ours.config, dtype=jnp.bfloat16)
     got = _run_ours(bf16, params, x, t, ctx, added).astype(np.float32)
@@ -145,9 +144,9 @@ def test_bf16_close_to_fp32():
     assert err.mean() <= 0.03 * ref.std(), err.mean()
 
 
-def test_remat_changes_nothing_numerically():
+def test_remat_changes_nothing_numerically(rng):
     _, ours, params = _pair("tiny-sd21", seed=8)
-    x, t, ctx, added = _inputs(ours.config, 1, 8, 8, np.random.default_rng())
+    x, t, ctx, added = _inputs(ours.config, 1, 8, 8, rng)
     remat = UNet2DConditionModel(ours.config, remat=True)
 
     def loss(model, p):
@@ -160,30 +159,30 @@ def test_remat_changes_nothing_numerically():
     assert max(float(d) for d in diffs) <= 1e-6
 
 
-def test_wrong_residual_count_is_named():
+def test_wrong_residual_count_is_named(rng):
     _, ours, params = _pair("tiny-sd21")
-    x, t, ctx, _ = _inputs(ours.config, 1, 8, 8, np.random.default_rng())
+    x, t, ctx, _ = _inputs(ours.config, 1, 8, 8, rng)
     with pytest.raises(ValueError, match=r"down_residuals: expected 6 tensors \(one per skip\), got 2"):
         ours.apply({"params": params}, jnp.asarray(nchw_to_nhwc(x)), t, ctx, down_residuals=[x, x], mid_residual=x)
 
 
-def test_text_time_inputs_required():
+def test_text_time_inputs_required(rng):
     _, ours, params = _pair("tiny-sdxl")
-    x, t, ctx, _ = _inputs(ours.config, 1, 8, 8, np.random.default_rng())
+    x, t, ctx, _ = _inputs(ours.config, 1, 8, 8, rng)
     with pytest.raises(ValueError, match="text_embeds"):
         ours.apply({"params": params}, jnp.asarray(nchw_to_nhwc(x)), t, ctx)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["sd21-768v"])
-def test_real_size_parity(variant):
+def test_real_size_parity(variant, rng):
     """The real SD2.1 UNet (866M params, upcast attention) with diffusers' default random init, at 16x16
     latents (measured: max abs error 4.4e-6 on outputs of std 0.3)."""
     torch.manual_seed(0)
     ref = diffusers.UNet2DConditionModel(**unet_diffusers_config(variant)).eval()
     ours = UNet2DConditionModel(UNetConfig.from_diffusers(dict(ref.config)))
     params = torch_to_flax(state_dict_numpy(ref), unet_table(ours.config), ours.param_shapes(), variant)
-    x, t, ctx, added = _inputs(ours.config, 1, 16, 16, np.random.default_rng())
+    x, t, ctx, added = _inputs(ours.config, 1, 16, 16, rng)
     want = _run_torch(ref, x, t, ctx, added)
     got = _run_ours(ours, params, x, t, ctx, added)
     err = np.abs(got - want).max()

@@ -25,9 +25,8 @@ def _pair(variant, seed=0):
 
 
 @pytest.mark.parametrize("variant,size", [("tiny", (16, 16)), ("tiny3", (24, 16))])
-def test_encode_decode_parity(variant, size):
+def test_encode_decode_parity(variant, size, rng):
     ref, ours, params = _pair(variant)
-    rng = np.random.default_rng()
     x = rng.uniform(-1, 1, (2, 3, *size)).astype(np.float32)
     with torch.no_grad():
         post = ref.encode(torch.from_numpy(x)).latent_dist
@@ -44,10 +43,10 @@ def test_encode_decode_parity(variant, size):
     assert np.abs(nhwc_to_nchw(out) - want).max() <= TOL
 
 
-def test_latent_scaling_and_sampling():
+def test_latent_scaling_and_sampling(rng):
     _, ours, params = _pair("tiny3", seed=1)
     c = ours.config
-    x = jnp.asarray(np.random.default_rng().uniform(-1, 1, (1, 16, 16, 3)), jnp.float32)
+    x = jnp.asarray(rng.uniform(-1, 1, (1, 16, 16, 3)), jnp.float32)
     post = ours.apply({"params": params}, x, method=AutoencoderKL.encode)
     z = ours.apply({"params": params}, x, method=AutoencoderKL.encode_latents)
     np.testing.assert_allclose(z, (post.mean - c.shift_factor) * c.scaling_factor, atol=1e-6)
@@ -70,12 +69,11 @@ def _smooth_latent(h, w, c=4, period=8.0, seed=None):
     return np.stack(waves, -1)[None].astype(np.float32)
 
 
-def test_tiling_is_exact_for_local_operations():
+def test_tiling_is_exact_for_local_operations(rng):
     """The tile/blend machinery itself: for a function whose receptive field is smaller than the
     discarded tile margin, tiled equals untiled everywhere (borders included)."""
     from diffbody_jax.models.vae import _tiled
 
-    rng = np.random.default_rng()
     x = jnp.asarray(rng.standard_normal((2, 24, 40, 3)), jnp.float32)
     k = jnp.asarray(rng.standard_normal((3, 3, 3, 5)), jnp.float32)
 
@@ -121,7 +119,7 @@ def test_tiled_encode_close_to_untiled():
         encode_tiled(ours, params, x, tile=33, overlap=12)
 
 
-def test_bf16_decode_stays_finite_where_fp16_overflows():
+def test_bf16_decode_stays_finite_where_fp16_overflows(rng):
     """Scale the decoder's last up block so activations exceed fp16's 65504, as the SDXL VAE's do.
 
     PyTorch in fp16 returns inf/nan there; bf16 has float32's exponent range, so ours stays finite and
@@ -133,7 +131,7 @@ def test_bf16_decode_stays_finite_where_fp16_overflows():
             if name.startswith("decoder.up_blocks.1.resnets.1.conv2"):
                 p.mul_(3e4)
     params = torch_to_flax(state_dict_numpy(ref), vae_table(ours.config), ours.param_shapes(), "scaled")
-    z = np.random.default_rng().standard_normal((1, 4, 8, 8)).astype(np.float32)
+    z = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
     with torch.no_grad():
         fp16 = ref.half().decode(torch.from_numpy(z).half()).sample.float().numpy()
     assert not np.isfinite(fp16).all()

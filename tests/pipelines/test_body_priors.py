@@ -8,10 +8,10 @@ from diffbody_jax.models.bodypart import BodyPartConfig, BodyPartNet, preprocess
 from diffbody_jax.pipelines.body_priors import body_attention_map
 
 
-def test_attention_map_at_latent_and_image_resolution():
+def test_attention_map_at_latent_and_image_resolution(rng):
     net = BodyPartNet(config=BodyPartConfig.tiny())
     variables = net.init_variables(jax.random.key(0))
-    image = np.random.default_rng().uniform(0, 1, (2, 96, 64, 3)).astype(np.float32)
+    image = rng.uniform(0, 1, (2, 96, 64, 3)).astype(np.float32)
     attn = jax.jit(lambda v, x: body_attention_map(net, v, x))(variables, image)
     assert attn.latent.shape == (2, 12, 8, 1) and attn.image.shape == (2, 96, 64, 1)
     for m in attn:

@@ -102,8 +102,7 @@ def _tiny_encoder(arch, seed, hidden=32, projection=16):
     return ref, ours, torch_to_flax(state_dict_numpy(ref), clip_text_table(ours.config), ours.param_shapes(), arch)
 
 
-def _ids(batch, length=8):
-    rng = np.random.default_rng()
+def _ids(rng, batch, length=8):
     ids = np.zeros((batch, length), np.int32)
     for b in range(batch):
         n = rng.integers(1, length - 2)
@@ -111,12 +110,12 @@ def _ids(batch, length=8):
     return ids
 
 
-def test_sdxl_prompt_embeds_as_diffusers_builds_them():
+def test_sdxl_prompt_embeds_as_diffusers_builds_them(rng):
     """Reference: diffusers' StableDiffusionXLPipeline.encode_prompt concatenates both encoders'
     hidden_states[-2] and takes the second encoder's projected text_embeds as pooled output."""
     ref1, enc1, p1 = _tiny_encoder("CLIPTextModel", 1, hidden=24)
     ref2, enc2, p2 = _tiny_encoder("CLIPTextModelWithProjection", 2)
-    ids1, ids2 = _ids(2), _ids(2)
+    ids1, ids2 = _ids(rng, 2), _ids(rng, 2)
     embeds, pooled, time_ids = prompts.sdxl_prompt_embeds(
         enc1, p1, ids1, enc2, p2, ids2, original_size=(768, 512), crop_top_left=(4, 0), target_size=(1024, 1024))
     with torch.no_grad():
@@ -129,13 +128,13 @@ def test_sdxl_prompt_embeds_as_diffusers_builds_them():
     np.testing.assert_array_equal(np.asarray(time_ids), [[768, 512, 4, 0, 1024, 1024]] * 2)
 
 
-def test_sd21_embeds_and_chunked_encoding():
+def test_sd21_embeds_and_chunked_encoding(rng):
     ref, enc, params = _tiny_encoder("CLIPTextModel", 3)
-    ids = _ids(3)
+    ids = _ids(rng, 3)
     with torch.no_grad():
         want = ref(torch.from_numpy(ids).long()).last_hidden_state.numpy()
     assert np.abs(np.asarray(prompts.sd21_prompt_embeds(enc, params, ids)) - want).max() <= 1e-4
-    chunked = np.stack([ids, _ids(3)], axis=1)  # [B, 2 chunks, T]
+    chunked = np.stack([ids, _ids(rng, 3)], axis=1)  # [B, 2 chunks, T]
     out = prompts.sd21_prompt_embeds(enc, params, jnp.asarray(chunked))
     assert out.shape == (3, 16, 32)
     np.testing.assert_allclose(np.asarray(out[:, :8]), want, atol=1e-4)
