@@ -24,7 +24,7 @@ def get_config(arg=None):
         overrides=ml_collections.ConfigDict(dict(input_size=(384, 128) if arg["variant"] == "bpbreid" else (64, 32))),
     ))
     # Eq. 6: the distance between part features and how parts are weighted (diffusion/part_guidance.py).
-    config.part_loss = ml_collections.ConfigDict(dict(distance="ce", temperature=1.0, visibility="continuous"))
+    config.part_loss = ml_collections.ConfigDict(dict(distance="ce", temperature=1.0, visibility="none"))
     # Algorithm 1's gradient scale s and window, in SamplerConfig's terms. The paper gives no value for s:
     # it depends on the loss and latent scales, so tune it on a few validation images.
     config.guidance = ml_collections.ConfigDict(dict(scale=1.0, start=1.0, end=0.0, schedule="constant"))

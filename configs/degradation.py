@@ -9,7 +9,8 @@ kind:
 
 Table 1 gives neither the blur kernel size nor the order of the operations; ours are stated here and in
 `diffbody_jax.data.degradations`: a 13x13 Gaussian kernel for sigma = 2 (2 * ceil(3 sigma) + 1) and the
-order blur -> Gaussian noise (sigma on 0-255) -> bicubic x4 downsample -> JPEG. Every mixture ends with
+classical model's order, y = JPEG((x * k) down_4 + n): blur -> bicubic x4 downsample -> Gaussian noise (sigma
+on 0-255, added at low resolution) -> JPEG. Every mixture ends with
 8-bit quantisation; the restorer sees the bicubic upsampling back to the clean size.
 """
 

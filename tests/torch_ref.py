@@ -125,13 +125,15 @@ class _Dummy(type):
         return cls
 
 
-def import_with_torchvision_stub(module: str):
+def import_with_torchvision_stub(module: str, path: str | None = None):
     """Import `module` while `import torchvision[.x.y]` gives dummy modules, then remove every trace.
 
     torchvision cannot be installed beside the CPU torch; spandrel imports it for architectures we never
     build. The stub is taken away afterwards so that transformers/diffusers still see no torchvision.
+    path: load the module from this file alone, without running its package's __init__.
     """
     import importlib
+    import importlib.util
     import importlib.abc
     import importlib.machinery
     import sys
@@ -160,7 +162,12 @@ def import_with_torchvision_stub(module: str):
     finder = Finder()
     sys.meta_path.insert(0, finder)
     try:
-        return importlib.import_module(module)
+        if path is None:
+            return importlib.import_module(module)
+        spec = importlib.util.spec_from_file_location(module, path)
+        loaded = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(loaded)
+        return loaded
     finally:
         sys.meta_path.remove(finder)
         for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
@@ -181,3 +188,19 @@ def timm_hrnet_or_skip():
         return import_with_torchvision_stub("timm.models.hrnet")
     except ImportError as e:
         pytest.skip(f"timm is needed for the reference: {e}", allow_module_level=True)
+
+
+def basicsr_degradations_or_skip():
+    """basicsr's `data/degradations.py` (Real-ESRGAN's kernels, noise and JPEG), loaded from its file alone:
+    basicsr's package __init__ imports every architecture and dataset. Skips the calling module without it."""
+    import importlib.util
+    import pathlib
+
+    import pytest
+
+    spec = importlib.util.find_spec("basicsr")
+    if spec is None or spec.origin is None:
+        pytest.skip("basicsr is needed for the reference (pip install --no-deps basicsr==1.4.2)",
+                    allow_module_level=True)
+    path = pathlib.Path(spec.origin).parent / "data" / "degradations.py"
+    return import_with_torchvision_stub("basicsr_degradations", str(path))

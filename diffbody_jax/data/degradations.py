@@ -117,8 +117,11 @@ def gaussian_noise(image: np.ndarray, sigma: float, rng: np.random.Generator, gr
 
 
 def poisson_noise(image: np.ndarray, scale: float, rng: np.random.Generator, gray: bool = False) -> np.ndarray:
-    """Shot noise: Poisson counts at the image's number of distinct 8-bit levels, times `scale`."""
-    base = image.mean(-1, keepdims=True) if gray else image
+    """Shot noise: Poisson counts at the image's number of distinct 8-bit levels, times `scale`. `gray`: one
+    noise field from the image's luma (ITU-R 601, as OpenCV's RGB2GRAY and Real-ESRGAN), shared by the channels."""
+    base = image
+    if gray and image.shape[-1] == 3:
+        base = cv2.cvtColor(np.ascontiguousarray(image, np.float32), cv2.COLOR_RGB2GRAY)[..., None]
     levels = np.clip(np.round(base * 255.0), 0, 255) / 255.0
     vals = 2 ** math.ceil(math.log2(max(len(np.unique(levels)), 2)))
     noise = rng.poisson(levels * vals).astype(np.float32) / vals - levels
@@ -204,18 +207,19 @@ class FixedMixture:
 
 
 # Table 1 of the DiffBody v2 paper names the mixtures but not the blur kernel size or the order within
-# a mixture. Ours: a 13x13 kernel (2 * ceil(3 sigma) + 1 for sigma = 2, where the Gaussian has decayed
-# to 1%) and the order blur -> noise -> x4 bicubic downsample -> JPEG, the classical degradation model
-# y = JPEG((x * k + n) down_s). Noise before the downsample is as the table lists the operations.
+# a mixture. Ours follow the classical degradation model y = JPEG((x * k) down_s + n): blur, then the x4
+# bicubic downsample, then the noise, then JPEG. The noise is added at low resolution, so "sigma 40" is
+# sigma 40 in the degraded image (added before the downsample, bicubic would average it down to about 29).
+# The kernel is 13x13: 2 * ceil(3 sigma) + 1 for sigma = 2, where the Gaussian has decayed to 1%.
 TABLE1_KERNEL_SIZE = 13
 _BLUR = dict(kind="blur", sigma=2.0, kernel_size=TABLE1_KERNEL_SIZE)
 _DOWN4 = dict(kind="resize", scale=0.25, interpolation="bicubic")
 TABLE1_MIXTURES: dict[str, list[dict[str, Any]]] = {
     "blur2-down4": [_BLUR, _DOWN4],
-    "noise40-down4": [dict(kind="noise", sigma=40.0), _DOWN4],
+    "noise40-down4": [_DOWN4, dict(kind="noise", sigma=40.0)],
     "blur2-noise40": [_BLUR, dict(kind="noise", sigma=40.0)],
-    "blur2-noise40-down4": [_BLUR, dict(kind="noise", sigma=40.0), _DOWN4],
-    "blur2-noise20-down4-jpeg50": [_BLUR, dict(kind="noise", sigma=20.0), _DOWN4, dict(kind="jpeg", quality=50)],
+    "blur2-noise40-down4": [_BLUR, _DOWN4, dict(kind="noise", sigma=40.0)],
+    "blur2-noise20-down4-jpeg50": [_BLUR, _DOWN4, dict(kind="noise", sigma=20.0), dict(kind="jpeg", quality=50)],
 }
 
 

@@ -1,9 +1,14 @@
 """Part-loss guidance of DiffBody v1 (seed 000, Eq. 6 and Algorithm 1).
 
 The part loss compares the body-part features H_k of the decoded x0 estimate with those of the regressed
-image I_reg, part by part, weighted by how visible each part is in I_reg:
+image I_reg, part by part, and sums over the parts as Eq. 6 writes it:
 
-    L_part = mean_b sum_k w_k(I_reg) d(H_k(x_hat), H_k(I_reg))
+    L_part(image b) = sum_k w_k d(H_k(x_hat_b), H_k(I_reg_b)),   w_k = 1 (default, `visibility="none"`)
+
+Weighting the parts by how visible they are in I_reg (`visibility="continuous"` or `"binary"`) is our option,
+not the paper's. Algorithm 1 guides each image by the gradient of its own loss, so the guidance function
+returns one loss per image and the sampler differentiates their sum: a batch of B guides each image exactly
+as it would be guided alone (a batch mean would divide every image's gradient by B).
 
 d is chosen in `PartLossConfig.distance`:
   "ce"      the paper's cross-entropy: softmax over the feature dimension of each part (temperature tau),
@@ -43,12 +48,13 @@ VISIBILITY = ("continuous", "binary", "none")
 @dataclasses.dataclass(frozen=True)
 class PartLossConfig:
     """distance: "ce" | "cosine" | "l2" (see the module docstring). temperature: tau of "ce".
-    visibility: part weights from I_reg: its largest part probability ("continuous"), whether the part
-    wins any pixel ("binary", BPBreID's test-time score), or all ones ("none")."""
+    visibility: part weights w_k: all ones ("none", the default: Eq. 6 sums the parts unweighted), or from
+    I_reg, its largest part probability ("continuous") or whether the part wins any pixel ("binary", BPBreID's
+    test-time score)."""
 
     distance: str = "ce"
     temperature: float = 1.0
-    visibility: str = "continuous"
+    visibility: str = "none"
 
     def __post_init__(self):
         if self.distance not in DISTANCES:
@@ -83,10 +89,15 @@ def part_distances(pred: BodyPartOutput, target: BodyPartOutput, config: PartLos
     return jnp.mean((f_hat - f_ref) ** 2, axis=-1)
 
 
-def part_loss_from_outputs(pred: BodyPartOutput, target: BodyPartOutput, config: PartLossConfig) -> Array:
-    """Scalar: sum over parts of the visibility-weighted distances, averaged over the batch."""
+def part_losses_per_image(pred: BodyPartOutput, target: BodyPartOutput, config: PartLossConfig) -> Array:
+    """[B]: Eq. 6 for each image, the (weighted) sum over parts of the part distances."""
     weights = jax.lax.stop_gradient(part_weights(target, config.visibility))
-    return jnp.mean(jnp.sum(weights * part_distances(pred, target, config), axis=-1))
+    return jnp.sum(weights * part_distances(pred, target, config), axis=-1)
+
+
+def part_loss_from_outputs(pred: BodyPartOutput, target: BodyPartOutput, config: PartLossConfig) -> Array:
+    """Scalar: `part_losses_per_image` averaged over the batch (for reporting; guidance uses the per-image losses)."""
+    return jnp.mean(part_losses_per_image(pred, target, config))
 
 
 def part_loss(net: BodyPartNet, variables: dict, x_hat: Array, i_reg: Array,
@@ -111,13 +122,13 @@ def decode_to_unit_range(vae: AutoencoderKL, vae_params: dict, z: Array) -> Arra
 
 def make_part_guidance(vae: AutoencoderKL, net: BodyPartNet,
                        config: PartLossConfig = PartLossConfig()) -> Callable[[Array, Array, Any], Array]:
-    """`guidance_loss(x0_hat, t, aux)` for `make_sampler`: decode x0_hat with the VAE, then the part loss
-    against `aux["target"]` (from `part_guidance_aux`)."""
+    """`guidance_loss(x0_hat, t, aux) -> [B]` for `make_sampler`: decode x0_hat with the VAE, then each image's
+    part loss against `aux["target"]` (from `part_guidance_aux`)."""
 
     def guidance_loss(x0_hat: Array, t: Array, aux: dict[str, Any]) -> Array:
         del t
         image = decode_to_unit_range(vae, aux["vae"], x0_hat)
         pred = net.apply(aux["bodypart"], preprocess(image, net.config))
-        return part_loss_from_outputs(pred, aux["target"], config)
+        return part_losses_per_image(pred, aux["target"], config)
 
     return guidance_loss

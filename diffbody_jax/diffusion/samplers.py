@@ -10,10 +10,13 @@ defaults: dpmsolver++, order 2, midpoint, final sigma zero).
 plus ControlNet, ...): z_t [B, H, W, C] NHWC, t [B] int32, cond any pytree with a leading batch axis. Its
 output is eps, v or x0 as `schedule.prediction_type` says.
 
-Gradient guidance: `guidance_loss(x0_hat, t, aux) -> scalar` (e.g. the VAE decoder and a part-feature
-network, all traced into the same program). At each step inside the guidance window its gradient with
-respect to z_t, through the model, is scaled and subtracted from the step's mean before noise is added:
-z_{t-1} ~ N(mu(z_t) - s_t grad, sigma_t^2). Outside the window no gradient is computed (lax.cond).
+Gradient guidance: `guidance_loss(x0_hat, t, aux) -> [B]` per-image losses (e.g. the VAE decoder and a
+part-feature network, all traced into the same program; a scalar is taken as the sum of the images' losses).
+At each step inside the guidance window the gradient of their sum with respect to z_t, through the model, is
+scaled and subtracted from the step's mean before noise is added: z_{t-1} ~ N(mu(z_t) - s_t grad, sigma_t^2).
+Algorithm 1 is per image, and the images of a batch do not interact, so each image moves by the gradient of
+its own loss whatever the batch size (a batch mean would weaken the guidance B-fold). Outside the window no
+gradient is computed (lax.cond).
 
 Each step's noise is `jax.random.normal(fold_in(key, i), shape)` (`step_noise`), so a run is reproducible
 from its key and tests can hand diffusers the same noise.
@@ -203,7 +206,7 @@ def make_sampler(
             def with_grad(z):
                 def loss(z):
                     x0, out = estimate(z, t, a_t, cond, uncond)
-                    return guidance_loss(x0, t, aux), (x0, out)
+                    return jnp.sum(guidance_loss(x0, t, aux)), (x0, out)
 
                 (_, (x0, out)), grad = jax.value_and_grad(loss, has_aux=True)(z)
                 return x0, out, grad

@@ -62,17 +62,27 @@ def test_part_loss_is_zero_for_identical_images_and_positive_otherwise(distance,
     assert float(loss(b, a)) > 1e-4
 
 
-def test_visibility_weights():
+def test_visibility_weights_and_the_unweighted_default(rng):
+    """Part weights against numpy on the network's part probabilities; Eq. 6's default sums parts unweighted."""
     net, variables = _net()
     from diffbody_jax.models.bodypart import preprocess
 
-    out = net.apply(variables, preprocess(_smooth_images(3), net.config))
-    cont, binary, ones = (part_weights(out, v) for v in ("continuous", "binary", "none"))
-    assert cont.shape == binary.shape == ones.shape == (2, 5)
-    assert float(cont.min()) >= 0 and float(cont.max()) <= 1
-    assert set(np.unique(np.asarray(binary))) <= {0.0, 1.0} and float(ones.min()) == 1.0
-    # a part that wins some pixel has probability above 1 / (K + 1) there
-    assert bool(jnp.all(jnp.where(binary > 0, cont > 1 / 6, True)))
+    out = net.apply(variables, preprocess(_smooth_images(int(rng.integers(1 << 30))), net.config))
+    probs = np.asarray(out.part_probs, np.float64)  # [B, h, w, K + 1], background first
+    cont, binary, ones = (np.asarray(part_weights(out, v)) for v in ("continuous", "binary", "none"))
+    np.testing.assert_allclose(cont, probs[..., 1:].max(axis=(1, 2)), atol=1e-6)
+    winner = probs.argmax(-1)
+    np.testing.assert_array_equal(binary, [[float((winner[b] == k + 1).any()) for k in range(5)] for b in range(2)])
+    np.testing.assert_array_equal(ones, np.ones((2, 5)))
+    assert PartLossConfig().visibility == "none"
+    # the default loss is the plain sum over parts of the per-part distances
+    from diffbody_jax.diffusion.part_guidance import part_distances, part_losses_per_image
+
+    other = net.apply(variables, preprocess(_smooth_images(int(rng.integers(1 << 30))), net.config))
+    d = np.asarray(part_distances(other, out, PartLossConfig()), np.float64)
+    np.testing.assert_allclose(part_losses_per_image(other, out, PartLossConfig()), d.sum(-1), rtol=1e-6)
+    weighted = part_losses_per_image(other, out, PartLossConfig(visibility="continuous"))
+    np.testing.assert_allclose(weighted, (d * cont).sum(-1), rtol=1e-5)
 
 
 def test_config_refuses_unknown_choices():
@@ -98,8 +108,8 @@ def test_gradient_through_the_vae_decode_matches_finite_differences(distance, rn
         aux = part_guidance_aux(net, f64(variables), f64(vae_params), i_reg)
         guidance = make_part_guidance(vae, net, PartLossConfig(distance=distance))
         z = jnp.asarray(rng.standard_normal((1, 32, 16, 4)))
-        f = jax.jit(lambda z: guidance(z, 0, aux))
-        grad = jax.jit(jax.grad(lambda z: guidance(z, 0, aux)))(z)
+        f = jax.jit(lambda z: jnp.sum(guidance(z, 0, aux)))
+        grad = jax.jit(jax.grad(f))(z)
         assert grad.dtype == jnp.float64
         for _ in range(3):
             v = rng.standard_normal(z.shape)
@@ -139,3 +149,40 @@ def test_guided_ddpm_lowers_the_final_part_loss(rng):
 
     plain, guided = final_loss(0.0), final_loss(20.0)
     assert guided < 0.9 * plain, (guided, plain)
+
+
+def test_guidance_is_per_image_whatever_the_batch(rng):
+    """Algorithm 1 guides each image by its own loss: an image's guided DDIM step (deterministic, so noise
+    draws play no part) is the same alone and as the first of a batch of 4, within 1e-5. In float64, so that
+    XLA's batch-size-dependent float32 rounding (2e-5 here after the x50 gradient scale) does not hide a
+    real difference; a batch mean would have moved the image 4x less."""
+    from diffbody_jax.models.unet import UNet2DConditionModel, UNetConfig
+
+    with jax.enable_x64(True):
+        f64 = functools.partial(jax.tree.map, lambda x: jnp.asarray(x, jnp.float64))
+        kw = dict(dtype=jnp.float64, param_dtype=jnp.float64)
+        _, variables = _net()
+        net = BodyPartNet(config=BodyPartConfig.tiny(), **kw)
+        _, vae_params = _vae()
+        vae = AutoencoderKL(VAEConfig.from_diffusers(vae_diffusers_config("tiny")), remat=True, **kw)
+        unet = UNet2DConditionModel(UNetConfig.from_diffusers(unet_diffusers_config("tiny-sd21")), **kw)
+        unet_params = f64(UNet2DConditionModel(unet.config).init_params(jax.random.key(2)))
+        variables, vae_params = f64(variables), f64(vae_params)
+
+        def model_fn(z, t, cond):
+            return unet.apply({"params": unet_params}, z, t, cond)
+
+        i_reg = f64(_smooth_images(int(rng.integers(1 << 30)), (4, 64, 32, 3)))
+        cond = jnp.asarray(rng.standard_normal((4, 4, 24)))
+        z_T = jnp.asarray(rng.standard_normal((4, 32, 16, 4)))
+        guidance = make_part_guidance(vae, net, PartLossConfig())
+        sampler = make_sampler(model_fn, NoiseSchedule(), SamplerConfig("ddim", num_steps=1, guidance_scale=50.0),
+                               guidance)
+        plain = make_sampler(model_fn, NoiseSchedule(), SamplerConfig("ddim", num_steps=1))
+        key = jax.random.key(0)
+        batch = sampler(key, z_T, cond, aux=part_guidance_aux(net, variables, vae_params, i_reg)).sample
+        alone = sampler(key, z_T[:1], cond[:1], aux=part_guidance_aux(net, variables, vae_params, i_reg[:1])).sample
+        assert batch.dtype == jnp.float64
+        np.testing.assert_allclose(batch[:1], alone, atol=1e-5)
+        moved = np.abs(np.asarray(alone - plain(key, z_T[:1], cond[:1]).sample)).max()
+        assert moved > 1e-3, moved  # the guidance did act on the image
