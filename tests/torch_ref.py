@@ -133,9 +133,9 @@ def import_with_torchvision_stub(module: str, path: str | None = None):
     path: load the module from this file alone, without running its package's __init__.
     """
     import importlib
-    import importlib.util
     import importlib.abc
     import importlib.machinery
+    import importlib.util
     import sys
     import types
 
