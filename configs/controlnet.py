@@ -7,7 +7,9 @@ Variants:
   controlnet-sdxl      configs/diffusers/controlnet-sdxl/config.json (diffusers' SDXL canny ControlNet)
   diffbody-v1          SD2.1-base ControlNet with a latent condition [E(I_reg), E(I_pose), I_attn]: 4 + 4 + 1
   diffbody-v2-stage1   SD2.1-base ControlNet of the joint UNet: sample = the RGB branch's 8-channel input
-                       (noisy latent + pose latent), latent condition E(I_ir) with 4 channels
+                       (noisy latent + pose latent), latent condition E(I_ir) with 4 channels; the base of
+                       configs/joint_unet.py's default (seed 002, Sec. 4.2)
+  diffbody-v2-stage1-768v   the same on SD2.1-768-v, for a joint UNet of variant sd21-768v (the authors' code)
   diffbody-v2-stage2   SDXL-base ControlNet whose condition fuses I_ir, I_pose, I_depth, I_normal (3 channels each,
                        image resolution) through one pixel embedding each: sum_i alpha_i F_i, softmax alphas
   tiny-sd21, tiny-sdxl the tiny UNets of configs/unet.py with a 4-level pixel embedding (8, 8, 16, 16)
@@ -31,6 +33,9 @@ FROM_UNET = {
     "diffbody-v1": ("sd21-base", dict(conditioning_channels=9, conditioning_embedding_type="latent")),
     "diffbody-v2-stage1": (
         "sd21-base", dict(in_channels=8, conditioning_channels=4, conditioning_embedding_type="latent")
+    ),
+    "diffbody-v2-stage1-768v": (
+        "sd21-768v", dict(in_channels=8, conditioning_channels=4, conditioning_embedding_type="latent")
     ),
     "diffbody-v2-stage2": ("sdxl-base", dict(conditioning_embedding_type="prior_fusion")),
     "tiny-sd21": ("tiny-sd21", dict(conditioning_embedding_out_channels=[8, 8, 16, 16])),

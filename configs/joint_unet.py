@@ -1,12 +1,14 @@
 """Joint UNet of DiffBody v2 stage 1 (RGB, depth and normal branches over SD2.1): see diffbody_jax/models/joint_unet.py.
 
-  python -m convert init-from-unet --unet stable-diffusion-2-1/unet --config configs/joint_unet.py:variant=sd21-768v \\
+  python -m convert init-from-unet --unet stable-diffusion-2-1-base/unet --config configs/joint_unet.py \\
       --dst ckpt/joint-unet
 
 Variants (UNet of configs/unet.py with conv_in widened to 8 inputs: noisy latent + pose latent):
-  sd21-768v   the authors' base (stabilityai/stable-diffusion-2-1, v-prediction)
-  sd21-base   SD2.1-base (eps)
+  sd21-base   the default: SD2.1-base (eps), the base seed 002 names for stage 1 (Sec. 4.2)
+  sd21-768v   the authors' code's base (stabilityai/stable-diffusion-2-1, 768 px, v-prediction): an option
   tiny        the tiny-sd21 UNet, for tests and demos
+The stage-1 ControlNet of configs/controlnet.py must sit on the same base: diffbody-v2-stage1 (sd21-base),
+diffbody-v2-stage1-768v, tiny-v2-stage1 (tiny).
 Arguments: copy_first (per-branch down blocks, default 1), copy_last (per-branch up blocks, default 1),
 time_ids (0: no size conditioning; 6: original size, crop top-left, target size; 8: + aesthetic score and
 watermark probability), branches (default rgb+depth+normal).
@@ -26,7 +28,7 @@ def get_config(arg=None):
     from diffbody_jax.models.joint_unet import JointUNetConfig
     from diffbody_jax.models.unet import UNetConfig
 
-    arg = parse_arg(arg, variant="sd21-768v", copy_first=1, copy_last=1, time_ids=0, branches="rgb+depth+normal")
+    arg = parse_arg(arg, variant="sd21-base", copy_first=1, copy_last=1, time_ids=0, branches="rgb+depth+normal")
     if arg["variant"] not in UNET_VARIANT:
         raise ValueError(f"unknown JointUNet variant {arg['variant']!r}; known: {sorted(UNET_VARIANT)}")
     unet = load_config(f"{UNET_CONFIG}:variant={UNET_VARIANT[arg['variant']]}").model.diffusers.to_dict()

@@ -3,8 +3,10 @@
   python -m convert to-flax  --src stable-diffusion-2-1-base       --dst ckpt/sd21-base
   python -m convert to-flax  --src stable-diffusion-2-1-base/unet  --dst ckpt/sd21-unet --param-dtype bfloat16
   python -m convert to-torch --src ckpt/sd21-base --dst exported/sd21-base
-  python -m convert init-from-unet --unet stable-diffusion-2-1 --config configs/joint_unet.py:variant=sd21-768v \
+  python -m convert init-from-unet --unet stable-diffusion-2-1 --config configs/joint_unet.py:variant=sd21-base \
       --dst ckpt/joint-unet
+  python -m convert init-from-unet --unet ckpt/joint-unet --config configs/controlnet.py:variant=diffbody-v2-stage1 \
+      --dst ckpt/controlnet-stage1 --branch rgb
   python -m convert init-from-unet --unet stable-diffusion-2-1-base \
       --config configs/controlnet.py:variant=diffbody-v1 --dst ckpt/controlnet-v1 --format torch
   python -m convert swinir-to-flax --src general_swinir_v1.ckpt --config configs/swinir.py:variant=diffbir \
@@ -19,7 +21,8 @@
   python -m convert ip-adapter-to-torch --src ckpt/colour-adapter --dst exported/ip-adapter-plus_sdxl_vit-h.bin
 
 A pipeline folder converts every component whose `_class_name` we support and lists the ones skipped.
-`init-from-unet` starts a ControlNet or a joint UNet (the config file's `model` section) from a trained UNet;
+`init-from-unet` starts a ControlNet or a joint UNet (the config file's `model` section) from a trained UNet,
+or the stage-1 ControlNet from a trained JointUNet folder (`--branch rgb`: that branch and the shared trunk);
 `init-from-controlnet` starts the stage-2 prior-fusion ControlNet from a trained (diffusers) ControlNet, every
 prior's embedding a copy of its conditioning embedding. `ip-adapter-*` move the colour adapter's
 IP-Adapter-Plus weights (original .bin/.safetensors, or a diffusers UNet holding them) to and from orbax.
@@ -86,28 +89,39 @@ def to_torch(src: Path, dst: Path, overwrite: bool) -> None:
     print(f"wrote {dst}")
 
 
-def init_from_unet(unet_src: Path, config_spec: str, dst: Path, fmt: str, seed: int, overwrite: bool) -> None:
+def init_from_unet(unet_src: Path, config_spec: str, dst: Path, fmt: str, seed: int, overwrite: bool,
+                   branch: str = "rgb") -> None:
+    """A JointUNet or ControlNet (the config's model) from a plain UNet folder, or a ControlNet (DiffBody v2's
+    stage-1 ControlNet) from a trained JointUNet folder: its `branch` and the shared trunk."""
     import jax
 
     from diffbody_jax.cli.config_args import load_config
-    from diffbody_jax.models.controlnet import build_controlnet, controlnet_from_unet
+    from diffbody_jax.models.controlnet import build_controlnet, controlnet_from_joint_unet, controlnet_from_unet
     from diffbody_jax.models.joint_unet import build_joint_unet, joint_unet_from_unet
 
     model_config = load_config(config_spec).model
     if "config" in model_config and model_config.config.get("_class_name") == "JointUNet":
-        module, init = build_joint_unet(model_config), joint_unet_from_unet
+        module, init, target = build_joint_unet(model_config), joint_unet_from_unet, "JointUNet"
     elif "diffusers" in model_config and model_config.diffusers.get("_class_name") == "ControlNetModel":
-        module, init = build_controlnet(model_config), controlnet_from_unet
+        module, init, target = build_controlnet(model_config), controlnet_from_unet, "ControlNetModel"
     else:
         raise ValueError(f"{config_spec}: the model section describes neither a JointUNet nor a ControlNetModel")
     subfolder = "unet" if (unet_src / "unet").is_dir() else None
     unet, unet_params = pretrained.load_pretrained(unet_src, subfolder=subfolder)
-    if type(unet).__name__ != "UNet2DConditionModel":
-        raise ValueError(f"{unet_src}: expected a UNet2DConditionModel, found {type(unet).__name__}")
+    kind = type(unet).__name__
+    if kind == "JointUNet" and target == "ControlNetModel":
+        def init(params, module, rng):
+            return controlnet_from_joint_unet(params, unet.config, module, rng, branch)
+        source = f"{unet_src} (JointUNet branch {branch!r} + shared trunk)"
+    elif kind == "UNet2DConditionModel":
+        source = str(unet_src)
+    else:
+        raise ValueError(f"{unet_src}: expected a UNet2DConditionModel (or a JointUNet for a ControlNet), "
+                         f"found {kind}")
     params, copied = init(unet_params, module, jax.random.key(seed))
     params = jax.device_get(params)
     roots = sorted({p.split("/")[0] for p in copied})
-    print(f"  copied {len(copied)} tensors from {unet_src}: {', '.join(roots)}")
+    print(f"  copied {len(copied)} tensors from {source}: {', '.join(roots)}")
     print(f"  fresh: {len(flatten_params(params)) - len(copied)} tensors")
     _save_model(module, params, dst, fmt, overwrite)
 
@@ -248,6 +262,8 @@ def main(argv=None) -> int:
     p.add_argument("--format", default="flax", choices=["flax", "torch"],
                    help="flax: our orbax checkpoint; torch: a diffusers-style folder (safetensors)")
     p.add_argument("--seed", type=int, default=0, help="seed of the parameters that are not copied")
+    p.add_argument("--branch", default="rgb",
+                   help="with a JointUNet --unet and a ControlNet --config: the branch the ControlNet starts from")
     p.add_argument("--overwrite", action="store_true")
     p = sub.add_parser("swinir-to-flax", help="official/DiffBIR SwinIR .pth/.ckpt -> orbax checkpoint")
     p.add_argument("--src", required=True, type=Path)
@@ -294,7 +310,7 @@ def main(argv=None) -> int:
         elif args.command == "to-torch":
             to_torch(args.src, args.dst, args.overwrite)
         elif args.command == "init-from-unet":
-            init_from_unet(args.unet, args.config, args.dst, args.format, args.seed, args.overwrite)
+            init_from_unet(args.unet, args.config, args.dst, args.format, args.seed, args.overwrite, args.branch)
         elif args.command == "bodypart-to-flax":
             bodypart_to_flax(args.src, args.imagenet, args.config, args.dst, args.overwrite)
         elif args.command == "bodypart-to-torch":

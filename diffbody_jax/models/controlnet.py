@@ -36,6 +36,7 @@ import numpy as np
 from flax import traverse_util
 
 from diffbody_jax.models.config_dict import dataclass_from_dict, dataclass_to_dict
+from diffbody_jax.models.joint_unet import branch_unet_params
 from diffbody_jax.models.layers import Array, conv
 from diffbody_jax.models.param_copy import copy_from_unet, widen_conv_in
 from diffbody_jax.models.prior_fusion import DEFAULT_PRIORS, PriorFusion, PriorFusionConfig, prior_alphas
@@ -356,6 +357,16 @@ def controlnet_from_unet(
     return copy_from_unet(
         controlnet.init_params(rng), unet_params, lambda path: path if path.startswith(roots) else None, "ControlNet"
     )
+
+
+def controlnet_from_joint_unet(
+    joint_params: dict, joint_config, controlnet: ControlNetModel, rng: jax.Array, branch: str = "rgb"
+) -> tuple[dict, list[str]]:
+    """The stage-1 ControlNet (seed 002, Sec. 3.2) from a trained joint UNet: `controlnet_from_unet` on the view
+    of one branch (default RGB) as a plain UNet, `joint_unet.branch_unet_params`: the branch's conv_in (noisy
+    latent + pose latent: the ControlNet's 8 input channels, copied whole) and first down blocks, the shared
+    down blocks, mid block and time embedding."""
+    return controlnet_from_unet(branch_unet_params(joint_params, joint_config, branch), controlnet, rng)
 
 
 def build_controlnet(model_config) -> ControlNetModel:

@@ -249,6 +249,25 @@ def joint_unet_from_unet(unet_params: dict, joint: JointUNet, rng: jax.Array) ->
     return params, copied
 
 
+def branch_unet_params(joint_params: dict, config: JointUNetConfig, branch: str = "rgb") -> dict:
+    """One branch of a joint UNet as plain UNet params (`config.unet`'s layout): the branch's conv_in (its pose
+    input channels included), down blocks, up blocks and output head, with the shared trunk, time and size
+    embeddings. The fusion logits are dropped. The stage-1 ControlNet starts from this (RGB) view."""
+    if branch not in config.branches:
+        raise ValueError(f"JointUNet has no branch {branch!r}; branches: {', '.join(config.branches)}")
+    b = config.branches.index(branch)
+    own = re.compile(rf"^(conv_in|conv_norm_out|conv_out)_branch_{b}$|^(down|up)_blocks_branch_{b}_(\d+)$")
+    other = re.compile(r"_branch_\d+")
+    out = {}
+    for name, value in joint_params.items():
+        m = own.match(name)
+        if m:
+            out[m.group(1) or f"{m.group(2)}_blocks_{m.group(3)}"] = value
+        elif name != "fusion_logits" and not other.search(name):
+            out[name] = value
+    return out
+
+
 def build_joint_unet(model_config) -> JointUNet:
     """The module described by a `configs/joint_unet.py` `model` section."""
     from diffbody_jax.models.unet import runtime_kwargs

@@ -124,6 +124,59 @@ def test_init_from_unet_writes_joint_unet_and_controlnet(tmp_path, capsys):
     assert "neither a JointUNet nor a ControlNetModel" in capsys.readouterr().err
 
 
+def test_stage1_controlnet_starts_from_a_trained_joint_unet(tmp_path, capsys, rng):
+    """init-from-unet with a JointUNet folder: the ControlNet gets the chosen branch's conv_in (all 8 inputs,
+    pose channels included) and first down blocks, and the shared trunk, not a plain SD UNet's weights."""
+    import jax
+
+    from diffbody_jax.interop.pretrained import save_pretrained
+
+    unet = diffusers.UNet2DConditionModel(**unet_diffusers_config("tiny-sd21")).eval()
+    unet.save_pretrained(tmp_path / "sd")
+    assert main(["init-from-unet", "--unet", str(tmp_path / "sd"), "--config",
+                 f"{REPO}/configs/joint_unet.py:variant=tiny", "--dst", str(tmp_path / "joint0")]) == 0
+    joint, params = diffbody_jax.load_pretrained(tmp_path / "joint0")
+    # "train" it: every tensor moves, so each branch differs from the others and from the SD UNet
+    params = jax.tree.map(lambda x: np.asarray(x) + rng.standard_normal(np.shape(x)).astype(np.float32), params)
+    save_pretrained(tmp_path / "joint", joint, params)
+    cfg = f"{REPO}/configs/controlnet.py:variant=tiny-v2-stage1"
+    for branch, b in (("rgb", 0), ("depth", 1)):
+        assert main(["init-from-unet", "--unet", str(tmp_path / "joint"), "--config", cfg, "--branch", branch,
+                     "--dst", str(tmp_path / f"cn-{branch}")]) == 0
+        assert f"JointUNet branch '{branch}'" in capsys.readouterr().out
+        _, cn = diffbody_jax.load_pretrained(tmp_path / f"cn-{branch}")
+        kernel = np.asarray(cn["conv_in"]["kernel"])
+        assert kernel.shape[2] == 8 and np.abs(kernel[:, :, 4:]).min() > 0  # pose inputs copied, not zero
+        np.testing.assert_array_equal(kernel, params[f"conv_in_branch_{b}"]["kernel"])
+        np.testing.assert_array_equal(cn["down_blocks_0"]["resnets_0"]["conv1"]["kernel"],
+                                      params[f"down_blocks_branch_{b}_0"]["resnets_0"]["conv1"]["kernel"])
+        np.testing.assert_array_equal(cn["down_blocks_1"]["resnets_0"]["conv1"]["kernel"],
+                                      params["down_blocks_1"]["resnets_0"]["conv1"]["kernel"])
+        np.testing.assert_array_equal(cn["mid_block"]["resnets_0"]["norm1"]["scale"],
+                                      params["mid_block"]["resnets_0"]["norm1"]["scale"])
+        np.testing.assert_array_equal(cn["time_embedding"]["linear_1"]["kernel"],
+                                      params["time_embedding"]["linear_1"]["kernel"])
+    assert main(["init-from-unet", "--unet", str(tmp_path / "joint"), "--config", cfg, "--branch", "albedo",
+                 "--dst", str(tmp_path / "x")]) == 2
+    assert "no branch 'albedo'" in capsys.readouterr().err
+
+
+def test_joint_unet_and_stage1_controlnet_configs_share_a_base():
+    """Seed 002 Sec. 4.2: stage 1 is built on SD2.1-base; the authors' 768-v stays a variant of both."""
+    from diffbody_jax.cli.config_args import load_config
+
+    assert load_config(f"{REPO}/configs/joint_unet.py").model.unet_variant == "sd21-base"
+    for joint_variant, cn_variant in (("sd21-base", "diffbody-v2-stage1"), ("sd21-768v", "diffbody-v2-stage1-768v"),
+                                      ("tiny", "tiny-v2-stage1")):
+        joint = load_config(f"{REPO}/configs/joint_unet.py:variant={joint_variant}").model.config
+        cn = load_config(f"{REPO}/configs/controlnet.py:variant={cn_variant}").model.diffusers
+        base = json.loads((REPO / f"configs/diffusers/{joint_variant}/unet/config.json").read_text()) \
+            if joint_variant != "tiny" else unet_diffusers_config("tiny-sd21")
+        for field in ("block_out_channels", "cross_attention_dim", "layers_per_block", "down_block_types"):
+            assert list(np.ravel(joint[field])) == list(np.ravel(cn[field])) == list(np.ravel(base[field])), field
+        assert joint["in_channels"] == cn["in_channels"] == 8
+
+
 def test_init_from_controlnet_and_ip_adapter_round_trip(tmp_path, capsys):
     """The stage-2 ControlNet from a diffusers ControlNet folder; an IP-Adapter-Plus .bin to orbax and back."""
     import torch
