@@ -51,12 +51,16 @@ class SamplerConfig:
     strength: < 1.0 starts from `x0_init` noised to the step int(num_steps * strength) from the end
       (img2img); the sampler then runs that many steps.
     eta: DDIM's stochasticity (0: deterministic).
+    use_clipped_model_output: DDIM with `schedule.clip_sample`: re-derive eps from the clipped x0 (GLIDE's
+      choice), as diffusers' `DDIMScheduler.step(use_clipped_model_output=True)`. Off (diffusers' default): x0
+      is clipped, eps stays the model's.
     return_trajectory: also return z and the x0 estimate after every step ([N, B, H, W, C] scan outputs).
     """
 
     method: str = "ddpm"
     num_steps: int = 50
     eta: float = 0.0
+    use_clipped_model_output: bool = False
     cfg_scale: float = 1.0
     guidance_scale: float = 0.0
     guidance_start: float = 1.0
@@ -229,8 +233,10 @@ def make_sampler(
             std = jnp.where(t > 0, jnp.exp(0.5 * jnp.log(var)) if schedule.variance_type == "fixed_small_log"
                             else jnp.sqrt(var), 0.0)
         elif config.method == "ddim":
-            eps = predict_eps(out, z, a_t, ptype) if not schedule.clip_sample else (
-                (z - jnp.sqrt(a_t) * x0) / jnp.sqrt(1 - a_t))
+            if schedule.clip_sample and config.use_clipped_model_output:
+                eps = (z - jnp.sqrt(a_t) * x0) / jnp.sqrt(1 - a_t)
+            else:
+                eps = predict_eps(out, z, a_t, ptype)
             var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
             std = config.eta * jnp.sqrt(var) if config.eta > 0 else None
             mean = jnp.sqrt(a_prev) * x0 + jnp.sqrt(1 - a_prev - (std**2 if std is not None else 0.0)) * eps

@@ -10,6 +10,7 @@ The difference is at most 4e-7 absolute.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from typing import Any
 
@@ -18,20 +19,31 @@ import numpy as np
 
 from diffbody_jax.models.config_dict import dataclass_from_dict
 
+log = logging.getLogger(__name__)
+
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 SPACINGS = ("leading", "trailing", "linspace")
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
 VARIANCES = ("fixed_small", "fixed_small_log")
 
-# scheduler_config.json fields of other samplers (PNDM, Euler, DPM-Solver settings): the noise process and
-# timesteps do not depend on them. Sampler choices are the sampler's own arguments.
-_IGNORED = (
-    "skip_prk_steps", "interpolation_type", "use_karras_sigmas", "timestep_type", "sigma_min", "sigma_max",
-    "final_sigmas_type", "algorithm_type", "solver_order", "solver_type", "lower_order_final", "euler_at_final",
-    "use_lu_lambdas", "use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas", "flow_shift",
-    "lambda_min_clipped", "dynamic_thresholding_ratio", "sample_max_value",
+# scheduler_config.json fields that do not change the noise process nor any of our samplers' arithmetic, at
+# any value: other schedulers' options (PNDM, Euler), and options that act only when a feature we refuse is on
+# (thresholding, dynamic shifting, flow sigmas). Accepted and listed in a debug log.
+_MATH_NEUTRAL = (
+    "skip_prk_steps", "interpolation_type", "timestep_type", "sigma_min", "sigma_max", "dynamic_thresholding_ratio",
+    "sample_max_value", "time_shift_type", "flow_shift", "shift_terminal", "base_shift", "max_shift",
+    "base_image_seq_len", "max_image_seq_len",
 )
-_FEATURE_OFF = {"trained_betas": (None,), "thresholding": (False,)}
+# Fields that would change the math: accepted only at the value our samplers implement (DPM-Solver++(2M) as
+# DPMSolverMultistepScheduler's defaults), refused by name otherwise.
+_FEATURE_OFF = {
+    "trained_betas": (None,), "thresholding": (False,),
+    "algorithm_type": ("dpmsolver++",), "solver_order": (2,), "solver_type": ("midpoint",),
+    "lower_order_final": (True,), "euler_at_final": (False,), "final_sigmas_type": ("zero",),
+    "use_karras_sigmas": (False,), "use_exponential_sigmas": (False,), "use_beta_sigmas": (False,),
+    "use_flow_sigmas": (False,), "use_lu_lambdas": (False,), "use_dynamic_shifting": (False,),
+    "lambda_min_clipped": (-math.inf,),
+}
 
 
 def torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
@@ -99,9 +111,27 @@ class NoiseSchedule:
 
     @classmethod
     def from_diffusers(cls, config: dict[str, Any], source: str = "scheduler_config") -> NoiseSchedule:
-        """From a diffusers scheduler_config.json dict (any scheduler class: only the noise process is read)."""
-        return dataclass_from_dict(cls, dict(config), kind="scheduler", source=source, feature_off=_FEATURE_OFF,
-                                   ignored=_IGNORED)
+        """From a diffusers scheduler_config.json dict: DDPM, DDIM, DPMSolverMultistep (what diffusers writes for
+        them, any version we test), and the noise process of other schedulers (PNDM, Euler).
+
+        Fields that cannot change the math are accepted and logged at debug level; a field that would change it
+        and that we do not implement (Karras sigmas, solver order 3, thresholding, ...) is refused by name.
+        DPM-Solver's `variance_type: null` (no learned variance) is our default variance.
+        """
+        config = dict(config)
+        if "variance_type" in config and config["variance_type"] is None:
+            del config["variance_type"]
+        neutral = sorted(k for k in config if k in _MATH_NEUTRAL)
+        if neutral:
+            log.debug("%s: accepted fields that do not change the noise process or the samplers: %s", source,
+                      ", ".join(f"{k}={config[k]!r}" for k in neutral))
+        try:
+            return dataclass_from_dict(cls, config, kind="scheduler", source=source, feature_off=_FEATURE_OFF,
+                                       ignored=_MATH_NEUTRAL)
+        except ValueError as e:  # a value refused by __post_init__: name the file too
+            if str(e).startswith(source):
+                raise
+            raise ValueError(f"{source}: {e}") from None
 
     def arrays(self) -> dict[str, jnp.ndarray]:
         """{"alphas_cumprod": [T] float32} as a device array, for jitted samplers and losses."""

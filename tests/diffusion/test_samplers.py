@@ -26,7 +26,7 @@ def _model_torch(z, t, cond):
     return 0.9 * z + 0.1 * torch.tanh(z) * torch.cos(tt / 300.0) + 0.05 * cond[:, None, None, :]
 
 
-def _reference(scheduler, z, cond, noises, steps, eta=None):
+def _reference(scheduler, z, cond, noises, steps, eta=None, **step_kwargs):
     """diffusers' loop over the same model (NHWC tensors: the schedulers are layout-agnostic)."""
     scheduler.set_timesteps(steps)
     z = torch.from_numpy(np.asarray(z))
@@ -34,9 +34,9 @@ def _reference(scheduler, z, cond, noises, steps, eta=None):
     zs, x0s = [], []
     for i, t in enumerate(scheduler.timesteps):
         out = _model_torch(z, t, cond)
-        kw = {}
+        kw = dict(step_kwargs)
         if eta is not None:
-            kw = dict(eta=eta, variance_noise=torch.from_numpy(np.asarray(noises[i])))
+            kw.update(eta=eta, variance_noise=torch.from_numpy(np.asarray(noises[i])))
         res = scheduler.step(out, t, z, **kw)
         z = res.prev_sample
         zs.append(z.numpy())
@@ -89,6 +89,67 @@ def test_ddim_matches_diffusers_over_50_steps(eta, prediction_type, rng):
     out = make_sampler(_model_jax, NoiseSchedule(**kw), SamplerConfig("ddim", 50, eta=eta, return_trajectory=True))(
         key, z_T, cond)
     _assert_trajectories_match(out, want_z, want_x0)
+
+
+@pytest.mark.parametrize("beta_schedule", ["scaled_linear", "squaredcos_cap_v2"])
+@pytest.mark.parametrize("use_clipped", [False, True])
+def test_ddim_with_clip_sample_follows_diffusers(beta_schedule, use_clipped, rng):
+    """clip_sample=True (DDIMScheduler's default): x0 is clipped; eps is re-derived from the clipped x0 only
+    with use_clipped_model_output, as in diffusers. The stand-in model's x0 estimates exceed 1 at high noise."""
+    kw = dict(beta_schedule=beta_schedule, beta_start=0.00085, beta_end=0.012, prediction_type="epsilon",
+              clip_sample=True, set_alpha_to_one=True, steps_offset=0)
+    z_T = rng.standard_normal(SHAPE).astype(np.float32)
+    cond = rng.standard_normal((2, 4)).astype(np.float32)
+    want_z, want_x0 = _reference(diffusers.DDIMScheduler(**kw), z_T, cond, None, 20, use_clipped_model_output=use_clipped)
+    assert np.abs(want_x0).max() == pytest.approx(1.0)  # clipping is in play
+    config = SamplerConfig("ddim", 20, use_clipped_model_output=use_clipped, return_trajectory=True)
+    out = make_sampler(_model_jax, NoiseSchedule(**kw), config)(jax.random.key(0), z_T, cond)
+    _assert_trajectories_match(out, want_z, want_x0)
+
+
+def _saved_config(scheduler, tmp_path):
+    scheduler.save_config(tmp_path)
+    import json
+
+    return json.loads((tmp_path / "scheduler_config.json").read_text())
+
+
+@pytest.mark.parametrize("name,method,kwargs", [
+    ("DDPMScheduler", "ddpm", dict(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
+                                   variance_type="fixed_small_log", timestep_spacing="trailing", clip_sample=False)),
+    ("DDIMScheduler", "ddim", dict(beta_schedule="scaled_linear", beta_start=0.001, beta_end=0.015,
+                                   clip_sample=True, clip_sample_range=1.5, set_alpha_to_one=False, steps_offset=1,
+                                   timestep_spacing="leading")),
+    ("DPMSolverMultistepScheduler", "dpmpp_2m", dict(beta_schedule="linear", beta_start=0.0002, beta_end=0.018,
+                                                     prediction_type="v_prediction", timestep_spacing="trailing",
+                                                     rescale_betas_zero_snr=False)),
+])
+def test_configs_that_diffusers_saves_load_and_match_its_trajectory(name, method, kwargs, tmp_path, rng, monkeypatch):
+    """Each supported scheduler, saved by the installed diffusers with non-default settings, loads with
+    `NoiseSchedule.from_diffusers` and our sampler follows the scheduler diffusers rebuilds from that file."""
+    config = _saved_config(getattr(diffusers, name)(**kwargs), tmp_path)
+    schedule = NoiseSchedule.from_diffusers(config, str(tmp_path / "scheduler_config.json"))
+    reference = getattr(diffusers, name).from_config(config)
+    key = jax.random.key(int(rng.integers(1 << 30)))
+    z_T = rng.standard_normal(SHAPE).astype(np.float32)
+    cond = rng.standard_normal((2, 4)).astype(np.float32)
+    noises = [np.asarray(step_noise(key, i, SHAPE)) for i in range(25)]
+    queue = iter(noises)
+    monkeypatch.setattr("diffusers.schedulers.scheduling_ddpm.randn_tensor",
+                        lambda shape, **_: torch.from_numpy(next(queue).copy()))
+    want_z, want_x0 = _reference(reference, z_T, cond, noises, 25)
+    out = make_sampler(_model_jax, schedule, SamplerConfig(method, 25, return_trajectory=True))(key, z_T, cond)
+    _assert_trajectories_match(out, want_z, want_x0)
+
+
+@pytest.mark.parametrize("field,value", [("use_karras_sigmas", True), ("solver_order", 3),
+                                         ("algorithm_type", "sde-dpmsolver++"), ("thresholding", True),
+                                         ("final_sigmas_type", "sigma_min"), ("variance_type", "learned_range")])
+def test_fields_that_would_change_the_math_are_refused_by_name(field, value, tmp_path):
+    config = _saved_config(diffusers.DPMSolverMultistepScheduler(), tmp_path)
+    config[field] = value
+    with pytest.raises(ValueError, match=rf"^sched.json: .*{field}"):
+        NoiseSchedule.from_diffusers(config, "sched.json")
 
 
 @pytest.mark.parametrize("prediction_type,spacing,steps", [
