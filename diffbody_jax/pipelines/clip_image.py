@@ -71,7 +71,8 @@ def colour_adapter_features(vision, params, images: jax.Array, size: int | None 
 
     vision: a `CLIPVisionModel` (ViT-H/14 for IP-Adapter-Plus-XL); params: its params; images: [B, H, W, 3]
     uint8 or float in [0, 1]. fit: "auto" (default: tall and wide images, e.g. 2:1 full-body crops, are padded to
-    a square so that head and feet stay in view), "pad" or "center_crop". Returns [B, 1 + P, hidden] (257 x 1280 for ViT-H/14 at 224). The unconditional
+    a square so that head and feet stay in view), "pad" or "center_crop". Returns [B, 1 + P, hidden]
+    (257 x 1280 for ViT-H/14 at 224). The unconditional
     features for classifier-free guidance are, as in diffusers, those of an all-zero *normalised* input:
     `vision.apply({"params": params}, jnp.zeros_like(pixels))["hidden_states"][-2]`.
     """

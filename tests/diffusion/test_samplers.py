@@ -100,7 +100,8 @@ def test_ddim_with_clip_sample_follows_diffusers(beta_schedule, use_clipped, rng
               clip_sample=True, set_alpha_to_one=True, steps_offset=0)
     z_T = rng.standard_normal(SHAPE).astype(np.float32)
     cond = rng.standard_normal((2, 4)).astype(np.float32)
-    want_z, want_x0 = _reference(diffusers.DDIMScheduler(**kw), z_T, cond, None, 20, use_clipped_model_output=use_clipped)
+    want_z, want_x0 = _reference(diffusers.DDIMScheduler(**kw), z_T, cond, None, 20,
+                                 use_clipped_model_output=use_clipped)
     assert np.abs(want_x0).max() == pytest.approx(1.0)  # clipping is in play
     config = SamplerConfig("ddim", 20, use_clipped_model_output=use_clipped, return_trajectory=True)
     out = make_sampler(_model_jax, NoiseSchedule(**kw), config)(jax.random.key(0), z_T, cond)
