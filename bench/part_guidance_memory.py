@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from diffbody_jax.cli.config_args import load_config  # noqa: E402
+from diffbody_jax.config import load_config  # noqa: E402
 from diffbody_jax.diffusion.part_guidance import PartLossConfig, make_part_guidance, part_guidance_aux  # noqa: E402
 from diffbody_jax.models.bodypart import BodyPartConfig, BodyPartNet  # noqa: E402
 from diffbody_jax.models.vae import AutoencoderKL, VAEConfig  # noqa: E402

@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from common import flax_params, median_time  # noqa: E402
 
-from diffbody_jax.cli.config_args import load_config  # noqa: E402
+from diffbody_jax.config import load_config  # noqa: E402
 from diffbody_jax.diffusion.samplers import SamplerConfig, make_sampler  # noqa: E402
 from diffbody_jax.diffusion.schedule import NoiseSchedule  # noqa: E402
 from diffbody_jax.interop.unet import unet_table  # noqa: E402

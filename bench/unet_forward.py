@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from common import flax_params, median_time  # noqa: E402
 
-from diffbody_jax.cli.config_args import load_config  # noqa: E402
+from diffbody_jax.config import load_config  # noqa: E402
 from diffbody_jax.interop.unet import controlnet_table, unet_table  # noqa: E402
 from diffbody_jax.models.controlnet import ControlNetConfig, ControlNetModel  # noqa: E402
 from diffbody_jax.models.unet import build_unet  # noqa: E402

@@ -11,13 +11,14 @@ Variants:
 
 import ml_collections
 
-from diffbody_jax.cli.config_args import parse_arg
+from diffbody_jax.config import parse_arg
 
 
 def get_config(arg=None):
     arg = parse_arg(arg, variant="bpbreid")
     config = ml_collections.ConfigDict()
     config.model = ml_collections.ConfigDict(dict(
+        name="bodypart",
         variant=arg["variant"],
         # Fields of BodyPartConfig to override; the checkpoint's own head (parts, width, identities) is read
         # from the file when converting.

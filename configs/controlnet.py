@@ -22,7 +22,7 @@ import pathlib
 
 import ml_collections
 
-from diffbody_jax.cli.config_args import model_section, parse_arg
+from diffbody_jax.config import model_section, parse_arg
 
 DIFFUSERS_DIR = pathlib.Path(__file__).parent / "diffusers"
 UNET_CONFIG = pathlib.Path(__file__).parent / "unet.py"
@@ -53,7 +53,7 @@ FROM_UNET = {
 
 def diffusers_config(variant: str) -> dict:
     """The ControlNet's config.json dict (diffusers' ControlNetModel fields, plus ours for latent conditions)."""
-    from diffbody_jax.cli.config_args import load_config
+    from diffbody_jax.config import load_config
     from diffbody_jax.models.controlnet import ControlNetConfig
     from diffbody_jax.models.unet import UNetConfig
 
@@ -69,6 +69,6 @@ def diffusers_config(variant: str) -> dict:
 def get_config(arg=None):
     arg = parse_arg(arg, variant="controlnet-sd21")
     config = ml_collections.ConfigDict()
-    config.model = model_section(variant=arg["variant"], diffusers=diffusers_config(arg["variant"]))
+    config.model = model_section(name="controlnet", variant=arg["variant"], diffusers=diffusers_config(arg["variant"]))
     config.lock()
     return config

@@ -1,6 +1,6 @@
 """Degradations that make (degraded, clean) training pairs and the paper's evaluation inputs.
 
-  python -c "from diffbody_jax.cli.config_args import load_config as c; print(c('configs/degradation.py'))"
+  python -c "from diffbody_jax.config import load_config as c; print(c('configs/degradation.py'))"
 
 kind:
   real-esrgan                  Real-ESRGAN's second-order pipeline with its published ranges (training)
@@ -18,7 +18,7 @@ import dataclasses
 
 import ml_collections
 
-from diffbody_jax.cli.config_args import parse_arg
+from diffbody_jax.config import parse_arg
 from diffbody_jax.data.degradations import TABLE1_MIXTURES, RealESRGANConfig
 
 

@@ -18,7 +18,7 @@ import pathlib
 
 import ml_collections
 
-from diffbody_jax.cli.config_args import load_config, model_section, parse_arg
+from diffbody_jax.config import load_config, model_section, parse_arg
 
 UNET_CONFIG = pathlib.Path(__file__).parent / "unet.py"
 UNET_VARIANT = {"sd21-768v": "sd21-768v", "sd21-base": "sd21-base", "tiny": "tiny-sd21"}
@@ -39,7 +39,7 @@ def get_config(arg=None):
         copy_last_n_block=arg["copy_last"],
     )
     config = ml_collections.ConfigDict()
-    config.model = model_section(variant=arg["variant"], unet_variant=UNET_VARIANT[arg["variant"]],
+    config.model = model_section(name="joint_unet", variant=arg["variant"], unet_variant=UNET_VARIANT[arg["variant"]],
                                  config=joint.to_dict())
     config.lock()
     return config

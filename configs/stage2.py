@@ -17,7 +17,7 @@ import pathlib
 
 import ml_collections
 
-from diffbody_jax.cli.config_args import load_config, model_section, parse_arg
+from diffbody_jax.config import load_config, model_section, parse_arg
 
 HERE = pathlib.Path(__file__).parent
 VARIANTS = {"sdxl": ("sdxl-base", "diffbody-v2-stage2"), "tiny": ("tiny-sdxl", "tiny-v2-stage2")}
@@ -42,7 +42,7 @@ def get_config(arg=None):
     resampler = ResamplerConfig.tiny(output_dims=unet["cross_attention_dim"]) if tiny else ResamplerConfig()
 
     config = ml_collections.ConfigDict()
-    config.model = model_section(variant=arg["variant"], unet=unet, controlnet=controlnet,
+    config.model = model_section(name="stage2", variant=arg["variant"], unet=unet, controlnet=controlnet,
                                  resampler=resampler.to_dict())
     config.train = ml_collections.ConfigDict(dict(
         phase=arg["phase"], prediction_type="epsilon", noise_offset=0.0, min_snr_gamma=None,

@@ -1,6 +1,6 @@
 """SwinIR (stage 0) architectures: the paper's DiffBIR-style restorer, the official KAIR models, tiny variants.
 
-  python -c "from diffbody_jax.cli.config_args import load_config; print(load_config('configs/swinir.py:variant=tiny'))"
+  python -c "from diffbody_jax.config import load_config; print(load_config('configs/swinir.py:variant=tiny'))"
 
 Variants (all take images in [0, 1]):
   diffbir          DiffBody's stage 0, as DiffBIR's general_swinir: embed 180, 8 RSTB x 6 layers, 6 heads,
@@ -15,7 +15,7 @@ Variants (all take images in [0, 1]):
 
 import ml_collections
 
-from diffbody_jax.cli.config_args import parse_arg
+from diffbody_jax.config import parse_arg
 
 _REAL_SR = dict(upscale=4, img_size=64, window_size=8, img_range=1.0, mlp_ratio=2, upsampler="nearest+conv")
 
@@ -57,6 +57,7 @@ def get_config(arg=None):
     config = ml_collections.ConfigDict()
     config.model = ml_collections.ConfigDict(
         dict(
+            name="swinir",
             variant=arg["variant"],
             swinir=dict(VARIANTS[arg["variant"]]),
             dtype="float32",

@@ -18,7 +18,7 @@ import pathlib
 
 import ml_collections
 
-from diffbody_jax.cli.config_args import model_section, parse_arg
+from diffbody_jax.config import model_section, parse_arg
 
 DIFFUSERS_DIR = pathlib.Path(__file__).parent / "diffusers"
 
@@ -90,6 +90,6 @@ def diffusers_config(variant: str) -> dict:
 def get_config(arg=None):
     arg = parse_arg(arg, variant="sd21-base")
     config = ml_collections.ConfigDict()
-    config.model = model_section(variant=arg["variant"], diffusers=diffusers_config(arg["variant"]))
+    config.model = model_section(name="unet", variant=arg["variant"], diffusers=diffusers_config(arg["variant"]))
     config.lock()
     return config

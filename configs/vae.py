@@ -1,6 +1,6 @@
 """VAE (AutoencoderKL) architectures: the real SD2.1 / SDXL configs and tiny variants for tests.
 
-  python -c "from diffbody_jax.cli.config_args import load_config; print(load_config('configs/vae.py:variant=tiny'))"
+  python -c "from diffbody_jax.config import load_config; print(load_config('configs/vae.py:variant=tiny'))"
 
 Variants:
   sd21-base, sdxl-base     configs/diffusers/<variant>/vae/config.json (official files)
@@ -14,7 +14,7 @@ import pathlib
 
 import ml_collections
 
-from diffbody_jax.cli.config_args import parse_arg
+from diffbody_jax.config import parse_arg
 
 DIFFUSERS_DIR = pathlib.Path(__file__).parent / "diffusers"
 
@@ -56,6 +56,7 @@ def get_config(arg=None):
     config = ml_collections.ConfigDict()
     config.model = ml_collections.ConfigDict(
         dict(
+            name="vae",
             variant=arg["variant"],
             diffusers=diffusers_config(arg["variant"]),
             dtype="float32",

@@ -6,7 +6,7 @@ import pathlib
 
 import numpy as np
 
-from diffbody_jax.cli.config_args import load_config
+from diffbody_jax.config import load_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -7,6 +7,6 @@ instead of pretending to train.
 
 import sys
 
-print("python -m train: no training phase is implemented yet in this version of diffbody_jax "
-      "(see README.md, 'Status').", file=sys.stderr)
-sys.exit(2)
+from diffbody_jax.cli.main import main
+
+sys.exit(main(["train", *sys.argv[1:]]))

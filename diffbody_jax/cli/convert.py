@@ -37,7 +37,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from diffbody_jax.interop import flax_checkpoint, pretrained, torch_files
+from diffbody_jax import files
+from diffbody_jax.interop import flax_checkpoint, pretrained
 from diffbody_jax.interop.mapping import flatten_params
 
 _DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "keep": None}
@@ -46,7 +47,7 @@ _DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.
 def _model_folders(src: Path) -> tuple[str, dict[str, Path], list[str]]:
     """(layout, {component: folder}, skipped notes) for a model folder or a pipeline folder."""
     if (src / "config.json").exists():
-        config = torch_files.read_json(src / "config.json")
+        config = files.read_json(src / "config.json")
         family = pretrained.family_of(config, str(src / "config.json"))
         return "model", {family.component: src}, []
     subdirs = sorted(p for p in src.iterdir() if (p / "config.json").exists()) if src.is_dir() else []
@@ -54,7 +55,7 @@ def _model_folders(src: Path) -> tuple[str, dict[str, Path], list[str]]:
         raise FileNotFoundError(f"{src}: neither a model folder (config.json) nor a pipeline folder")
     found, skipped = {}, []
     for sub in subdirs:
-        name = pretrained.class_name_of(torch_files.read_json(sub / "config.json"))
+        name = pretrained.class_name_of(files.read_json(sub / "config.json"))
         if name in pretrained.FAMILIES:
             found[sub.name] = sub
         else:
@@ -69,7 +70,7 @@ def to_flax(src: Path, dst: Path, param_dtype, overwrite: bool) -> None:
     components = {}
     for name, folder in folders.items():
         _, params = pretrained.load_pretrained(folder, param_dtype=param_dtype)
-        components[name] = (torch_files.read_json(folder / "config.json"), params)
+        components[name] = (files.read_json(folder / "config.json"), params)
         print(f"  {name}: {folder} -> {len(flatten_params(params))} params")
     flax_checkpoint.save_components(dst, components, layout=layout, overwrite=overwrite)
     for note in skipped:
@@ -95,30 +96,16 @@ def init_from_unet(unet_src: Path, config_spec: str, dst: Path, fmt: str, seed: 
     stage-1 ControlNet) from a trained JointUNet folder: its `branch` and the shared trunk."""
     import jax
 
-    from diffbody_jax.cli.config_args import load_config
-    from diffbody_jax.models.controlnet import build_controlnet, controlnet_from_joint_unet, controlnet_from_unet
-    from diffbody_jax.models.joint_unet import build_joint_unet, joint_unet_from_unet
+    from diffbody_jax.config import load_config
+    from diffbody_jax.models.registry import build_model
 
     model_config = load_config(config_spec).model
-    if "config" in model_config and model_config.config.get("_class_name") == "JointUNet":
-        module, init, target = build_joint_unet(model_config), joint_unet_from_unet, "JointUNet"
-    elif "diffusers" in model_config and model_config.diffusers.get("_class_name") == "ControlNetModel":
-        module, init, target = build_controlnet(model_config), controlnet_from_unet, "ControlNetModel"
-    else:
-        raise ValueError(f"{config_spec}: the model section describes neither a JointUNet nor a ControlNetModel")
-    subfolder = "unet" if (unet_src / "unet").is_dir() else None
-    unet, unet_params = pretrained.load_pretrained(unet_src, subfolder=subfolder)
-    kind = type(unet).__name__
-    if kind == "JointUNet" and target == "ControlNetModel":
-        def init(params, module, rng):
-            return controlnet_from_joint_unet(params, unet.config, module, rng, branch)
-        source = f"{unet_src} (JointUNet branch {branch!r} + shared trunk)"
-    elif kind == "UNet2DConditionModel":
-        source = str(unet_src)
-    else:
-        raise ValueError(f"{unet_src}: expected a UNet2DConditionModel (or a JointUNet for a ControlNet), "
-                         f"found {kind}")
-    params, copied = init(unet_params, module, jax.random.key(seed))
+    if model_config.get("name") not in ("joint_unet", "controlnet"):
+        raise ValueError(f"{config_spec}: model.name={model_config.get('name')!r}; init-from-unet builds a "
+                         f"joint_unet or a controlnet")
+    module = build_model(model_config)
+    params, copied, source = pretrained.init_from_pretrained_unet(unet_src, module, jax.random.key(seed),
+                                                                  branch=branch)
     params = jax.device_get(params)
     roots = sorted({p.split("/")[0] for p in copied})
     print(f"  copied {len(copied)} tensors from {source}: {', '.join(roots)}")
@@ -127,7 +114,7 @@ def init_from_unet(unet_src: Path, config_spec: str, dst: Path, fmt: str, seed: 
 
 
 def swinir_to_flax(src: Path, config_spec: str, dst: Path, param_dtype, overwrite: bool) -> None:
-    from diffbody_jax.cli.config_args import load_config
+    from diffbody_jax.config import load_config
     from diffbody_jax.interop.swinir import load_swinir
     from diffbody_jax.models.swinir import SwinIRConfig
 
@@ -151,7 +138,7 @@ def swinir_to_torch(src: Path, dst: Path, overwrite: bool) -> None:
 def bodypart_to_flax(src: Path | None, imagenet: Path | None, config_spec: str, dst: Path, overwrite: bool) -> None:
     import jax
 
-    from diffbody_jax.cli.config_args import load_config
+    from diffbody_jax.config import load_config
     from diffbody_jax.interop.bodypart import backbone_from_imagenet, infer_config, load_bodypart
     from diffbody_jax.interop.torch_files import read_state_dict
     from diffbody_jax.models.bodypart import BodyPartConfig, BodyPartNet
@@ -201,7 +188,7 @@ def _save_model(module, params, dst: Path, fmt: str, overwrite: bool) -> None:
 def init_from_controlnet(src: Path, config_spec: str, dst: Path, fmt: str, seed: int, overwrite: bool) -> None:
     import jax
 
-    from diffbody_jax.cli.config_args import load_config
+    from diffbody_jax.config import load_config
     from diffbody_jax.models.controlnet import build_controlnet, prior_fusion_from_controlnet
 
     module = build_controlnet(load_config(config_spec).model)
@@ -219,7 +206,7 @@ COLOUR_ADAPTER = "colour_adapter"
 
 
 def ip_adapter_to_flax(src: Path, unet_spec: str, dst: Path, param_dtype, overwrite: bool) -> None:
-    from diffbody_jax.cli.config_args import load_config
+    from diffbody_jax.config import load_config
     from diffbody_jax.interop.ip_adapter import load_ip_adapter
     from diffbody_jax.models.unet import UNetConfig
 

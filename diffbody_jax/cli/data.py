@@ -21,7 +21,7 @@ import numpy as np
 def _preview(manifest: Path, out: Path, degradation_spec: str, bucket_short_side: int, seed: int) -> None:
     from PIL import Image
 
-    from diffbody_jax.cli.config_args import load_config
+    from diffbody_jax.config import load_config
     from diffbody_jax.data.degradations import degradation_from_config
     from diffbody_jax.data.manifest import read_manifest
     from diffbody_jax.data.pipeline import PAPER_BUCKETS, DataConfig, ShardInfo, make_dataset

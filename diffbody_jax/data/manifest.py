@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from diffbody_jax.data.pose import KEYPOINT_COUNTS
+from diffbody_jax.files import atomic_write
 
 MAP_FIELDS = ("pose", "depth", "normal", "attention")
 KNOWN_FIELDS = {"image", "caption", "keypoints", "keypoint_format", *MAP_FIELDS}
@@ -164,7 +165,6 @@ def read_manifest(
 
 def write_manifest(path: str | os.PathLike, rows: Sequence[dict]) -> None:
     """Write rows (dicts with paths already relative to `path`'s folder) atomically."""
-    from diffbody_jax.interop.torch_files import atomic_write
 
     def write(tmp):
         with open(tmp, "w", encoding="utf-8") as f:

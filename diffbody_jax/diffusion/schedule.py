@@ -17,7 +17,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from diffbody_jax.models.config_dict import dataclass_from_dict
+from diffbody_jax.config import dataclass_from_dict
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from diffbody_jax.interop import torch_files
 from diffbody_jax.interop.hrnet import hrnet_table, torch_key
-from diffbody_jax.interop.mapping import MappingTable, Rule, flatten_params, torch_to_flax
+from diffbody_jax.interop.mapping import MappingTable, Rule, flatten_params, flax_to_torch, torch_to_flax
 from diffbody_jax.models.bodypart import BodyPartConfig, BodyPartNet
 
 BACKBONE = "backbone_appearance_feature_extractor"
@@ -39,16 +39,10 @@ def bodypart_table(variables: dict) -> MappingTable:
     return MappingTable(rows, skip=[r"\.num_batches_tracked$"])
 
 
-def _strip_module(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    if state_dict and all(k.startswith("module.") for k in state_dict):
-        return {k[len("module."):]: v for k, v in state_dict.items()}
-    return state_dict
-
-
 def infer_config(state_dict: dict[str, np.ndarray], base: BodyPartConfig | None = None) -> BodyPartConfig:
     """The head fields of a BPBreID checkpoint, read from its keys and shapes, on top of `base` (whose
     backbone and input convention are kept): number of parts, reduction mode and width, identities."""
-    sd = _strip_module(state_dict)
+    sd = torch_files.strip_prefix(state_dict)
     base = base or BodyPartConfig.bpbreid()
     try:
         num_parts = sd["pixel_classifier.classifier.weight"].shape[0] - 1
@@ -73,7 +67,7 @@ def bodypart_from_state_dict(
 ) -> dict:
     """Flat torchreid state dict -> {"params", "batch_stats"}; every key must map, every leaf be filled."""
     shapes = BodyPartNet(config=config).variable_shapes()
-    return torch_to_flax(_strip_module(state_dict), bodypart_table(shapes), shapes, source, dtype)
+    return torch_to_flax(torch_files.strip_prefix(state_dict), bodypart_table(shapes), shapes, source, dtype)
 
 
 def load_bodypart(
@@ -81,14 +75,13 @@ def load_bodypart(
 ) -> tuple[BodyPartConfig, dict]:
     """(config, variables) from a torchreid BPBreID checkpoint (.pth / .pth.tar / .safetensors). Without
     `config`, the head is read from the checkpoint over the published W32 backbone (`infer_config`)."""
-    state_dict = _strip_module(torch_files.read_state_dict(path))
+    state_dict = torch_files.strip_prefix(torch_files.read_state_dict(path))
     config = config or infer_config(state_dict)
     return config, bodypart_from_state_dict(state_dict, config, str(path), dtype)
 
 
 def bodypart_state_dict(variables: dict) -> dict[str, np.ndarray]:
     """Variables -> torchreid's flat state dict (BatchNorm counters included, so it loads strictly)."""
-    from diffbody_jax.interop.mapping import flax_to_torch
 
     out = flax_to_torch(variables, bodypart_table(variables), "BodyPartNet variables")
     for key in [k for k in out if k.endswith(".running_mean")]:
@@ -105,10 +98,7 @@ def save_bodypart(path: str | os.PathLike, variables: dict) -> None:
         return
     if path.suffix not in (".pth", ".pt", ".tar"):
         raise ValueError(f"{path}: unknown BPBreID checkpoint suffix (.pth, .pth.tar, .pt or .safetensors)")
-    import torch
-
-    obj = {"state_dict": {k: torch_files.numpy_to_torch(v) for k, v in state_dict.items()}}
-    torch_files.atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    torch_files.write_torch({"state_dict": state_dict}, path)
 
 
 def imagenet_table(backbone: dict) -> MappingTable:
@@ -122,7 +112,7 @@ def backbone_from_imagenet(state_dict: dict[str, np.ndarray], variables: dict, s
     """Replace the backbone of BodyPartNet `variables` with HRNet ImageNet weights (timm's `hrnet_w32` or
     HRNet-Image-Classification's file; a BPBreID checkpoint's backbone keys work too). The ImageNet
     classifier head is dropped; every backbone leaf must be filled. The part head is left as it was."""
-    sd = _strip_module(state_dict)
+    sd = torch_files.strip_prefix(state_dict)
     if any(k.startswith(BACKBONE + ".") for k in sd):
         sd = {k[len(BACKBONE) + 1:]: v for k, v in sd.items() if k.startswith(BACKBONE + ".")}
         sd = {k: v for k, v in sd.items() if not k.startswith("cls_head.")}

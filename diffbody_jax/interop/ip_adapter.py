@@ -44,7 +44,7 @@ from diffbody_jax.interop.mapping import (
     torch_to_flax,
 )
 from diffbody_jax.models.ip_adapter import IP_KERNELS, Resampler, ResamplerConfig, ip_adapter_of
-from diffbody_jax.models.unet import UNetConfig
+from diffbody_jax.models.unet import UNet2DConditionModel, UNetConfig
 
 _KV = re.compile(r"^(image_proj\.layers\.\d+\.0\.)to_kv\.weight$")
 DIFFUSERS_PROJ = "encoder_hid_proj.image_projection_layers.0"
@@ -246,7 +246,6 @@ def load_ip_adapter(
     """(Resampler module, adapter params) from an IP-Adapter-Plus file of either layout, for a UNet of
     `unet_config`; the Resampler's shape is read from the file (heads = query width // dim_head).
     resampler_kwargs: run-time fields of the Resampler (dtype=jnp.bfloat16, attention_backend=...)."""
-    from diffbody_jax.models.unet import UNet2DConditionModel
 
     flat = read_ip_adapter(path)
     resampler = Resampler(infer_resampler_config(flat, str(path), dim_head), **resampler_kwargs)

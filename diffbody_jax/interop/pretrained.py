@@ -18,8 +18,23 @@ from typing import Any
 import jax
 import numpy as np
 
+from diffbody_jax import files
+from diffbody_jax.interop import clip as tables
 from diffbody_jax.interop import flax_checkpoint, torch_files
+from diffbody_jax.interop.joint_unet import joint_unet_table
 from diffbody_jax.interop.mapping import MappingTable, flax_to_torch, torch_to_flax
+from diffbody_jax.interop.unet import controlnet_table, unet_table
+from diffbody_jax.interop.vae import vae_table
+from diffbody_jax.models import clip
+from diffbody_jax.models.controlnet import (
+    ControlNetConfig,
+    ControlNetModel,
+    controlnet_from_joint_unet,
+    controlnet_from_unet,
+)
+from diffbody_jax.models.joint_unet import JointUNet, JointUNetConfig, joint_unet_from_unet
+from diffbody_jax.models.unet import UNet2DConditionModel, UNetConfig
+from diffbody_jax.models.vae import AutoencoderKL, VAEConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,11 +54,6 @@ def _diffusers_family(class_name: str, component: str) -> Callable[[], Family]:
     """UNet2DConditionModel, ControlNetModel and AutoencoderKL: diffusers configs, built lazily."""
 
     def make() -> Family:
-        from diffbody_jax.interop.unet import controlnet_table, unet_table
-        from diffbody_jax.interop.vae import vae_table
-        from diffbody_jax.models.controlnet import ControlNetConfig, ControlNetModel
-        from diffbody_jax.models.unet import UNet2DConditionModel, UNetConfig
-        from diffbody_jax.models.vae import AutoencoderKL, VAEConfig
 
         config_cls, module_cls, table = {
             "UNet2DConditionModel": (UNetConfig, UNet2DConditionModel, unet_table),
@@ -65,8 +75,6 @@ def _clip_family(class_name: str) -> Callable[[], Family]:
     """CLIPTextModel, CLIPVisionModel and their WithProjection variants (the config carries which)."""
 
     def make() -> Family:
-        from diffbody_jax.interop import clip as tables
-        from diffbody_jax.models import clip
 
         vision = class_name.startswith("CLIPVision")
         config_cls = clip.CLIPVisionConfig if vision else clip.CLIPTextConfig
@@ -85,8 +93,6 @@ def _clip_family(class_name: str) -> Callable[[], Family]:
 
 
 def _joint_unet_family() -> Family:
-    from diffbody_jax.interop.joint_unet import joint_unet_table
-    from diffbody_jax.models.joint_unet import JointUNet, JointUNetConfig
 
     return Family(
         "JointUNet", JointUNetConfig.from_dict, lambda cfg, **kw: JointUNet(cfg, **kw), joint_unet_table, "unet",
@@ -157,7 +163,7 @@ def load_pretrained(
 
     folder = Path(path) / subfolder if subfolder else Path(path)
     config_path = folder / "config.json"
-    config_dict = torch_files.read_json(config_path)
+    config_dict = files.read_json(config_path)
     family = family_of(config_dict, str(config_path))
     config = family.config_from_dict(config_dict, str(config_path))
     module = family.build(config, **module_kwargs)
@@ -177,5 +183,31 @@ def save_pretrained(path: str | os.PathLike, module, params: dict, config_dict: 
     folder = Path(path)
     state_dict = flax_to_torch(params, family.table(module.config), f"{family.class_name} params")
     torch_files.write_safetensors(state_dict, folder / family.weights_name, metadata={"format": "pt"})
-    torch_files.write_json(config_dict or family.config_to_dict(module.config), folder / "config.json")
+    files.write_json(config_dict or family.config_to_dict(module.config), folder / "config.json")
     return folder
+
+
+def init_from_pretrained_unet(path: str | os.PathLike, module, rng: jax.Array, *, branch: str = "rgb",
+                              param_dtype: Any = np.float32) -> tuple[dict, list[str], str]:
+    """Fresh params for `module` (a JointUNet or a ControlNetModel) started from a trained UNet checkpoint.
+
+    path: a plain UNet (diffusers folder, pipeline folder with a unet/ subfolder, or our checkpoint), or, for a
+    ControlNet, a trained JointUNet: then the ControlNet starts from `branch` and the shared trunk (DiffBody v2's
+    stage-1 ControlNet). Returns (params, the copied Flax paths, a description of the source).
+    """
+
+    subfolder = "unet" if (Path(path) / "unet").is_dir() else None
+    unet, unet_params = load_pretrained(path, subfolder=subfolder, param_dtype=param_dtype)
+    if isinstance(module, ControlNetModel) and isinstance(unet, JointUNet):
+        params, copied = controlnet_from_joint_unet(unet_params, unet.config, module, rng, branch)
+        return params, copied, f"{path} (JointUNet branch {branch!r} + shared trunk)"
+    if not isinstance(unet, UNet2DConditionModel):
+        raise ValueError(f"{path}: expected a UNet2DConditionModel (or a JointUNet for a ControlNet), "
+                         f"found {type(unet).__name__}")
+    if isinstance(module, JointUNet):
+        params, copied = joint_unet_from_unet(unet_params, module, rng)
+    elif isinstance(module, ControlNetModel):
+        params, copied = controlnet_from_unet(unet_params, module, rng)
+    else:
+        raise ValueError(f"init from a UNet: {type(module).__name__} is neither a JointUNet nor a ControlNetModel")
+    return params, copied, str(path)

@@ -23,6 +23,7 @@ from diffbody_jax.interop.mapping import (
     MappingTable,
     Rule,
     conv2d,
+    flax_to_torch,
     import_only,
     linear,
     nest,
@@ -67,8 +68,7 @@ def swinir_from_state_dict(
     state_dict: dict[str, np.ndarray], config: SwinIRConfig, source: str = "SwinIR state dict", dtype: Any = None
 ) -> dict:
     """Flat PyTorch state dict -> Flax params; every key must map and every param be filled."""
-    if state_dict and all(k.startswith("module.") for k in state_dict):
-        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
+    state_dict = torch_files.strip_prefix(state_dict)
     return torch_to_flax(state_dict, swinir_table(config), SwinIR(config).param_shapes(), source, dtype)
 
 
@@ -79,7 +79,6 @@ def load_swinir(path: str | os.PathLike, config: SwinIRConfig, dtype: Any = None
 
 def swinir_state_dict(config: SwinIRConfig, params: dict, buffers: bool = True) -> dict[str, np.ndarray]:
     """Flax params -> flat PyTorch state dict; with `buffers`, the official derived buffers too."""
-    from diffbody_jax.interop.mapping import flax_to_torch
 
     out = flax_to_torch(params, swinir_table(config), "SwinIR params")
     if buffers:
@@ -105,8 +104,4 @@ def save_swinir(path: str | os.PathLike, config: SwinIRConfig, params: dict) -> 
         return
     if path.suffix not in (".pth", ".pt", ".ckpt", ".bin"):
         raise ValueError(f"{path}: unknown SwinIR checkpoint suffix (.pth, .pt, .ckpt, .bin or .safetensors)")
-    import torch
-
-    tensors = {k: torch_files.numpy_to_torch(v) for k, v in state_dict.items()}
-    obj = {"params": tensors} if path.suffix in (".pth", ".pt") else tensors
-    torch_files.atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    torch_files.write_torch({"params": state_dict} if path.suffix in (".pth", ".pt") else state_dict, path)

@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import tempfile
 import types
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import safetensors.numpy
+
+from diffbody_jax.files import atomic_write
 
 # Weight file names that diffusers and transformers write, in the order we look for them.
 WEIGHT_NAMES = (
@@ -125,6 +126,13 @@ def _flatten_tensors(obj: Mapping, tensor_type, prefix: str = "") -> dict[str, n
     return out
 
 
+def strip_prefix(state_dict: Mapping[str, np.ndarray], prefix: str = "module.") -> dict[str, np.ndarray]:
+    """Drop `prefix` from every key when every key has it (DataParallel's "module.", Lightning's "model.")."""
+    if state_dict and all(k.startswith(prefix) for k in state_dict):
+        return {k[len(prefix):]: v for k, v in state_dict.items()}
+    return dict(state_dict)
+
+
 def write_torch(obj: Mapping, path: str | os.PathLike) -> None:
     """torch.save a (possibly nested) dict of numpy arrays as torch tensors, atomically."""
     import torch
@@ -164,19 +172,6 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     raise ValueError(f"{path}: unknown weight format {path.suffix!r} (expected .safetensors, .bin, .pt, .pth)")
 
 
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call `write(tmp_path)` and rename the result onto `path`, so a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_safetensors(state_dict: Mapping[str, np.ndarray], path: str | os.PathLike, metadata=None) -> None:
@@ -184,20 +179,4 @@ def write_safetensors(state_dict: Mapping[str, np.ndarray], path: str | os.PathL
     atomic_write(path, lambda tmp: safetensors.numpy.save_file(tensors, tmp, metadata=metadata))
 
 
-def write_json(obj, path: str | os.PathLike) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
 
-    atomic_write(path, write)
-
-
-def read_json(path: str | os.PathLike) -> dict:
-    path = Path(path)
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such file") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON ({e})") from e

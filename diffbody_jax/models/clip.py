@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffbody_jax.models.config_dict import dataclass_from_dict
+from diffbody_jax.config import dataclass_from_dict
 from diffbody_jax.models.layers import Array, Attention, Dtype, Precision, dense, layer_norm
 
 ACTIVATIONS = {

@@ -35,7 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from diffbody_jax.models.config_dict import dataclass_from_dict, dataclass_to_dict
+from diffbody_jax.config import dataclass_from_dict, dataclass_to_dict, runtime_kwargs
+from diffbody_jax.models.conditioning_embedding import ConditioningEmbedding
 from diffbody_jax.models.joint_unet import branch_unet_params
 from diffbody_jax.models.layers import Array, conv
 from diffbody_jax.models.param_copy import copy_from_unet, widen_conv_in
@@ -188,30 +189,6 @@ class ControlNetOutput(NamedTuple):
 
     down: tuple[Array, ...]
     mid: Array
-
-
-class ConditioningEmbedding(nn.Module):
-    """Condition -> [B, H, W, out_channels] at latent resolution; see the module docstring for the kinds.
-
-    x: [B, H * s, W * s, C_cond] with s = 2^(len(block_out_channels) - 1) for "pixel", s = 1 for "latent".
-    """
-
-    out_channels: int
-    block_out_channels: tuple[int, ...] = (16, 32, 96, 256)
-    kind: str = "pixel"
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    precision: Any = None
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        if self.kind == "pixel":
-            x = nn.silu(conv(self, self.block_out_channels[0], 3, "conv_in")(x))
-            channels = self.block_out_channels
-            for i, (c_in, c_out) in enumerate(zip(channels[:-1], channels[1:], strict=True)):
-                x = nn.silu(conv(self, c_in, 3, f"blocks_{2 * i}")(x))
-                x = nn.silu(conv(self, c_out, 3, f"blocks_{2 * i + 1}", stride=2)(x))
-        return conv(self, self.out_channels, 3, "conv_out", zero_init=True)(x)
 
 
 class ControlNetModel(UNetModule):
@@ -371,7 +348,6 @@ def controlnet_from_joint_unet(
 
 def build_controlnet(model_config) -> ControlNetModel:
     """The module described by a `configs/controlnet.py` `model` section."""
-    from diffbody_jax.models.unet import runtime_kwargs
 
     cfg = ControlNetConfig.from_diffusers(dict(model_config["diffusers"]), source="model.diffusers")
     return ControlNetModel(cfg, **runtime_kwargs(model_config))

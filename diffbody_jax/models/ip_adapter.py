@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 from flax.core import meta
 
-from diffbody_jax.models.config_dict import dataclass_to_dict
+from diffbody_jax.config import dataclass_from_dict, dataclass_to_dict
 from diffbody_jax.models.layers import Array, Attention, Dtype, GELUFeedForward, Precision, dense, layer_norm
 
 IP_KERNELS = ("to_k_ip", "to_v_ip")
@@ -58,7 +58,6 @@ class ResamplerConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> ResamplerConfig:
-        from diffbody_jax.models.config_dict import dataclass_from_dict
 
         return dataclass_from_dict(cls, dict(d), kind="Resampler", source=source)
 

@@ -50,6 +50,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffbody_jax.config import runtime_kwargs
 from diffbody_jax.models.layers import Array, conv
 from diffbody_jax.models.param_copy import copy_from_unet
 from diffbody_jax.models.unet import (
@@ -270,7 +271,6 @@ def branch_unet_params(joint_params: dict, config: JointUNetConfig, branch: str 
 
 def build_joint_unet(model_config) -> JointUNet:
     """The module described by a `configs/joint_unet.py` `model` section."""
-    from diffbody_jax.models.unet import runtime_kwargs
 
     return JointUNet(JointUNetConfig.from_dict(dict(model_config["config"]), "model.config"),
                      **runtime_kwargs(model_config))

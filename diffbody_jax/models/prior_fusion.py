@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffbody_jax.models.conditioning_embedding import ConditioningEmbedding
 from diffbody_jax.models.layers import Array, Dtype, Precision
 
 ALPHA_MODES = ("fixed", "learned", "softmax")
@@ -104,8 +105,6 @@ class PriorFusion(nn.Module):
 
     @nn.compact
     def __call__(self, priors: Mapping[str, Array | None], prior_mask: Array | None = None) -> Array:
-        from diffbody_jax.models.controlnet import ConditioningEmbedding
-
         c = self.config
         unknown = sorted(set(priors) - set(c.priors))
         if unknown:

@@ -1,12 +1,13 @@
 """DiffBody v2 stage 2 (seed 002, Sec. 3.3): a frozen SDXL UNet steered by the prior-fusion ControlNet and
-the colour adapter; the forward pass and the losses of Eq. 3 and Eq. 4.
+the colour adapter: the forward pass. Its losses (Eq. 3, Eq. 4) and trainable subsets are in
+`diffbody_jax.training.losses` and `diffbody_jax.training.phases`.
 
     model = Stage2Model(unet=UNet2DConditionModel(sdxl, ip_adapter=True),
                         controlnet=ControlNetModel(stage2_controlnet), image_proj=Resampler(ResamplerConfig()))
     eps = model.apply({"params": params}, z_t, t, text, priors, image_features)
 
 params = {"unet": ..., "controlnet": ..., "image_proj": ...} (`stage2_params` assembles them). The two
-training phases are named trainable subsets (`STAGE2_SUBSETS`):
+training phases train these subsets (`training.phases.STAGE2_SUBSETS`):
 
   "controlnet"      Eq. 3: the ControlNet with its fusion (every F_i and the alphas); UNet and adapter frozen,
                     the adapter off (ip_scale 0: exactly the plain UNet).
@@ -16,34 +17,17 @@ training phases are named trainable subsets (`STAGE2_SUBSETS`):
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffbody_jax.diffusion.losses import diffusion_loss, noising
-from diffbody_jax.models.controlnet import ControlNetModel
-from diffbody_jax.models.ip_adapter import Resampler, with_ip_adapter
+from diffbody_jax.config import runtime_kwargs
+from diffbody_jax.models.controlnet import ControlNetConfig, ControlNetModel
+from diffbody_jax.models.ip_adapter import Resampler, ResamplerConfig, with_ip_adapter
 from diffbody_jax.models.layers import Array
-from diffbody_jax.models.unet import UNet2DConditionModel
-from diffbody_jax.training.trainable import TrainableSubset
-
-PHASES = ("controlnet", "colour_adapter")
-STAGE2_SUBSETS = {
-    "controlnet": TrainableSubset("controlnet", (r"^controlnet/",)),
-    "colour_adapter": TrainableSubset("colour_adapter", (r"^image_proj/", r"^unet/.*/to_[kv]_ip/")),
-}
-
-
-class SDXLText(NamedTuple):
-    """SDXL's text conditioning. prompt_embeds: [B, S, 2048] (both encoders' penultimate hidden states,
-    concatenated on channels); text_embeds: [B, 1280] (encoder 2's projected pooled output); time_ids: [B, 6]
-    (original size, crop top-left, target size)."""
-
-    prompt_embeds: Array
-    text_embeds: Array
-    time_ids: Array
+from diffbody_jax.models.unet import SDXLText, UNet2DConditionModel, UNetConfig
 
 
 class Stage2Model(nn.Module):
@@ -110,43 +94,8 @@ def stage2_params(unet_params: Mapping, controlnet_params: Mapping, adapter: Map
             "image_proj": dict(adapter["image_proj"])}
 
 
-def stage2_loss(
-    model: Stage2Model,
-    params: Mapping,
-    batch: Mapping[str, Any],
-    key: jax.Array,
-    alphas_cumprod: Array,
-    phase: str,
-    *,
-    prediction_type: str = "epsilon",
-    noise_offset: float = 0.0,
-    min_snr_gamma: float | None = None,
-) -> tuple[Array, dict[str, Array]]:
-    """Eq. 3 (phase "controlnet") or Eq. 4 ("colour_adapter"): E ||eps - eps_theta(z_t, t, c_t, [c_i,] c_g)||^2.
-
-    batch: latents [B, H, W, 4] (VAE latents of the HQ image, scaled), prompt_embeds, text_embeds, time_ids,
-    priors {name: [B, 8H, 8W, C_i]}, optional prior_mask [B, P]; "colour_adapter" also image_features
-    [B, T, D_clip] (CLIP of I_res). Returns (loss, {"loss", "t_mean"}). Differentiate it with respect to
-    `STAGE2_SUBSETS[phase]` (see `diffbody_jax.training.trainable.partition`).
-    """
-    if phase not in PHASES:
-        raise ValueError(f"stage2_loss: phase {phase!r}; expected one of {PHASES}")
-    if phase == "colour_adapter" and batch.get("image_features") is None:
-        raise ValueError("stage2_loss: the colour_adapter phase needs batch['image_features'] (CLIP of I_res)")
-    x0 = batch["latents"]
-    t, eps, z_t = noising(key, x0, alphas_cumprod, noise_offset)
-    text = SDXLText(batch["prompt_embeds"], batch["text_embeds"], batch["time_ids"])
-    image = batch["image_features"] if phase == "colour_adapter" else None
-    pred = model.apply({"params": params}, z_t, t, text, batch["priors"], image, prior_mask=batch.get("prior_mask"))
-    loss = diffusion_loss(pred, x0, eps, alphas_cumprod[t], prediction_type, min_snr_gamma=min_snr_gamma)
-    return loss, {"loss": loss, "t_mean": t.astype(jnp.float32).mean()}
-
-
 def build_stage2(model_config) -> Stage2Model:
     """The model described by a `configs/stage2.py` `model` section (run-time fields shared by all three)."""
-    from diffbody_jax.models.controlnet import ControlNetConfig
-    from diffbody_jax.models.ip_adapter import ResamplerConfig
-    from diffbody_jax.models.unet import UNetConfig, runtime_kwargs
 
     kw = runtime_kwargs(model_config)
     unet = UNet2DConditionModel(UNetConfig.from_diffusers(dict(model_config["unet"]), "model.unet"), ip_adapter=True,

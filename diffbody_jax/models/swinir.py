@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffbody_jax.models.config_dict import dataclass_from_dict, dataclass_to_dict
+from diffbody_jax.config import dataclass_from_dict, dataclass_to_dict
 from diffbody_jax.models.layers import Array, Dtype, Precision, conv, dense, layer_norm
 
 UPSAMPLERS = ("", "pixelshuffle", "pixelshuffledirect", "nearest+conv")
@@ -420,12 +420,3 @@ def swinir_restore(module: SwinIR, params: dict, image: Array) -> Array:
     x = image[None] if single else image
     out = jnp.clip(module.apply({"params": params}, x), 0.0, 1.0)
     return out[0] if single else out
-
-
-def swinir_l2_loss(module: SwinIR, params: dict, degraded: Array, target: Array, rng: jax.Array | None = None):
-    """Stage-0 training loss: mean squared error between SwinIR(degraded) and the clean target (NHWC, [0, 1])."""
-    rngs = None if rng is None else {"dropout": rng}
-    restored = module.apply({"params": params}, degraded, deterministic=rng is None, rngs=rngs)
-    if restored.shape != target.shape:
-        raise ValueError(f"swinir_l2_loss: restored {restored.shape} and target {target.shape} differ")
-    return jnp.mean(jnp.square(restored.astype(jnp.float32) - target.astype(jnp.float32)))

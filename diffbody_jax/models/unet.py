@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffbody_jax.models.config_dict import dataclass_from_dict, dataclass_to_dict
+from diffbody_jax.config import dataclass_from_dict, dataclass_to_dict, runtime_kwargs
 from diffbody_jax.models.layers import (
     Array,
     Downsample2D,
@@ -462,6 +462,17 @@ def dummy_unet_inputs(m: UNetModule, config: UNetConfig, in_channels: int, batch
     return inputs
 
 
+class SDXLText(NamedTuple):
+    """SDXL's text conditioning, as `conditioning.prompts.sdxl_conditioning` returns it and the SDXL models take
+    it. prompt_embeds: [B, S, 2048] (both encoders' penultimate hidden states, concatenated on channels);
+    text_embeds: [B, 1280] (encoder 2's projected pooled output); time_ids: [B, 6] (original size, crop top-left,
+    target size)."""
+
+    prompt_embeds: Array
+    text_embeds: Array
+    time_ids: Array
+
+
 class UNet2DConditionModel(UNetModule):
     """Conditional UNet of Stable Diffusion 2.x / XL. Run-time choices (dtype, attention backend, remat)
     are module fields; the architecture is `config` (a `UNetConfig`).
@@ -541,12 +552,3 @@ def build_unet(model_config) -> UNet2DConditionModel:
         **runtime_kwargs(model_config),
     )
 
-
-def runtime_kwargs(model_config) -> dict[str, Any]:
-    """dtype, param_dtype, attention_backend and remat from a config file's `model` section."""
-    return dict(
-        dtype=jnp.dtype(model_config["dtype"]),
-        param_dtype=jnp.dtype(model_config["param_dtype"]),
-        attention_backend=model_config["attention_backend"],
-        remat=bool(model_config["remat"]),
-    )

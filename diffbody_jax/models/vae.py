@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffbody_jax.models.config_dict import dataclass_from_dict, dataclass_to_dict
+from diffbody_jax.config import dataclass_from_dict, dataclass_to_dict
 from diffbody_jax.models.layers import (
     Array,
     Attention,

@@ -121,7 +121,7 @@ def test_init_from_unet_writes_joint_unet_and_controlnet(tmp_path, capsys):
 
     bad = f"{REPO}/configs/unet.py:variant=tiny-sd21"
     assert main(["init-from-unet", "--unet", str(tmp_path / "sd"), "--config", bad, "--dst", str(tmp_path / "x")]) == 2
-    assert "neither a JointUNet nor a ControlNetModel" in capsys.readouterr().err
+    assert "model.name='unet'; init-from-unet builds a joint_unet or a controlnet" in capsys.readouterr().err
 
 
 def test_stage1_controlnet_starts_from_a_trained_joint_unet(tmp_path, capsys, rng):
@@ -163,7 +163,7 @@ def test_stage1_controlnet_starts_from_a_trained_joint_unet(tmp_path, capsys, rn
 
 def test_joint_unet_and_stage1_controlnet_configs_share_a_base():
     """Seed 002 Sec. 4.2: stage 1 is built on SD2.1-base; the authors' 768-v stays a variant of both."""
-    from diffbody_jax.cli.config_args import load_config
+    from diffbody_jax.config import load_config
 
     assert load_config(f"{REPO}/configs/joint_unet.py").model.unet_variant == "sd21-base"
     for joint_variant, cn_variant in (("sd21-base", "diffbody-v2-stage1"), ("sd21-768v", "diffbody-v2-stage1-768v"),

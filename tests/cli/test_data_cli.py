@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from diffbody_jax.cli import data
-from diffbody_jax.cli.config_args import load_config
 from diffbody_jax.cli.convert import main as convert_main
+from diffbody_jax.config import load_config
 from diffbody_jax.interop.swinir import load_swinir, save_swinir
 from diffbody_jax.models.swinir import SwinIR, SwinIRConfig
 from tests.torch_ref import REPO

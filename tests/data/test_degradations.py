@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from diffbody_jax.cli.config_args import load_config
+from diffbody_jax.config import load_config
 from diffbody_jax.data import degradations as deg
 from tests.torch_ref import REPO
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import diffbody_jax
-from diffbody_jax.interop.joint_unet import joint_unet_from_pretrained_unet
 from diffbody_jax.interop.mapping import flatten_params
+from diffbody_jax.interop.pretrained import init_from_pretrained_unet
 from diffbody_jax.models.joint_unet import JointUNet, JointUNetConfig
 from diffbody_jax.models.unet import UNet2DConditionModel, UNetConfig
 from tests.torch_ref import REPO, nchw_to_nhwc, randomize_, unet_diffusers_config
@@ -21,8 +21,9 @@ def test_plain_sd_unet_folder_imports_into_a_fresh_joint_unet(tmp_path, rng):
     ref = diffusers.UNet2DConditionModel(**unet_diffusers_config("tiny-sd21")).eval()
     randomize_(ref, 11)
     ref.save_pretrained(tmp_path / "sd-unet")
-    joint, params, copied = joint_unet_from_pretrained_unet(tmp_path / "sd-unet", copy_first_n_block=1,
-                                                            copy_last_n_block=2)
+    joint = JointUNet(JointUNetConfig.from_unet(UNetConfig.from_diffusers(unet_diffusers_config("tiny-sd21")),
+                                                copy_first_n_block=1, copy_last_n_block=2))
+    params, copied, _ = init_from_pretrained_unet(tmp_path / "sd-unet", joint, jax.random.key(0))
     assert joint.config.unet.in_channels == 8 and joint.config.branches == ("rgb", "depth", "normal")
     assert "conv_in_branch_2/kernel" in copied and "up_blocks_branch_1_1/resnets_0/conv1/kernel" in copied
 

@@ -8,7 +8,7 @@ otherwise. `clip_preprocess` itself defaults to the centre crop, CLIPImageProces
 
 Matches transformers' CLIPImageProcessor up to resampling: it resizes uint8 images with PIL's bicubic
 filter; we resize in float with `jax.image.resize` (bicubic, antialiased), so values differ by PIL's
-rounding to uint8 and the two filters' edge handling (measured bound in tests/pipelines/test_clip_image.py).
+rounding to uint8 and the two filters' edge handling (measured bound in tests/conditioning/test_clip_image.py).
 """
 
 from __future__ import annotations

@@ -10,8 +10,10 @@ import pytest
 from diffbody_jax.diffusion.schedule import NoiseSchedule
 from diffbody_jax.models.controlnet import ControlNetConfig, ControlNetModel, controlnet_from_unet
 from diffbody_jax.models.ip_adapter import Resampler, ResamplerConfig, ip_adapter_of
-from diffbody_jax.models.stage2 import STAGE2_SUBSETS, SDXLText, Stage2Model, stage2_loss, stage2_params
-from diffbody_jax.models.unet import UNet2DConditionModel, UNetConfig
+from diffbody_jax.models.stage2 import Stage2Model, stage2_params
+from diffbody_jax.models.unet import SDXLText, UNet2DConditionModel, UNetConfig
+from diffbody_jax.training.losses import stage2_loss
+from diffbody_jax.training.phases import STAGE2_SUBSETS
 from diffbody_jax.training.trainable import merge, partition
 from tests.torch_ref import REPO, controlnet_diffusers_config, unet_diffusers_config
 
@@ -130,7 +132,7 @@ def test_stage2_params_from_parts(stage2):
 def test_real_size_subsets():
     """SDXL + the stage-2 ControlNet + IP-Adapter-Plus-XL, eval_shape only: what each phase trains."""
     cfg = json.loads((REPO / "configs/diffusers/sdxl-base/unet/config.json").read_text())
-    from diffbody_jax.cli.config_args import load_config
+    from diffbody_jax.config import load_config
 
     cn = load_config(f"{REPO}/configs/controlnet.py:variant=diffbody-v2-stage2").model.diffusers.to_dict()
     model = Stage2Model(UNet2DConditionModel(UNetConfig.from_diffusers(cfg), ip_adapter=True),
@@ -150,7 +152,7 @@ def test_real_size_subsets():
 
 @pytest.mark.parametrize("variant", ["tiny", "sdxl"])
 def test_config_builds_the_model(variant):
-    from diffbody_jax.cli.config_args import load_config
+    from diffbody_jax.config import load_config
     from diffbody_jax.models.stage2 import build_stage2
 
     config = load_config(f"{REPO}/configs/stage2.py:variant={variant},phase=colour_adapter")

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffbody_jax.pipelines.clip_image import CLIP_MEAN, CLIP_STD, clip_preprocess, resolve_fit
+from diffbody_jax.conditioning.clip_image import CLIP_MEAN, CLIP_STD, clip_preprocess, resolve_fit
 
 transformers = pytest.importorskip("transformers")
 
@@ -82,10 +82,10 @@ def test_colour_adapter_features_are_clip_vision_penultimate_states(rng):
     """Our CLIP tower on our preprocessed pixels against transformers' CLIPVisionModel on the same pixels."""
     import torch
 
+    from diffbody_jax.conditioning.clip_image import colour_adapter_features
     from diffbody_jax.interop.clip import clip_vision_table
     from diffbody_jax.interop.mapping import torch_to_flax
     from diffbody_jax.models.clip import CLIPVisionConfig, CLIPVisionModel
-    from diffbody_jax.pipelines.clip_image import colour_adapter_features
     from tests.torch_ref import randomize_, state_dict_numpy
 
     cfg = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,

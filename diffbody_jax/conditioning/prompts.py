@@ -24,6 +24,8 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
+from diffbody_jax.models.unet import SDXLText
+
 log = logging.getLogger(__name__)
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -195,7 +197,7 @@ def sdxl_prompt_embeds(
     out_2 = _encode(encoder_2, params_2, ids_2)
     embeds = jnp.concatenate([out_1["hidden_states"][-2], out_2["hidden_states"][-2]], axis=-1)
     pooled = out_2["text_embeds"]
-    return embeds, pooled, sdxl_time_ids(original_size, crop_top_left, target_size, embeds.shape[0])
+    return SDXLText(embeds, pooled, sdxl_time_ids(original_size, crop_top_left, target_size, embeds.shape[0]))
 
 
 def sd21_conditioning(prompts: Sequence[str], tokenizer, encoder, params, chunked: bool = False) -> jnp.ndarray:
@@ -204,7 +206,7 @@ def sd21_conditioning(prompts: Sequence[str], tokenizer, encoder, params, chunke
 
 
 def sdxl_conditioning(prompts: Sequence[str], first, second, chunked: bool = False, **time_ids):
-    """Prompts -> SDXL's (encoder_hidden_states [B, 77, 2048], text_embeds [B, 1280], time_ids [B, 6]).
+    """Prompts -> SDXL's `SDXLText(prompt_embeds [B, 77, 2048], text_embeds [B, 1280], time_ids [B, 6])`.
 
     first, second: (tokenizer, encoder, params) of text_encoder and text_encoder_2. time_ids: keyword
     overrides of original_size, crop_top_left and target_size (default 1024x1024, no crop).

@@ -4,8 +4,8 @@ import jax
 import numpy as np
 import pytest
 
+from diffbody_jax.conditioning.body_priors import body_attention_map
 from diffbody_jax.models.bodypart import BodyPartConfig, BodyPartNet, preprocess
-from diffbody_jax.pipelines.body_priors import body_attention_map
 
 torch = pytest.importorskip("torch")
 

@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from diffbody_jax.conditioning import prompts
 from diffbody_jax.interop.clip import clip_text_table
 from diffbody_jax.interop.mapping import torch_to_flax
 from diffbody_jax.models.clip import CLIPTextConfig, CLIPTextModel
-from diffbody_jax.pipelines import prompts
 from tests.torch_ref import randomize_, state_dict_numpy
 
 transformers = pytest.importorskip("transformers")

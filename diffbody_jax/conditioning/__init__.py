@@ -1,0 +1,1 @@
+"""Conditioning inputs of the models: prompts -> text embeddings, CLIP image features, body priors."""

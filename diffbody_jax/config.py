@@ -1,0 +1,169 @@
+"""Config machinery in one place: config files and their arguments, overrides, sections, and the codec between
+our config dataclasses and diffusers/transformers config.json dicts.
+
+    config = load_config("unet:variant=tiny-sd21", overrides=["model.dtype=bfloat16"])
+    config = load_config("configs/stage2.py:variant=tiny,phase=controlnet")   # a path works too
+
+A config file (big_vision/MaxDiffusion style) is a Python file with `get_config(arg) -> ConfigDict`; `arg` is the
+text after ":" in the spec, parsed by `parse_arg` against the file's defaults. A bare name ("unet", "unet.py")
+is looked up in the project's configs/ folder, so specs work from any working directory.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+
+
+def parse_arg(arg: str | None, **defaults):
+    """Parse "variant=sdxl-base,tiny" into a dict, typed by the defaults.
+
+    A bare word sets a boolean default to True. Keys not in `defaults` are refused by name.
+    """
+    out = dict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if key not in defaults:
+            raise ValueError(f"config argument {key!r} unknown; known: {sorted(defaults)}")
+        default = defaults[key]
+        if not sep:
+            if not isinstance(default, bool):
+                raise ValueError(f"config argument {key!r} needs a value")
+            out[key] = True
+        elif isinstance(default, bool):
+            out[key] = value.strip().lower() in ("1", "true", "yes")
+        elif isinstance(default, (int, float)):
+            out[key] = type(default)(ast.literal_eval(value))
+        else:
+            out[key] = value.strip()
+    return out
+
+
+def config_path(name_or_path: str) -> pathlib.Path:
+    """A config file: the path as given if it exists, else `configs/<name>[.py]` of this project."""
+    file = pathlib.Path(name_or_path)
+    if file.is_file():
+        return file
+    for candidate in (CONFIG_DIR / name_or_path, CONFIG_DIR / f"{name_or_path}.py"):
+        if candidate.is_file():
+            return candidate
+    known = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if not p.name.startswith("_"))
+    raise FileNotFoundError(f"config file {name_or_path} not found (nor in {CONFIG_DIR}: {', '.join(known)})")
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()):
+    """`get_config(arg)` of `name_or_path[:arg]`, then `overrides` ("model.dtype=bfloat16") applied."""
+    path, _, arg = spec.partition(":")
+    file = config_path(path)
+    spec_obj = importlib.util.spec_from_file_location(f"_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(spec_obj)
+    spec_obj.loader.exec_module(module)
+    return apply_overrides(module.get_config(arg or None), overrides)
+
+
+def _literal(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def apply_overrides(config, overrides: Sequence[str]):
+    """Set "a.b.c=value" fields (as `--config.a.b.c=value` flags do); values are Python literals or strings.
+    An unknown field or a value of the wrong type is an error that names the field."""
+    for item in overrides:
+        item = item.removeprefix("--config.").removeprefix("config.")
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"config override {item!r}: expected field=value")
+        *parents, leaf = key.split(".")
+        node = config
+        for part in parents:
+            if part not in node:
+                raise ValueError(f"config override {key!r}: no section {part!r}")
+            node = node[part]
+        if leaf not in node:
+            raise ValueError(f"config override {key!r}: no field {leaf!r}; fields: {sorted(node.keys())}")
+        try:
+            node[leaf] = _literal(value)
+        except TypeError as e:
+            raise ValueError(f"config override {key!r}: {e}") from None
+    return config
+
+
+def model_section(**fields):
+    """A config file's `model` section: `fields` (`name` picks the builder) plus the run-time choices every
+    module reads."""
+    if "name" not in fields:
+        raise ValueError("model_section: a model section needs a `name` (the builder of models/registry.py)")
+    return ml_collections.ConfigDict(dict(
+        **fields,
+        dtype="float32",  # compute dtype: float32 | bfloat16
+        param_dtype="float32",
+        attention_backend="einsum",  # einsum | xla | cudnn | auto | a registered one (TPU splash)
+        remat=False,  # rematerialise block activations in the backward pass
+    ))
+
+def runtime_kwargs(model_config) -> dict[str, Any]:
+    """dtype, param_dtype, attention_backend and remat from a config file's `model` section."""
+    return dict(
+        dtype=jnp.dtype(model_config["dtype"]),
+        param_dtype=jnp.dtype(model_config["param_dtype"]),
+        attention_backend=model_config["attention_backend"],
+        remat=bool(model_config["remat"]),
+    )
+
+
+def dataclass_from_dict(
+    cls,
+    config: dict[str, Any],
+    *,
+    kind: str,
+    source: str,
+    feature_off: dict[str, tuple[Any, ...]] | None = None,
+    ignored: tuple[str, ...] = (),
+):
+    """`cls(**fields)` from a config dict.
+
+    Keys starting with "_" and those in `ignored` are dropped. A key in `feature_off` is accepted only at
+    one of its listed values (the ones that mean "feature off"). Any other key must be a field of `cls`.
+    Every refused key is named in one ValueError, prefixed by `source` (the file it came from).
+    Lists become tuples so that configs stay hashable.
+    """
+    feature_off = feature_off or {}
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs, problems = {}, []
+    for key, value in config.items():
+        if key.startswith("_") or key in ignored:
+            continue
+        if key in known:
+            kwargs[key] = tuple(value) if isinstance(value, list) else value
+        elif key in feature_off:
+            off = feature_off[key]
+            if isinstance(value, list):
+                value = any(value)
+            if value not in off:
+                problems.append(f"{key}={value!r} (supported: {' or '.join(map(repr, off))})")
+        else:
+            problems.append(f"{key} (unknown field)")
+    if problems:
+        raise ValueError(f"{source}: {kind} config fields not supported: " + "; ".join(problems))
+    return cls(**kwargs)
+
+
+def dataclass_to_dict(obj, class_name: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"_class_name": class_name}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
