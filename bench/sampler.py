@@ -69,13 +69,14 @@ def main() -> None:
     cfg_on = args.cfg_scale != 1.0
 
     schedule = NoiseSchedule(timestep_spacing="leading", steps_offset=1)
-    sampler = make_sampler(lambda z, t, cond: unet.apply({"params": params}, z, t, cond), schedule,
+    sampler = make_sampler(lambda p, z, t, cond: unet.apply({"params": p}, z, t, cond), schedule,
                            SamplerConfig(args.method, args.steps, cfg_scale=args.cfg_scale))
     key = jax.random.key(0)
     start = time.perf_counter()
-    sampler(key, z_T, ctx, null if cfg_on else None).sample.block_until_ready()
+    sampler(key, z_T, ctx, null if cfg_on else None, params=params).sample.block_until_ready()
     compile_s = time.perf_counter() - start
-    scan_s = median_time(lambda: sampler(key, z_T, ctx, null if cfg_on else None).sample.block_until_ready(),
+    uncond = null if cfg_on else None
+    scan_s = median_time(lambda: sampler(key, z_T, ctx, uncond, params=params).sample.block_until_ready(),
                          1, args.repeats)
 
     forward = jax.jit(lambda p, z, t, ctx: unet.apply({"params": p}, z, t, ctx))

@@ -22,7 +22,7 @@ In the sampler the loss is taken on the VAE decode of x0_hat, all in one jitted 
     guidance = make_part_guidance(vae, net, PartLossConfig())
     aux = part_guidance_aux(net, net_variables, vae_params, i_reg)   # I_reg's features, computed once
     sampler = make_sampler(model_fn, schedule, SamplerConfig(guidance_scale=s), guidance)
-    out = sampler(key, z_T, cond, aux=aux)
+    out = sampler(key, z_T, cond, aux=aux, params=unet_params)
 
 Build the VAE with `remat=True` so that the backward pass through a 512 x 512 decode keeps only block
 boundaries (bench/part_guidance_memory.py measures the peak).

@@ -3,12 +3,15 @@ classifier-free guidance and DiffBody's gradient guidance (seed 000, Algorithm 1
 scheduler of the same name step for step (DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler with its
 defaults: dpmsolver++, order 2, midpoint, final sigma zero).
 
+    model_fn = lambda params, z, t, cond: unet.apply({"params": params}, z, t, cond)
     sampler = make_sampler(model_fn, schedule, SamplerConfig(method="ddpm", num_steps=50, cfg_scale=4.0))
-    out = sampler(key, z_T, cond, uncond)            # out.sample: z_0; out.x0_trajectory when asked
+    out = sampler(key, z_T, cond, uncond, params=params)   # out.sample: z_0; out.x0_trajectory when asked
 
-`model_fn(z_t, t, cond) -> output` is any pure function (a UNet's apply with its params closed over, a UNet
-plus ControlNet, ...): z_t [B, H, W, C] NHWC, t [B] int32, cond any pytree with a leading batch axis. Its
-output is eps, v or x0 as `schedule.prediction_type` says.
+`model_fn(params, z_t, t, cond) -> output` is any pure function of the params (a UNet's apply, a UNet plus
+ControlNet with {"unet": ..., "controlnet": ...}, ...): z_t [B, H, W, C] NHWC, t [B] int32, cond any pytree with a
+leading batch axis. Its output is eps, v or x0 as `schedule.prediction_type` says. The params are an argument
+of the jitted sampler, never closed over: closed-over arrays would become constants of the compiled program
+(gigabytes of HLO at SDXL size, slow compiles, no param sharding); as arguments they keep their shardings.
 
 Gradient guidance: `guidance_loss(x0_hat, t, aux) -> [B]` per-image losses (e.g. the VAE decoder and a
 part-feature network, all traced into the same program; a scalar is taken as the sum of the images' losses).
@@ -170,13 +173,14 @@ def _concat(a, b):
 
 
 def make_sampler(
-    model_fn: Callable[[Array, Array, Any], Array],
+    model_fn: Callable[[Any, Array, Array, Any], Array],
     schedule: NoiseSchedule,
     config: SamplerConfig,
     guidance_loss: Callable[[Array, Array, Any], Array] | None = None,
 ) -> Callable[..., SampleOutput]:
-    """A jitted `sampler(key, z_T, cond, uncond=None, aux=None, x0_init=None) -> SampleOutput`.
+    """A jitted `sampler(key, z_T, cond, uncond=None, aux=None, x0_init=None, params=None) -> SampleOutput`.
 
+    params: what `model_fn` takes first (any pytree; sharded arrays keep their sharding).
     z_T: [B, H, W, C] start noise (ignored when strength < 1: then x0_init is noised with step_noise(key, -1)).
     uncond: the negative / null condition for classifier-free guidance (same structure as cond).
     aux: anything `guidance_loss` reads (e.g. I_reg and the part network's params).
@@ -188,40 +192,40 @@ def make_sampler(
     ptype = schedule.prediction_type
     guided = bool(config.guidance_scale) and bool(np.any(np.asarray(tables["g"]) != 0))
 
-    def model_output(z, t, cond, uncond):
+    def model_output(params, z, t, cond, uncond):
         tb = jnp.full((z.shape[0],), t, jnp.int32)
         if config.cfg_scale == 1.0:
-            return model_fn(z, tb, cond)
-        both = model_fn(jnp.concatenate([z, z]), jnp.concatenate([tb, tb]), _concat(uncond, cond))
+            return model_fn(params, z, tb, cond)
+        both = model_fn(params, jnp.concatenate([z, z]), jnp.concatenate([tb, tb]), _concat(uncond, cond))
         out_uncond, out_cond = jnp.split(both, 2)
         return out_uncond + config.cfg_scale * (out_cond - out_uncond)
 
-    def estimate(z, t, a_t, cond, uncond):
-        out = model_output(z, t, cond, uncond)
+    def estimate(params, z, t, a_t, cond, uncond):
+        out = model_output(params, z, t, cond, uncond)
         x0 = predict_x0(out, z, a_t, ptype)
         if schedule.clip_sample:
             x0 = jnp.clip(x0, -schedule.clip_sample_range, schedule.clip_sample_range)
         return x0, out
 
-    def step(carry, xs, key, cond, uncond, aux):
+    def step(carry, xs, params, key, cond, uncond, aux):
         z, prev_x0 = carry
         t, a_t, a_prev, g, i = xs["t"], xs["a_t"], xs["a_prev"], xs["g"], xs["index"]
         if guided:
             def with_grad(z):
                 def loss(z):
-                    x0, out = estimate(z, t, a_t, cond, uncond)
+                    x0, out = estimate(params, z, t, a_t, cond, uncond)
                     return jnp.sum(guidance_loss(x0, t, aux)), (x0, out)
 
                 (_, (x0, out)), grad = jax.value_and_grad(loss, has_aux=True)(z)
                 return x0, out, grad
 
             def without(z):
-                x0, out = estimate(z, t, a_t, cond, uncond)
+                x0, out = estimate(params, z, t, a_t, cond, uncond)
                 return x0, out, jnp.zeros_like(z)
 
             x0, out, grad = jax.lax.cond(g != 0, with_grad, without, z)
         else:
-            x0, out = estimate(z, t, a_t, cond, uncond)
+            x0, out = estimate(params, z, t, a_t, cond, uncond)
             grad = None
 
         std = None
@@ -249,7 +253,7 @@ def make_sampler(
         return (z_prev, x0.astype(z.dtype)), ((z_prev, x0) if config.return_trajectory else None)
 
     @jax.jit
-    def sampler(key, z_T, cond, uncond=None, aux=None, x0_init=None) -> SampleOutput:
+    def sampler(key, z_T, cond, uncond=None, aux=None, x0_init=None, params=None) -> SampleOutput:
         if config.cfg_scale != 1.0 and uncond is None:
             raise ValueError("SamplerConfig.cfg_scale != 1 needs an uncond (negative or null) condition")
         z = z_T
@@ -257,7 +261,7 @@ def make_sampler(
             if x0_init is None:
                 raise ValueError("SamplerConfig.strength < 1 needs x0_init (the latents to start from)")
             z = q_sample(x0_init, step_noise(key, -1, x0_init.shape, x0_init.dtype), tables["a_t"][0])
-        (z, _), trajectories = jax.lax.scan(lambda c, xs: step(c, xs, key, cond, uncond, aux),
+        (z, _), trajectories = jax.lax.scan(lambda c, xs: step(c, xs, params, key, cond, uncond, aux),
                                             (z, jnp.zeros_like(z)), tables)
         return SampleOutput(z, *(trajectories or (None, None)))
 

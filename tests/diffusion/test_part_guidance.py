@@ -129,8 +129,8 @@ def test_guided_ddpm_lowers_the_final_part_loss(rng):
     unet = UNet2DConditionModel(UNetConfig.from_diffusers(unet_diffusers_config("tiny-sd21")))
     unet_params = unet.init_params(jax.random.key(2))
 
-    def model_fn(z, t, cond):
-        return unet.apply({"params": unet_params}, z, t, cond)
+    def model_fn(params, z, t, cond):
+        return unet.apply({"params": params}, z, t, cond)
 
     i_reg = _smooth_images(int(rng.integers(1 << 30)), (1, 64, 32, 3))
     aux = part_guidance_aux(net, variables, vae_params, i_reg)
@@ -142,7 +142,8 @@ def test_guided_ddpm_lowers_the_final_part_loss(rng):
 
     def final_loss(scale):
         cfg = SamplerConfig("ddpm", num_steps=8, guidance_scale=scale)
-        out = make_sampler(model_fn, schedule, cfg, guidance if scale else None)(jax.random.key(4), z_T, cond, aux=aux)
+        out = make_sampler(model_fn, schedule, cfg, guidance if scale else None)(jax.random.key(4), z_T, cond, aux=aux,
+                                                                                params=unet_params)
         image = decode_to_unit_range(vae, vae_params, out.sample)
         return float(part_loss(net, variables, image, i_reg, config))
 
@@ -168,8 +169,8 @@ def test_guidance_is_per_image_whatever_the_batch(rng):
         unet_params = f64(UNet2DConditionModel(unet.config).init_params(jax.random.key(2)))
         variables, vae_params = f64(variables), f64(vae_params)
 
-        def model_fn(z, t, cond):
-            return unet.apply({"params": unet_params}, z, t, cond)
+        def model_fn(params, z, t, cond):
+            return unet.apply({"params": params}, z, t, cond)
 
         i_reg = f64(_smooth_images(int(rng.integers(1 << 30)), (4, 64, 32, 3)))
         cond = jnp.asarray(rng.standard_normal((4, 4, 24)))
@@ -179,9 +180,11 @@ def test_guidance_is_per_image_whatever_the_batch(rng):
                                guidance)
         plain = make_sampler(model_fn, NoiseSchedule(), SamplerConfig("ddim", num_steps=1))
         key = jax.random.key(0)
-        batch = sampler(key, z_T, cond, aux=part_guidance_aux(net, variables, vae_params, i_reg)).sample
-        alone = sampler(key, z_T[:1], cond[:1], aux=part_guidance_aux(net, variables, vae_params, i_reg[:1])).sample
+        batch = sampler(key, z_T, cond, aux=part_guidance_aux(net, variables, vae_params, i_reg),
+                        params=unet_params).sample
+        alone = sampler(key, z_T[:1], cond[:1], aux=part_guidance_aux(net, variables, vae_params, i_reg[:1]),
+                        params=unet_params).sample
         assert batch.dtype == jnp.float64
         np.testing.assert_allclose(batch[:1], alone, atol=1e-5)
-        moved = np.abs(np.asarray(alone - plain(key, z_T[:1], cond[:1]).sample)).max()
+        moved = np.abs(np.asarray(alone - plain(key, z_T[:1], cond[:1], params=unet_params).sample)).max()
         assert moved > 1e-3, moved  # the guidance did act on the image

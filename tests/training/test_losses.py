@@ -38,7 +38,8 @@ def test_phase_registry_builds_and_trains_only_its_subset(rng):
     params = module.init_params(jax.random.key(0))
     assert phase.subset.count(params)[0] == phase.subset.count(params)[1]  # stage 0 trains all of SwinIR
     x = jnp.asarray(rng.uniform(0, 1, (1, 16, 16, 3)), jnp.float32)
-    batch = phase.prepare({}, {"degraded": x, "target": x})
+    s = module.config.upscale
+    batch = phase.prepare({}, {"degraded": x, "target": jax.image.resize(x, (1, 16 * s, 16 * s, 3), "linear")})
     loss, metrics = phase.loss(module)(params, batch, jax.random.key(1))
     assert np.isfinite(float(loss)) and float(metrics["loss"]) == float(loss)
     with pytest.raises(ValueError, match="unknown training phase 'stage9'"):
