@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 
 from diffbody_jax.models.hrnet import ConvBN, HRModule, HRNet, HRNetConfig, StageConfig, batch_norm
-from diffbody_jax.models.layers import Array, bilinear_resize_align_corners, conv
+from diffbody_jax.models.layers import Array, bilinear_resize_align_corners, conv, dense
+from diffbody_jax.models.variables import ModelVariables
 
 # The paper's five parts (seed 000, Sec. 3.4), as labels of channels 1..K (0 is background); what each
 # channel means is fixed by the masks the checkpoint was trained on (BPBreID's "five_v" grouping).
@@ -158,8 +159,7 @@ class LinearBN(HRModule):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        y = nn.Dense(self.features, dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
-                     name="0")(x)
+        y = dense(self, self.features, "0", axes=("embed", "mlp"))(x)
         return nn.relu(batch_norm(self, "1")(y))
 
 
@@ -190,9 +190,7 @@ class BNClassifier(HRModule):
         y = batch_norm(self, "bn")(x)
         if not self.num_classes or not (logits or self.is_initializing()):
             return y, None
-        dense = nn.Dense(self.num_classes, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                         precision=self.precision, name="classifier")
-        return y, dense(y)
+        return y, dense(self, self.num_classes, "classifier", axes=("embed", "vocab"), use_bias=False)(y)
 
 
 class PixelToPartClassifier(HRModule):
@@ -216,7 +214,7 @@ def pool_parts(features: Array, masks: Array, pooling: str) -> Array:
     return total / mass[..., None]
 
 
-class BodyPartNet(HRModule):
+class BodyPartNet(ModelVariables, HRModule):
     """[B, H, W, 3] ImageNet-normalised RGB (see `preprocess`) -> BodyPartOutput."""
 
     config: BodyPartConfig = BodyPartConfig()
@@ -288,13 +286,9 @@ class BodyPartNet(HRModule):
         scores["bn_parts"] = bn_parts
         return out, scores
 
-    def init_variables(self, rng: jax.Array) -> dict:
-        """{"params", "batch_stats"} as plain pytrees."""
+    def dummy_inputs(self, batch: int = 1) -> dict[str, Array]:
         h, w = self.config.input_size or (64, 32)
-        return nn.unbox(self.init(rng, jnp.zeros((1, h, w, 3), self.dtype)))
-
-    def variable_shapes(self) -> dict:
-        return jax.eval_shape(self.init_variables, jax.random.key(0))
+        return {"image": jnp.zeros((batch, h, w, 3), self.dtype)}
 
 
 def preprocess(image: Array, config: BodyPartConfig) -> Array:

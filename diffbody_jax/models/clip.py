@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from diffbody_jax.config import dataclass_from_dict
-from diffbody_jax.models.layers import Array, Attention, Dtype, Precision, dense, layer_norm
+from diffbody_jax.models.layers import Array, Attention, Dtype, Precision, constrain_tokens, dense, layer_norm
+from diffbody_jax.models.variables import ModelVariables
 
 ACTIVATIONS = {
     "gelu": lambda x: nn.gelu(x, approximate=False),
@@ -112,7 +113,7 @@ class _CLIPBase(nn.Module):
         return dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
 
 
-class _CLIPModel(nn.Module):
+class _CLIPModel(ModelVariables, nn.Module):
     """A top-level tower: `config` first, so that `CLIPTextModel(config, dtype=...)` reads naturally."""
 
     config: Any = None
@@ -134,15 +135,6 @@ class _CLIPModel(nn.Module):
             hidden_act=c.hidden_act, eps=c.layer_norm_eps, causal=causal, attention_backend=self.attention_backend,
             name="encoder", **self.kw(),
         )
-
-    def init_params(self, rng: jax.Array) -> dict:
-        """Random params as a plain pytree (logical-axis boxes removed)."""
-        return nn.unbox(self.init(rng, **self.dummy_inputs()))["params"]
-
-    def param_shapes(self) -> dict:
-        """Param shapes (ShapeDtypeStruct pytree) without allocating memory."""
-        return jax.eval_shape(self.init_params, jax.random.key(0))
-
 
 class CLIPMLP(_CLIPBase):
     """fc1, activation, fc2. x: [B, T, D] -> [B, T, D]."""
@@ -172,7 +164,7 @@ class CLIPEncoderLayer(_CLIPBase):
                          backend=self.attention_backend, name="self_attn", **self.kw())
         x = x + attn(layer_norm(self, self.eps, "layer_norm1")(x))
         mlp = CLIPMLP(intermediate_size=self.intermediate_size, hidden_act=self.hidden_act, name="mlp", **self.kw())
-        return x + mlp(layer_norm(self, self.eps, "layer_norm2")(x))
+        return constrain_tokens(x + mlp(layer_norm(self, self.eps, "layer_norm2")(x)))
 
 
 class CLIPEncoder(_CLIPBase):
@@ -256,10 +248,13 @@ class CLIPVisionEmbeddings(_CLIPBase):
         patches = nn.Conv(  # CLIP's patch conv has no bias
             c.hidden_size, (p, p), strides=(p, p), padding="VALID", use_bias=False, dtype=self.dtype,
             param_dtype=self.param_dtype, precision=self.precision, name="patch_embedding",
+            kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                     (None, None, "conv_in", "embed")),
         )(pixels.astype(self.dtype))
         b = patches.shape[0]
         patches = patches.reshape(b, -1, c.hidden_size)
-        cls = self.param("class_embedding", nn.initializers.normal(0.02), (c.hidden_size,), self.param_dtype)
+        cls = self.param("class_embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",)),
+                         (c.hidden_size,), self.param_dtype)
         x = jnp.concatenate([jnp.broadcast_to(cls.astype(patches.dtype), (b, 1, c.hidden_size)), patches], axis=1)
         positions = jnp.arange(x.shape[1])[None]
         return x + _embed(self, c.num_positions, c.hidden_size, "position_embedding")(positions)

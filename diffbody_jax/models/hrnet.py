@@ -19,10 +19,10 @@ from __future__ import annotations
 import dataclasses
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from diffbody_jax.models.layers import Array, Dtype, Precision, conv
+from diffbody_jax.models.layers import Array, BatchNorm, Dtype, Precision, conv
+from diffbody_jax.models.variables import ModelVariables
 
 BN_EPS = 1e-5
 STEM_OUT = 64  # the second stem conv has 64 channels in every HRNet, whatever stem_width is
@@ -82,9 +82,8 @@ class HRModule(nn.Module):
     precision: Precision = None
 
 
-def batch_norm(m: HRModule, name: str) -> nn.BatchNorm:
-    return nn.BatchNorm(use_running_average=True, epsilon=BN_EPS, dtype=m.dtype, param_dtype=m.param_dtype,
-                        name=name)
+def batch_norm(m: HRModule, name: str) -> BatchNorm:
+    return BatchNorm(epsilon=BN_EPS, dtype=m.dtype, param_dtype=m.param_dtype, name=name)
 
 
 def _conv(m: HRModule, features: int, kernel: int, stride: int, name: str) -> nn.Conv:
@@ -193,7 +192,7 @@ class NewBranch(HRModule):
         return x
 
 
-class HRNet(HRModule):
+class HRNet(ModelVariables, HRModule):
     """[B, H, W, 3] normalised image -> [stem (H/2, stem_width), branch_b (H/2^(b+2), out_channels_b) ...].
 
     With `incre_planes` each branch output has passed its incre Bottleneck (timm's feature_location="incre").
@@ -228,6 +227,5 @@ class HRNet(HRModule):
                   for i, (p, x) in enumerate(zip(cfg.incre_planes, xs, strict=True))]
         return [stem, *xs]
 
-    def init_variables(self, rng: jax.Array, size: int = 64) -> dict:
-        """{"params", "batch_stats"} as plain pytrees."""
-        return nn.unbox(self.init(rng, jnp.zeros((1, size, size, 3), self.dtype)))
+    def dummy_inputs(self, batch: int = 1, size: int = 64) -> dict[str, Array]:
+        return {"image": jnp.zeros((batch, size, size, 3), self.dtype)}

@@ -26,6 +26,7 @@ from flax.core import meta
 
 from diffbody_jax.config import dataclass_from_dict, dataclass_to_dict
 from diffbody_jax.models.layers import Array, Attention, Dtype, GELUFeedForward, Precision, dense, layer_norm
+from diffbody_jax.models.variables import ModelVariables
 
 IP_KERNELS = ("to_k_ip", "to_v_ip")
 
@@ -96,7 +97,7 @@ class PerceiverBlock(nn.Module):
         return latents + ff(layer_norm(self, 1e-5, "ff_0")(latents))
 
 
-class Resampler(nn.Module):
+class Resampler(ModelVariables, nn.Module):
     """IP-Adapter-Plus image projection. image_features: [B, T, embed_dims] (CLIP vision penultimate
     hidden states) -> image tokens [B, num_queries, output_dims] for the UNet's cross-attentions.
     """
@@ -120,7 +121,7 @@ class Resampler(nn.Module):
             (None, None, "embed"),
         )
         latents = self.param("latents", init, (1, c.num_queries, c.hidden_dims), self.param_dtype)
-        x = dense(self, c.hidden_dims, "proj_in")(image_features.astype(self.dtype))
+        x = dense(self, c.hidden_dims, "proj_in", (None, "embed"))(image_features.astype(self.dtype))
         latents = jnp.broadcast_to(latents.astype(self.dtype), (x.shape[0],) + latents.shape[1:])
         for i in range(c.depth):
             latents = PerceiverBlock(
@@ -132,13 +133,6 @@ class Resampler(nn.Module):
 
     def dummy_inputs(self, batch: int = 1) -> dict[str, Array]:
         return {"image_features": jnp.zeros((batch, 2, self.config.embed_dims), self.dtype)}
-
-    def init_params(self, rng: jax.Array) -> dict:
-        return nn.unbox(self.init(rng, **self.dummy_inputs()))["params"]
-
-    def param_shapes(self) -> dict:
-        return jax.eval_shape(self.init_params, jax.random.key(0))
-
 
 # ------------------------------------------------------------------- the adapter's half of the UNet
 def _flat(tree: Mapping[str, Any]) -> dict[str, Any]:

@@ -10,8 +10,12 @@ Param kernels carry logical axis names (`nn.with_logical_partitioning`):
   mlp       the hidden width of a feed-forward or time-embedding MLP
   conv_in   a convolution's input channels
   conv_out  a convolution's output channels
-  norm      the channels of a normalisation's scale and bias
-`diffbody_jax.parallel` maps them to mesh axes; the modules never name mesh axes.
+  norm      the channels of a normalisation's scale and bias (and of BatchNorm's statistics)
+  vocab     a token-embedding table's rows, or a classifier's classes
+Activations are constrained at block boundaries (`constrain_image`, `constrain_tokens`) to the logical axes
+(batch, height, width, channels) and (batch, length, embed), so that a mesh can shard activations as well as
+params. Outside a mesh with logical axis rules the constraints do nothing.
+`diffbody_jax.parallel` maps the names to mesh axes; the modules never name mesh axes.
 """
 
 from __future__ import annotations
@@ -28,6 +32,20 @@ import numpy as np
 Array = jax.Array
 Dtype = Any
 Precision = Any
+
+
+IMAGE_AXES = ("batch", "height", "width", "channels")
+TOKEN_AXES = ("batch", "length", "embed")
+
+
+def constrain_image(x: Array) -> Array:
+    """Name an NHWC activation's axes for the sharding rules (a no-op without a mesh and rules)."""
+    return nn.with_logical_constraint(x, IMAGE_AXES)
+
+
+def constrain_tokens(x: Array) -> Array:
+    """Name a [B, T, C] activation's axes for the sharding rules (a no-op without a mesh and rules)."""
+    return nn.with_logical_constraint(x, TOKEN_AXES)
 
 
 # ----------------------------------------------------------------------------------------- factories
@@ -161,6 +179,31 @@ def timestep_embedding(
     return emb
 
 
+class BatchNorm(nn.Module):
+    """Inference-mode batch normalisation over the last axis, with stored statistics (HRNet, BPBreID).
+
+    Variables as flax's nn.BatchNorm names them (params scale/bias, batch_stats mean/var), each with the logical
+    axis "norm", so checkpoints map the same and the sharding rules see every leaf. Statistics in float32 at
+    least. (nn.BatchNorm cannot name its batch_stats; the networks that use this are frozen feature extractors.)
+    """
+
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c = x.shape[-1]
+        named = lambda init: nn.with_logical_partitioning(init, ("norm",))  # noqa: E731
+        mean = self.variable("batch_stats", "mean", named(lambda s: jnp.zeros(s, jnp.float32)), (c,)).value
+        var = self.variable("batch_stats", "var", named(lambda s: jnp.ones(s, jnp.float32)), (c,)).value
+        scale = self.param("scale", named(nn.initializers.ones_init()), (c,), self.param_dtype)
+        bias = self.param("bias", named(nn.initializers.zeros_init()), (c,), self.param_dtype)
+        compute = jnp.promote_types(self.dtype, jnp.float32)
+        y = (x.astype(compute) - mean.astype(compute)) * jax.lax.rsqrt(var.astype(compute) + self.epsilon)
+        return (y * scale.astype(compute) + bias.astype(compute)).astype(self.dtype)
+
+
 class TimestepEmbedding(nn.Module):
     """Two-layer SiLU MLP over a sinusoidal (or any) embedding: [B, D_in] -> [B, features]."""
 
@@ -208,7 +251,7 @@ class ResnetBlock2D(nn.Module):
         out = x + h
         if self.output_scale_factor != 1.0:
             out = out / self.output_scale_factor
-        return out
+        return constrain_image(out)
 
 
 class Downsample2D(nn.Module):
@@ -504,7 +547,7 @@ class BasicTransformerBlock(nn.Module):
         attn2 = self._attention("attn2", dim, self.ip_adapter)
         x = x + attn2(layer_norm(self, self.norm_eps, "norm2")(x), context, ip_context, ip_scale)
         ff = GEGLUFeedForward(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision, name="ff")
-        return x + ff(layer_norm(self, self.norm_eps, "norm3")(x))
+        return constrain_tokens(x + ff(layer_norm(self, self.norm_eps, "norm3")(x)))
 
 
 class Transformer2D(nn.Module):
@@ -535,7 +578,7 @@ class Transformer2D(nn.Module):
         residual = x
         x = group_norm(self, self.groups, 1e-6, "norm")(x)  # diffusers fixes this eps at 1e-6
         if self.use_linear_projection:
-            x = dense(self, inner, "proj_in")(x.reshape(b, h * w, c))
+            x = dense(self, inner, "proj_in", ("conv_out", "embed"))(x.reshape(b, h * w, c))
         else:
             x = conv(self, inner, 1, "proj_in")(x).reshape(b, h * w, inner)
         for i in range(self.depth):
@@ -545,7 +588,7 @@ class Transformer2D(nn.Module):
                 param_dtype=self.param_dtype, precision=self.precision, name=f"transformer_blocks_{i}",
             )(x, context, ip_context, ip_scale)
         if self.use_linear_projection:
-            x = dense(self, c, "proj_out", ("mlp", "embed"))(x).reshape(b, h, w, c)
+            x = dense(self, c, "proj_out", ("embed", "conv_out"))(x).reshape(b, h, w, c)
         else:
             x = conv(self, c, 1, "proj_out")(x.reshape(b, h, w, inner))
-        return x + residual
+        return constrain_image(x + residual)

@@ -153,9 +153,12 @@ class PriorFusion(nn.Module):
         if c.alpha_mode == "fixed":
             return jnp.asarray(init)[None, :] * mask
         if c.alpha_mode == "learned":
-            alpha = self.param("alpha", lambda key, shape: jnp.asarray(init), init.shape)
+            alpha = self.param("alpha", nn.with_logical_partitioning(lambda key, shape: jnp.asarray(init), (None,)),
+                               init.shape)
             return alpha.astype(jnp.float32)[None, :] * mask
-        logits = self.param("alpha_logits", lambda key, shape: jnp.log(jnp.asarray(init)), init.shape)
+        logits = self.param("alpha_logits",
+                            nn.with_logical_partitioning(lambda key, shape: jnp.log(jnp.asarray(init)), (None,)),
+                            init.shape)
         logits = jnp.where(mask > 0, logits.astype(jnp.float32)[None, :], -jnp.inf)
         any_present = jnp.any(mask > 0, axis=-1, keepdims=True)
         safe = jnp.where(any_present, logits, 0.0)

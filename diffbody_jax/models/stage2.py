@@ -20,7 +20,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from diffbody_jax.config import runtime_kwargs
@@ -28,9 +27,10 @@ from diffbody_jax.models.controlnet import ControlNetConfig, ControlNetModel
 from diffbody_jax.models.ip_adapter import Resampler, ResamplerConfig, with_ip_adapter
 from diffbody_jax.models.layers import Array
 from diffbody_jax.models.unet import SDXLText, UNet2DConditionModel, UNetConfig
+from diffbody_jax.models.variables import ModelVariables
 
 
-class Stage2Model(nn.Module):
+class Stage2Model(ModelVariables, nn.Module):
     """z_t [B, H, W, 4], t [B], text (SDXLText), priors {name: [B, 8H, 8W, C_i]}, image_features [B, T, D_clip]
     (CLIP ViT-H/14 penultimate hidden states of I_res, or None: adapter off) -> eps [B, H, W, 4].
     """
@@ -80,11 +80,6 @@ class Stage2Model(nn.Module):
         return dict(z_t=unet["sample"], timesteps=unet["timesteps"], text=text, priors=cn["controlnet_cond"],
                     image_features=self.image_proj.dummy_inputs(batch)["image_features"])
 
-    def init_params(self, rng: jax.Array) -> dict:
-        return nn.unbox(self.init(rng, **self.dummy_inputs()))["params"]
-
-    def param_shapes(self) -> dict:
-        return jax.eval_shape(self.init_params, jax.random.key(0))
 
 
 def stage2_params(unet_params: Mapping, controlnet_params: Mapping, adapter: Mapping) -> dict:

@@ -34,6 +34,7 @@ import numpy as np
 
 from diffbody_jax.config import dataclass_from_dict, dataclass_to_dict
 from diffbody_jax.models.layers import Array, Dtype, Precision, conv, dense, layer_norm
+from diffbody_jax.models.variables import ModelVariables
 
 UPSAMPLERS = ("", "pixelshuffle", "pixelshuffledirect", "nearest+conv")
 RGB_MEAN = (0.4488, 0.4371, 0.4040)  # the DIV2K mean the official models subtract
@@ -326,7 +327,7 @@ class RSTB(SwinModule):
         return x + ResidualConv(self.config, **kw, name="conv")(y)
 
 
-class SwinIR(SwinModule):
+class SwinIR(ModelVariables, SwinModule):
     """SwinIR over NHWC images in [0, 1]: [B, H, W, in_chans] -> [B, H*scale, W*scale, in_chans].
 
     `deterministic=False` turns on dropout and stochastic depth (rng "dropout") for training.
@@ -398,16 +399,9 @@ class SwinIR(SwinModule):
             return conv(self, out_ch, 3, "conv_last")(lrelu(conv(self, NUM_FEAT, 3, "conv_hr")(x)))
         return conv(self, out_ch, 3, "conv_last")(x)
 
-    def dummy_inputs(self) -> dict[str, Array]:
+    def dummy_inputs(self, batch: int = 1) -> dict[str, Array]:
         size = max(self.config.pad_multiple, self.config.img_size)
-        return {"image": jnp.zeros((1, size, size, self.config.in_chans), self.dtype)}
-
-    def init_params(self, rng: jax.Array) -> dict:
-        """Random params as a plain pytree (logical-axis boxes removed)."""
-        return nn.unbox(self.init(rng, **self.dummy_inputs()))["params"]
-
-    def param_shapes(self) -> dict:
-        return jax.eval_shape(self.init_params, jax.random.key(0))
+        return {"image": jnp.zeros((batch, size, size, self.config.in_chans), self.dtype)}
 
 
 def swinir_restore(module: SwinIR, params: dict, image: Array) -> Array:

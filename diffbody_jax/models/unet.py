@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from diffbody_jax.config import dataclass_from_dict, dataclass_to_dict, runtime_kwargs
@@ -29,6 +28,7 @@ from diffbody_jax.models.layers import (
     group_norm,
     timestep_embedding,
 )
+from diffbody_jax.models.variables import ModelVariables
 
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -335,7 +335,7 @@ class UpBlock(_Block):
         return x
 
 
-class UNetModule(nn.Module):
+class UNetModule(ModelVariables, nn.Module):
     """Fields shared by the UNet, the ControlNet and the joint UNet: the architecture `config` first, then
     the run-time choices (compute dtype, param dtype, matmul precision, attention backend, remat).
     """
@@ -346,15 +346,6 @@ class UNetModule(nn.Module):
     precision: Precision = None
     attention_backend: str = "einsum"
     remat: bool = False  # rematerialise each block's activations in the backward pass
-
-    def init_params(self, rng: jax.Array) -> dict:
-        """Random params as a plain pytree (logical-axis boxes removed)."""
-        return nn.unbox(self.init(rng, **self.dummy_inputs()))["params"]
-
-    def param_shapes(self) -> dict:
-        """Param shapes (ShapeDtypeStruct pytree) without allocating memory."""
-        return jax.eval_shape(self.init_params, jax.random.key(0))
-
 
 # -------------------------------------------------------------------------------- trunk builders
 # The UNet, the ControlNet and the joint UNet assemble the same blocks from a `UNetConfig`. These

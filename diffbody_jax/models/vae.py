@@ -28,6 +28,7 @@ from diffbody_jax.models.layers import (
     conv,
     group_norm,
 )
+from diffbody_jax.models.variables import ModelVariables
 
 _FEATURE_OFF = {"act_fn": ("silu",), "latents_mean": (None,), "latents_std": (None,)}
 # force_upcast tells diffusers to run the VAE in fp32 under fp16; our bf16 path keeps fp32 statistics.
@@ -97,7 +98,7 @@ class DiagonalGaussian:
         return self.mean
 
 
-class _VAEBase(nn.Module):
+class _VAEBase(ModelVariables, nn.Module):
     config: VAEConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -257,13 +258,6 @@ class AutoencoderKL(_VAEBase):
     def dummy_inputs(self, batch: int = 1) -> dict[str, Array]:
         size = self.config.downsample_factor
         return {"x": jnp.zeros((batch, size, size, self.config.in_channels), self.dtype)}
-
-    def init_params(self, rng: jax.Array) -> dict:
-        return nn.unbox(self.init(rng, **self.dummy_inputs()))["params"]
-
-    def param_shapes(self) -> dict:
-        return jax.eval_shape(self.init_params, jax.random.key(0))
-
 
 # ------------------------------------------------------------------------------------------- tiling
 def _tile_starts(length: int, tile: int, overlap: int) -> list[int]:
