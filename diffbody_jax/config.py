@@ -50,11 +50,13 @@ def parse_arg(arg: str | None, **defaults):
 
 
 def config_path(name_or_path: str) -> pathlib.Path:
-    """A config file: the path as given if it exists, else `configs/<name>[.py]` of this project."""
+    """A config file: the path as given if it exists, else `<name>[.py]` in this project's configs/ folder."""
     file = pathlib.Path(name_or_path)
     if file.is_file():
         return file
-    for candidate in (CONFIG_DIR / name_or_path, CONFIG_DIR / f"{name_or_path}.py"):
+    # "unet", "unet.py" and "configs/unet.py" (as the docs write it, from any working directory)
+    name = name_or_path.removeprefix("configs/")
+    for candidate in (CONFIG_DIR / name, CONFIG_DIR / f"{name}.py"):
         if candidate.is_file():
             return candidate
     known = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if not p.name.startswith("_"))

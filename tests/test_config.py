@@ -26,7 +26,7 @@ def test_names_resolve_from_any_directory(tmp_path, monkeypatch):
     assert not os.path.exists("configs")
     by_name = load_config("unet:variant=tiny-sd21")
     by_path = load_config(f"{CONFIG_DIR}/unet.py:variant=tiny-sd21")
-    assert by_name == by_path
+    assert by_name == by_path == load_config("configs/unet.py:variant=tiny-sd21")
     with pytest.raises(FileNotFoundError, match="config file nothere not found"):
         load_config("nothere")
 

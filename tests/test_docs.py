@@ -1,0 +1,108 @@
+"""Every ```python and ```bash block of README.md, docs/*.md and bench/README.md runs, in order, on tiny models.
+
+The blocks run in a scratch folder that holds a *tiny* stand-in for each checkpoint the docs name
+(`stable-diffusion-2-1-base/` with a random tiny UNet, VAE and CLIP text encoder, the real tokenizer and
+scheduler configs), so the documented commands and calls work as written, without weights or network.
+Python blocks of one file share a namespace; bash blocks run with `bash -euo pipefail`. Blocks fenced
+```text (set-up commands that install packages) are not run.
+"""
+
+import json
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.torch_ref import REPO, randomize_, unet_diffusers_config, vae_diffusers_config
+
+DOCS = ["README.md", *sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md")), "bench/README.md"]
+FENCE = re.compile(r"^```(python|bash)\n(.*?)^```", re.S | re.M)
+
+
+def code_blocks(doc: str) -> list[tuple[str, str]]:
+    return [(m.group(1), m.group(2)) for m in FENCE.finditer((REPO / doc).read_text())]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A folder with tiny stand-ins for the checkpoints the docs name."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    transformers = pytest.importorskip("transformers")
+    root = tmp_path_factory.mktemp("docs-world")
+    sd = root / "stable-diffusion-2-1-base"
+    real = REPO / "configs/diffusers/sd21-base"
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(**unet_diffusers_config("tiny-sd21")).eval()
+    randomize_(unet, seed=1)
+    unet.save_pretrained(sd / "unet")
+    vae = diffusers.AutoencoderKL(**vae_diffusers_config("tiny")).eval()
+    randomize_(vae, seed=2)
+    vae.save_pretrained(sd / "vae")
+    te = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=49408, hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=77, hidden_act="gelu", bos_token_id=49406, eos_token_id=49407)).eval()
+    randomize_(te, seed=3)
+    te.save_pretrained(sd / "text_encoder")
+    shutil.copytree(real / "tokenizer", sd / "tokenizer")
+    shutil.copytree(real / "scheduler", sd / "scheduler")
+    (sd / "model_index.json").write_text(json.dumps(json.loads((real / "model_index.json").read_text())))
+    cn = diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 16, 16)).eval()
+    randomize_(cn, seed=4)
+    cn.save_pretrained(root / "controlnet-sd21-depth")
+    _tiny_files(root)
+    (root / "bench").symlink_to(REPO / "bench")  # README's commands run from the project root
+    return root
+
+
+def _tiny_files(root: pathlib.Path) -> None:
+    """Stand-ins, in the original PyTorch formats, for SwinIR, BPBreID, an SDXL ControlNet and IP-Adapter-Plus."""
+    import jax
+
+    from diffbody_jax.config import load_config
+    from diffbody_jax.interop.bodypart import save_bodypart
+    from diffbody_jax.interop.ip_adapter import original_state_dict, write_ip_adapter
+    from diffbody_jax.interop.pretrained import save_pretrained
+    from diffbody_jax.interop.swinir import save_swinir
+    from diffbody_jax.models.bodypart import BodyPartConfig, BodyPartNet
+    from diffbody_jax.models.ip_adapter import Resampler, ResamplerConfig, ip_adapter_of
+    from diffbody_jax.models.registry import build_model
+    from diffbody_jax.models.swinir import SwinIR, SwinIRConfig
+    from diffbody_jax.models.unet import UNet2DConditionModel, UNetConfig
+
+    key = jax.random.key(0)
+    swinir = SwinIRConfig.from_dict(load_config("swinir:variant=tiny-diffbir").model.swinir.to_dict())
+    save_swinir(root / "swinir-tiny.pth", swinir, SwinIR(swinir).init_params(key))
+    save_bodypart(root / "bpbreid-tiny.pth.tar", BodyPartNet(config=BodyPartConfig.tiny()).init_variables(key))
+    cn = build_model(load_config("controlnet:variant=tiny-sdxl").model)
+    save_pretrained(root / "controlnet-sdxl-tiny", cn, cn.init_params(key))
+    unet = UNet2DConditionModel(UNetConfig.from_diffusers(unet_diffusers_config("tiny-sdxl")), ip_adapter=True)
+    resampler = Resampler(ResamplerConfig.tiny(output_dims=unet.config.cross_attention_dim))
+    adapter = {"image_proj": resampler.init_params(key), "ip_adapter": ip_adapter_of(unet.init_params(key))}
+    write_ip_adapter(root / "ip-adapter-tiny.bin", original_state_dict(adapter, unet.config))
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_code_blocks_run(doc, world, monkeypatch, tmp_path):
+    blocks = code_blocks(doc)
+    for item in world.iterdir():  # each page gets its own folder: the stand-ins linked, its outputs its own
+        (tmp_path / item.name).symlink_to(item)
+    monkeypatch.chdir(tmp_path)
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "PATH": f"{pathlib.Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "JAX_PLATFORMS": "cpu"}
+    namespace: dict = {"__name__": f"doc:{doc}"}
+    for i, (lang, code) in enumerate(blocks):
+        where = f"{doc}, block {i + 1} ({lang})"
+        if lang == "python":
+            try:
+                exec(compile(code, where, "exec"), namespace)  # noqa: S102
+            except Exception as e:
+                raise AssertionError(f"{where} failed: {type(e).__name__}: {e}\n{code}") from e
+        else:
+            out = subprocess.run(["bash", "-euo", "pipefail", "-c", code], cwd=tmp_path, env=env, capture_output=True,
+                                 text=True, timeout=900)
+            assert out.returncode == 0, f"{where} failed:\n{code}\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
