@@ -62,6 +62,7 @@ def get_config(arg=None):
             swinir=dict(VARIANTS[arg["variant"]]),
             dtype="float32",
             param_dtype="float32",
+            attention_backend="einsum",  # the window attention's backend (models/layers.py)
             remat=False,
         )
     )

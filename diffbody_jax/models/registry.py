@@ -21,7 +21,8 @@ from diffbody_jax.models.vae import AutoencoderKL, VAEConfig
 
 def _swinir(model) -> SwinIR:
     return SwinIR(SwinIRConfig.from_dict(model["swinir"].to_dict(), "model.swinir"),
-                  dtype=jnp.dtype(model["dtype"]), param_dtype=jnp.dtype(model["param_dtype"]), remat=model["remat"])
+                  dtype=jnp.dtype(model["dtype"]), param_dtype=jnp.dtype(model["param_dtype"]), remat=model["remat"],
+                  attention_backend=model["attention_backend"])
 
 
 def _vae(model) -> AutoencoderKL:

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffbody_jax.config import dataclass_from_dict, dataclass_to_dict
-from diffbody_jax.models.layers import Array, Dtype, Precision, conv, dense, layer_norm
+from diffbody_jax.models.layers import Array, Dtype, Precision, attention_backend, conv, dense, layer_norm
 from diffbody_jax.models.variables import ModelVariables
 
 UPSAMPLERS = ("", "pixelshuffle", "pixelshuffledirect", "nearest+conv")
@@ -205,6 +205,11 @@ class SwinModule(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     precision: Precision = None
+    attention_backend: str = "einsum"  # a name of layers.attention_backend: the window attention runs on it
+
+    def kw(self) -> dict[str, Any]:
+        return dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
+                    attention_backend=self.attention_backend)
 
 
 class WindowAttention(SwinModule):
@@ -227,16 +232,21 @@ class WindowAttention(SwinModule):
         )
         qkv = dense(self, 3 * c, "qkv", ("embed", "heads"), cfg.qkv_bias, _trunc_normal)(x)
         q, k, v = jnp.split(qkv.reshape(batch, n, 3 * self.num_heads, head_dim), 3, axis=2)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k, precision=self.precision)
-        bias = jnp.asarray(table)[relative_position_index(ws).reshape(-1)].reshape(n, n, -1)
-        logits = logits.astype(jnp.float32) + jnp.transpose(bias, (2, 0, 1)).astype(jnp.float32)
-        if mask is not None:
+        rel = jnp.asarray(table)[relative_position_index(ws).reshape(-1)].reshape(n, n, -1)
+        bias = jnp.transpose(rel, (2, 0, 1)).astype(jnp.float32)[None]  # [1, heads, N, N]
+        if mask is not None:  # windows are batch-major: [B, nW] flattened
             nw = mask.shape[0]
-            logits = logits.reshape(batch // nw, nw, self.num_heads, n, n) + mask[None, :, None]
-            logits = logits.reshape(batch, self.num_heads, n, n)
-        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        weights = nn.Dropout(cfg.attn_drop_rate)(weights, deterministic=deterministic)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v, precision=self.precision).reshape(batch, n, c)
+            bias = bias[None] + jnp.asarray(mask, jnp.float32)[None, :, None]
+            bias = jnp.broadcast_to(bias, (batch // nw, nw, self.num_heads, n, n)).reshape(batch, self.num_heads, n, n)
+        if cfg.attn_drop_rate == 0.0 or deterministic:
+            # the shared backends take the softmax scale D**-0.5: fold a custom qk_scale into q
+            q = q * (scale * head_dim**0.5) if cfg.qk_scale else q
+            out = attention_backend(self.attention_backend)(q, k, v, bias=bias).reshape(batch, n, c)
+        else:  # dropout on the attention weights: no backend computes them, so the explicit form
+            logits = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k, precision=self.precision).astype(jnp.float32)
+            weights = jax.nn.softmax(logits + bias, axis=-1).astype(self.dtype)
+            weights = nn.Dropout(cfg.attn_drop_rate)(weights, deterministic=deterministic)
+            out = jnp.einsum("bhqk,bkhd->bqhd", weights, v, precision=self.precision).reshape(batch, n, c)
         out = dense(self, c, "proj", ("heads", "embed"), True, _trunc_normal)(out)
         return nn.Dropout(cfg.drop_rate)(out, deterministic=deterministic)
 
@@ -268,14 +278,14 @@ class SwinTransformerBlock(SwinModule):
         if self.shift:
             y = jnp.roll(y, (-self.shift, -self.shift), axis=(1, 2))
             mask = jnp.asarray(shifted_window_mask(h, w, ws, self.shift))
-        y = WindowAttention(self.config, self.dtype, self.param_dtype, self.precision, self.num_heads, name="attn")(
+        y = WindowAttention(self.config, **self.kw(), num_heads=self.num_heads, name="attn")(
             window_partition(y, ws), mask, deterministic
         )
         y = window_merge(y, ws, h, w)
         if self.shift:
             y = jnp.roll(y, (self.shift, self.shift), axis=(1, 2))
         x = x + DropPath(self.drop_path)(y, deterministic)
-        y = Mlp(self.config, self.dtype, self.param_dtype, self.precision, name="mlp")(
+        y = Mlp(self.config, **self.kw(), name="mlp")(
             layer_norm(self, LN_EPS, "norm2")(x), deterministic
         )
         return x + DropPath(self.drop_path)(y, deterministic)
@@ -308,9 +318,8 @@ class BasicLayer(SwinModule):
         block_cls = nn.remat(SwinTransformerBlock, static_argnums=(2,)) if self.remat else SwinTransformerBlock
         for i in range(depth):
             shift = cfg.attention_window // 2 if (i % 2 and cfg.shifts) else 0
-            x = block_cls(
-                cfg, self.dtype, self.param_dtype, self.precision, heads, shift, float(rates[i]), name=f"blocks_{i}"
-            )(x, deterministic)
+            x = block_cls(cfg, **self.kw(), num_heads=heads, shift=shift, drop_path=float(rates[i]),
+                          name=f"blocks_{i}")(x, deterministic)
         return x
 
 
@@ -322,9 +331,9 @@ class RSTB(SwinModule):
 
     @nn.compact
     def __call__(self, x: Array, deterministic: bool = True) -> Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
-        y = BasicLayer(self.config, **kw, index=self.index, remat=self.remat, name="residual_group")(x, deterministic)
-        return x + ResidualConv(self.config, **kw, name="conv")(y)
+        y = BasicLayer(self.config, **self.kw(), index=self.index, remat=self.remat, name="residual_group")(
+            x, deterministic)
+        return x + ResidualConv(self.config, **self.kw(), name="conv")(y)
 
 
 class SwinIR(ModelVariables, SwinModule):
@@ -349,7 +358,7 @@ class SwinIR(ModelVariables, SwinModule):
         if cfg.unshuffle_scale > 1:
             x = pixel_unshuffle(x, cfg.unshuffle_scale)
         first = conv(self, cfg.embed_dim, 3, "conv_first")(x)
-        body = ResidualConv(cfg, self.dtype, self.param_dtype, self.precision, name="conv_after_body")
+        body = ResidualConv(cfg, **self.kw(), name="conv_after_body")
         features = first + body(self.features(first, deterministic))
         out = self.reconstruct(features)
         if not cfg.upsampler:  # denoising / JPEG heads predict a residual of the input
@@ -374,9 +383,7 @@ class SwinIR(ModelVariables, SwinModule):
             x = x + jnp.asarray(pos, x.dtype).reshape(1, h, w, c)
         x = nn.Dropout(cfg.drop_rate)(x, deterministic=deterministic)
         for i in range(len(cfg.depths)):
-            x = RSTB(cfg, self.dtype, self.param_dtype, self.precision, i, self.remat, name=f"layers_{i}")(
-                x, deterministic
-            )
+            x = RSTB(cfg, **self.kw(), index=i, remat=self.remat, name=f"layers_{i}")(x, deterministic)
         return layer_norm(self, LN_EPS, "norm")(x)
 
     def reconstruct(self, x: Array) -> Array:

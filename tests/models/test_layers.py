@@ -1,5 +1,7 @@
 """Parity of the shared blocks with their diffusers counterparts (fp32, fresh random inputs)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -124,15 +126,17 @@ def test_group_norm_names_bad_channel_count():
         layers.GroupNorm(8, name="norm1").init(jax.random.key(0), jnp.ones((1, 2, 2, 12)))
 
 
-def test_attention_backend_registry(rng):
+def test_attention_backend_registry(rng, monkeypatch):
     with pytest.raises(ValueError, match="unknown attention backend 'nope'.*registered"):
         layers.attention_backend("nope")
     calls = []
 
-    def traced(q, k, v, *, is_causal):
+    def traced(q, k, v, *, is_causal=False, bias=None):
         calls.append(q.shape)
-        return layers.attention_backend("einsum")(q, k, v, is_causal=is_causal)
+        return layers.attention_backend("einsum")(q, k, v, is_causal=is_causal, bias=bias)
 
+    # the registry is restored after this test: no backend leaks into the others
+    monkeypatch.setattr(layers, "_ATTENTION_BACKENDS", dict(layers._ATTENTION_BACKENDS))
     layers.register_attention_backend("test-traced", traced)
     x = jnp.asarray(rng.standard_normal((1, 6, 8)), jnp.float32)
     attn = layers.Attention(2, 4, 8, backend="test-traced")
@@ -174,3 +178,20 @@ def test_chunked_attention_matches_einsum_with_gradients(rng):
     g_want = jax.grad(lambda *a: loss(layers.einsum_attention, *a), argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(g_got, g_want, strict=True):
         assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-5
+
+
+@pytest.mark.parametrize("backend", ["einsum", "chunked", "xla"])
+def test_backends_take_an_additive_bias(backend, rng):
+    """softmax(q k^T / sqrt(D) + bias) v in float64 numpy is the reference; the chunked backend cuts the bias
+    into its query blocks (chunk 4 over 10 queries, so the last block is padded)."""
+    b, t, s, n, d = 2, 10, 7, 3, 4
+    q, k, v = (rng.standard_normal(shape).astype(np.float32) for shape in ((b, t, n, d), (b, s, n, d), (b, s, n, d)))
+    bias = rng.standard_normal((1, n, t, s)).astype(np.float32)
+    logits = np.einsum("btnd,bsnd->bnts", q.astype(np.float64), k) / np.sqrt(d) + bias
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    want = np.einsum("bnts,bsnd->btnd", p / p.sum(-1, keepdims=True), v)
+    fn = layers.attention_backend(backend)
+    if backend == "chunked":
+        fn = functools.partial(layers.chunked_attention, chunk=4)
+    got = np.asarray(fn(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), bias=jnp.asarray(bias)))
+    assert np.abs(got - want).max() <= 1e-5
