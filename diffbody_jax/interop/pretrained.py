@@ -21,11 +21,14 @@ import numpy as np
 from diffbody_jax import files
 from diffbody_jax.interop import clip as tables
 from diffbody_jax.interop import flax_checkpoint, torch_files
+from diffbody_jax.interop.bodypart import bodypart_table
 from diffbody_jax.interop.joint_unet import joint_unet_table
 from diffbody_jax.interop.mapping import MappingTable, flax_to_torch, torch_to_flax
+from diffbody_jax.interop.swinir import swinir_table
 from diffbody_jax.interop.unet import controlnet_table, unet_table
 from diffbody_jax.interop.vae import vae_table
 from diffbody_jax.models import clip
+from diffbody_jax.models.bodypart import BodyPartConfig, BodyPartNet
 from diffbody_jax.models.controlnet import (
     ControlNetConfig,
     ControlNetModel,
@@ -33,6 +36,7 @@ from diffbody_jax.models.controlnet import (
     controlnet_from_unet,
 )
 from diffbody_jax.models.joint_unet import JointUNet, JointUNetConfig, joint_unet_from_unet
+from diffbody_jax.models.swinir import SwinIR, SwinIRConfig
 from diffbody_jax.models.unet import UNet2DConditionModel, UNetConfig
 from diffbody_jax.models.vae import AutoencoderKL, VAEConfig
 
@@ -48,6 +52,12 @@ class Family:
     component: str  # its folder name in a diffusers pipeline, and its item name in our checkpoints
     weights_name: str = "diffusion_pytorch_model.safetensors"
     config_to_dict: Callable[[Any], dict] = lambda cfg: cfg.to_diffusers()  # noqa: E731
+    # True for models with state besides params (BatchNorm statistics): the weights are then the whole
+    # variables dict {"params", "batch_stats"}, and load_pretrained returns it in place of the params
+    variables: bool = False
+
+    def shapes(self, module) -> dict:
+        return module.variable_shapes() if self.variables else module.param_shapes()
 
 
 def _diffusers_family(class_name: str, component: str) -> Callable[[], Family]:
@@ -100,7 +110,27 @@ def _joint_unet_family() -> Family:
     )
 
 
+def _ours(config: dict) -> dict:
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def _swinir_family() -> Family:
+    return Family("SwinIR", lambda d, src: SwinIRConfig.from_dict(_ours(d), src), lambda cfg, **kw: SwinIR(cfg, **kw),
+                  swinir_table, "swinir", "model.safetensors", lambda cfg: cfg.to_dict())
+
+
+def _bodypart_family() -> Family:
+    return Family(
+        "BodyPartNet", lambda d, src: BodyPartConfig.from_dict(_ours(d), src),
+        lambda cfg, **kw: BodyPartNet(config=cfg, **kw),
+        lambda cfg: bodypart_table(BodyPartNet(config=cfg).variable_shapes()), "bodypart", "model.safetensors",
+        lambda cfg: {"_class_name": "BodyPartNet", **cfg.to_dict()}, variables=True,
+    )
+
+
 FAMILIES: dict[str, Callable[[], Family]] = {
+    "SwinIR": _swinir_family,
+    "BodyPartNet": _bodypart_family,
     "JointUNet": _joint_unet_family,
     "UNet2DConditionModel": _diffusers_family("UNet2DConditionModel", "unet"),
     "ControlNetModel": _diffusers_family("ControlNetModel", "controlnet"),
@@ -140,6 +170,7 @@ def load_pretrained(
     **module_kwargs,
 ) -> tuple[Any, dict]:
     """Load a model as (Flax module, params) from a diffusers folder or from our converted checkpoint.
+    For a model with BatchNorm statistics (the body-part network) the second item is its variables dict.
 
     path: a diffusers model folder (config.json + weights), a diffusers pipeline folder with
       `subfolder="unet"`, or a checkpoint written by `python -m convert to-flax` (component `subfolder`,
@@ -156,7 +187,7 @@ def load_pretrained(
         source = f"{path} (component {name})"
         family = family_of(config_dict, source)
         module = family.build(family.config_from_dict(config_dict, source), **module_kwargs)
-        flax_checkpoint.check_params(params, module.param_shapes(), source)
+        flax_checkpoint.check_params(params, family.shapes(module), source)
         if param_dtype is not None:
             params = jax.tree.map(lambda x: np.asarray(x, param_dtype), params)
         return module, params
@@ -169,7 +200,7 @@ def load_pretrained(
     module = family.build(config, **module_kwargs)
     weights = torch_files.find_weights(folder)
     state_dict = torch_files.read_state_dict(weights)
-    params = torch_to_flax(state_dict, family.table(config), module.param_shapes(), str(weights), param_dtype)
+    params = torch_to_flax(state_dict, family.table(config), family.shapes(module), str(weights), param_dtype)
     return module, params
 
 
