@@ -1,6 +1,9 @@
 """ControlNet architectures: the real SD2.1 / SDXL ControlNets, DiffBody's latent-condition variants, tiny ones.
 
-  python bench/unet_forward.py --config configs/unet.py:variant=tiny-sd21 --controlnet tiny-sd21
+  diffbody convert init-from-unet --unet stable-diffusion-2-1-base --config configs/controlnet.py:variant=tiny-v1 \
+      --dst ckpt/controlnet-v1
+
+(from the real SD2.1-base folder: variant=diffbody-v1)
 
 Variants:
   controlnet-sd21      configs/diffusers/controlnet-sd21/config.json (an official SD2.1 depth ControlNet)

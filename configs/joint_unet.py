@@ -1,7 +1,9 @@
 """Joint UNet of DiffBody v2 stage 1 (RGB, depth and normal branches over SD2.1): see diffbody_jax/models/joint_unet.py.
 
-  python -m convert init-from-unet --unet stable-diffusion-2-1-base/unet --config configs/joint_unet.py \\
+  diffbody convert init-from-unet --unet stable-diffusion-2-1-base/unet --config configs/joint_unet.py:variant=tiny \\
       --dst ckpt/joint-unet
+
+(from the real SD2.1-base folder: the default variant, sd21-base)
 
 Variants (UNet of configs/unet.py with conv_in widened to 8 inputs: noisy latent + pose latent):
   sd21-base   the default: SD2.1-base (eps), the base seed 002 names for stage 1 (Sec. 4.2)

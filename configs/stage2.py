@@ -1,7 +1,12 @@
 """DiffBody v2 stage 2: SDXL UNet + prior-fusion ControlNet + colour adapter (diffbody_jax/models/stage2.py).
 
-  python -m convert init-from-controlnet --controlnet controlnet-sdxl --dst ckpt/controlnet-stage2
-  python -m convert ip-adapter-to-flax --src ip-adapter-plus_sdxl_vit-h.bin --dst ckpt/colour-adapter
+  diffbody convert init-from-controlnet --controlnet controlnet-sdxl-tiny \
+      --config configs/controlnet.py:variant=tiny-v2-stage2 --dst ckpt/controlnet-stage2
+  diffbody convert ip-adapter-to-flax --src ip-adapter-tiny.bin --unet-config configs/unet.py:variant=tiny-sdxl \
+      --dst ckpt/colour-adapter
+
+(with the real files: any diffusers SDXL ControlNet folder and variant=diffbody-v2-stage2 (the default);
+ip-adapter-plus_sdxl_vit-h.bin with the default --unet-config, SDXL-base)
 
 Variants:
   sdxl   SDXL-base UNet, configs/controlnet.py:diffbody-v2-stage2, IP-Adapter-Plus-XL's Resampler (16 queries,
@@ -44,9 +49,11 @@ def get_config(arg=None):
     config = ml_collections.ConfigDict()
     config.model = model_section(name="stage2", variant=arg["variant"], unet=unet, controlnet=controlnet,
                                  resampler=resampler.to_dict())
-    config.train = ml_collections.ConfigDict(dict(
-        phase=arg["phase"], prediction_type="epsilon", noise_offset=0.0, min_snr_gamma=None,
-        optimizer="adam", **PHASES[arg["phase"]],
+    config.phase = f"stage2_{arg['phase']}"  # a training phase of diffbody_jax.training.phases
+    config.diffusion = ml_collections.ConfigDict(dict(
+        prediction_type="epsilon", noise_offset=0.0,
+        min_snr_gamma=ml_collections.config_dict.placeholder(float),  # None: off; overridable with a number
     ))
+    config.optim = ml_collections.ConfigDict(dict(optimizer="adam", **PHASES[arg["phase"]]))
     config.lock()
     return config

@@ -66,6 +66,6 @@ def get_config(arg=None):
             remat=False,
         )
     )
-    config.loss = "l2"  # the paper trains stage 0 with an L2 loss against the clean image
+    config.phase = "swinir"  # the paper trains stage 0 with an L2 loss against the clean image
     config.lock()
     return config

@@ -7,6 +7,7 @@ Python blocks of one file share a namespace; bash blocks run with `bash -euo pip
 ```text (set-up commands that install packages) are not run.
 """
 
+import ast
 import json
 import os
 import pathlib
@@ -106,3 +107,36 @@ def test_code_blocks_run(doc, world, monkeypatch, tmp_path):
             out = subprocess.run(["bash", "-euo", "pipefail", "-c", code], cwd=tmp_path, env=env, capture_output=True,
                                  text=True, timeout=900)
             assert out.returncode == 0, f"{where} failed:\n{code}\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
+
+
+def config_commands(path: pathlib.Path) -> list[str]:
+    """The usage commands at the top of a config file's docstring (lines starting "  python" or "  diffbody",
+    with their backslash continuations)."""
+    doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+    commands, current = [], ""
+    for line in doc.splitlines():
+        if current:
+            current += " " + line.strip()
+        elif line.startswith(("  python ", "  diffbody ")):
+            current = line.strip()
+        if current and not current.endswith("\\"):
+            commands.append(current)
+            current = ""
+        elif current:
+            current = current[:-1].rstrip()
+    return commands
+
+
+@pytest.mark.parametrize("config_file", sorted(p.name for p in (REPO / "configs").glob("*.py")))
+def test_config_docstring_commands_run_as_written(config_file, world, tmp_path):
+    commands = config_commands(REPO / "configs" / config_file)
+    assert commands, f"configs/{config_file}: no usage command in its docstring"
+    for item in world.iterdir():
+        (tmp_path / item.name).symlink_to(item)
+    (tmp_path / "configs").symlink_to(REPO / "configs")
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "PATH": f"{pathlib.Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "JAX_PLATFORMS": "cpu"}
+    for command in commands:
+        out = subprocess.run(["bash", "-euo", "pipefail", "-c", command], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=600)
+        assert out.returncode == 0, f"configs/{config_file}: {command}\n{out.stdout[-1500:]}\n{out.stderr[-2500:]}"
