@@ -204,3 +204,30 @@ def basicsr_degradations_or_skip():
                     allow_module_level=True)
     path = pathlib.Path(spec.origin).parent / "data" / "degradations.py"
     return import_with_torchvision_stub("basicsr_degradations", str(path))
+
+
+def optional(name: str):
+    """The module `name`, or None when it is not installed (the torch extra's packages in mixed test modules)."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+def _have(*names: str) -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(n) is not None for n in names)
+
+
+def _needs(*names: str, what: str):
+    import pytest
+
+    return pytest.mark.skipif(not _have(*names), reason=f"needs {what}")
+
+
+# Marks for the tests of a module that need the PyTorch references; the module's pure-JAX tests run without them.
+needs_torch = _needs("torch", "diffusers", "transformers",
+                     what="the torch extra (torch, diffusers, transformers): pip install -e '.[torch]'")

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from diffbody_jax.config import dataclass_from_dict
-from diffbody_jax.models.layers import Array, Attention, Dtype, Precision, constrain_tokens, dense, layer_norm
+from diffbody_jax.models.layers import MLP, Array, Attention, Dtype, Precision, constrain_tokens, dense, layer_norm
 from diffbody_jax.models.variables import ModelVariables
 
 ACTIVATIONS = {
@@ -136,18 +136,6 @@ class _CLIPModel(ModelVariables, nn.Module):
             name="encoder", **self.kw(),
         )
 
-class CLIPMLP(_CLIPBase):
-    """fc1, activation, fc2. x: [B, T, D] -> [B, T, D]."""
-
-    intermediate_size: int = 2048
-    hidden_act: str = "quick_gelu"
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        h = ACTIVATIONS[self.hidden_act](dense(self, self.intermediate_size, "fc1")(x))
-        return dense(self, x.shape[-1], "fc2", ("mlp", "embed"))(h)
-
-
 class CLIPEncoderLayer(_CLIPBase):
     """Pre-norm attention and MLP blocks, each residual. x: [B, T, D] -> [B, T, D]."""
 
@@ -163,7 +151,7 @@ class CLIPEncoderLayer(_CLIPBase):
         attn = Attention(self.heads, d // self.heads, d, qkv_bias=True, causal=self.causal,
                          backend=self.attention_backend, name="self_attn", **self.kw())
         x = x + attn(layer_norm(self, self.eps, "layer_norm1")(x))
-        mlp = CLIPMLP(intermediate_size=self.intermediate_size, hidden_act=self.hidden_act, name="mlp", **self.kw())
+        mlp = MLP(self.intermediate_size, ACTIVATIONS[self.hidden_act], name="mlp", **self.kw())
         return constrain_tokens(x + mlp(layer_norm(self, self.eps, "layer_norm2")(x)))
 
 

@@ -508,6 +508,27 @@ class GELU(nn.Module):
         return nn.gelu(dense(self, self.features, "proj", use_bias=self.use_bias)(x), approximate=False)
 
 
+class MLP(nn.Module):
+    """Dense, activation, Dense (children "fc1", "fc2"), with optional dropout after each: the two-layer MLP of
+    CLIP's encoder layers and SwinIR's blocks. x: [..., C] -> [..., out_features or C]."""
+
+    hidden: int
+    activation: Callable[[Array], Array] = nn.gelu
+    out_features: int | None = None
+    dropout_rate: float = 0.0
+    kernel_init: Any = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    precision: Precision = None
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool = True) -> Array:
+        h = self.activation(dense(self, self.hidden, "fc1", ("embed", "mlp"), kernel_init=self.kernel_init)(x))
+        h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
+        out = dense(self, self.out_features or x.shape[-1], "fc2", ("mlp", "embed"), kernel_init=self.kernel_init)(h)
+        return nn.Dropout(self.dropout_rate)(out, deterministic=deterministic)
+
+
 class GELUFeedForward(nn.Module):
     """GELU to mult x C, then Dense back to C: diffusers' FeedForward(activation_fn="gelu").
     x: [B, T, C] -> [B, T, C]. `net_0` and `net_2` mirror its nn.Sequential(GELU, Dropout, Linear).

@@ -23,6 +23,7 @@ Submodule names are the PyTorch attribute paths with "." -> "/" and list indices
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -33,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffbody_jax.config import dataclass_from_dict, dataclass_to_dict
-from diffbody_jax.models.layers import Array, Dtype, Precision, attention_backend, conv, dense, layer_norm
+from diffbody_jax.models.layers import MLP, Array, Dtype, Precision, attention_backend, conv, dense, layer_norm
 from diffbody_jax.models.variables import ModelVariables
 
 UPSAMPLERS = ("", "pixelshuffle", "pixelshuffledirect", "nearest+conv")
@@ -251,17 +252,6 @@ class WindowAttention(SwinModule):
         return nn.Dropout(cfg.drop_rate)(out, deterministic=deterministic)
 
 
-class Mlp(SwinModule):
-    @nn.compact
-    def __call__(self, x: Array, deterministic: bool) -> Array:
-        cfg = self.config
-        hidden = int(cfg.embed_dim * cfg.mlp_ratio)
-        x = nn.gelu(dense(self, hidden, "fc1", ("embed", "mlp"), True, _trunc_normal)(x), approximate=False)
-        x = nn.Dropout(cfg.drop_rate)(x, deterministic=deterministic)
-        x = dense(self, cfg.embed_dim, "fc2", ("mlp", "embed"), True, _trunc_normal)(x)
-        return nn.Dropout(cfg.drop_rate)(x, deterministic=deterministic)
-
-
 class SwinTransformerBlock(SwinModule):
     """LayerNorm, (shifted-)window attention, residual; LayerNorm, MLP, residual. x: [B, H, W, C]."""
 
@@ -285,7 +275,11 @@ class SwinTransformerBlock(SwinModule):
         if self.shift:
             y = jnp.roll(y, (self.shift, self.shift), axis=(1, 2))
         x = x + DropPath(self.drop_path)(y, deterministic)
-        y = Mlp(self.config, **self.kw(), name="mlp")(
+        cfg = self.config
+        mlp = MLP(int(cfg.embed_dim * cfg.mlp_ratio), functools.partial(nn.gelu, approximate=False),
+                  dropout_rate=cfg.drop_rate, kernel_init=_trunc_normal, dtype=self.dtype, param_dtype=self.param_dtype,
+                  precision=self.precision, name="mlp")
+        y = mlp(
             layer_norm(self, LN_EPS, "norm2")(x), deterministic
         )
         return x + DropPath(self.drop_path)(y, deterministic)

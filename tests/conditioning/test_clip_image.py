@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from diffbody_jax.conditioning.clip_image import CLIP_MEAN, CLIP_STD, clip_preprocess, resolve_fit
+from tests.torch_ref import needs_torch, optional
 
-transformers = pytest.importorskip("transformers")
+transformers = optional("transformers")
 
 
 def _photo_like(h, w, seed):
@@ -19,6 +20,7 @@ def _photo_like(h, w, seed):
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
+@needs_torch
 @pytest.mark.parametrize("h,w", [(300, 400), (512, 256), (224, 224)])
 def test_matches_clip_image_processor(h, w, seed):
     proc = transformers.CLIPImageProcessor()  # the defaults: resize 224 bicubic, crop 224, CLIP mean/std
@@ -49,6 +51,7 @@ def _pad_square_numpy(img):
     return out
 
 
+@needs_torch
 @pytest.mark.parametrize("h,w", [(512, 256), (200, 480)])
 def test_pad_to_square_matches_clip_image_processor_on_the_padded_image(h, w, seed):
     """fit="pad": CLIPImageProcessor on the image padded to a square in numpy is the reference."""
@@ -78,6 +81,7 @@ def test_auto_fit_keeps_head_and_feet_of_a_2_to_1_image():
         resolve_fit("stretch", 1, 1)
 
 
+@needs_torch
 def test_colour_adapter_features_are_clip_vision_penultimate_states(rng):
     """Our CLIP tower on our preprocessed pixels against transformers' CLIPVisionModel on the same pixels."""
     import torch

@@ -12,10 +12,10 @@ from diffbody_jax.conditioning import prompts
 from diffbody_jax.interop.clip import clip_text_table
 from diffbody_jax.interop.mapping import torch_to_flax
 from diffbody_jax.models.clip import CLIPTextConfig, CLIPTextModel
-from tests.torch_ref import randomize_, state_dict_numpy
+from tests.torch_ref import needs_torch, optional, randomize_, state_dict_numpy
 
-transformers = pytest.importorskip("transformers")
-torch = pytest.importorskip("torch")
+transformers = optional("transformers")
+torch = optional("torch")
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
@@ -76,6 +76,7 @@ needs_open_clip = pytest.mark.skipif(importlib.util.find_spec("open_clip") is No
                                      reason="pip install --no-deps open-clip-torch")
 
 
+@needs_torch
 @needs_open_clip
 def test_offline_clip_tokenizer_is_the_real_vocabulary(tmp_path):
     vocab, merges = prompts.clip_vocab_from_bpe(prompts.open_clip_bpe_path())
@@ -110,6 +111,7 @@ def _ids(rng, batch, length=8):
     return ids
 
 
+@needs_torch
 def test_sdxl_prompt_embeds_as_diffusers_builds_them(rng):
     """Reference: diffusers' StableDiffusionXLPipeline.encode_prompt concatenates both encoders'
     hidden_states[-2] and takes the second encoder's projected text_embeds as pooled output."""
@@ -128,6 +130,7 @@ def test_sdxl_prompt_embeds_as_diffusers_builds_them(rng):
     np.testing.assert_array_equal(np.asarray(time_ids), [[768, 512, 4, 0, 1024, 1024]] * 2)
 
 
+@needs_torch
 def test_sd21_embeds_and_chunked_encoding(rng):
     ref, enc, params = _tiny_encoder("CLIPTextModel", 3)
     ids = _ids(rng, 3)
@@ -140,6 +143,7 @@ def test_sd21_embeds_and_chunked_encoding(rng):
     np.testing.assert_allclose(np.asarray(out[:, :8]), want, atol=1e-4)
 
 
+@needs_torch
 def test_prompt_level_helpers(tiny_tokenizer_dir):
     folder, vocab = tiny_tokenizer_dir
     eos = vocab[prompts.EOS]

@@ -7,9 +7,10 @@ import pytest
 
 from diffbody_jax.diffusion.losses import body_attention_loss, diffusion_loss, multi_branch_loss, noising
 from diffbody_jax.diffusion.schedule import NoiseSchedule
+from tests.torch_ref import needs_torch, optional
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
+torch = optional("torch")
+diffusers = optional("diffusers")
 
 SCHEDULE = NoiseSchedule()
 ALPHAS = jnp.asarray(SCHEDULE.alphas_cumprod())
@@ -19,6 +20,7 @@ def _draw(rng, shape=(3, 8, 6, 4)):
     return [rng.standard_normal(shape).astype(np.float32) for _ in range(3)]
 
 
+@needs_torch
 def test_noising_matches_diffusers_add_noise_and_offsets_per_channel(rng):
     x0 = rng.standard_normal((3, 8, 6, 4)).astype(np.float32)
     key = jax.random.key(int(rng.integers(1 << 30)))
@@ -56,6 +58,7 @@ def test_body_attention_loss_is_eq4_as_written(rng):
         body_attention_loss(pred, x0, eps, ALPHAS[t], "epsilon", attn, weighting="cubic")
 
 
+@needs_torch
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_weight_map_loss_matches_torch(prediction_type, rng):
     """A per-pixel weight on the squared error, against the PyTorch expression with diffusers' v target."""
@@ -76,6 +79,7 @@ def test_weight_map_loss_matches_torch(prediction_type, rng):
         diffusion_loss(pred, x0, eps, ALPHAS[t], prediction_type, weight_map=attn[:, ::2, ::2])
 
 
+@needs_torch
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_min_snr_weighting_matches_diffusers_training_scripts(prediction_type, rng):
     from diffusers.training_utils import compute_snr

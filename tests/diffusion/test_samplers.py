@@ -7,9 +7,10 @@ import pytest
 
 from diffbody_jax.diffusion.samplers import SamplerConfig, make_sampler, step_noise
 from diffbody_jax.diffusion.schedule import NoiseSchedule
+from tests.torch_ref import needs_torch, optional
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
+torch = optional("torch")
+diffusers = optional("diffusers")
 
 SHAPE = (2, 8, 8, 4)
 
@@ -55,6 +56,7 @@ def _assert_trajectories_match(out, want_z, want_x0):
     assert (np.abs(np.asarray(out.x0_trajectory) - want_x0) / np.maximum(scale, 1.0)).max() <= 1e-5
 
 
+@needs_torch
 @pytest.mark.parametrize("prediction_type,variance_type,spacing", [
     ("epsilon", "fixed_small", "leading"), ("v_prediction", "fixed_small_log", "trailing"),
     ("epsilon", "fixed_small", "linspace")])
@@ -77,6 +79,7 @@ def test_ddpm_matches_diffusers_over_50_steps(monkeypatch, prediction_type, vari
     _assert_trajectories_match(out, want_z, want_x0)
 
 
+@needs_torch
 @pytest.mark.parametrize("eta,prediction_type", [(0.0, "epsilon"), (0.7, "v_prediction")])
 def test_ddim_matches_diffusers_over_50_steps(eta, prediction_type, rng):
     kw = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type,
@@ -91,6 +94,7 @@ def test_ddim_matches_diffusers_over_50_steps(eta, prediction_type, rng):
     _assert_trajectories_match(out, want_z, want_x0)
 
 
+@needs_torch
 @pytest.mark.parametrize("beta_schedule", ["scaled_linear", "squaredcos_cap_v2"])
 @pytest.mark.parametrize("use_clipped", [False, True])
 def test_ddim_with_clip_sample_follows_diffusers(beta_schedule, use_clipped, rng):
@@ -115,6 +119,7 @@ def _saved_config(scheduler, tmp_path):
     return json.loads((tmp_path / "scheduler_config.json").read_text())
 
 
+@needs_torch
 @pytest.mark.parametrize("name,method,kwargs", [
     ("DDPMScheduler", "ddpm", dict(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
                                    variance_type="fixed_small_log", timestep_spacing="trailing", clip_sample=False)),
@@ -143,6 +148,7 @@ def test_configs_that_diffusers_saves_load_and_match_its_trajectory(name, method
     _assert_trajectories_match(out, want_z, want_x0)
 
 
+@needs_torch
 @pytest.mark.parametrize("field,value", [("use_karras_sigmas", True), ("solver_order", 3),
                                          ("algorithm_type", "sde-dpmsolver++"), ("thresholding", True),
                                          ("final_sigmas_type", "sigma_min"), ("variance_type", "learned_range")])
@@ -153,6 +159,7 @@ def test_fields_that_would_change_the_math_are_refused_by_name(field, value, tmp
         NoiseSchedule.from_diffusers(config, "sched.json")
 
 
+@needs_torch
 @pytest.mark.parametrize("prediction_type,spacing,steps", [
     ("epsilon", "linspace", 50), ("v_prediction", "leading", 50), ("epsilon", "trailing", 10)])
 def test_dpmpp_2m_matches_diffusers(prediction_type, spacing, steps, rng):

@@ -13,10 +13,10 @@ from diffbody_jax.diffusion.schedule import (
     torch_linspace_f32,
     velocity,
 )
-from tests.torch_ref import REPO
+from tests.torch_ref import REPO, needs_torch, optional
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
+torch = optional("torch")
+diffusers = optional("diffusers")
 
 CONFIGS = [
     dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
@@ -27,6 +27,7 @@ CONFIGS = [
 ]
 
 
+@needs_torch
 @pytest.mark.parametrize("config", CONFIGS)
 def test_alphas_cumprod_equal_diffusers(config):
     ref = diffusers.DDPMScheduler(**config)
@@ -41,6 +42,7 @@ def test_alphas_cumprod_equal_diffusers(config):
     np.testing.assert_array_equal(ours.alphas_cumprod(), ref.alphas_cumprod.numpy())
 
 
+@needs_torch
 def test_torch_linspace_f32_matches_torch(rng):
     for _ in range(20):
         start, end = sorted(rng.uniform(-2, 2, 2))
@@ -49,6 +51,7 @@ def test_torch_linspace_f32_matches_torch(rng):
                                       torch.linspace(start, end, steps, dtype=torch.float32).numpy())
 
 
+@needs_torch
 @pytest.mark.parametrize("spacing,offset", [("leading", 1), ("leading", 0), ("trailing", 0), ("linspace", 0)])
 def test_timesteps_match_diffusers_for_every_step_count(spacing, offset):
     for n_train in (1000, 999):
@@ -72,6 +75,7 @@ def test_real_scheduler_configs_load():
         NoiseSchedule(beta_schedule="sigmoid")
 
 
+@needs_torch
 def test_prediction_conversions_are_consistent(rng):
     x0, eps = rng.standard_normal((2, 3, 4, 4, 1)).astype(np.float32)
     a = rng.uniform(0.05, 0.95, (3, 1, 1, 1)).astype(np.float32)

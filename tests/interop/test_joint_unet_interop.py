@@ -4,19 +4,19 @@ import json
 
 import jax
 import numpy as np
-import pytest
 
 import diffbody_jax
 from diffbody_jax.interop.mapping import flatten_params
 from diffbody_jax.interop.pretrained import init_from_pretrained_unet
 from diffbody_jax.models.joint_unet import JointUNet, JointUNetConfig
 from diffbody_jax.models.unet import UNet2DConditionModel, UNetConfig
-from tests.torch_ref import REPO, nchw_to_nhwc, randomize_, unet_diffusers_config
+from tests.torch_ref import REPO, nchw_to_nhwc, needs_torch, optional, randomize_, unet_diffusers_config
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
+torch = optional("torch")
+diffusers = optional("diffusers")
 
 
+@needs_torch
 def test_plain_sd_unet_folder_imports_into_a_fresh_joint_unet(tmp_path, rng):
     ref = diffusers.UNet2DConditionModel(**unet_diffusers_config("tiny-sd21")).eval()
     randomize_(ref, 11)

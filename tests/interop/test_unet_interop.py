@@ -15,24 +15,27 @@ from tests.torch_ref import (
     REPO,
     assert_coverage,
     nchw_to_nhwc,
+    needs_torch,
     nhwc_to_nchw,
+    optional,
     randomize_,
     state_dict_numpy,
     unet_diffusers_config,
 )
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
+torch = optional("torch")
+diffusers = optional("diffusers")
 
 
-def _torch_unet(variant, seed=0, dtype=torch.float32):
+def _torch_unet(variant, seed=0, dtype="float32"):
     ref = diffusers.UNet2DConditionModel(**unet_diffusers_config(variant)).eval()
     randomize_(ref, seed)
-    return ref.to(dtype)
+    return ref.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
 
 
+@needs_torch
 @pytest.mark.parametrize("variant", ["tiny-sd21", "tiny-sdxl", "tiny-cond"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_round_trip_is_bit_exact(variant, dtype):
     ref = _torch_unet(variant, dtype=dtype)
     sd = state_dict_numpy(ref)
@@ -46,6 +49,7 @@ def test_round_trip_is_bit_exact(variant, dtype):
         assert back[key].tobytes() == value.tobytes(), key
 
 
+@needs_torch
 def test_saved_folder_loads_in_diffusers_and_matches(tmp_path, rng):
     ref = _torch_unet("tiny-sdxl", seed=3)
     ref.save_pretrained(tmp_path / "src")  # diffusers' own layout: config.json + safetensors
@@ -67,6 +71,7 @@ def test_saved_folder_loads_in_diffusers_and_matches(tmp_path, rng):
     assert np.abs(nhwc_to_nchw(got) - want).max() <= 1e-4
 
 
+@needs_torch
 @pytest.mark.parametrize("fmt", ["bin", "sharded-safetensors", "sharded-bin"])
 def test_load_pretrained_reads_bin_and_sharded_folders(tmp_path, fmt):
     ref = _torch_unet("tiny-sd21", seed=4)
@@ -81,6 +86,7 @@ def test_load_pretrained_reads_bin_and_sharded_folders(tmp_path, fmt):
         np.testing.assert_array_equal(back[key], value)
 
 
+@needs_torch
 def test_bad_checkpoint_lists_every_problem_with_the_file(tmp_path):
     from diffbody_jax.interop.torch_files import write_safetensors
 
@@ -115,6 +121,7 @@ def test_unsupported_config_names_the_file(tmp_path):
 REAL = [("sd21-base", 686, 865_910_724), ("sd21-768v", 686, 865_910_724), ("sdxl-base", 1680, 2_567_463_684)]
 
 
+@needs_torch
 @pytest.mark.parametrize("variant,n_keys,n_params", REAL)
 def test_real_architecture_coverage(variant, n_keys, n_params):
     """Every key of the real UNet maps both ways with equal shapes; no weights, no memory."""

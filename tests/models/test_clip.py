@@ -8,10 +8,10 @@ import pytest
 from diffbody_jax.interop.clip import clip_text_table, clip_vision_table
 from diffbody_jax.interop.mapping import torch_to_flax
 from diffbody_jax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
-from tests.torch_ref import randomize_, state_dict_numpy
+from tests.torch_ref import needs_torch, optional, randomize_, state_dict_numpy
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = optional("torch")
+transformers = optional("transformers")
 
 TOL = 1e-4
 TEXT = dict(vocab_size=120, hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=3,
@@ -38,6 +38,7 @@ def _ids(rng, eos, batch=3, length=16, vocab=118):
     return ids
 
 
+@needs_torch
 @pytest.mark.parametrize("arch,act,eos", [
     ("CLIPTextModel", "gelu", 119),                   # SD2.1's OpenCLIP-H tower: first EOS position
     ("CLIPTextModel", "quick_gelu", 2),               # SDXL's CLIP-L (legacy eos_token_id 2: argmax pooling)
@@ -58,6 +59,7 @@ def test_text_parity(arch, act, eos, rng):
         assert np.abs(np.asarray(got["text_embeds"]) - want.text_embeds.numpy()).max() <= TOL
 
 
+@needs_torch
 def test_text_is_causal(rng):
     _, ours, params = _text_pair("CLIPTextModel")
     ids = _ids(rng, eos=119, batch=1)
@@ -68,6 +70,7 @@ def test_text_is_causal(rng):
     np.testing.assert_array_equal(np.asarray(a)[:, :-1], np.asarray(b)[:, :-1])
 
 
+@needs_torch
 def test_vision_parity(rng):
     cfg = transformers.CLIPVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
                                         num_attention_heads=3, image_size=28, patch_size=7, projection_dim=24,

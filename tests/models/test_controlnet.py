@@ -13,15 +13,17 @@ from diffbody_jax.models.unet import UNet2DConditionModel, UNetConfig
 from tests.torch_ref import (
     controlnet_diffusers_config,
     nchw_to_nhwc,
+    needs_torch,
     nhwc_to_nchw,
+    optional,
     randomize_,
     state_dict_numpy,
     torch_controlnet,
     unet_diffusers_config,
 )
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
+torch = optional("torch")
+diffusers = optional("diffusers")
 
 TOL = 1e-4  # fp32 max abs error
 
@@ -72,6 +74,7 @@ def _max_err(got, want):
     return max([float(np.abs(g - w).max()) for g, w in zip(gd, wd, strict=True)] + [float(np.abs(gm - wm).max())])
 
 
+@needs_torch
 @pytest.mark.parametrize("variant,size,scale,guess", [
     ("tiny-sd21", (8, 8), 1.0, False),
     ("tiny-sdxl", (8, 4), 0.7, True),
@@ -87,6 +90,7 @@ def test_parity(variant, size, scale, guess, rng):
     assert _max_err(got, want) <= TOL
 
 
+@needs_torch
 def test_parity_bgr_order_and_pooled_conditions(rng):
     config = controlnet_diffusers_config("tiny-sd21")
     config.update(controlnet_conditioning_channel_order="bgr", global_pool_conditions=True)
@@ -97,6 +101,7 @@ def test_parity_bgr_order_and_pooled_conditions(rng):
     assert _max_err(got, want) <= TOL
 
 
+@needs_torch
 def test_per_example_conditioning_scale(rng):
     _, ours, params = _pair(controlnet_diffusers_config("tiny-sd21"))
     x, t, ctx, cond, _ = _inputs(ours.config, 2, 8, 8, rng)
@@ -108,6 +113,7 @@ def test_per_example_conditioning_scale(rng):
         np.testing.assert_allclose(both.mid[k], scales[k] * one.mid[k], rtol=1e-5, atol=1e-6)
 
 
+@needs_torch
 @pytest.mark.parametrize("variant", ["tiny-sd21", "tiny-sdxl"])
 def test_unet_plus_controlnet_end_to_end(variant, rng):
     """diffusers' UNet fed diffusers' ControlNet residuals == our UNet fed ours."""
@@ -135,6 +141,7 @@ def test_unet_plus_controlnet_end_to_end(variant, rng):
     assert np.abs(got - want).max() <= TOL
 
 
+@needs_torch
 @pytest.mark.parametrize("variant", ["tiny-v1", "tiny-v2-stage1", "tiny-sdxl"])
 def test_from_unet_copies_the_encoder_and_leaves_the_unet_output_unchanged(variant, rng):
     cn_config = controlnet_diffusers_config(variant)
@@ -173,6 +180,7 @@ def test_from_unet_copies_the_encoder_and_leaves_the_unet_output_unchanged(varia
     np.testing.assert_array_equal(plain, steered)
 
 
+@needs_torch
 def test_sum_residuals_adds_two_controlnets(rng):
     _, ours, params = _pair(controlnet_diffusers_config("tiny-sd21"))
     x, t, ctx, cond, _ = _inputs(ours.config, 1, 8, 8, rng)

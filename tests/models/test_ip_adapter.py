@@ -17,10 +17,19 @@ from diffbody_jax.interop.mapping import ConversionError, flatten_params, torch_
 from diffbody_jax.interop.unet import unet_table
 from diffbody_jax.models.ip_adapter import Resampler, ResamplerConfig, with_ip_adapter
 from diffbody_jax.models.unet import UNet2DConditionModel, UNetConfig
-from tests.torch_ref import REPO, nchw_to_nhwc, nhwc_to_nchw, randomize_, state_dict_numpy, unet_diffusers_config
+from tests.torch_ref import (
+    REPO,
+    nchw_to_nhwc,
+    needs_torch,
+    nhwc_to_nchw,
+    optional,
+    randomize_,
+    state_dict_numpy,
+    unet_diffusers_config,
+)
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
+torch = optional("torch")
+diffusers = optional("diffusers")
 
 TOL = 1e-4
 
@@ -114,6 +123,7 @@ def _set_scale(ref, scale):
             proc.scale = [scale]
 
 
+@needs_torch
 @pytest.mark.parametrize("seed,scale", [(0, 1.0), (1, 0.6)])
 def test_unet_with_adapter_matches_diffusers(tiny, seed, scale):
     ref, unet, resampler = tiny["ref"], tiny["unet"], tiny["resampler"]
@@ -140,6 +150,7 @@ def test_unet_with_adapter_matches_diffusers(tiny, seed, scale):
     assert np.abs(np.asarray(plain) - np.asarray(got)).max() > 100 * TOL
 
 
+@needs_torch
 def test_scale_zero_is_the_plain_unet_exactly(tiny):
     unet = tiny["unet"]
     x = _inputs(5, unet.config)
@@ -162,6 +173,7 @@ def test_scale_zero_is_the_plain_unet_exactly(tiny):
     np.testing.assert_allclose(per[1], on[1], atol=1e-6)
 
 
+@needs_torch
 def test_attention_numbering_is_diffusers_processor_order(tiny):
     cross = [name[: -len(".processor")] for name in tiny["ref"].attn_processors if name.endswith("attn2.processor")]
     ours = [p.replace("/", ".").replace("_", ".").replace("down.blocks", "down_blocks").replace(
@@ -172,6 +184,7 @@ def test_attention_numbering_is_diffusers_processor_order(tiny):
     assert all(names[2 * n + 1].endswith("attn2.processor") for n in range(len(cross)))
 
 
+@needs_torch
 @pytest.mark.parametrize("layout", ["original", "diffusers"])
 def test_round_trip_is_bit_exact(tiny, layout, tmp_path):
     unet, resampler = tiny["unet"], tiny["resampler"]
@@ -186,6 +199,7 @@ def test_round_trip_is_bit_exact(tiny, layout, tmp_path):
         assert back[k].dtype == v.dtype and back[k].tobytes() == v.tobytes(), k
 
 
+@needs_torch
 @pytest.mark.parametrize("suffix", [".bin", ".safetensors"])
 def test_files_round_trip_and_load_in_diffusers(tiny, suffix, tmp_path):
     """Our export is the original layout that diffusers' loader reads unchanged."""
@@ -206,12 +220,14 @@ def test_files_round_trip_and_load_in_diffusers(tiny, suffix, tmp_path):
                 assert torch.equal(fresh.state_dict()[k], v), k
 
 
+@needs_torch
 def test_infer_resampler_config(tiny):
     assert ipa.infer_resampler_config(tiny["original"]) == tiny["rcfg"]
     diff = {k: v for k, v in state_dict_numpy(tiny["ref"]).items() if "encoder_hid" in k}
     assert ipa.infer_resampler_config(diff) == tiny["rcfg"]
 
 
+@needs_torch
 def test_bad_weights_name_the_key(tiny):
     bad = dict(tiny["original"])
     bad["ip_adapter.3.to_k_ip.weight"] = bad["ip_adapter.3.to_k_ip.weight"][:, :-1]
@@ -257,6 +273,7 @@ def test_real_original_layout_coverage():
     assert ipa.infer_resampler_config(fake) == XL_RESAMPLER
 
 
+@needs_torch
 def test_real_diffusers_layout_coverage():
     """diffusers' converted layout, built on the meta device, against eval_shape of ours."""
     from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0

@@ -11,10 +11,18 @@ from diffbody_jax.interop.joint_unet import joint_unet_table
 from diffbody_jax.interop.mapping import flatten_params, flax_to_torch, torch_to_flax
 from diffbody_jax.models.joint_unet import JointUNet, JointUNetConfig, joint_unet_from_unet
 from diffbody_jax.models.unet import UNet2DConditionModel, UNetConfig
-from tests.torch_ref import nchw_to_nhwc, nhwc_to_nchw, randomize_, state_dict_numpy, unet_diffusers_config
+from tests.torch_ref import (
+    nchw_to_nhwc,
+    needs_torch,
+    nhwc_to_nchw,
+    optional,
+    randomize_,
+    state_dict_numpy,
+    unet_diffusers_config,
+)
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
+torch = optional("torch")
+diffusers = optional("diffusers")
 
 SPLITS = [(0, 0), (1, 1), (2, 2), (1, 2)]
 TOL = 1e-4
@@ -83,92 +91,95 @@ def test_size_conditioning_starts_with_no_effect(rng):
 
 
 # ------------------------------------------------------------------------------ the PyTorch twin
-class TorchJointUNet(torch.nn.Module):
-    """The joint UNet of diffbody_jax/models/joint_unet.py assembled from diffusers' UNet blocks; its state dict
-    keys are the documented export layout."""
+if torch is not None:  # the PyTorch twin exists only with the torch extra
 
-    def __init__(self, config: dict, n_branches: int, n_first: int, n_last: int, num_time_ids: int = 0):
-        super().__init__()
-        from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+    class TorchJointUNet(torch.nn.Module):
+        """The joint UNet of diffbody_jax/models/joint_unet.py assembled from diffusers' UNet blocks; its state dict
+        keys are the documented export layout."""
 
-        unets = [diffusers.UNet2DConditionModel(**config) for _ in range(n_branches)]
-        shared, n = unets[0], len(unets[0].down_blocks)
-        self.n_first, self.n_last, self.n_blocks = n_first, n_last, n
-        self.time_proj, self.time_embedding = shared.time_proj, shared.time_embedding
-        if num_time_ids:
-            self.add_time_proj = Timesteps(8, config.get("flip_sin_to_cos", True), config.get("freq_shift", 0))
-            self.add_embedding = TimestepEmbedding(8 * num_time_ids, shared.time_embedding.linear_2.out_features)
-        self.conv_in_branch = torch.nn.ModuleList([u.conv_in for u in unets])
-        self.down_blocks_branch = torch.nn.ModuleList(
-            [torch.nn.ModuleList(u.down_blocks[:n_first]) for u in unets])
-        self.down_blocks = torch.nn.ModuleDict({str(j): shared.down_blocks[j] for j in range(n_first, n)})
-        self.mid_block = shared.mid_block
-        self.up_blocks = torch.nn.ModuleDict({str(j): shared.up_blocks[j] for j in range(n - n_last)})
-        self.up_blocks_branch = torch.nn.ModuleList(
-            [torch.nn.ModuleDict({str(j): u.up_blocks[j] for j in range(n - n_last, n)}) for u in unets])
-        self.conv_norm_out_branch = torch.nn.ModuleList([copy.deepcopy(u.conv_norm_out) for u in unets])
-        self.conv_out_branch = torch.nn.ModuleList([u.conv_out for u in unets])
-        self.fusion_logits = torch.nn.Parameter(torch.zeros(n_branches))
+        def __init__(self, config: dict, n_branches: int, n_first: int, n_last: int, num_time_ids: int = 0):
+            super().__init__()
+            from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 
-    @staticmethod
-    def _down(block, x, emb, ctx):
-        if getattr(block, "has_cross_attention", False):
-            return block(hidden_states=x, temb=emb, encoder_hidden_states=ctx)
-        return block(hidden_states=x, temb=emb)
+            unets = [diffusers.UNet2DConditionModel(**config) for _ in range(n_branches)]
+            shared, n = unets[0], len(unets[0].down_blocks)
+            self.n_first, self.n_last, self.n_blocks = n_first, n_last, n
+            self.time_proj, self.time_embedding = shared.time_proj, shared.time_embedding
+            if num_time_ids:
+                self.add_time_proj = Timesteps(8, config.get("flip_sin_to_cos", True), config.get("freq_shift", 0))
+                self.add_embedding = TimestepEmbedding(8 * num_time_ids, shared.time_embedding.linear_2.out_features)
+            self.conv_in_branch = torch.nn.ModuleList([u.conv_in for u in unets])
+            self.down_blocks_branch = torch.nn.ModuleList(
+                [torch.nn.ModuleList(u.down_blocks[:n_first]) for u in unets])
+            self.down_blocks = torch.nn.ModuleDict({str(j): shared.down_blocks[j] for j in range(n_first, n)})
+            self.mid_block = shared.mid_block
+            self.up_blocks = torch.nn.ModuleDict({str(j): shared.up_blocks[j] for j in range(n - n_last)})
+            self.up_blocks_branch = torch.nn.ModuleList(
+                [torch.nn.ModuleDict({str(j): u.up_blocks[j] for j in range(n - n_last, n)}) for u in unets])
+            self.conv_norm_out_branch = torch.nn.ModuleList([copy.deepcopy(u.conv_norm_out) for u in unets])
+            self.conv_out_branch = torch.nn.ModuleList([u.conv_out for u in unets])
+            self.fusion_logits = torch.nn.Parameter(torch.zeros(n_branches))
 
-    @staticmethod
-    def _up(block, x, skips, emb, ctx, size):
-        kw = dict(hidden_states=x, res_hidden_states_tuple=tuple(skips), temb=emb, upsample_size=size)
-        if getattr(block, "has_cross_attention", False):
-            kw["encoder_hidden_states"] = ctx
-        return block(**kw)
+        @staticmethod
+        def _down(block, x, emb, ctx):
+            if getattr(block, "has_cross_attention", False):
+                return block(hidden_states=x, temb=emb, encoder_hidden_states=ctx)
+            return block(hidden_states=x, temb=emb)
 
-    def forward(self, sample, t, ctx, time_ids=None, down_residuals=None, mid_residual=None):
-        emb = self.time_embedding(self.time_proj(t).to(sample.dtype))
-        if time_ids is not None:
-            emb = emb + self.add_embedding(self.add_time_proj(time_ids.flatten()).reshape(sample.shape[0], -1))
-        w = torch.softmax(self.fusion_logits, 0)
-        nb = len(self.conv_in_branch)
-        fuse = lambda ts: sum(w[b] * ts[b] for b in range(nb))  # noqa: E731
-        hs, own = [], []
-        for b, x in enumerate(sample.chunk(nb, dim=1)):
-            h = self.conv_in_branch[b](x)
-            skips = [h]
-            for block in self.down_blocks_branch[b]:
-                h, res = self._down(block, h, emb, ctx)
-                skips += list(res)
-            hs.append(h)
-            own.append(skips)
-        x, shared = fuse(hs), []
-        for j in range(self.n_first, self.n_blocks):
-            x, res = self._down(self.down_blocks[str(j)], x, emb, ctx)
-            shared += list(res)
-        trunk = [fuse([o[p] for o in own]) for p in range(len(own[0]))] + shared
-        branch = [o + shared for o in own]
-        if down_residuals is not None:
-            trunk = [s + r for s, r in zip(trunk, down_residuals, strict=True)]
-            branch = [[s + r for s, r in zip(bs, down_residuals, strict=True)] for bs in branch]
-        x = self.mid_block(x, emb, encoder_hidden_states=ctx)
-        if mid_residual is not None:
-            x = x + mid_residual
-        for j in range(self.n_blocks - self.n_last):
-            block = self.up_blocks[str(j)]
-            k = len(block.resnets)
-            skips, trunk = trunk[-k:], trunk[:-k]
-            x = self._up(block, x, skips, emb, ctx, trunk[-1].shape[2:] if trunk else None)
-        outs = []
-        for b in range(nb):
-            h, rest = x, branch[b][: len(trunk)]  # the trunk consumed the rest
-            for j in range(self.n_blocks - self.n_last, self.n_blocks):
-                block = self.up_blocks_branch[b][str(j)]
+        @staticmethod
+        def _up(block, x, skips, emb, ctx, size):
+            kw = dict(hidden_states=x, res_hidden_states_tuple=tuple(skips), temb=emb, upsample_size=size)
+            if getattr(block, "has_cross_attention", False):
+                kw["encoder_hidden_states"] = ctx
+            return block(**kw)
+
+        def forward(self, sample, t, ctx, time_ids=None, down_residuals=None, mid_residual=None):
+            emb = self.time_embedding(self.time_proj(t).to(sample.dtype))
+            if time_ids is not None:
+                emb = emb + self.add_embedding(self.add_time_proj(time_ids.flatten()).reshape(sample.shape[0], -1))
+            w = torch.softmax(self.fusion_logits, 0)
+            nb = len(self.conv_in_branch)
+            fuse = lambda ts: sum(w[b] * ts[b] for b in range(nb))  # noqa: E731
+            hs, own = [], []
+            for b, x in enumerate(sample.chunk(nb, dim=1)):
+                h = self.conv_in_branch[b](x)
+                skips = [h]
+                for block in self.down_blocks_branch[b]:
+                    h, res = self._down(block, h, emb, ctx)
+                    skips += list(res)
+                hs.append(h)
+                own.append(skips)
+            x, shared = fuse(hs), []
+            for j in range(self.n_first, self.n_blocks):
+                x, res = self._down(self.down_blocks[str(j)], x, emb, ctx)
+                shared += list(res)
+            trunk = [fuse([o[p] for o in own]) for p in range(len(own[0]))] + shared
+            branch = [o + shared for o in own]
+            if down_residuals is not None:
+                trunk = [s + r for s, r in zip(trunk, down_residuals, strict=True)]
+                branch = [[s + r for s, r in zip(bs, down_residuals, strict=True)] for bs in branch]
+            x = self.mid_block(x, emb, encoder_hidden_states=ctx)
+            if mid_residual is not None:
+                x = x + mid_residual
+            for j in range(self.n_blocks - self.n_last):
+                block = self.up_blocks[str(j)]
                 k = len(block.resnets)
-                skips, rest = rest[-k:], rest[:-k]
-                h = self._up(block, h, skips, emb, ctx, rest[-1].shape[2:] if rest else None)
-            h = torch.nn.functional.silu(self.conv_norm_out_branch[b](h))
-            outs.append(self.conv_out_branch[b](h))
-        return torch.cat(outs, dim=1)
+                skips, trunk = trunk[-k:], trunk[:-k]
+                x = self._up(block, x, skips, emb, ctx, trunk[-1].shape[2:] if trunk else None)
+            outs = []
+            for b in range(nb):
+                h, rest = x, branch[b][: len(trunk)]  # the trunk consumed the rest
+                for j in range(self.n_blocks - self.n_last, self.n_blocks):
+                    block = self.up_blocks_branch[b][str(j)]
+                    k = len(block.resnets)
+                    skips, rest = rest[-k:], rest[:-k]
+                    h = self._up(block, h, skips, emb, ctx, rest[-1].shape[2:] if rest else None)
+                h = torch.nn.functional.silu(self.conv_norm_out_branch[b](h))
+                outs.append(self.conv_out_branch[b](h))
+            return torch.cat(outs, dim=1)
 
 
+@needs_torch
 @pytest.mark.parametrize("split,time_ids,residuals", [
     ((0, 0), 0, False), ((1, 1), 0, True), ((2, 2), 8, False), ((1, 2), 6, True)])
 def test_parity_with_torch_twin(split, time_ids, residuals, rng):

@@ -10,10 +10,10 @@ import pytest
 from diffbody_jax.interop.layers import attention_rules, resnet_rules, transformer2d_rules
 from diffbody_jax.interop.mapping import MappingTable, torch_to_flax
 from diffbody_jax.models import layers
-from tests.torch_ref import nchw_to_nhwc, nhwc_to_nchw, randomize_, state_dict_numpy
+from tests.torch_ref import nchw_to_nhwc, needs_torch, nhwc_to_nchw, optional, randomize_, state_dict_numpy
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
+torch = optional("torch")
+diffusers = optional("diffusers")
 
 TOL = 1e-4
 
@@ -23,6 +23,7 @@ def _params(flax_module, torch_module, rules, *inputs):
     return torch_to_flax(state_dict_numpy(torch_module), MappingTable(rules), shapes, "torch module")
 
 
+@needs_torch
 @pytest.mark.parametrize("flip", [True, False])
 @pytest.mark.parametrize("shift", [0, 1])
 @pytest.mark.parametrize("dim", [32, 33])
@@ -37,6 +38,7 @@ def test_timestep_embedding_matches_diffusers(flip, shift, dim, rng):
     np.testing.assert_allclose(np.asarray(out), ref, atol=TOL, rtol=0)
 
 
+@needs_torch
 @pytest.mark.parametrize("size_in,size_out", [((4, 6), (8, 12)), ((3, 5), (7, 9)), ((4, 4), (5, 11)), ((5, 3), (5, 3))])
 def test_nearest_resize_matches_torch_interpolate(size_in, size_out, rng):
     x = rng.standard_normal((2, 3, *size_in)).astype(np.float32)
@@ -45,6 +47,7 @@ def test_nearest_resize_matches_torch_interpolate(size_in, size_out, rng):
     np.testing.assert_array_equal(nhwc_to_nchw(out), ref)
 
 
+@needs_torch
 @pytest.mark.parametrize("c_in,c_out,with_temb", [(16, 16, True), (16, 32, True), (16, 32, False)])
 def test_resnet_block_parity(c_in, c_out, with_temb, rng):
     from diffusers.models.resnet import ResnetBlock2D
@@ -64,6 +67,7 @@ def test_resnet_block_parity(c_in, c_out, with_temb, rng):
     assert np.abs(got - want).max() <= TOL
 
 
+@needs_torch
 @pytest.mark.parametrize("backend", ["einsum", "xla", "auto"])
 @pytest.mark.parametrize("cross", [False, True])
 def test_attention_parity_heads_differ_from_head_dim(cross, backend, rng):
@@ -83,6 +87,7 @@ def test_attention_parity_heads_differ_from_head_dim(cross, backend, rng):
     assert np.abs(got - want).max() <= TOL
 
 
+@needs_torch
 @pytest.mark.parametrize("linear", [True, False])
 def test_transformer2d_parity(linear, rng):
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
@@ -104,6 +109,7 @@ def test_transformer2d_parity(linear, rng):
     assert np.abs(got - want).max() <= TOL
 
 
+@needs_torch
 @pytest.mark.parametrize("shape,groups", [((2, 6, 5, 32), 8), ((2, 7, 24), 4), ((1, 3, 3, 16), 16)])
 def test_group_norm_matches_torch_and_float64(shape, groups, rng):
     # Large mean relative to the spread: the case where a one-pass variance would lose digits.

@@ -19,9 +19,9 @@ from diffbody_jax.models.controlnet import (
     prior_fusion_from_controlnet,
 )
 from diffbody_jax.models.prior_fusion import PriorFusion, PriorFusionConfig, prior_alphas
-from tests.torch_ref import controlnet_diffusers_config, state_dict_numpy, torch_controlnet
+from tests.torch_ref import controlnet_diffusers_config, needs_torch, optional, state_dict_numpy, torch_controlnet
 
-torch = pytest.importorskip("torch")
+torch = optional("torch")
 
 PRIORS = ("ir", "pose", "depth", "normal")
 
@@ -48,6 +48,7 @@ def _inputs(seed, batch=2, size=8, cross=32):
     return f(batch, size, size, 4), jnp.asarray(rng.integers(0, 1000, batch)), f(batch, 3, cross), priors, extra
 
 
+@needs_torch
 def test_one_hot_alpha_on_ir_is_the_source_controlnet_exactly(trained, caplog):
     _, pixel, pixel_params = trained
     fusion = ControlNetModel(fusion_config(fusion_alpha_mode="fixed", fusion_alphas=[1.0, 0.0, 0.0, 0.0]))
@@ -71,6 +72,7 @@ def _embeddings(module_cfg: PriorFusionConfig, params, priors):
     return out
 
 
+@needs_torch
 @pytest.mark.parametrize("mode", ["softmax", "learned", "fixed"])
 def test_dropping_a_prior_follows_the_rule(trained, mode):
     alphas = [0.4, 0.3, 0.2, 0.1]
@@ -101,6 +103,7 @@ def test_dropping_a_prior_follows_the_rule(trained, mode):
     np.testing.assert_allclose(per[1], full[1], atol=1e-5)
 
 
+@needs_torch
 def test_zeros_rule_feeds_a_zero_map(trained):
     fusion = ControlNetModel(fusion_config(missing_prior="zeros"))
     params, _ = prior_fusion_from_controlnet(trained[2], fusion, jax.random.key(1))
@@ -116,6 +119,7 @@ def test_zeros_rule_feeds_a_zero_map(trained):
     np.testing.assert_allclose(per[1], module.apply({"params": emb_params}, priors)[1], atol=1e-6)
 
 
+@needs_torch
 @pytest.mark.parametrize("mode,name", [("softmax", "alpha_logits"), ("learned", "alpha")])
 def test_learned_alphas_receive_gradients(trained, mode, name):
     """At the fusion itself (the gradient through the whole ControlNet is in test_stage2, marked slow)."""
@@ -146,6 +150,7 @@ def test_fixed_alphas_have_no_params():
     assert prior_alphas(fusion.config.prior_fusion) == {"ir": 1, "pose": 2, "depth": 3, "normal": 4}
 
 
+@needs_torch
 def test_configurable_prior_list_and_channels(trained):
     """A prior can be dropped from or added to the list; channels per prior (a 1-channel depth map)."""
     cfg = fusion_config(prior_names=["ir", "pose", "depth", "normal", "seg"], prior_channels=[3, 3, 1, 3, 5],
@@ -184,6 +189,7 @@ def test_bad_priors_are_named():
         fusion_config(fusion_alphas=[0.5, 0.5])
 
 
+@needs_torch
 def test_weights_round_trip_and_folder(tmp_path, trained):
     fusion = ControlNetModel(fusion_config(fusion_alpha_mode="learned"))
     params, _ = prior_fusion_from_controlnet(trained[2], fusion, jax.random.key(3))
@@ -205,6 +211,7 @@ def test_weights_round_trip_and_folder(tmp_path, trained):
     assert "prior_names" not in dataclasses.replace(fusion.config, conditioning_embedding_type="pixel").to_diffusers()
 
 
+@needs_torch
 def test_init_from_diffusers_controlnet_folder(tmp_path, trained):
     ref, _, pixel_params = trained
     ref.save_pretrained(tmp_path / "controlnet")

@@ -10,10 +10,19 @@ import pytest
 from diffbody_jax.interop.mapping import torch_to_flax
 from diffbody_jax.interop.unet import unet_table
 from diffbody_jax.models.unet import UNet2DConditionModel, UNetConfig
-from tests.torch_ref import REPO, nchw_to_nhwc, nhwc_to_nchw, randomize_, state_dict_numpy, unet_diffusers_config
+from tests.torch_ref import (
+    REPO,
+    nchw_to_nhwc,
+    needs_torch,
+    nhwc_to_nchw,
+    optional,
+    randomize_,
+    state_dict_numpy,
+    unet_diffusers_config,
+)
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
+torch = optional("torch")
+diffusers = optional("diffusers")
 
 TOL = 1e-4  # fp32 max abs error; outputs have std ~0.3-1, so this is not scaled
 
@@ -61,6 +70,7 @@ def _run_ours(ours, params, x, t, ctx, added, down=None, mid=None):
     return nhwc_to_nchw(fn(params, jnp.asarray(nchw_to_nhwc(x)), jnp.asarray(t), jnp.asarray(ctx), kw))
 
 
+@needs_torch
 @pytest.mark.parametrize("variant,size", [("tiny-sd21", (16, 16)), ("tiny-sdxl", (16, 8)), ("tiny-sd21", (12, 10))])
 def test_parity_with_diffusers(variant, size, rng):
     ref, ours, params = _pair(variant)
@@ -72,6 +82,7 @@ def test_parity_with_diffusers(variant, size, rng):
     assert np.abs(got - want).max() <= TOL
 
 
+@needs_torch
 def test_parity_extra_channels_controlnet_residuals_odd_size(rng):
     """tiny-cond: 9 input channels, conv projections, upcast, per-block layers, 10x6 latents (not a
     multiple of 4, so the up path uses size-forced nearest upsampling), ControlNet residuals."""
@@ -122,6 +133,7 @@ def test_config_refuses_unsupported_fields_by_name():
     UNetConfig.from_diffusers({**base, "dual_cross_attention": False, "_diffusers_version": "0.10.0"})
 
 
+@needs_torch
 def test_config_round_trips_through_diffusers_dict():
     for variant in ("tiny-sdxl", "tiny-cond"):
         cfg = UNetConfig.from_diffusers(unet_diffusers_config(variant))
@@ -130,6 +142,7 @@ def test_config_round_trips_through_diffusers_dict():
         diffusers.UNet2DConditionModel.from_config(cfg.to_diffusers())  # diffusers accepts what we write
 
 
+@needs_torch
 def test_bf16_close_to_fp32(rng):
     _, ours, params = _pair("tiny-sdxl", seed=7)
     x, t, ctx, added = _inputs(ours.config, 2, 16, 16, rng)
@@ -144,6 +157,7 @@ def test_bf16_close_to_fp32(rng):
     assert err.mean() <= 0.03 * ref.std(), err.mean()
 
 
+@needs_torch
 def test_remat_changes_nothing_numerically(rng):
     _, ours, params = _pair("tiny-sd21", seed=8)
     x, t, ctx, added = _inputs(ours.config, 1, 8, 8, rng)
@@ -159,6 +173,7 @@ def test_remat_changes_nothing_numerically(rng):
     assert max(float(d) for d in diffs) <= 1e-6
 
 
+@needs_torch
 def test_wrong_residual_count_is_named(rng):
     _, ours, params = _pair("tiny-sd21")
     x, t, ctx, _ = _inputs(ours.config, 1, 8, 8, rng)
@@ -166,6 +181,7 @@ def test_wrong_residual_count_is_named(rng):
         ours.apply({"params": params}, jnp.asarray(nchw_to_nhwc(x)), t, ctx, down_residuals=[x, x], mid_residual=x)
 
 
+@needs_torch
 def test_text_time_inputs_required(rng):
     _, ours, params = _pair("tiny-sdxl")
     x, t, ctx, _ = _inputs(ours.config, 1, 8, 8, rng)
@@ -173,6 +189,7 @@ def test_text_time_inputs_required(rng):
         ours.apply({"params": params}, jnp.asarray(nchw_to_nhwc(x)), t, ctx)
 
 
+@needs_torch
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["sd21-768v"])
 def test_real_size_parity(variant, rng):

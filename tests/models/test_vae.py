@@ -8,10 +8,18 @@ import pytest
 from diffbody_jax.interop.mapping import torch_to_flax
 from diffbody_jax.interop.vae import vae_table
 from diffbody_jax.models.vae import AutoencoderKL, VAEConfig, decode_tiled, encode_tiled
-from tests.torch_ref import nchw_to_nhwc, nhwc_to_nchw, randomize_, state_dict_numpy, vae_diffusers_config
+from tests.torch_ref import (
+    nchw_to_nhwc,
+    needs_torch,
+    nhwc_to_nchw,
+    optional,
+    randomize_,
+    state_dict_numpy,
+    vae_diffusers_config,
+)
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
+torch = optional("torch")
+diffusers = optional("diffusers")
 
 TOL = 1e-4
 
@@ -24,6 +32,7 @@ def _pair(variant, seed=0):
     return ref, ours, params
 
 
+@needs_torch
 @pytest.mark.parametrize("variant,size", [("tiny", (16, 16)), ("tiny3", (24, 16))])
 def test_encode_decode_parity(variant, size, rng):
     ref, ours, params = _pair(variant)
@@ -43,6 +52,7 @@ def test_encode_decode_parity(variant, size, rng):
     assert np.abs(nhwc_to_nchw(out) - want).max() <= TOL
 
 
+@needs_torch
 def test_latent_scaling_and_sampling(rng):
     _, ours, params = _pair("tiny3", seed=1)
     c = ours.config
@@ -85,6 +95,7 @@ def test_tiling_is_exact_for_local_operations(rng):
     assert decode.shape == (2, 48, 80, 5)
 
 
+@needs_torch
 def test_tiled_decode_close_to_untiled_on_a_smooth_latent():
     """GroupNorm statistics and the mid-block attention are computed per tile (as in diffusers'
     tiled decode), so a tiled decode cannot equal the untiled one exactly. Measured at 64-latent tiles
@@ -103,6 +114,7 @@ def test_tiled_decode_close_to_untiled_on_a_smooth_latent():
     assert np.abs(np.diff(tiled, axis=2)).max() <= 1.2 * np.abs(np.diff(full, axis=2)).max()
 
 
+@needs_torch
 def test_tiled_encode_close_to_untiled():
     """Measured over 60 fresh images: mean abs error of the posterior mean median 0.032 x its std
     (worst 0.20), max median 0.28 x std (worst 0.99): the tail is long, as per-tile GroupNorm statistics
@@ -119,6 +131,7 @@ def test_tiled_encode_close_to_untiled():
         encode_tiled(ours, params, x, tile=33, overlap=12)
 
 
+@needs_torch
 def test_bf16_decode_stays_finite_where_fp16_overflows(rng):
     """Scale the decoder's last up block so activations exceed fp16's 65504, as the SDXL VAE's do.
 
