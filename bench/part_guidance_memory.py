@@ -32,7 +32,7 @@ MiB = 2**20
 
 
 def measure(vae_variant: str, size: int, bodypart: str, remat: bool, attention: str, batch: int) -> dict:
-    vae_config = VAEConfig.from_diffusers(load_config(f"{REPO}/configs/vae.py:variant={vae_variant}").model.diffusers)
+    vae_config = VAEConfig.from_dict(load_config(f"{REPO}/configs/vae.py:variant={vae_variant}").model.diffusers)
     vae = AutoencoderKL(vae_config, remat=remat, attention_backend=attention)
     net = BodyPartNet(config=BodyPartConfig.bpbreid() if bodypart == "bpbreid" else BodyPartConfig.tiny())
     guidance = make_part_guidance(vae, net, PartLossConfig())

@@ -66,7 +66,7 @@ def diffusers_config(variant: str) -> dict:
         raise ValueError(f"unknown ControlNet variant {variant!r}; known: {list(REAL) + sorted(FROM_UNET)}")
     unet_variant, overrides = FROM_UNET[variant]
     unet = load_config(f"{UNET_CONFIG}:variant={unet_variant}").model.diffusers.to_dict()
-    return ControlNetConfig.from_unet(UNetConfig.from_diffusers(unet), **overrides).to_diffusers()
+    return ControlNetConfig.from_unet(UNetConfig.from_dict(unet), **overrides).to_dict()
 
 
 def get_config(arg=None):

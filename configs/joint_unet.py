@@ -35,7 +35,7 @@ def get_config(arg=None):
         raise ValueError(f"unknown JointUNet variant {arg['variant']!r}; known: {sorted(UNET_VARIANT)}")
     unet = load_config(f"{UNET_CONFIG}:variant={UNET_VARIANT[arg['variant']]}").model.diffusers.to_dict()
     joint = JointUNetConfig.from_unet(
-        UNetConfig.from_diffusers(unet), in_channels=8, num_time_ids=arg["time_ids"],
+        UNetConfig.from_dict(unet), in_channels=8, num_time_ids=arg["time_ids"],
         addition_time_embed_dim=8 if arg["variant"] == "tiny" else 256,
         branches=tuple(arg["branches"].split("+")), copy_first_n_block=arg["copy_first"],
         copy_last_n_block=arg["copy_last"],

@@ -81,7 +81,7 @@ def _tiny_files(root: pathlib.Path) -> None:
     save_bodypart(root / "bpbreid-tiny.pth.tar", BodyPartNet(config=BodyPartConfig.tiny()).init_variables(key))
     cn = build_model(load_config("controlnet:variant=tiny-sdxl").model)
     save_pretrained(root / "controlnet-sdxl-tiny", cn, cn.init_params(key))
-    unet = UNet2DConditionModel(UNetConfig.from_diffusers(unet_diffusers_config("tiny-sdxl")), ip_adapter=True)
+    unet = UNet2DConditionModel(UNetConfig.from_dict(unet_diffusers_config("tiny-sdxl")), ip_adapter=True)
     resampler = Resampler(ResamplerConfig.tiny(output_dims=unet.config.cross_attention_dim))
     adapter = {"image_proj": resampler.init_params(key), "ip_adapter": ip_adapter_of(unet.init_params(key))}
     write_ip_adapter(root / "ip-adapter-tiny.bin", original_state_dict(adapter, unet.config))

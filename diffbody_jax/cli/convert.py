@@ -211,7 +211,7 @@ def ip_adapter_to_flax(src: Path, unet_spec: str, dst: Path, param_dtype, overwr
     from diffbody_jax.models.unet import UNetConfig
 
     unet_dict = load_config(unet_spec).model.diffusers.to_dict()
-    resampler, params = load_ip_adapter(src, UNetConfig.from_diffusers(unet_dict, unet_spec), dtype=param_dtype)
+    resampler, params = load_ip_adapter(src, UNetConfig.from_dict(unet_dict, unet_spec), dtype=param_dtype)
     config = {"_class_name": "IPAdapterPlus", "resampler": resampler.config.to_dict(), "unet": unet_dict}
     flax_checkpoint.save_components(dst, {COLOUR_ADAPTER: (config, params)}, layout="model", overwrite=overwrite)
     n = len(flatten_params(params["ip_adapter"]))
@@ -225,7 +225,7 @@ def ip_adapter_to_torch(src: Path, dst: Path, overwrite: bool) -> None:
     config, params = flax_checkpoint.load_component(src, COLOUR_ADAPTER)
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
-    write_ip_adapter(dst, original_state_dict(params, UNetConfig.from_diffusers(config["unet"], str(src))))
+    write_ip_adapter(dst, original_state_dict(params, UNetConfig.from_dict(config["unet"], str(src))))
     print(f"wrote {dst}")
 
 

@@ -110,7 +110,7 @@ class NoiseSchedule:
                 raise ValueError(f"NoiseSchedule: {name}={getattr(self, name)!r}; supported: {allowed}")
 
     @classmethod
-    def from_diffusers(cls, config: dict[str, Any], source: str = "scheduler_config") -> NoiseSchedule:
+    def from_dict(cls, config: dict[str, Any], source: str = "scheduler_config") -> NoiseSchedule:
         """From a diffusers scheduler_config.json dict: DDPM, DDIM, DPMSolverMultistep (what diffusers writes for
         them, any version we test), and the noise process of other schedulers (PNDM, Euler).
 

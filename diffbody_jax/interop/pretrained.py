@@ -51,7 +51,9 @@ class Family:
     table: Callable[[Any], MappingTable]  # config -> mapping table
     component: str  # its folder name in a diffusers pipeline, and its item name in our checkpoints
     weights_name: str = "diffusion_pytorch_model.safetensors"
-    config_to_dict: Callable[[Any], dict] = lambda cfg: cfg.to_diffusers()  # noqa: E731
+    # the config.json to write: every config class's `to_dict()` gives it (diffusers' or transformers' format for
+    # their models, ours otherwise); a family may add fields
+    config_to_dict: Callable[[Any], dict] = lambda cfg: cfg.to_dict()  # noqa: E731
     # True for models with state besides params (BatchNorm statistics): the weights are then the whole
     # variables dict {"params", "batch_stats"}, and load_pretrained returns it in place of the params
     variables: bool = False
@@ -72,7 +74,7 @@ def _diffusers_family(class_name: str, component: str) -> Callable[[], Family]:
         }[class_name]
         return Family(
             class_name,
-            lambda d, src: config_cls.from_diffusers(d, src),
+            lambda d, src: config_cls.from_dict(d, src),
             lambda cfg, **kw: module_cls(cfg, **kw),
             table,
             component,
@@ -91,12 +93,11 @@ def _clip_family(class_name: str) -> Callable[[], Family]:
         module_cls = clip.CLIPVisionModel if vision else clip.CLIPTextModel
         return Family(
             class_name,
-            lambda d, src: config_cls.from_transformers(d, src),
+            lambda d, src: config_cls.from_dict(d, src),
             lambda cfg, **kw: module_cls(cfg, **kw),
             tables.clip_vision_table if vision else tables.clip_text_table,
             "image_encoder" if vision else "text_encoder",
             "model.safetensors",
-            lambda cfg: cfg.to_transformers(),
         )
 
     return make
@@ -106,7 +107,6 @@ def _joint_unet_family() -> Family:
 
     return Family(
         "JointUNet", JointUNetConfig.from_dict, lambda cfg, **kw: JointUNet(cfg, **kw), joint_unet_table, "unet",
-        config_to_dict=lambda cfg: cfg.to_dict(),
     )
 
 
@@ -116,7 +116,7 @@ def _ours(config: dict) -> dict:
 
 def _swinir_family() -> Family:
     return Family("SwinIR", lambda d, src: SwinIRConfig.from_dict(_ours(d), src), lambda cfg, **kw: SwinIR(cfg, **kw),
-                  swinir_table, "swinir", "model.safetensors", lambda cfg: cfg.to_dict())
+                  swinir_table, "swinir", "model.safetensors")
 
 
 def _bodypart_family() -> Family:

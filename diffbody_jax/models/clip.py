@@ -70,10 +70,10 @@ class CLIPTextConfig:
             )
 
     @classmethod
-    def from_transformers(cls, config: dict[str, Any], source: str = "config") -> CLIPTextConfig:
+    def from_dict(cls, config: dict[str, Any], source: str = "config") -> CLIPTextConfig:
         return _from_transformers(cls, config, "CLIPTextModel", "CLIP text", source)
 
-    def to_transformers(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return _to_transformers(self, "CLIPTextModel", "clip_text_model")
 
 
@@ -92,10 +92,10 @@ class CLIPVisionConfig:
     with_projection: bool = False  # CLIPVisionModelWithProjection: a visual_projection on the pooled output
 
     @classmethod
-    def from_transformers(cls, config: dict[str, Any], source: str = "config") -> CLIPVisionConfig:
+    def from_dict(cls, config: dict[str, Any], source: str = "config") -> CLIPVisionConfig:
         return _from_transformers(cls, config, "CLIPVisionModel", "CLIP vision", source)
 
-    def to_transformers(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return _to_transformers(self, "CLIPVisionModel", "clip_vision_model")
 
     @property

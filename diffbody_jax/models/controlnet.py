@@ -119,7 +119,7 @@ class ControlNetConfig:
         self.unet  # noqa: B018 - validates the shared block fields with the UNet's checks
 
     @classmethod
-    def from_diffusers(cls, config: dict[str, Any], source: str = "config") -> ControlNetConfig:
+    def from_dict(cls, config: dict[str, Any], source: str = "config") -> ControlNetConfig:
         """Build from a diffusers ControlNetModel config dict; unsupported fields are refused by name."""
         config = dict(config)
         config["upcast_attention"] = bool(config.get("upcast_attention") or False)
@@ -127,7 +127,7 @@ class ControlNetConfig:
             cls, config, kind="ControlNet", source=source, feature_off=_CONTROLNET_OFF, ignored=_IGNORED
         )
 
-    def to_diffusers(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         d = dataclass_to_dict(self, "ControlNetModel")
         if self.conditioning_embedding_type != "prior_fusion":
             for name in _FUSION_FIELDS:
@@ -349,7 +349,7 @@ def controlnet_from_joint_unet(
 def build_controlnet(model_config) -> ControlNetModel:
     """The module described by a `configs/controlnet.py` `model` section."""
 
-    cfg = ControlNetConfig.from_diffusers(dict(model_config["diffusers"]), source="model.diffusers")
+    cfg = ControlNetConfig.from_dict(dict(model_config["diffusers"]), source="model.diffusers")
     return ControlNetModel(cfg, **runtime_kwargs(model_config))
 
 

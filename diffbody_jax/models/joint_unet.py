@@ -103,10 +103,10 @@ class JointUNetConfig:
         """From our config.json: the UNet's diffusers fields plus branches, copy_first_n_block, copy_last_n_block."""
         config = {k: v for k, v in config.items() if k != "_class_name"}
         joint = {k: config.pop(k) for k in _JOINT_FIELDS if k in config}
-        return cls(UNetConfig.from_diffusers(config, source), **joint)
+        return cls(UNetConfig.from_dict(config, source), **joint)
 
     def to_dict(self) -> dict[str, Any]:
-        d = self.unet.to_diffusers()
+        d = self.unet.to_dict()
         d["_class_name"] = "JointUNet"
         d.update(branches=list(self.branches), copy_first_n_block=self.copy_first_n_block,
                  copy_last_n_block=self.copy_last_n_block)

@@ -26,7 +26,7 @@ def _swinir(model) -> SwinIR:
 
 
 def _vae(model) -> AutoencoderKL:
-    return AutoencoderKL(VAEConfig.from_diffusers(dict(model["diffusers"]), "model.diffusers"),
+    return AutoencoderKL(VAEConfig.from_dict(dict(model["diffusers"]), "model.diffusers"),
                          dtype=jnp.dtype(model["dtype"]), param_dtype=jnp.dtype(model["param_dtype"]),
                          attention_backend=model["attention_backend"])
 

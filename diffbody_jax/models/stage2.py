@@ -93,9 +93,9 @@ def build_stage2(model_config) -> Stage2Model:
     """The model described by a `configs/stage2.py` `model` section (run-time fields shared by all three)."""
 
     kw = runtime_kwargs(model_config)
-    unet = UNet2DConditionModel(UNetConfig.from_diffusers(dict(model_config["unet"]), "model.unet"), ip_adapter=True,
+    unet = UNet2DConditionModel(UNetConfig.from_dict(dict(model_config["unet"]), "model.unet"), ip_adapter=True,
                                 **kw)
-    controlnet = ControlNetModel(ControlNetConfig.from_diffusers(dict(model_config["controlnet"]), "model.controlnet"),
+    controlnet = ControlNetModel(ControlNetConfig.from_dict(dict(model_config["controlnet"]), "model.controlnet"),
                                  **kw)
     resampler = Resampler(ResamplerConfig.from_dict(dict(model_config["resampler"]), "model.resampler"),
                           dtype=kw["dtype"], param_dtype=kw["param_dtype"], attention_backend=kw["attention_backend"])

@@ -154,14 +154,14 @@ class UNetConfig:
 
     # ------------------------------------------------------------------ diffusers config.json <-> ours
     @classmethod
-    def from_diffusers(cls, config: dict[str, Any], source: str = "config") -> UNetConfig:
+    def from_dict(cls, config: dict[str, Any], source: str = "config") -> UNetConfig:
         """Build from a diffusers config dict; fields we do not implement are refused by name."""
         config = dict(config)
         # diffusers treats a null upcast_attention as False.
         config["upcast_attention"] = bool(config.get("upcast_attention") or False)
         return dataclass_from_dict(cls, config, kind="UNet", source=source, feature_off=_FEATURE_OFF, ignored=_IGNORED)
 
-    def to_diffusers(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return dataclass_to_dict(self, "UNet2DConditionModel")
 
     # ------------------------------------------------------------------------- derived per-block sizes
@@ -539,7 +539,7 @@ class UNet2DConditionModel(UNetModule):
 def build_unet(model_config) -> UNet2DConditionModel:
     """The module described by a `configs/unet.py` `model` section (or any mapping with its fields)."""
     return UNet2DConditionModel(
-        UNetConfig.from_diffusers(dict(model_config["diffusers"]), source="model.diffusers"),
+        UNetConfig.from_dict(dict(model_config["diffusers"]), source="model.diffusers"),
         **runtime_kwargs(model_config),
     )
 

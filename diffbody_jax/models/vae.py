@@ -1,6 +1,6 @@
 """AutoencoderKL (the SD / SDXL VAE) in Flax, NHWC, with tiled encode and decode for large images.
 
-    vae = AutoencoderKL(VAEConfig.from_diffusers(config_json))
+    vae = AutoencoderKL(VAEConfig.from_dict(config_json))
     z = vae.apply(params, image, rng, method=AutoencoderKL.encode_latents)     # scaled latents
     image = vae.apply(params, z, method=AutoencoderKL.decode_latents)          # [-1, 1] pixels
 """
@@ -64,10 +64,10 @@ class VAEConfig:
             raise ValueError("VAE config: down_block_types, up_block_types and block_out_channels differ in length")
 
     @classmethod
-    def from_diffusers(cls, config: dict[str, Any], source: str = "config") -> VAEConfig:
+    def from_dict(cls, config: dict[str, Any], source: str = "config") -> VAEConfig:
         return dataclass_from_dict(cls, config, kind="VAE", source=source, feature_off=_FEATURE_OFF, ignored=_IGNORED)
 
-    def to_diffusers(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return dataclass_to_dict(self, "AutoencoderKL")
 
     @property

@@ -196,7 +196,7 @@ def test_init_from_controlnet_and_ip_adapter_round_trip(tmp_path, capsys):
     assert isinstance(module, ControlNetModel) and module.config.conditioning_embedding_type == "prior_fusion"
     assert module.fusion_alphas(params) == pytest.approx({"ir": 0.25, "pose": 0.25, "depth": 0.25, "normal": 0.25})
 
-    unet_cfg = UNetConfig.from_diffusers(unet_diffusers_config("tiny-sdxl"))
+    unet_cfg = UNetConfig.from_dict(unet_diffusers_config("tiny-sdxl"))
     import jax
 
     adapter = {"image_proj": Resampler(ResamplerConfig.tiny(32, 24)).init_params(jax.random.key(0)),

@@ -97,7 +97,7 @@ def test_colour_adapter_features_are_clip_vision_penultimate_states(rng):
     ref = transformers.CLIPVisionModel(cfg).eval()
     randomize_(ref, seed=int(rng.integers(1 << 30)))
     vision = CLIPVisionModel(
-        CLIPVisionConfig.from_transformers({**cfg.to_dict(), "architectures": ["CLIPVisionModel"]}))
+        CLIPVisionConfig.from_dict({**cfg.to_dict(), "architectures": ["CLIPVisionModel"]}))
     params = torch_to_flax(state_dict_numpy(ref), clip_vision_table(vision.config), vision.param_shapes(), "vision")
     images = jnp.asarray(rng.uniform(0, 1, (2, 56, 28, 3)).astype(np.float32))
     for fit in ("auto", "center_crop"):

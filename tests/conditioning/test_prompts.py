@@ -14,7 +14,7 @@ from diffbody_jax.interop.mapping import torch_to_flax
 from diffbody_jax.models.clip import CLIPTextConfig, CLIPTextModel
 from tests.torch_ref import needs_torch, optional, randomize_, state_dict_numpy
 
-transformers = optional("transformers")
+transformers = pytest.importorskip("transformers")  # every test here needs its tokenizer
 torch = optional("torch")
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -99,7 +99,7 @@ def _tiny_encoder(arch, seed, hidden=32, projection=16):
                                       projection_dim=projection, bos_token_id=56, eos_token_id=57)
     ref = getattr(transformers, arch)(cfg).eval()
     randomize_(ref, seed)
-    ours = CLIPTextModel(CLIPTextConfig.from_transformers({**cfg.to_dict(), "architectures": [arch]}))
+    ours = CLIPTextModel(CLIPTextConfig.from_dict({**cfg.to_dict(), "architectures": [arch]}))
     return ref, ours, torch_to_flax(state_dict_numpy(ref), clip_text_table(ours.config), ours.param_shapes(), arch)
 
 
@@ -154,7 +154,7 @@ def test_prompt_level_helpers(tiny_tokenizer_dir):
     for seed, arch in enumerate(["CLIPTextModel", "CLIPTextModelWithProjection"]):
         ref = getattr(transformers, arch)(transformers.CLIPTextConfig(**cfg)).eval()
         randomize_(ref, seed)
-        ours = CLIPTextModel(CLIPTextConfig.from_transformers({**ref.config.to_dict(), "architectures": [arch]}))
+        ours = CLIPTextModel(CLIPTextConfig.from_dict({**ref.config.to_dict(), "architectures": [arch]}))
         params = torch_to_flax(state_dict_numpy(ref), clip_text_table(ours.config), ours.param_shapes(), arch)
         encoders.append((ref, ours, params))
     tok_bang = prompts.load_tokenizer(str(folder))

@@ -38,7 +38,7 @@ def _net():
 
 @functools.cache
 def _vae():
-    vae = AutoencoderKL(VAEConfig.from_diffusers(vae_diffusers_config("tiny")), remat=True)
+    vae = AutoencoderKL(VAEConfig.from_dict(vae_diffusers_config("tiny")), remat=True)
     return vae, vae.init_params(jax.random.key(1))
 
 
@@ -102,7 +102,7 @@ def test_gradient_through_the_vae_decode_matches_finite_differences(distance, rn
         _, variables = _net()
         net = BodyPartNet(config=BodyPartConfig.tiny(), dtype=jnp.float64, param_dtype=jnp.float64)
         _, vae_params = _vae()
-        vae = AutoencoderKL(VAEConfig.from_diffusers(vae_diffusers_config("tiny")), dtype=jnp.float64,
+        vae = AutoencoderKL(VAEConfig.from_dict(vae_diffusers_config("tiny")), dtype=jnp.float64,
                             param_dtype=jnp.float64, remat=True)
         i_reg = f64(_smooth_images(5, (1, 64, 32, 3)))
         aux = part_guidance_aux(net, f64(variables), f64(vae_params), i_reg)
@@ -126,7 +126,7 @@ def test_guided_ddpm_lowers_the_final_part_loss(rng):
 
     net, variables = _net()
     vae, vae_params = _vae()
-    unet = UNet2DConditionModel(UNetConfig.from_diffusers(unet_diffusers_config("tiny-sd21")))
+    unet = UNet2DConditionModel(UNetConfig.from_dict(unet_diffusers_config("tiny-sd21")))
     unet_params = unet.init_params(jax.random.key(2))
 
     def model_fn(params, z, t, cond):
@@ -164,8 +164,8 @@ def test_guidance_is_per_image_whatever_the_batch(rng):
         _, variables = _net()
         net = BodyPartNet(config=BodyPartConfig.tiny(), **kw)
         _, vae_params = _vae()
-        vae = AutoencoderKL(VAEConfig.from_diffusers(vae_diffusers_config("tiny")), remat=True, **kw)
-        unet = UNet2DConditionModel(UNetConfig.from_diffusers(unet_diffusers_config("tiny-sd21")), **kw)
+        vae = AutoencoderKL(VAEConfig.from_dict(vae_diffusers_config("tiny")), remat=True, **kw)
+        unet = UNet2DConditionModel(UNetConfig.from_dict(unet_diffusers_config("tiny-sd21")), **kw)
         unet_params = f64(UNet2DConditionModel(unet.config).init_params(jax.random.key(2)))
         variables, vae_params = f64(variables), f64(vae_params)
 

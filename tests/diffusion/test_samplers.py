@@ -132,9 +132,9 @@ def _saved_config(scheduler, tmp_path):
 ])
 def test_configs_that_diffusers_saves_load_and_match_its_trajectory(name, method, kwargs, tmp_path, rng, monkeypatch):
     """Each supported scheduler, saved by the installed diffusers with non-default settings, loads with
-    `NoiseSchedule.from_diffusers` and our sampler follows the scheduler diffusers rebuilds from that file."""
+    `NoiseSchedule.from_dict` and our sampler follows the scheduler diffusers rebuilds from that file."""
     config = _saved_config(getattr(diffusers, name)(**kwargs), tmp_path)
-    schedule = NoiseSchedule.from_diffusers(config, str(tmp_path / "scheduler_config.json"))
+    schedule = NoiseSchedule.from_dict(config, str(tmp_path / "scheduler_config.json"))
     reference = getattr(diffusers, name).from_config(config)
     key = jax.random.key(int(rng.integers(1 << 30)))
     z_T = rng.standard_normal(SHAPE).astype(np.float32)
@@ -156,7 +156,7 @@ def test_fields_that_would_change_the_math_are_refused_by_name(field, value, tmp
     config = _saved_config(diffusers.DPMSolverMultistepScheduler(), tmp_path)
     config[field] = value
     with pytest.raises(ValueError, match=rf"^sched.json: .*{field}"):
-        NoiseSchedule.from_diffusers(config, "sched.json")
+        NoiseSchedule.from_dict(config, "sched.json")
 
 
 @needs_torch
@@ -306,7 +306,7 @@ def test_guidance_through_a_vae_decoder_under_jit(rng):
     from diffbody_jax.models.vae import AutoencoderKL, VAEConfig
     from tests.torch_ref import vae_diffusers_config
 
-    vae = AutoencoderKL(VAEConfig.from_diffusers(vae_diffusers_config("tiny")))
+    vae = AutoencoderKL(VAEConfig.from_dict(vae_diffusers_config("tiny")))
     vae_params = vae.init_params(jax.random.key(0))
     image = jnp.asarray(rng.uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32))
 

@@ -64,13 +64,13 @@ def test_timesteps_match_diffusers_for_every_step_count(spacing, offset):
 
 def test_real_scheduler_configs_load():
     sd = json.loads((REPO / "configs/diffusers/sd21-768v/scheduler/scheduler_config.json").read_text())
-    s = NoiseSchedule.from_diffusers(sd)
+    s = NoiseSchedule.from_dict(sd)
     assert s.prediction_type == "v_prediction" and s.beta_schedule == "scaled_linear"
     for name in ("sd21-base", "sdxl-base"):
-        NoiseSchedule.from_diffusers(json.loads(
+        NoiseSchedule.from_dict(json.loads(
             (REPO / f"configs/diffusers/{name}/scheduler/scheduler_config.json").read_text()))
     with pytest.raises(ValueError, match="trained_betas"):
-        NoiseSchedule.from_diffusers({**sd, "trained_betas": [0.1, 0.2]})
+        NoiseSchedule.from_dict({**sd, "trained_betas": [0.1, 0.2]})
     with pytest.raises(ValueError, match="beta_schedule='sigmoid'"):
         NoiseSchedule(beta_schedule="sigmoid")
 

@@ -44,7 +44,7 @@ def test_round_trip_bit_exact_in_hub_layout(dtype):
     ref = _ref("CLIPTextModelWithProjection").to(dtype)
     sd = state_dict_numpy(ref)  # "text_model."-prefixed keys, as on the hub
     assert all(k.startswith(("text_model.", "text_projection")) for k in sd)
-    cfg = CLIPTextConfig.from_transformers({**ref.config.to_dict(), "architectures": ["CLIPTextModelWithProjection"]})
+    cfg = CLIPTextConfig.from_dict({**ref.config.to_dict(), "architectures": ["CLIPTextModelWithProjection"]})
     ours = CLIPTextModel(cfg)
     table = clip_text_table(cfg)
     back = flax_to_torch(torch_to_flax(sd, table, ours.param_shapes(), "te", dtype=None), table)
@@ -56,7 +56,7 @@ def test_round_trip_bit_exact_in_hub_layout(dtype):
 def test_unprefixed_transformers5_keys_import_as_well():
     ref = _ref("CLIPTextModel")  # transformers 5 keys its bare CLIPTextModel without "text_model."
     sd = state_dict_numpy(ref)
-    cfg = CLIPTextConfig.from_transformers(ref.config.to_dict())
+    cfg = CLIPTextConfig.from_dict(ref.config.to_dict())
     params = torch_to_flax(sd, clip_text_table(cfg), CLIPTextModel(cfg).param_shapes(), "te")
     back = flax_to_torch(params, clip_text_table(cfg))
     for key, value in sd.items():
@@ -82,7 +82,7 @@ def test_real_architecture_coverage(folder, arch, n_keys, n_params):
         ref = getattr(transformers, arch)(tcfg)
     torch_shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     assert len(torch_shapes) == n_keys
-    cfg = (CLIPVisionConfig if vision else CLIPTextConfig).from_transformers(cfg_dict, folder)
+    cfg = (CLIPVisionConfig if vision else CLIPTextConfig).from_dict(cfg_dict, folder)
     ours = (CLIPVisionModel if vision else CLIPTextModel)(cfg)
     flax_shapes = {k: tuple(v.shape) for k, v in flatten_params(ours.param_shapes()).items()}
     assert sum(int(np.prod(s)) for s in flax_shapes.values()) == n_params

@@ -20,7 +20,7 @@ diffusers = pytest.importorskip("diffusers")
 def test_round_trip_is_bit_exact(variant, dtype):
     config = controlnet_diffusers_config(variant)
     sd = state_dict_numpy(torch_controlnet(config).to(dtype))
-    ours = ControlNetModel(ControlNetConfig.from_diffusers(config))
+    ours = ControlNetModel(ControlNetConfig.from_dict(config))
     table = controlnet_table(ours.config)
     back = flax_to_torch(torch_to_flax(sd, table, ours.param_shapes(), variant, dtype=None), table)
     assert set(back) == set(sd)
@@ -45,7 +45,7 @@ def test_latent_condition_folder_round_trips(tmp_path):
     """Ours only (diffusers has no latent-condition ControlNet): the config field and the conv_out key survive."""
     config = controlnet_diffusers_config("tiny-v1")
     ref = torch_controlnet(config, seed=3)
-    module = ControlNetModel(ControlNetConfig.from_diffusers(config))
+    module = ControlNetModel(ControlNetConfig.from_dict(config))
     params = torch_to_flax(state_dict_numpy(ref), controlnet_table(module.config), module.param_shapes(), "ref")
     diffbody_jax.save_pretrained(tmp_path, module, params)
     saved = json.loads((tmp_path / "config.json").read_text())
@@ -65,5 +65,5 @@ def test_real_architecture_coverage(variant, n_keys, n_params):
     cfg = json.loads((REPO / f"configs/diffusers/{variant}/config.json").read_text())
     with torch.device("meta"):
         ref = diffusers.ControlNetModel.from_config(cfg)
-    ours = ControlNetModel(ControlNetConfig.from_diffusers(cfg, variant))
+    ours = ControlNetModel(ControlNetConfig.from_dict(cfg, variant))
     assert_coverage(ref, ours, controlnet_table(ours.config), n_keys, n_params, variant)

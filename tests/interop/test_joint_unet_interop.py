@@ -21,7 +21,7 @@ def test_plain_sd_unet_folder_imports_into_a_fresh_joint_unet(tmp_path, rng):
     ref = diffusers.UNet2DConditionModel(**unet_diffusers_config("tiny-sd21")).eval()
     randomize_(ref, 11)
     ref.save_pretrained(tmp_path / "sd-unet")
-    joint = JointUNet(JointUNetConfig.from_unet(UNetConfig.from_diffusers(unet_diffusers_config("tiny-sd21")),
+    joint = JointUNet(JointUNetConfig.from_unet(UNetConfig.from_dict(unet_diffusers_config("tiny-sd21")),
                                                 copy_first_n_block=1, copy_last_n_block=2))
     params, copied, _ = init_from_pretrained_unet(tmp_path / "sd-unet", joint, jax.random.key(0))
     assert joint.config.unet.in_channels == 8 and joint.config.branches == ("rgb", "depth", "normal")
@@ -38,7 +38,7 @@ def test_plain_sd_unet_folder_imports_into_a_fresh_joint_unet(tmp_path, rng):
 
 
 def test_saved_folder_reloads_bit_exactly(tmp_path):
-    unet_cfg = UNetConfig.from_diffusers(unet_diffusers_config("tiny-sd21"))
+    unet_cfg = UNetConfig.from_dict(unet_diffusers_config("tiny-sd21"))
     joint = JointUNet(JointUNetConfig.from_unet(unet_cfg, num_time_ids=6, addition_time_embed_dim=8,
                                                 branches=("rgb", "depth"), copy_first_n_block=2))
     params = joint.init_params(jax.random.key(0))
@@ -59,7 +59,7 @@ def _count(shapes, prefix=()):
 def test_sd21_base_size_builds_under_eval_shape():
     """926,301,775 params at (1, 1) (in the README): SD2.1-base plus two more copies of the per-branch parts."""
     config_json = REPO / "configs/diffusers/sd21-base/unet/config.json"
-    unet_cfg = UNetConfig.from_diffusers(json.loads(config_json.read_text()))
+    unet_cfg = UNetConfig.from_dict(json.loads(config_json.read_text()))
     plain = UNet2DConditionModel(unet_cfg).param_shapes()
     joint = JointUNet(JointUNetConfig.from_unet(unet_cfg)).param_shapes()
     per_branch = _count(plain, ("conv_in/", "down_blocks_0/", "up_blocks_3/", "conv_norm_out/", "conv_out/"))

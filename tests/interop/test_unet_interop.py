@@ -39,7 +39,7 @@ def _torch_unet(variant, seed=0, dtype="float32"):
 def test_round_trip_is_bit_exact(variant, dtype):
     ref = _torch_unet(variant, dtype=dtype)
     sd = state_dict_numpy(ref)
-    ours = UNet2DConditionModel(UNetConfig.from_diffusers(dict(ref.config)))
+    ours = UNet2DConditionModel(UNetConfig.from_dict(dict(ref.config)))
     table = unet_table(ours.config)
     params = torch_to_flax(sd, table, ours.param_shapes(), variant, dtype=None)
     back = flax_to_torch(params, table)
@@ -128,12 +128,12 @@ def test_real_architecture_coverage(variant, n_keys, n_params):
     cfg = json.loads((REPO / f"configs/diffusers/{variant}/unet/config.json").read_text())
     with torch.device("meta"):
         ref = diffusers.UNet2DConditionModel.from_config(cfg)
-    ours = UNet2DConditionModel(UNetConfig.from_diffusers(cfg, variant))
+    ours = UNet2DConditionModel(UNetConfig.from_dict(cfg, variant))
     assert_coverage(ref, ours, unet_table(ours.config), n_keys, n_params, variant)
 
 
 def test_param_tree_is_plain_and_jittable():
-    ours = UNet2DConditionModel(UNetConfig.from_diffusers(unet_diffusers_config("tiny-sd21")))
+    ours = UNet2DConditionModel(UNetConfig.from_dict(unet_diffusers_config("tiny-sd21")))
     params = ours.init_params(jax.random.key(0))
     assert all(isinstance(v, jax.Array) for v in jax.tree.leaves(params))
     assert "down_blocks_0" in params and "resnets_0" in params["down_blocks_0"]

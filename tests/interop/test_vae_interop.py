@@ -29,7 +29,7 @@ def _torch_vae(variant, seed=0):
 def test_round_trip_is_bit_exact(variant, dtype):
     ref = _torch_vae(variant).to(getattr(torch, dtype))
     sd = state_dict_numpy(ref)
-    ours = AutoencoderKL(VAEConfig.from_diffusers(dict(ref.config)))
+    ours = AutoencoderKL(VAEConfig.from_dict(dict(ref.config)))
     table = vae_table(ours.config)
     back = flax_to_torch(torch_to_flax(sd, table, ours.param_shapes(), variant, dtype=None), table)
     assert set(back) == set(sd)
@@ -80,7 +80,7 @@ def test_real_architecture_coverage(variant):
         ref = diffusers.AutoencoderKL.from_config(cfg)
     torch_shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     assert len(torch_shapes) == 248
-    ours = AutoencoderKL(VAEConfig.from_diffusers(cfg, variant))
+    ours = AutoencoderKL(VAEConfig.from_dict(cfg, variant))
     flax_shapes = {k: tuple(v.shape) for k, v in flatten_params(ours.param_shapes()).items()}
     assert sum(int(np.prod(s)) for s in flax_shapes.values()) == 83_653_863
     table = vae_table(ours.config)
@@ -93,4 +93,4 @@ def test_real_architecture_coverage(variant):
 def test_unsupported_vae_fields_are_named():
     cfg = {**vae_diffusers_config("tiny"), "latents_mean": [0.1] * 4}
     with pytest.raises(ValueError, match=r"vae/config.json: VAE config fields not supported: latents_mean="):
-        VAEConfig.from_diffusers(cfg, "vae/config.json")
+        VAEConfig.from_dict(cfg, "vae/config.json")

@@ -22,7 +22,7 @@ def _text_pair(arch, **overrides):
     cfg = transformers.CLIPTextConfig(**{**TEXT, **overrides})
     ref = getattr(transformers, arch)(cfg).eval()
     randomize_(ref, seed=1)
-    ours = CLIPTextModel(CLIPTextConfig.from_transformers({**cfg.to_dict(), "architectures": [arch]}))
+    ours = CLIPTextModel(CLIPTextConfig.from_dict({**cfg.to_dict(), "architectures": [arch]}))
     params = torch_to_flax(state_dict_numpy(ref), clip_text_table(ours.config), ours.param_shapes(), arch)
     return ref, ours, params
 
@@ -77,7 +77,7 @@ def test_vision_parity(rng):
                                         hidden_act="gelu")
     ref = transformers.CLIPVisionModelWithProjection(cfg).eval()
     randomize_(ref, seed=2)
-    ours = CLIPVisionModel(CLIPVisionConfig.from_transformers(
+    ours = CLIPVisionModel(CLIPVisionConfig.from_dict(
         {**cfg.to_dict(), "architectures": ["CLIPVisionModelWithProjection"]}))
     params = torch_to_flax(state_dict_numpy(ref), clip_vision_table(ours.config), ours.param_shapes(), "vision")
     x = rng.standard_normal((2, 3, 28, 28)).astype(np.float32)
@@ -91,6 +91,6 @@ def test_vision_parity(rng):
 
 def test_config_refuses_unknown_fields():
     with pytest.raises(ValueError, match=r"te/config.json: CLIP text config fields not supported: rope_theta"):
-        CLIPTextConfig.from_transformers({**TEXT, "rope_theta": 1.0}, "te/config.json")
+        CLIPTextConfig.from_dict({**TEXT, "rope_theta": 1.0}, "te/config.json")
     with pytest.raises(ValueError, match="hidden_act='relu' not supported"):
-        CLIPTextConfig.from_transformers({**TEXT, "hidden_act": "relu"})
+        CLIPTextConfig.from_dict({**TEXT, "hidden_act": "relu"})

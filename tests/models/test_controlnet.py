@@ -30,7 +30,7 @@ TOL = 1e-4  # fp32 max abs error
 
 def _pair(config: dict, seed=0):
     ref = torch_controlnet(config, seed)
-    ours = ControlNetModel(ControlNetConfig.from_diffusers(config))
+    ours = ControlNetModel(ControlNetConfig.from_dict(config))
     params = torch_to_flax(state_dict_numpy(ref), controlnet_table(ours.config), ours.param_shapes(), "ref")
     return ref, ours, params
 
@@ -120,7 +120,7 @@ def test_unet_plus_controlnet_end_to_end(variant, rng):
     ref_cn, ours_cn, cn_params = _pair(controlnet_diffusers_config(variant), seed=3)
     ref_unet = diffusers.UNet2DConditionModel(**unet_diffusers_config(variant)).eval()
     randomize_(ref_unet, 4)
-    unet = UNet2DConditionModel(UNetConfig.from_diffusers(dict(ref_unet.config)))
+    unet = UNet2DConditionModel(UNetConfig.from_dict(dict(ref_unet.config)))
     unet_params = torch_to_flax(state_dict_numpy(ref_unet), unet_table(unet.config), unet.param_shapes(), variant)
     x, t, ctx, cond, added = _inputs(ours_cn.config, 2, 8, 8, rng)
 
@@ -148,9 +148,9 @@ def test_from_unet_copies_the_encoder_and_leaves_the_unet_output_unchanged(varia
     unet_variant = "tiny-sdxl" if variant == "tiny-sdxl" else "tiny-sd21"
     ref_unet = diffusers.UNet2DConditionModel(**unet_diffusers_config(unet_variant)).eval()
     randomize_(ref_unet, 5)
-    unet = UNet2DConditionModel(UNetConfig.from_diffusers(dict(ref_unet.config)))
+    unet = UNet2DConditionModel(UNetConfig.from_dict(dict(ref_unet.config)))
     unet_params = torch_to_flax(state_dict_numpy(ref_unet), unet_table(unet.config), unet.param_shapes(), "unet")
-    cn = ControlNetModel(ControlNetConfig.from_diffusers(cn_config))
+    cn = ControlNetModel(ControlNetConfig.from_dict(cn_config))
     params, copied = controlnet_from_unet(unet_params, cn, jax.random.key(0))
 
     roots = {p.split("/")[0] for p in copied}
@@ -191,7 +191,7 @@ def test_sum_residuals_adds_two_controlnets(rng):
 
 
 def test_wrong_condition_shape_is_named():
-    cn = ControlNetModel(ControlNetConfig.from_diffusers(controlnet_diffusers_config("tiny-v1")))
+    cn = ControlNetModel(ControlNetConfig.from_dict(controlnet_diffusers_config("tiny-v1")))
     inputs = cn.dummy_inputs(size=8)
     params = cn.init_params(jax.random.key(0))
     inputs["controlnet_cond"] = jnp.ones((1, 64, 64, 9))
@@ -203,10 +203,10 @@ def test_wrong_condition_shape_is_named():
 def test_config_round_trips_and_refuses_unknown_fields():
     for variant in ("controlnet-sd21", "controlnet-sdxl", "tiny-v1"):
         d = controlnet_diffusers_config(variant)
-        cfg = ControlNetConfig.from_diffusers(d)
-        assert ControlNetConfig.from_diffusers(cfg.to_diffusers()) == cfg
+        cfg = ControlNetConfig.from_dict(d)
+        assert ControlNetConfig.from_dict(cfg.to_dict()) == cfg
     d = controlnet_diffusers_config("controlnet-sd21")
     with pytest.raises(ValueError, match="class_embed_type"):
-        ControlNetConfig.from_diffusers({**d, "class_embed_type": "timestep"})
+        ControlNetConfig.from_dict({**d, "class_embed_type": "timestep"})
     with pytest.raises(ValueError, match="conditioning_embedding_type='voxel'"):
-        ControlNetConfig.from_diffusers({**d, "conditioning_embedding_type": "voxel"})
+        ControlNetConfig.from_dict({**d, "conditioning_embedding_type": "voxel"})

@@ -96,7 +96,7 @@ def tiny():
     ref = diffusers.UNet2DConditionModel.from_config(cfg).eval()
     randomize_(ref, seed=0)
     plain_sd = state_dict_numpy(ref)
-    ucfg = UNetConfig.from_diffusers(cfg)
+    ucfg = UNetConfig.from_dict(cfg)
     rcfg = ResamplerConfig.tiny(output_dims=ucfg.cross_attention_dim, embed_dims=24)
     original = random_original(ucfg, rcfg, seed=1)
     ref._load_ip_adapter_weights(nested(original), low_cpu_mem_usage=False)
@@ -250,7 +250,7 @@ XL_RESAMPLER = ResamplerConfig()  # IP-Adapter-Plus-XL: 16 queries, width 1280, 
 
 def _sdxl():
     cfg = json.loads((REPO / "configs/diffusers/sdxl-base/unet/config.json").read_text())
-    return cfg, UNet2DConditionModel(UNetConfig.from_diffusers(cfg, "sdxl-base"), ip_adapter=True)
+    return cfg, UNet2DConditionModel(UNetConfig.from_dict(cfg, "sdxl-base"), ip_adapter=True)
 
 
 def test_real_original_layout_coverage():

@@ -29,7 +29,7 @@ TOL = 1e-4
 
 
 def _unet(in_channels=8):
-    return UNet2DConditionModel(UNetConfig.from_diffusers({**unet_diffusers_config("tiny-sd21"),
+    return UNet2DConditionModel(UNetConfig.from_dict({**unet_diffusers_config("tiny-sd21"),
                                                            "in_channels": in_channels}))
 
 
@@ -188,7 +188,7 @@ def test_parity_with_torch_twin(split, time_ids, residuals, rng):
     randomize_(twin, seed=7)
     with torch.no_grad():
         twin.fusion_logits.copy_(torch.randn(3) * 2)  # unequal fusion weights
-    ours_cfg = JointUNetConfig.from_unet(UNetConfig.from_diffusers(cfg), num_time_ids=time_ids,
+    ours_cfg = JointUNetConfig.from_unet(UNetConfig.from_dict(cfg), num_time_ids=time_ids,
                                          addition_time_embed_dim=8, copy_first_n_block=split[0],
                                          copy_last_n_block=split[1])
     ours = JointUNet(ours_cfg)

@@ -27,7 +27,7 @@ PRIORS = ("ir", "pose", "depth", "normal")
 
 
 def fusion_config(**fields) -> ControlNetConfig:
-    return ControlNetConfig.from_diffusers({**controlnet_diffusers_config("tiny-v2-stage2"), **fields})
+    return ControlNetConfig.from_dict({**controlnet_diffusers_config("tiny-v2-stage2"), **fields})
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def trained():
     """A pixel ControlNet with random (non-zero) weights everywhere, as a trained one would have."""
     cfg = controlnet_diffusers_config("tiny-sdxl")
     ref = torch_controlnet(cfg, seed=4)
-    module = ControlNetModel(ControlNetConfig.from_diffusers(cfg))
+    module = ControlNetModel(ControlNetConfig.from_dict(cfg))
     params = torch_to_flax(state_dict_numpy(ref), controlnet_table(module.config), module.param_shapes(), "ref")
     return ref, module, params
 
@@ -208,7 +208,7 @@ def test_weights_round_trip_and_folder(tmp_path, trained):
     assert again.config == fusion.config
     assert again.fusion_alphas(loaded) == pytest.approx(fusion.fusion_alphas(params))
     # pixel configs stay diffusers-identical: no fusion fields written
-    assert "prior_names" not in dataclasses.replace(fusion.config, conditioning_embedding_type="pixel").to_diffusers()
+    assert "prior_names" not in dataclasses.replace(fusion.config, conditioning_embedding_type="pixel").to_dict()
 
 
 @needs_torch

@@ -31,7 +31,7 @@ def _pair(variant, seed=0):
     cfg = unet_diffusers_config(variant)
     ref = diffusers.UNet2DConditionModel(**cfg).eval()
     randomize_(ref, seed)
-    ours = UNet2DConditionModel(UNetConfig.from_diffusers(dict(ref.config)))
+    ours = UNet2DConditionModel(UNetConfig.from_dict(dict(ref.config)))
     params = torch_to_flax(state_dict_numpy(ref), unet_table(ours.config), ours.param_shapes(), variant)
     return ref, ours, params
 
@@ -108,13 +108,13 @@ def test_parity_extra_channels_controlnet_residuals_odd_size(rng):
 
 
 def test_heads_read_from_attention_head_dim():
-    cfg = UNetConfig.from_diffusers(json.loads((REPO / "configs/diffusers/sd21-base/unet/config.json").read_text()))
+    cfg = UNetConfig.from_dict(json.loads((REPO / "configs/diffusers/sd21-base/unet/config.json").read_text()))
     assert cfg.heads == (5, 10, 20, 20)
     assert [c // h for c, h in zip(cfg.block_out_channels, cfg.heads, strict=True)] == [64, 64, 64, 64]
-    xl = UNetConfig.from_diffusers(json.loads((REPO / "configs/diffusers/sdxl-base/unet/config.json").read_text()))
+    xl = UNetConfig.from_dict(json.loads((REPO / "configs/diffusers/sdxl-base/unet/config.json").read_text()))
     assert xl.transformer_depths == (1, 2, 10) and xl.up_transformer_depths == (10, 2, 1)
     assert xl.text_embeds_dim == 1280
-    v = UNetConfig.from_diffusers(json.loads((REPO / "configs/diffusers/sd21-768v/unet/config.json").read_text()))
+    v = UNetConfig.from_dict(json.loads((REPO / "configs/diffusers/sd21-768v/unet/config.json").read_text()))
     assert v.upcast_attention and v.sample_size == 96
 
 
@@ -122,24 +122,24 @@ def test_config_refuses_unsupported_fields_by_name():
     base = unet_diffusers_config("tiny-sd21")
     pattern = r"my/unet/config.json: .*class_embed_type='timestep'.*made_up_field \(unknown"
     with pytest.raises(ValueError, match=pattern):
-        UNetConfig.from_diffusers({**base, "class_embed_type": "timestep", "made_up_field": 1}, "my/unet/config.json")
+        UNetConfig.from_dict({**base, "class_embed_type": "timestep", "made_up_field": 1}, "my/unet/config.json")
     with pytest.raises(ValueError, match="num_attention_heads must be null"):
-        UNetConfig.from_diffusers({**base, "num_attention_heads": [2, 4, 4]})
+        UNetConfig.from_dict({**base, "num_attention_heads": [2, 4, 4]})
     with pytest.raises(ValueError, match="unsupported block types.*SimpleCrossAttnDownBlock2D"):
-        UNetConfig.from_diffusers({**base, "down_block_types": ["SimpleCrossAttnDownBlock2D"] * 3})
+        UNetConfig.from_dict({**base, "down_block_types": ["SimpleCrossAttnDownBlock2D"] * 3})
     with pytest.raises(ValueError, match="cannot be split into 5 attention heads"):
-        UNetConfig.from_diffusers({**base, "attention_head_dim": [5, 4, 4]})
+        UNetConfig.from_dict({**base, "attention_head_dim": [5, 4, 4]})
     # Fields at their "off" value and provenance fields are accepted.
-    UNetConfig.from_diffusers({**base, "dual_cross_attention": False, "_diffusers_version": "0.10.0"})
+    UNetConfig.from_dict({**base, "dual_cross_attention": False, "_diffusers_version": "0.10.0"})
 
 
 @needs_torch
 def test_config_round_trips_through_diffusers_dict():
     for variant in ("tiny-sdxl", "tiny-cond"):
-        cfg = UNetConfig.from_diffusers(unet_diffusers_config(variant))
-        again = UNetConfig.from_diffusers(json.loads(json.dumps(cfg.to_diffusers())))
+        cfg = UNetConfig.from_dict(unet_diffusers_config(variant))
+        again = UNetConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
         assert again == cfg
-        diffusers.UNet2DConditionModel.from_config(cfg.to_diffusers())  # diffusers accepts what we write
+        diffusers.UNet2DConditionModel.from_config(cfg.to_dict())  # diffusers accepts what we write
 
 
 @needs_torch
@@ -197,7 +197,7 @@ def test_real_size_parity(variant, rng):
     latents (measured: max abs error 4.4e-6 on outputs of std 0.3)."""
     torch.manual_seed(0)
     ref = diffusers.UNet2DConditionModel(**unet_diffusers_config(variant)).eval()
-    ours = UNet2DConditionModel(UNetConfig.from_diffusers(dict(ref.config)))
+    ours = UNet2DConditionModel(UNetConfig.from_dict(dict(ref.config)))
     params = torch_to_flax(state_dict_numpy(ref), unet_table(ours.config), ours.param_shapes(), variant)
     x, t, ctx, added = _inputs(ours.config, 1, 16, 16, rng)
     want = _run_torch(ref, x, t, ctx, added)

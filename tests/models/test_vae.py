@@ -27,7 +27,7 @@ TOL = 1e-4
 def _pair(variant, seed=0):
     ref = diffusers.AutoencoderKL(**vae_diffusers_config(variant)).eval()
     randomize_(ref, seed)
-    ours = AutoencoderKL(VAEConfig.from_diffusers(dict(ref.config)))
+    ours = AutoencoderKL(VAEConfig.from_dict(dict(ref.config)))
     params = torch_to_flax(state_dict_numpy(ref), vae_table(ours.config), ours.param_shapes(), variant)
     return ref, ours, params
 

@@ -30,8 +30,8 @@ def _perturb(tree, key, scale=0.05):
 
 @pytest.fixture(scope="module")
 def stage2():
-    ucfg = UNetConfig.from_diffusers(unet_diffusers_config("tiny-sdxl"))
-    ccfg = ControlNetConfig.from_diffusers(controlnet_diffusers_config("tiny-v2-stage2"))
+    ucfg = UNetConfig.from_dict(unet_diffusers_config("tiny-sdxl"))
+    ccfg = ControlNetConfig.from_dict(controlnet_diffusers_config("tiny-v2-stage2"))
     model = Stage2Model(UNet2DConditionModel(ucfg, ip_adapter=True), ControlNetModel(ccfg),
                         Resampler(ResamplerConfig.tiny(output_dims=32, embed_dims=24)))
     params = _perturb(model.init_params(jax.random.key(0)), jax.random.key(1))
@@ -79,7 +79,7 @@ def test_loss_trains_exactly_its_subset(stage2, phase):
     model, params = stage2
     batch = _batch(1, b=1)
     sdxl = json.loads((REPO / "configs/diffusers/sdxl-base/scheduler/scheduler_config.json").read_text())
-    acp = NoiseSchedule.from_diffusers(sdxl).arrays()["alphas_cumprod"]
+    acp = NoiseSchedule.from_dict(sdxl).arrays()["alphas_cumprod"]
     subset = STAGE2_SUBSETS[phase]
     trainable, frozen = partition(params, subset)
 
@@ -135,8 +135,8 @@ def test_real_size_subsets():
     from diffbody_jax.config import load_config
 
     cn = load_config(f"{REPO}/configs/controlnet.py:variant=diffbody-v2-stage2").model.diffusers.to_dict()
-    model = Stage2Model(UNet2DConditionModel(UNetConfig.from_diffusers(cfg), ip_adapter=True),
-                        ControlNetModel(ControlNetConfig.from_diffusers(cn)), Resampler(ResamplerConfig()))
+    model = Stage2Model(UNet2DConditionModel(UNetConfig.from_dict(cfg), ip_adapter=True),
+                        ControlNetModel(ControlNetConfig.from_dict(cn)), Resampler(ResamplerConfig()))
     shapes = model.param_shapes()
     n_cn, total = STAGE2_SUBSETS["controlnet"].count(shapes)
     n_ad, _ = STAGE2_SUBSETS["colour_adapter"].count(shapes)
