@@ -1,6 +1,5 @@
 """UNet architectures: the real SD2.1 / SDXL configs and tiny variants for tests and demos.
 
-  python bench/unet_forward.py --variants tiny-sd21 --batch 1 --size 16
   python -c "from diffbody_jax.config import load_config as c; print(c('unet', ['model.dtype=bfloat16']))"
 
 (bench/unet_forward.py --variants sd21-base times the real SD2.1-base UNet)

@@ -23,6 +23,7 @@ Export writes the original layout (`original_state_dict`), so a user's downloade
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Mapping
@@ -251,3 +252,43 @@ def load_ip_adapter(
     resampler = Resampler(infer_resampler_config(flat, str(path), dim_head), **resampler_kwargs)
     unet = UNet2DConditionModel(unet_config, ip_adapter=True)
     return resampler, adapter_from_state_dict(flat, unet, resampler, str(path), dtype)
+
+
+# ------------------------------------------------------------------------------ as a model family
+@dataclasses.dataclass(frozen=True)
+class ColourAdapterConfig:
+    """What the colour adapter's weights fit: the UNet whose cross-attentions get to_k_ip/to_v_ip, and the
+    Resampler. Its config.json: {"_class_name": "IPAdapterPlus", "unet": <diffusers UNet config>, "resampler": ...}."""
+
+    unet: UNetConfig
+    resampler: ResamplerConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"_class_name": "IPAdapterPlus", "unet": self.unet.to_dict(), "resampler": self.resampler.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], source: str = "config") -> ColourAdapterConfig:
+        missing = sorted({"unet", "resampler"} - set(d))
+        if missing:
+            raise ValueError(f"{source}: an IPAdapterPlus config needs {missing}")
+        return cls(UNetConfig.from_dict(dict(d["unet"]), f"{source} (unet)"),
+                   ResamplerConfig.from_dict({k: v for k, v in dict(d["resampler"]).items() if not k.startswith("_")},
+                                             f"{source} (resampler)"))
+
+
+@dataclasses.dataclass(frozen=True)
+class ColourAdapter:
+    """The colour adapter's weights as one loadable model: params {"image_proj": Resampler params, "ip_adapter":
+    the to_k_ip/to_v_ip of `config.unet`}, as `load_ip_adapter` returns them. `resampler` is the module to run
+    the first part with; `with_ip_adapter(unet_params, params)` puts the second into a UNet's params.
+    A folder of this family holds IP-Adapter's original layout in `ip_adapter.safetensors`."""
+
+    config: ColourAdapterConfig
+    resampler_kwargs: tuple[tuple[str, Any], ...] = ()  # run-time fields of the Resampler (dtype, backend)
+
+    @property
+    def resampler(self) -> Resampler:
+        return Resampler(self.config.resampler, **dict(self.resampler_kwargs))
+
+    def param_shapes(self) -> dict:
+        return adapter_shapes(UNet2DConditionModel(self.config.unet, ip_adapter=True), self.resampler)

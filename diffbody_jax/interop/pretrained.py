@@ -22,6 +22,7 @@ from diffbody_jax import files
 from diffbody_jax.interop import clip as tables
 from diffbody_jax.interop import flax_checkpoint, torch_files
 from diffbody_jax.interop.bodypart import bodypart_table
+from diffbody_jax.interop.ip_adapter import ColourAdapter, ColourAdapterConfig, adapter_table, fuse_kv, split_kv
 from diffbody_jax.interop.joint_unet import joint_unet_table
 from diffbody_jax.interop.mapping import MappingTable, flax_to_torch, torch_to_flax
 from diffbody_jax.interop.swinir import swinir_table
@@ -57,6 +58,10 @@ class Family:
     # True for models with state besides params (BatchNorm statistics): the weights are then the whole
     # variables dict {"params", "batch_stats"}, and load_pretrained returns it in place of the params
     variables: bool = False
+    # the family's PyTorch layout where it is not the table's own (IP-Adapter's fused to_kv): applied to a state
+    # dict after reading (from_torch) and before writing (to_torch)
+    from_torch: Callable[[dict, str], dict] = lambda sd, source: sd  # noqa: E731
+    to_torch: Callable[[dict], dict] = lambda sd: sd  # noqa: E731
 
     def shapes(self, module) -> dict:
         return module.variable_shapes() if self.variables else module.param_shapes()
@@ -128,7 +133,17 @@ def _bodypart_family() -> Family:
     )
 
 
+def _colour_adapter_family() -> Family:
+    return Family(
+        "IPAdapterPlus", ColourAdapterConfig.from_dict,
+        lambda cfg, **kw: ColourAdapter(cfg, tuple(sorted(kw.items()))),
+        lambda cfg: adapter_table(cfg.unet, "original"), "colour_adapter", "ip_adapter.safetensors",
+        from_torch=split_kv, to_torch=fuse_kv,
+    )
+
+
 FAMILIES: dict[str, Callable[[], Family]] = {
+    "IPAdapterPlus": _colour_adapter_family,
     "SwinIR": _swinir_family,
     "BodyPartNet": _bodypart_family,
     "JointUNet": _joint_unet_family,
@@ -154,7 +169,7 @@ def family_of(config: dict, source: str) -> Family:
 
 def family_for_module(module) -> Family:
     """The family of a built module; CLIP towers pick the class with or without projection."""
-    name = type(module).__name__
+    name = "IPAdapterPlus" if isinstance(module, ColourAdapter) else type(module).__name__
     if name in ("CLIPTextModel", "CLIPVisionModel") and module.config.with_projection:
         name += "WithProjection"
     if name not in FAMILIES:
@@ -198,8 +213,8 @@ def load_pretrained(
     family = family_of(config_dict, str(config_path))
     config = family.config_from_dict(config_dict, str(config_path))
     module = family.build(config, **module_kwargs)
-    weights = torch_files.find_weights(folder)
-    state_dict = torch_files.read_state_dict(weights)
+    weights = torch_files.find_weights(folder, family.weights_name)
+    state_dict = family.from_torch(torch_files.read_state_dict(weights), str(weights))
     params = torch_to_flax(state_dict, family.table(config), family.shapes(module), str(weights), param_dtype)
     return module, params
 
@@ -212,7 +227,7 @@ def save_pretrained(path: str | os.PathLike, module, params: dict, config_dict: 
     """
     family = family_for_module(module)
     folder = Path(path)
-    state_dict = flax_to_torch(params, family.table(module.config), f"{family.class_name} params")
+    state_dict = family.to_torch(flax_to_torch(params, family.table(module.config), f"{family.class_name} params"))
     torch_files.write_safetensors(state_dict, folder / family.weights_name, metadata={"format": "pt"})
     files.write_json(config_dict or family.config_to_dict(module.config), folder / "config.json")
     return folder

@@ -31,9 +31,10 @@ WEIGHT_NAMES = (
 )
 
 
-def find_weights(folder: str | os.PathLike) -> Path:
+def find_weights(folder: str | os.PathLike, preferred: str | None = None) -> Path:
+    """The weights file of a model folder: `preferred` (a family's own name) first, then the usual names."""
     folder = Path(folder)
-    for name in WEIGHT_NAMES:
+    for name in ((preferred,) if preferred else ()) + tuple(WEIGHT_NAMES):
         if (folder / name).exists():
             return folder / name
     raise FileNotFoundError(f"{folder}: no weight file found (looked for {', '.join(WEIGHT_NAMES)})")

@@ -133,6 +133,7 @@ def test_matches_pytorch_twin(dim_reduce, pooling, rng):
     np.testing.assert_allclose(np.asarray(got["foreground"]), 1.0 - want["part_probs"][..., 0], atol=1e-4)
 
 
+@pytest.mark.slow  # ~17 s; differentiability is held by the part-loss gradient check, shapes by the twin test
 def test_part_maps_are_probabilities_and_the_network_is_differentiable():
     net = BodyPartNet(config=BodyPartConfig.tiny())
     variables = net.init_variables(jax.random.key(1))
