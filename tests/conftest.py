@@ -29,6 +29,7 @@ except ImportError:
 
 SEED_ENV = "DIFFBODY_TEST_SEED"
 SESSION_SEED = int(os.environ.get(SEED_ENV) or secrets.randbits(31))
+os.environ[SEED_ENV] = str(SESSION_SEED)  # pytest-xdist workers, started after this, share the session seed
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
