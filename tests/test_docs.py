@@ -28,6 +28,12 @@ def code_blocks(doc: str) -> list[tuple[str, str]]:
     return [(m.group(1), m.group(2)) for m in FENCE.finditer((REPO / doc).read_text())]
 
 
+def _env() -> dict[str, str]:
+    """The environment of the documented commands: this checkout importable, this venv's scripts on PATH."""
+    return {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+            "PATH": f"{pathlib.Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "JAX_PLATFORMS": "cpu"}
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A folder with tiny stand-ins for the checkpoints the docs name."""
@@ -93,8 +99,7 @@ def test_code_blocks_run(doc, world, monkeypatch, tmp_path):
     for item in world.iterdir():  # each page gets its own folder: the stand-ins linked, its outputs its own
         (tmp_path / item.name).symlink_to(item)
     monkeypatch.chdir(tmp_path)
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "PATH": f"{pathlib.Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "JAX_PLATFORMS": "cpu"}
+    env = _env()
     namespace: dict = {"__name__": f"doc:{doc}"}
     for i, (lang, code) in enumerate(blocks):
         where = f"{doc}, block {i + 1} ({lang})"
@@ -134,8 +139,7 @@ def test_config_docstring_commands_run_as_written(config_file, world, tmp_path):
     for item in world.iterdir():
         (tmp_path / item.name).symlink_to(item)
     (tmp_path / "configs").symlink_to(REPO / "configs")
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "PATH": f"{pathlib.Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "JAX_PLATFORMS": "cpu"}
+    env = _env()
     for command in commands:
         out = subprocess.run(["bash", "-euo", "pipefail", "-c", command], cwd=tmp_path, env=env, capture_output=True,
                              text=True, timeout=600)
