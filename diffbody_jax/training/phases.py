@@ -1,7 +1,7 @@
 """Training phases: what each one builds, trains and minimises, as data the training engine reads.
 
 A `Phase` is
-  build(model_config) -> module       the Flax module of a config's `model` section,
+  build(model_config) -> module       the Flax module of a config's `model` section (`models.registry`),
   subset                              the trainable params (a `TrainableSubset`; the rest is frozen),
   loss(module, **switches) -> fn      a loss factory that resolves its switches (phase, prediction type,
                                       min-SNR, ...) once and returns fn(params, batch, key) -> (loss, metrics),
@@ -19,8 +19,8 @@ import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from diffbody_jax.models.stage2 import build_stage2
-from diffbody_jax.models.swinir import SwinIR, SwinIRConfig
+from diffbody_jax.models.registry import build_model
+from diffbody_jax.models.swinir import SwinIR
 from diffbody_jax.training.losses import STAGE2_PHASES, stage2_loss, swinir_l2_loss
 from diffbody_jax.training.trainable import TrainableSubset
 
@@ -59,9 +59,8 @@ def _stage2_loss(module, *, phase: str, alphas_cumprod, prediction_type: str = "
 
 
 PHASES: dict[str, Phase] = {
-    "swinir": Phase("swinir", lambda model: SwinIR(SwinIRConfig.from_dict(model.swinir.to_dict(), "model.swinir")),
-                    TrainableSubset("swinir", (r".",)), _swinir_loss),
-    **{f"stage2_{p}": Phase(f"stage2_{p}", build_stage2, STAGE2_SUBSETS[p], functools.partial(_stage2_loss, phase=p))
+    "swinir": Phase("swinir", build_model, TrainableSubset("swinir", (r".",)), _swinir_loss),
+    **{f"stage2_{p}": Phase(f"stage2_{p}", build_model, STAGE2_SUBSETS[p], functools.partial(_stage2_loss, phase=p))
        for p in STAGE2_PHASES},
 }
 
