@@ -15,7 +15,7 @@ Variants (all take images in [0, 1]):
 
 import ml_collections
 
-from diffbody_jax.config import parse_arg
+from diffbody_jax.config import parse_arg, training_sections
 
 _REAL_SR = dict(upscale=4, img_size=64, window_size=8, img_range=1.0, mlp_ratio=2, upsampler="nearest+conv")
 
@@ -63,9 +63,14 @@ def get_config(arg=None):
             dtype="float32",
             param_dtype="float32",
             attention_backend="einsum",  # the window attention's backend (models/layers.py)
-            remat=False,
+            remat="none",  # none | full | dots | dots_no_batch
         )
     )
     config.phase = "swinir"  # the paper trains stage 0 with an L2 loss against the clean image
+    if arg["variant"].startswith("tiny"):  # seconds on a CPU: one 64 x 64 bucket the sample set fills
+        training_sections(config, steps=200, batch_size=4, learning_rate=2e-3,
+                          **{"data.buckets": [[64, 64]], "train.log_every": 10, "checkpoint.every": 50})
+    else:  # neither paper gives stage 0's numbers: ours, to be set for your data
+        training_sections(config, steps=100_000, batch_size=32, learning_rate=1e-4)
     config.lock()
     return config

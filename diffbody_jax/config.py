@@ -113,8 +113,13 @@ def model_section(**fields):
         dtype="float32",  # compute dtype: float32 | bfloat16
         param_dtype="float32",
         attention_backend="einsum",  # einsum | xla | cudnn | auto | a registered one (TPU splash)
-        remat=False,  # rematerialise block activations in the backward pass
+        remat="none",  # none | full | dots | dots_no_batch: what the backward pass recomputes (models.layers)
     ))
+
+def _remat(value) -> bool | str:
+    """A config's remat choice as the modules take it; booleans from older configs still work."""
+    return value if isinstance(value, bool) else {"none": False, "full": True}.get(value, value)
+
 
 def runtime_kwargs(model_config) -> dict[str, Any]:
     """dtype, param_dtype, attention_backend and remat from a config file's `model` section."""
@@ -122,7 +127,7 @@ def runtime_kwargs(model_config) -> dict[str, Any]:
         dtype=jnp.dtype(model_config["dtype"]),
         param_dtype=jnp.dtype(model_config["param_dtype"]),
         attention_backend=model_config["attention_backend"],
-        remat=bool(model_config["remat"]),
+        remat=_remat(model_config["remat"]),
     )
 
 
@@ -169,3 +174,39 @@ def dataclass_to_dict(obj, class_name: str) -> dict[str, Any]:
         value = getattr(obj, f.name)
         out[f.name] = list(value) if isinstance(value, tuple) else value
     return out
+
+
+def training_sections(config, *, steps: int, batch_size: int, learning_rate: float, **fields):
+    """Add the sections the training engine reads (`train`, `optim`, `data`, `mesh`, `checkpoint`) to a config
+    file's config, with the phase's numbers and defaults for the rest. `fields` override any of them by
+    "section.field" name, e.g. training_sections(c, ..., **{"data.buckets": [[64, 64]]})."""
+    config.train = ml_collections.ConfigDict(dict(
+        steps=steps,  # total optimizer updates; a rerun in the same workdir resumes and continues to this
+        seed=0,  # params init, data order and degradations, per-step keys
+        grad_accum=1,  # micro-batches per step (a lax.scan inside the step; the batch is the global batch)
+        ema_decay=0.0,  # 0: no EMA; else ema <- d * ema + (1 - d) * params every step
+        log_every=50,
+        init_from="",  # "[subtree=]folder,...": load_pretrained folders (diffusers, converted, a run's export/)
+        export_dir="",  # where the trained component goes at the end in the PyTorch layout ("": <workdir>/export)
+        export_ema=True,  # export the EMA params when there is an EMA
+    ))
+    config.optim = ml_collections.ConfigDict(dict(
+        optimizer="adam", learning_rate=learning_rate, schedule="constant", warmup_steps=0, end_lr_ratio=0.0,
+        b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=1.0,
+    ))
+    config.data = ml_collections.ConfigDict(dict(
+        manifest="",  # a JSONL manifest (diffbody_jax/data/manifest.py); `diffbody data sample-set` writes one
+        batch_size=batch_size,  # global: split over processes and the (data, fsdp) mesh axes
+        buckets=[[512, 512], [768, 512], [512, 768], [1024, 512], [512, 1024]],  # (H, W): the paper's five
+        maps=[],  # pose, depth, normal, attention
+        degradation="real-esrgan",  # a kind of configs/degradation.py
+        random_crop=True,
+        shuffle=True,
+        num_workers=0,  # grain worker processes (0: decode in the training process)
+    ))
+    config.mesh = ml_collections.ConfigDict(dict(
+        data=-1, fsdp=1, tensor=1,  # device mesh axes; -1: the devices left over
+        fsdp_min_size=2**18,  # params with at least this many elements are split over fsdp
+    ))
+    config.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep=3, async_save=True))
+    return apply_overrides(config, [f"{k}={v!r}" for k, v in fields.items()])

@@ -32,8 +32,8 @@ def test_names_resolve_from_any_directory(tmp_path, monkeypatch):
 
 
 def test_overrides_set_fields_and_name_bad_ones():
-    config = load_config("unet:variant=tiny-sd21", overrides=["--config.model.dtype=bfloat16", "model.remat=True"])
-    assert config.model.dtype == "bfloat16" and config.model.remat is True
+    config = load_config("unet:variant=tiny-sd21", overrides=["--config.model.dtype=bfloat16", "model.remat=dots"])
+    assert config.model.dtype == "bfloat16" and config.model.remat == "dots"
     with pytest.raises(ValueError, match="no field 'dtyp'"):
         apply_overrides(config, ["model.dtyp=float32"])
     with pytest.raises(ValueError, match="model.remat"):

@@ -1,9 +1,4 @@
-"""`python -m train --config configs/<phase>.py`: the training programs, thin over diffbody_jax.training.
-
-No training phase has landed yet: the training engine (sharded train step, orbax checkpoints, resume)
-and the phase configs come with their own issues. Until then this program says so and exits non-zero
-instead of pretending to train.
-"""
+"""`python -m train --config configs/<phase>.py[:args] --workdir DIR [--config.x=y ...]`: `diffbody train`."""
 
 import sys
 

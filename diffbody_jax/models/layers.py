@@ -53,6 +53,25 @@ def constrain_tokens(x: Array) -> Array:
 # logical axis names. `m` is the calling module: it carries dtype, param_dtype and precision.
 
 
+# Rematerialisation: a module's `remat` field is False/"none" (keep activations), True/"full" (recompute each
+# block in the backward pass) or a policy of jax.checkpoint_policies that saves some of them.
+REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul/conv outputs, recompute the elementwise ops
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,  # keep weight matmuls only
+}
+
+
+def remat_block(cls, remat: bool | str, **kwargs):
+    """`cls`, or `nn.remat(cls, policy=..., **kwargs)` as `remat` asks (see REMAT_POLICIES)."""
+    if remat in (False, None, "none", ""):
+        return cls
+    name = "full" if remat is True else remat
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"remat={remat!r}: expected a bool or one of none, {', '.join(REMAT_POLICIES)}")
+    return nn.remat(cls, policy=REMAT_POLICIES[name], **kwargs)
+
+
 def dense(
     m: nn.Module, features: int, name: str, axes=("embed", "mlp"), use_bias: bool = True, kernel_init=None
 ) -> nn.Dense:

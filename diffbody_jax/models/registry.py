@@ -10,6 +10,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from diffbody_jax.config import runtime_kwargs
 from diffbody_jax.models.bodypart import BodyPartConfig, BodyPartNet
 from diffbody_jax.models.controlnet import build_controlnet
 from diffbody_jax.models.joint_unet import build_joint_unet
@@ -20,9 +21,7 @@ from diffbody_jax.models.vae import AutoencoderKL, VAEConfig
 
 
 def _swinir(model) -> SwinIR:
-    return SwinIR(SwinIRConfig.from_dict(model["swinir"].to_dict(), "model.swinir"),
-                  dtype=jnp.dtype(model["dtype"]), param_dtype=jnp.dtype(model["param_dtype"]), remat=model["remat"],
-                  attention_backend=model["attention_backend"])
+    return SwinIR(SwinIRConfig.from_dict(model["swinir"].to_dict(), "model.swinir"), **runtime_kwargs(model))
 
 
 def _vae(model) -> AutoencoderKL:

@@ -34,7 +34,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffbody_jax.config import dataclass_from_dict, dataclass_to_dict
-from diffbody_jax.models.layers import MLP, Array, Dtype, Precision, attention_backend, conv, dense, layer_norm
+from diffbody_jax.models.layers import (
+    MLP,
+    Array,
+    Dtype,
+    Precision,
+    attention_backend,
+    conv,
+    dense,
+    layer_norm,
+    remat_block,
+)
 from diffbody_jax.models.variables import ModelVariables
 
 UPSAMPLERS = ("", "pixelshuffle", "pixelshuffledirect", "nearest+conv")
@@ -302,14 +312,14 @@ class BasicLayer(SwinModule):
     """`depth` Swin layers, every second one with shifted windows. x: [B, H, W, C]."""
 
     index: int = 0
-    remat: bool = False
+    remat: bool | str = False
 
     @nn.compact
     def __call__(self, x: Array, deterministic: bool = True) -> Array:
         cfg = self.config
         depth, heads = cfg.depths[self.index], cfg.num_heads[self.index]
         rates = np.linspace(0.0, cfg.drop_path_rate, sum(cfg.depths))[sum(cfg.depths[: self.index]):]
-        block_cls = nn.remat(SwinTransformerBlock, static_argnums=(2,)) if self.remat else SwinTransformerBlock
+        block_cls = remat_block(SwinTransformerBlock, self.remat, static_argnums=(2,))
         for i in range(depth):
             shift = cfg.attention_window // 2 if (i % 2 and cfg.shifts) else 0
             x = block_cls(cfg, **self.kw(), num_heads=heads, shift=shift, drop_path=float(rates[i]),
@@ -321,7 +331,7 @@ class RSTB(SwinModule):
     """Residual Swin Transformer Block: a `BasicLayer`, a conv, a residual."""
 
     index: int = 0
-    remat: bool = False
+    remat: bool | str = False
 
     @nn.compact
     def __call__(self, x: Array, deterministic: bool = True) -> Array:
@@ -336,7 +346,7 @@ class SwinIR(ModelVariables, SwinModule):
     `deterministic=False` turns on dropout and stochastic depth (rng "dropout") for training.
     """
 
-    remat: bool = False
+    remat: bool | str = False
 
     @nn.compact
     def __call__(self, image: Array, deterministic: bool = True) -> Array:

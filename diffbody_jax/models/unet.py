@@ -26,6 +26,7 @@ from diffbody_jax.models.layers import (
     Upsample2D,
     conv,
     group_norm,
+    remat_block,
     timestep_embedding,
 )
 from diffbody_jax.models.variables import ModelVariables
@@ -345,7 +346,7 @@ class UNetModule(ModelVariables, nn.Module):
     param_dtype: Dtype = jnp.float32
     precision: Precision = None
     attention_backend: str = "einsum"
-    remat: bool = False  # rematerialise each block's activations in the backward pass
+    remat: bool | str = False  # False | True | a policy of layers.REMAT_POLICIES (rematerialise each block)
 
 # -------------------------------------------------------------------------------- trunk builders
 # The UNet, the ControlNet and the joint UNet assemble the same blocks from a `UNetConfig`. These
@@ -391,7 +392,7 @@ def time_embedding(
 
 def down_block(m: UNetModule, config: UNetConfig, i: int, name: str) -> DownBlock:
     attn = config.down_block_types[i] == "CrossAttnDownBlock2D"
-    cls = nn.remat(DownBlock) if m.remat else DownBlock
+    cls = remat_block(DownBlock, m.remat)
     return cls(
         out_channels=config.block_out_channels[i], num_layers=config.layers[i],
         heads=config.heads[i] if attn else None, transformer_depth=config.transformer_depths[i],
@@ -401,7 +402,7 @@ def down_block(m: UNetModule, config: UNetConfig, i: int, name: str) -> DownBloc
 
 
 def mid_block(m: UNetModule, config: UNetConfig, name: str = "mid_block") -> MidBlock:
-    cls = nn.remat(MidBlock) if m.remat else MidBlock
+    cls = remat_block(MidBlock, m.remat)
     return cls(
         out_channels=config.block_out_channels[-1], heads=config.heads[-1],
         transformer_depth=config.transformer_depths[-1], output_scale_factor=config.mid_block_scale_factor,
@@ -415,7 +416,7 @@ def up_block(m: UNetModule, config: UNetConfig, i: int, upsample_size: tuple[int
     """
     attn = config.up_block_types[i] == "CrossAttnUpBlock2D"
     last = i == config.num_blocks - 1
-    cls = nn.remat(UpBlock) if m.remat else UpBlock
+    cls = remat_block(UpBlock, m.remat)
     return cls(
         out_channels=config.block_out_channels[::-1][i], heads=config.heads[::-1][i] if attn else None,
         transformer_depth=config.up_transformer_depths[i], upsample_size=None if last else upsample_size,

@@ -27,6 +27,7 @@ from diffbody_jax.models.layers import (
     Upsample2D,
     conv,
     group_norm,
+    remat_block,
 )
 from diffbody_jax.models.variables import ModelVariables
 
@@ -106,7 +107,7 @@ class _VAEBase(ModelVariables, nn.Module):
     attention_backend: str = "einsum"
     # Rematerialise every ResNet and attention block in the backward pass: gradients through a 512 x 512
     # decode (part-loss guidance, perceptual losses) then keep only block boundaries alive.
-    remat: bool = False
+    remat: bool | str = False
 
     def submodule_kwargs(self) -> dict[str, Any]:
         return dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
@@ -114,7 +115,7 @@ class _VAEBase(ModelVariables, nn.Module):
 
     def resnet(self, channels: int, name: str) -> ResnetBlock2D:
         g = self.config.norm_num_groups
-        cls = nn.remat(ResnetBlock2D) if self.remat else ResnetBlock2D
+        cls = remat_block(ResnetBlock2D, self.remat)
         return cls(channels, g, VAE_EPS, 1.0, self.dtype, self.param_dtype, self.precision, name=name)
 
 
@@ -140,7 +141,7 @@ class VAEMidBlock(_VAEBase):
         c = x.shape[-1]
         x = self.resnet(c, "resnets_0")(x)
         if self.config.mid_block_add_attention:
-            attention = nn.remat(SpatialSelfAttention) if self.remat else SpatialSelfAttention
+            attention = remat_block(SpatialSelfAttention, self.remat)
             x = attention(name="attentions_0", **self.submodule_kwargs())(x)
         return self.resnet(c, "resnets_1")(x)
 

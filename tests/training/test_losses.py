@@ -34,13 +34,15 @@ def test_l2_loss_trains_and_drop_path_is_random(rng):
 def test_phase_registry_builds_and_trains_only_its_subset(rng):
     assert {"swinir", "stage2_controlnet", "stage2_colour_adapter"} <= set(PHASES)
     phase = get_phase("swinir")
-    module = phase.build(load_config(f"{REPO}/configs/swinir.py:variant=tiny").model)
+    config = load_config(f"{REPO}/configs/swinir.py:variant=tiny")
+    module = phase.build(config.model)
     params = module.init_params(jax.random.key(0))
     assert phase.subset.count(params)[0] == phase.subset.count(params)[1]  # stage 0 trains all of SwinIR
     x = jnp.asarray(rng.uniform(0, 1, (1, 16, 16, 3)), jnp.float32)
     s = module.config.upscale
-    batch = phase.prepare({}, {"degraded": x, "target": jax.image.resize(x, (1, 16 * s, 16 * s, 3), "linear")})
-    loss, metrics = phase.loss(module)(params, batch, jax.random.key(1))
-    assert np.isfinite(float(loss)) and float(metrics["loss"]) == float(loss)
+    batch = {"degraded": x, "target": jax.image.resize(x, (1, 16 * s, 16 * s, 3), "linear")}
+    loss, _ = phase.loss_fn(module, config)({"params": params}, batch, jax.random.key(1))
+    assert np.isfinite(float(loss))
+    assert float(loss) == float(swinir_l2_loss(module, params, batch["degraded"], batch["target"], jax.random.key(1)))
     with pytest.raises(ValueError, match="unknown training phase 'stage9'"):
         get_phase("stage9")

@@ -1,0 +1,296 @@
+"""The training engine: a phase (`training.phases`) plus a config -> a sharded, resumable, multi-host run.
+
+    result = train(load_config("swinir:variant=tiny-diffbir", ["data.manifest=data/sample/manifest.jsonl"]),
+                   workdir="runs/swinir")
+
+What `train` does, in order:
+1. mesh (config.mesh) and sharding rules; the phase's module (config.model) and optimizer (config.optim);
+2. the state's shapes by `jax.eval_shape`, their shardings by the rules, then either the latest checkpoint in
+   `workdir` restored into those shardings, or a fresh state initialised inside a jit whose outputs are those
+   shardings (and `train.init_from` folders placed leaf by leaf): no param is ever whole on one device;
+3. the grain pipeline over config.data (this process's slice of every global batch), its position restored
+   with the checkpoint;
+4. steps up to `train.steps` (a total: rerunning with a larger value continues), each logged to stdout,
+   metrics.jsonl and TensorBoard every `train.log_every` steps, checkpointed every `checkpoint.every` steps and
+   at the end; a step with a non-finite loss or gradient stops the run (`NonFiniteLoss`) with the last
+   good checkpoint untouched;
+5. the trained component (EMA if any) written in the PyTorch layout (`save_pretrained`) to `train.export_dir`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from diffbody_jax.config import load_config
+from diffbody_jax.data.degradations import degradation_from_config
+from diffbody_jax.data.manifest import read_manifest
+from diffbody_jax.data.pipeline import DataConfig, make_dataset
+from diffbody_jax.interop.pretrained import load_pretrained, save_pretrained
+from diffbody_jax.parallel.mesh import MeshConfig, make_mesh
+from diffbody_jax.parallel.sharding import (
+    ShardingRules,
+    global_batch,
+    host_to_sharded,
+    logical_rules,
+    param_partition_specs,
+    tree_shardings,
+)
+from diffbody_jax.training.checkpoint import Checkpoints
+from diffbody_jax.training.metric_writer import MetricWriter
+from diffbody_jax.training.optimizer import make_optimizer
+from diffbody_jax.training.phases import Phase, get_phase
+from diffbody_jax.training.state import TrainState, create_train_state
+from diffbody_jax.training.step import PASSED_THROUGH, jit_train_step, make_train_step
+from diffbody_jax.training.trainable import merge, partition
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(RuntimeError):
+    """A step's loss or gradient norm was NaN or Inf; the run stopped before saving anything after it."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    workdir: Path
+    step: int  # optimizer updates done
+    metrics: dict[str, Any]  # the last step's
+    export: Path | None  # the exported component's folder
+
+
+# ------------------------------------------------------------------------------------------------ the model
+@dataclasses.dataclass
+class Setup:
+    """The pieces of a run that do not depend on the data: module, mesh, shardings, optimizer."""
+
+    phase: Phase
+    module: Any
+    mesh: Any
+    rules: ShardingRules
+    tx: Any
+    schedule: Callable
+    abstract_variables: Any  # unboxed ShapeDtypeStructs
+    variable_shardings: Any
+    param_specs: Any
+    abstract_state: TrainState
+    state_shardings: TrainState
+
+    def make_state(self, variables, rng, ema: bool) -> TrainState:
+        trainable, frozen = partition(variables["params"], self.phase.subset)
+        model_state = {k: v for k, v in variables.items() if k != "params"}
+        return create_train_state(trainable, frozen, model_state, self.tx, rng, ema)
+
+
+def setup(config, mesh=None) -> Setup:
+    phase = get_phase(config.phase)
+    module = phase.build(config.model)
+    mesh = mesh or make_mesh(MeshConfig.from_config(config.mesh))
+    rules = ShardingRules.from_config(config.mesh)
+    tx, schedule = make_optimizer(config.optim, int(config.train.steps))
+    boxed = module.abstract_variables()
+    specs = param_partition_specs(boxed["params"], mesh, rules)
+    abstract = nn.unbox(boxed)
+    ema = float(config.train.ema_decay) > 0
+    partial = Setup(phase, module, mesh, rules, tx, schedule, abstract, None, specs, None, None)
+    abstract_state = jax.eval_shape(lambda v, r: partial.make_state(v, r, ema), abstract,
+                                    jax.ShapeDtypeStruct((2,), np.uint32))
+    return dataclasses.replace(partial, variable_shardings=tree_shardings(abstract, specs, mesh, rules),
+                               abstract_state=abstract_state,
+                               state_shardings=tree_shardings(abstract_state, specs, mesh, rules))
+
+
+def _init_sources(spec: str) -> list[tuple[str, str]]:
+    """"unet=path,controlnet=path" or "path" -> [(subtree, path)]; a run's workdir means its export/ folder."""
+    out = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        subtree, sep, path = item.partition("=")
+        subtree, path = (subtree, path) if sep else ("", item)
+        if (Path(path) / "export").is_dir() and not (Path(path) / "config.json").exists():
+            path = str(Path(path) / "export")
+        out.append((subtree, path))
+    return out
+
+
+def _load_into(variables: dict, shardings: dict, subtree: str, path: str, module) -> dict:
+    target = variables["params"]
+    target_shardings = shardings["params"]
+    for part in filter(None, subtree.split("/")):
+        if part not in target:
+            raise ValueError(f"train.init_from: {module.__class__.__name__} params have no subtree {subtree!r}; "
+                             f"top level: {sorted(variables['params'])}")
+        target, target_shardings = target[part], target_shardings[part]
+    _, loaded = load_pretrained(path)
+    loaded = loaded["params"] if "params" in loaded and "batch_stats" in loaded else loaded
+    want = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), target)
+    got = jax.tree.map(lambda x: (tuple(np.shape(x)), str(np.asarray(x).dtype)), loaded)
+    if want != got:
+        flat_w = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(want)[0]}
+        flat_g = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(got)[0]}
+        diff = sorted(k for k in flat_w.keys() | flat_g.keys() if flat_w.get(k) != flat_g.get(k))[:5]
+        raise ValueError(f"train.init_from {path}: does not fit subtree {subtree or '(all)'!r}; first differences: "
+                         + "; ".join(f"{k}: ours {flat_w.get(k)}, file {flat_g.get(k)}" for k in diff))
+    placed = host_to_sharded(loaded, target_shardings)
+    if not subtree:
+        return {**variables, "params": placed}
+    params = dict(variables["params"])
+    node = params
+    parts = subtree.split("/")
+    for part in parts[:-1]:
+        node[part] = dict(node[part])
+        node = node[part]
+    node[parts[-1]] = placed
+    return {**variables, "params": params}
+
+
+def init_state(s: Setup, config) -> TrainState:
+    """A fresh state, created in its shardings: random init (train.seed), then the train.init_from folders."""
+    key = jax.random.PRNGKey(int(config.train.seed))
+    init_key, state_key = jax.random.split(key)
+    init = jax.jit(lambda k: nn.unbox(s.module.init(k, **s.module.dummy_inputs())),
+                   out_shardings=s.variable_shardings)
+    variables = init(init_key)
+    for subtree, path in _init_sources(config.train.init_from):
+        log.info("init %s from %s", subtree or "all params", path)
+        variables = _load_into(variables, s.variable_shardings, subtree, path, s.module)
+    ema = float(config.train.ema_decay) > 0
+    make = jax.jit(lambda v, r: s.make_state(v, r, ema), out_shardings=s.state_shardings, donate_argnums=0)
+    return make(variables, state_key)
+
+
+# ------------------------------------------------------------------------------------------------- the data
+def make_data_iterator(config, phase: Phase):
+    """This process's grain iterator over config.data (global batch split evenly over the processes)."""
+    data = config.data
+    if not data.manifest:
+        raise ValueError("config.data.manifest is empty: set --config.data.manifest=PATH (a JSONL manifest; "
+                         "`diffbody data sample-set --out data/sample` writes a small one)")
+    processes = jax.process_count()
+    if data.batch_size % processes:
+        raise ValueError(f"data.batch_size={data.batch_size} (global) is not divisible by {processes} processes")
+    records = read_manifest(data.manifest, require=tuple(m for m in data.maps if m != "pose"))
+    data_config = DataConfig(batch_size=data.batch_size // processes, buckets=tuple(map(tuple, data.buckets)),
+                             maps=tuple(data.maps), random_crop=data.random_crop, shuffle=data.shuffle)
+    degradation = degradation_from_config(load_config(f"degradation:kind={data.degradation}"))
+    dataset = make_dataset(records, data_config, degradation, seed=int(config.train.seed),
+                           num_workers=int(data.num_workers))
+    return iter(dataset)
+
+
+def _loss_inputs(host_batch: dict, phase: Phase) -> dict[str, np.ndarray]:
+    missing = [k for k in phase.inputs if k not in host_batch]
+    if missing:
+        raise ValueError(f"phase {phase.name!r} needs batch field(s) {missing}; the data pipeline gives "
+                         f"{sorted(host_batch)} (config.data.maps adds pose/depth/normal/attention)")
+    out = {k: host_batch[k] for k in phase.inputs}
+    out.update({k: host_batch[k] for k in PASSED_THROUGH if k in host_batch})
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ the run
+def _config_json(config) -> dict:
+    return json.loads(config.to_json_best_effort())
+
+
+def _check_resumable(saved: dict | None, config, where: Path) -> None:
+    if saved is None:
+        return
+    now = _config_json(config)
+    for section in ("phase", "model"):
+        if saved.get(section) != now.get(section):
+            raise ValueError(f"{where}: this workdir holds a run of a different {section} "
+                             f"({json.dumps(saved.get(section))[:200]}...); use a new --workdir")
+
+
+def export_params(s: Setup, state: TrainState, config, workdir: Path) -> Path | None:
+    """The trained component, gathered to the host, written by `save_pretrained` (process 0)."""
+    name = s.phase.export
+    if name is None:
+        return None
+    ema = bool(config.train.export_ema) and bool(jax.tree.leaves(state.ema))
+    params = multihost_utils.process_allgather(state.ema if ema else state.params, tiled=True)
+    full = jax.tree.map(np.asarray, multihost_utils.process_allgather(state.frozen, tiled=True))
+    params = jax.tree.map(np.asarray, merge(params, full))
+    module = s.module
+    for part in filter(None, name.split("/")):
+        module, params = getattr(module, part), params[part]
+    folder = Path(config.train.export_dir or workdir / "export")
+    if jax.process_index() == 0:
+        save_pretrained(folder, module, params)
+    multihost_utils.sync_global_devices("export")
+    return folder
+
+
+def train(config, workdir: str | Path, *, batch_hook: Callable[[int, dict], dict] | None = None,
+          mesh=None) -> TrainResult:
+    """Run (or resume) `config`'s phase in `workdir` up to `config.train.steps`.
+
+    batch_hook(step, host_batch) -> host_batch: a chance to inspect or alter each step's batch on the host
+    (tests inject faults with it).
+    """
+    workdir = Path(workdir).absolute()
+    s = setup(config, mesh)
+    checkpoints = Checkpoints(workdir, int(config.checkpoint.every), int(config.checkpoint.keep),
+                              bool(config.checkpoint.async_save))
+    iterator = make_data_iterator(config, s.phase)
+    latest = checkpoints.latest_step()
+    if latest is None:
+        state = init_state(s, config)
+        checkpoints.save_frozen(state.frozen)
+    else:
+        _check_resumable(checkpoints.saved_config(latest), config, workdir)
+        state = checkpoints.restore(latest, s.abstract_state, s.state_shardings, iterator)
+    start, total = int(state.step), int(config.train.steps)
+    log.info("phase %s: steps %d -> %d, mesh %s, %d trainable / %d frozen params", s.phase.name, start, total,
+             dict(s.mesh.shape), sum(x.size for x in jax.tree.leaves(state.params)),
+             sum(x.size for x in jax.tree.leaves(state.frozen)))
+
+    step_fn = jit_train_step(
+        make_train_step(s.phase.loss_fn(s.module, config), s.tx, s.schedule,
+                        grad_accum=int(config.train.grad_accum), ema_decay=float(config.train.ema_decay)),
+        s.state_shardings, s.mesh)
+    writer = MetricWriter(workdir, start, total)
+    config_json = _config_json(config)
+    metrics: dict[str, Any] = {}
+    try:
+        with jax.set_mesh(s.mesh), logical_rules(s.rules):
+            for step in range(start + 1, total + 1):
+                began = time.perf_counter()
+                host = _loss_inputs(next(iterator), s.phase)
+                if batch_hook is not None:
+                    host = batch_hook(step, host)
+                batch = global_batch(host, s.mesh)
+                state, out = step_fn(state, batch)
+                out = jax.device_get(out)  # one small transfer a step: the finite check needs it now
+                if not bool(out["finite"]):
+                    checkpoints.wait()
+                    raise NonFiniteLoss(
+                        f"step {step}: loss {float(out['loss'])}, gradient norm {float(out['grad_norm'])}; stopped "
+                        f"without applying it. Last good checkpoint: step {checkpoints.latest_step()} in "
+                        f"{checkpoints.manager.directory}")
+                elapsed = time.perf_counter() - began
+                examples = next(iter(batch.values())).shape[0]
+                metrics = {k: v for k, v in out.items() if k != "finite"}
+                metrics.update(step_time_s=elapsed, examples_per_s=examples / elapsed,
+                               examples_per_s_per_device=examples / elapsed / jax.device_count())
+                if step % int(config.train.log_every) == 0 or step == total:
+                    writer.write(step, metrics)
+                if checkpoints.should_save(step) or step == total:
+                    checkpoints.save(step, state, iterator, config_json, force=step == total)
+                writer.advance()
+        checkpoints.wait()
+        export = export_params(s, state, config, workdir)
+    finally:
+        writer.close()
+        checkpoints.close()
+    return TrainResult(workdir, int(state.step), metrics, export)
