@@ -50,6 +50,14 @@ VARIANTS = {
 }
 
 
+def _defaults() -> dict:
+    import dataclasses
+
+    from diffbody_jax.models.swinir import SwinIRConfig
+
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(SwinIRConfig()).items()}
+
+
 def get_config(arg=None):
     arg = parse_arg(arg, variant="diffbir")
     if arg["variant"] not in VARIANTS:
@@ -59,7 +67,7 @@ def get_config(arg=None):
         dict(
             name="swinir",
             variant=arg["variant"],
-            swinir=dict(VARIANTS[arg["variant"]]),
+            swinir={**_defaults(), **VARIANTS[arg["variant"]]},  # every SwinIRConfig field, overridable
             dtype="float32",
             param_dtype="float32",
             attention_backend="einsum",  # the window attention's backend (models/layers.py)

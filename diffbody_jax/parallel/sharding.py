@@ -78,7 +78,8 @@ def leaf_spec(shape: Sequence[int], names: Sequence[str | None] | None, mesh: Me
     if names is not None:
         logical = nn.logical_to_mesh_axes(tuple(names), rules.logical)
         for d, axes in enumerate(logical):
-            if axes is not None and shape[d] % _axis_size(mesh, axes) == 0:
+            size = _axis_size(mesh, axes)
+            if axes is not None and size > 1 and shape[d] % size == 0:
                 spec[d] = axes
     return P(*_fsdp(shape, spec, mesh, rules))
 

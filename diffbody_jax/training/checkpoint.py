@@ -26,6 +26,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from diffbody_jax.files import read_json
 from diffbody_jax.training.state import TrainState
 
 ARRAY_ITEMS = ("params", "opt_state", "ema", "model_state")
@@ -94,10 +95,9 @@ class Checkpoints:
 
     # ---------------------------------------------------------------------------------------- restoring
     def saved_config(self, step: int) -> dict | None:
-        items = self.manager.item_metadata(step)
-        if "config" not in items.keys():
-            return None
-        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+        """The config a checkpoint was saved with (read as the JSON file orbax's JsonSave wrote)."""
+        path = Path(self.manager.directory) / str(step) / "config" / "metadata"
+        return read_json(path) if path.is_file() else None
 
     def restore(self, step: int, abstract: TrainState, shardings: TrainState, data_iterator=None) -> TrainState:
         """The state saved at `step`, each array placed in its sharding as it is read (never whole on one device).
