@@ -5,6 +5,9 @@
   is a numpy Generator on that seed, `seed` the integer; numpy's legacy global RNG, Python's `random` and torch's
   global RNG (random weights of the PyTorch references) are seeded with it before every test. A failed test's
   report carries its seed.
+- XLA executables are kept in a persistent compilation cache (JAX_COMPILATION_CACHE_DIR, default a folder in the
+  system's temp dir) shared by the pytest workers and the subprocess tests: the training tests compile the same
+  train step in several runs and processes.
 - Under CI=true a skip is a failure: .ci/run installs every reference package, so a parity test that skips
   means a broken install, not a missing optional extra.
 """
@@ -14,10 +17,13 @@ from __future__ import annotations
 import os
 import random
 import secrets
+import tempfile
 import zlib
 
-import numpy as np
-import pytest
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"diffbody-jax-cache-{os.getuid()}"))
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 try:
     import torch

@@ -1,0 +1,88 @@
+"""A real SIGKILL: during an async save, and right after a finished checkpoint; each time the rerun resumes and the
+run ends bit-identical (params, EMA, optimizer state) to an uninterrupted one, having seen the same batches."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from diffbody_jax.config import load_config
+from diffbody_jax.data.sample_set import write_sample_set
+from diffbody_jax.training.checkpoint import Checkpoints
+from diffbody_jax.training.engine import setup, train
+from tests.torch_ref import REPO
+
+STEPS = 40
+
+
+def _overrides(manifest):
+    return [f"data.manifest={manifest}", f"train.steps={STEPS}", "train.log_every=1", "checkpoint.every=1",
+            "checkpoint.keep=50", "train.ema_decay=0.5", "data.degradation=blur2-noise40"]
+
+
+def _start(workdir, manifest):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "train", "--config", "configs/swinir.py:variant=tiny-diffbir", "--workdir",
+           str(workdir), *(f"--config.{o}" for o in _overrides(manifest))]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _kill_when(proc, ready, timeout=300):
+    began = time.monotonic()
+    while time.monotonic() - began < timeout:
+        if ready():
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before it could be killed: {proc.stderr.read()[-3000:]}")
+        time.sleep(0.002)
+    proc.kill()
+    pytest.fail("timed out waiting to kill the run")
+
+
+def _complete_steps(workdir):
+    folder = workdir / "checkpoints"
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
+
+
+def _saving(workdir):
+    folder = workdir / "checkpoints"
+    return folder.exists() and any("tmp" in p.name for p in folder.iterdir())
+
+
+def test_sigkill_during_and_after_saves_then_resume_is_exact(tmp_path):
+    manifest = write_sample_set(tmp_path / "sample")
+    killed = tmp_path / "killed"
+
+    proc = _start(killed, manifest)
+    _kill_when(proc, lambda: len(_complete_steps(killed)) >= 2 and _saving(killed))
+    steps = _complete_steps(killed)
+    assert steps and steps[-1] < STEPS
+    config = load_config("swinir:variant=tiny-diffbir", _overrides(manifest))
+    s = setup(config)
+    state = Checkpoints(killed, 1, 50).restore(steps[-1], s.abstract_state, s.state_shardings)  # still loadable
+    assert int(state.step) == steps[-1]
+
+    proc = _start(killed, manifest)
+    first = steps[-1]
+    _kill_when(proc, lambda: _complete_steps(killed)[-1] >= first + 2)
+
+    proc = _start(killed, manifest)
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
+
+    train(config, tmp_path / "straight")
+    a = Checkpoints(killed, 1, 50).restore(STEPS, s.abstract_state, s.state_shardings)
+    b = Checkpoints(tmp_path / "straight", 1, 50).restore(STEPS, s.abstract_state, s.state_shardings)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    rows = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            for name in ("killed", "straight")}
+    assert [r["step"] for r in rows["killed"]] == list(range(1, STEPS + 1))
+    assert [r["record"] for r in rows["killed"]] == [r["record"] for r in rows["straight"]]
