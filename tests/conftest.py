@@ -20,7 +20,8 @@ import secrets
 import tempfile
 import zlib
 
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"diffbody-jax-cache-{os.getuid()}"))
+CACHE_DIR = os.path.join(tempfile.gettempdir(), f"diffbody-jax-cache-{os.getuid()}")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", CACHE_DIR)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

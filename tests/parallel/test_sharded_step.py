@@ -50,7 +50,8 @@ for name, shape in [("one", (1, 1, 1)), ("d2f4", (2, 4, 1)), ("d2f2t2", (2, 2, 2
     facts[name] = {"qkv_spec": str(qkv.sharding.spec), "qkv_shard": list(qkv.addressable_shards[0].data.shape),
                    "qkv_shape": list(qkv.shape), "conv_spec": str(conv.sharding.spec),
                    "conv_shard": list(conv.addressable_shards[0].data.shape), "loss": float(metrics["loss"]),
-                   "mu_spec": str(state.opt_state[1][0].mu["layers_0"]["residual_group"]["blocks_0"]["attn"]["qkv"]["kernel"].sharding.spec)}
+                   "mu_spec": str(jax.tree.leaves(state.opt_state[1][0].mu["layers_0"]["residual_group"]["blocks_0"]
+                                                 ["attn"]["qkv"])[1].sharding.spec)}
     flat = jax.tree_util.tree_flatten_with_path({"params": state.params, "ema": state.ema,
                                                  "mu": state.opt_state[1][0].mu})[0]
     results.update({f"{name}:{jax.tree_util.keystr(p)}": np.asarray(x) for p, x in flat})
