@@ -10,7 +10,9 @@ from tests.torch_ref import REPO
 def test_subcommands_dispatch_and_pending_ones_say_so(tmp_path, capsys):
     assert main(["data", "sample-set", "--out", str(tmp_path / "s")]) == 0
     assert (tmp_path / "s" / "manifest.jsonl").is_file()
-    assert main(["train"]) == 2 and "not implemented yet" in capsys.readouterr().err
+    assert main(["restore"]) == 2 and "not implemented yet" in capsys.readouterr().err
+    assert main(["train", "--config", "swinir:variant=tiny-diffbir", "--workdir", str(tmp_path / "run")]) == 1
+    assert "data.manifest is empty" in capsys.readouterr().err
     assert main(["frobnicate"]) == 2 and "unknown command 'frobnicate'" in capsys.readouterr().err
     assert main([]) == 2
 

@@ -1,5 +1,6 @@
-"""A real SIGKILL: during an async save, and right after a finished checkpoint; each time the rerun resumes and the
-run ends bit-identical (params, EMA, optimizer state) to an uninterrupted one, having seen the same batches."""
+"""A real SIGKILL while the async save of step n is in flight, right after checkpoint n - 1 completed: checkpoint
+n - 1 stays loadable, and the rerun resumes from it and ends bit-identical (params, EMA, optimizer state, data
+position) to an uninterrupted run, having seen the same batches in the same order."""
 
 import json
 import os
@@ -18,7 +19,7 @@ from diffbody_jax.training.checkpoint import Checkpoints
 from diffbody_jax.training.engine import setup, train
 from tests.torch_ref import REPO
 
-STEPS = 40
+STEPS = 20
 
 
 def _overrides(manifest):
@@ -57,7 +58,7 @@ def _saving(workdir):
     return folder.exists() and any("tmp" in p.name for p in folder.iterdir())
 
 
-def test_sigkill_during_and_after_saves_then_resume_is_exact(tmp_path):
+def test_sigkill_during_an_async_save_then_resume_is_exact(tmp_path):
     manifest = write_sample_set(tmp_path / "sample")
     killed = tmp_path / "killed"
 
@@ -69,10 +70,6 @@ def test_sigkill_during_and_after_saves_then_resume_is_exact(tmp_path):
     s = setup(config)
     state = Checkpoints(killed, 1, 50).restore(steps[-1], s.abstract_state, s.state_shardings)  # still loadable
     assert int(state.step) == steps[-1]
-
-    proc = _start(killed, manifest)
-    first = steps[-1]
-    _kill_when(proc, lambda: _complete_steps(killed)[-1] >= first + 2)
 
     proc = _start(killed, manifest)
     assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
