@@ -14,15 +14,15 @@ Variants:
   tiny   the tiny-sdxl UNet, tiny-v2-stage2 ControlNet and a tiny Resampler (CLIP width 24), for tests and demos
 Arguments: phase = controlnet (Eq. 3) | colour_adapter (Eq. 4): the trainable subset and the paper's
 hyperparameters for it (seed 002, Sec. 4): ControlNet + fusion 100k steps, batch 32 with 2 accumulation steps,
-Adam lr 1e-5; adapter 200k steps, batch 64, Adam lr 1e-4. The training program that reads `train` lands with
-the training engine.
+Adam lr 1e-5; adapter 200k steps, batch 64, Adam lr 1e-4; in the engine's `train`, `data` and `optim` sections.
+The data preparation (VAE and text encoders inside the step) lands with the stage-2 training program.
 """
 
 import pathlib
 
 import ml_collections
 
-from diffbody_jax.config import load_config, model_section, parse_arg
+from diffbody_jax.config import load_config, model_section, parse_arg, training_sections
 
 HERE = pathlib.Path(__file__).parent
 VARIANTS = {"sdxl": ("sdxl-base", "diffbody-v2-stage2"), "tiny": ("tiny-sdxl", "tiny-v2-stage2")}
@@ -54,6 +54,8 @@ def get_config(arg=None):
         prediction_type="epsilon", noise_offset=0.0,
         min_snr_gamma=ml_collections.config_dict.placeholder(float),  # None: off; overridable with a number
     ))
-    config.optim = ml_collections.ConfigDict(dict(optimizer="adam", **PHASES[arg["phase"]]))
+    numbers = PHASES[arg["phase"]]
+    training_sections(config, steps=numbers["steps"], batch_size=numbers["batch_size"],
+                      learning_rate=numbers["learning_rate"], **{"train.grad_accum": numbers["grad_accum"]})
     config.lock()
     return config

@@ -1,1 +1,1 @@
-"""Training utilities shared by the phases: trainable subsets of a param tree."""
+"""Training: trainable subsets, losses, phases, the train state and step, optimizer, checkpoints, the engine."""

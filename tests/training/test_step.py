@@ -116,3 +116,29 @@ def test_the_toy_phase_overfits_one_batch(rng):
         if losses[-1] <= losses[0] / 2:
             break
     assert losses[-1] <= losses[0] / 2, losses[::10]
+
+
+def test_bf16_compute_keeps_float32_master_params_and_remat_policies_change_nothing(rng):
+    """model.dtype=bfloat16: the step's params, moments and gradients stay float32 and the loss is the float32
+    loss within bf16 rounding; model.remat=dots (a checkpoint policy) leaves the gradients as they are (1e-6)."""
+    target = rng.uniform(0, 1, (2, 32, 32, 3)).astype(np.float32)
+    batch = {"target": target, "degraded": np.clip(target + rng.normal(0, 0.1, target.shape), 0, 1).astype(np.float32)}
+    base = ["model.swinir.drop_path_rate=0.0"]
+    grads, losses = {}, {}
+    for name, extra in [("fp32", []), ("bf16", ["model.dtype=bfloat16"]), ("dots", ["model.remat=dots"])]:
+        config = load_config("swinir:variant=tiny-diffbir", base + extra)
+        phase, module = get_phase(config.phase), build_model(config.model)
+        tx, schedule = make_optimizer(config.optim, config.train.steps)
+        state = create_train_state(build_model(load_config("swinir:variant=tiny-diffbir", base).model).init_params(
+            jax.random.key(0)), {}, {}, tx, jax.random.PRNGKey(0), ema=False)
+        loss_fn = phase.loss_fn(module, config)
+        (losses[name], _), grads[name] = jax.jit(jax.value_and_grad(
+            lambda p, b, f=loss_fn: f({"params": p}, b, jax.random.key(1)), has_aux=True))(state.params, batch)
+        if name == "bf16":
+            new, _ = jax.jit(make_train_step(loss_fn, tx, schedule))(state, batch)
+            assert {x.dtype for x in jax.tree.leaves((new.params, new.opt_state[1][0].mu))} == {jnp.dtype("float32")}
+            assert {x.dtype for x in jax.tree.leaves(grads[name])} == {jnp.dtype("float32")}
+    assert abs(float(losses["bf16"]) - float(losses["fp32"])) <= 0.05 * float(losses["fp32"])
+    worst = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(grads["fp32"]),
+                                                            jax.tree.leaves(grads["dots"]), strict=True))
+    assert worst <= 1e-6, worst
