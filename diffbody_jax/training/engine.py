@@ -111,46 +111,71 @@ def setup(config, mesh=None) -> Setup:
 
 
 def _init_sources(spec: str) -> list[tuple[str, str]]:
-    """"unet=path,controlnet=path" or "path" -> [(subtree, path)]; a run's workdir means its export/ folder."""
+    """"unet=path,controlnet=unet:path" or "path" -> [(subtree, path)]; a run's workdir means its export/ folder."""
     out = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
         subtree, sep, path = item.partition("=")
         subtree, path = (subtree, path) if sep else ("", item)
-        if (Path(path) / "export").is_dir() and not (Path(path) / "config.json").exists():
-            path = str(Path(path) / "export")
+        bare = path.removeprefix("unet:")
+        if (Path(bare) / "export").is_dir() and not (Path(bare) / "config.json").exists():
+            path = path[: len(path) - len(bare)] + str(Path(bare) / "export")
         out.append((subtree, path))
     return out
 
 
-def _load_into(variables: dict, shardings: dict, subtree: str, path: str, module) -> dict:
-    target = variables["params"]
-    target_shardings = shardings["params"]
+def _subtree(tree, subtree: str, what: str):
     for part in filter(None, subtree.split("/")):
-        if part not in target:
-            raise ValueError(f"train.init_from: {module.__class__.__name__} params have no subtree {subtree!r}; "
-                             f"top level: {sorted(variables['params'])}")
-        target, target_shardings = target[part], target_shardings[part]
-    _, loaded = load_pretrained(path)
-    loaded = loaded["params"] if "params" in loaded and "batch_stats" in loaded else loaded
-    want = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), target)
-    got = jax.tree.map(lambda x: (tuple(np.shape(x)), str(np.asarray(x).dtype)), loaded)
-    if want != got:
-        flat_w = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(want)[0]}
-        flat_g = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(got)[0]}
-        diff = sorted(k for k in flat_w.keys() | flat_g.keys() if flat_w.get(k) != flat_g.get(k))[:5]
-        raise ValueError(f"train.init_from {path}: does not fit subtree {subtree or '(all)'!r}; first differences: "
-                         + "; ".join(f"{k}: ours {flat_w.get(k)}, file {flat_g.get(k)}" for k in diff))
-    placed = host_to_sharded(loaded, target_shardings)
+        if not isinstance(tree, dict) or part not in tree:
+            raise ValueError(f"train.init_from: the model's {what} have no subtree {subtree!r}; "
+                             f"top level: {sorted(tree) if isinstance(tree, dict) else '(a leaf)'}")
+        tree = tree[part]
+    return tree
+
+
+def _replace(tree: dict, subtree: str, value) -> dict:
     if not subtree:
-        return {**variables, "params": placed}
-    params = dict(variables["params"])
-    node = params
-    parts = subtree.split("/")
-    for part in parts[:-1]:
-        node[part] = dict(node[part])
-        node = node[part]
-    node[parts[-1]] = placed
-    return {**variables, "params": params}
+        return value
+    head, _, rest = subtree.partition("/")
+    return {**tree, head: _replace(tree[head], rest, value)}
+
+
+def _check_fits(target, loaded, where: str) -> None:
+    want = {jax.tree_util.keystr(p): (tuple(x.shape), str(x.dtype)) for p, x in
+            jax.tree_util.tree_flatten_with_path(target)[0]}
+    got = {jax.tree_util.keystr(p): (tuple(np.shape(x)), str(np.asarray(x).dtype)) for p, x in
+           jax.tree_util.tree_flatten_with_path(loaded)[0]}
+    if want != got:
+        diff = sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))[:5]
+        raise ValueError(f"train.init_from {where}: " + "; ".join(
+            f"{k}: model {want.get(k)}, file {got.get(k)}" for k in diff))
+
+
+def _load_into(variables: dict, shardings: dict, subtree: str, path: str, module, rng) -> dict:
+    """Place one init source: `path` (load_pretrained: a diffusers or converted folder, with BatchNorm statistics
+    where the model has them) or `unet:path` (a ControlNet or joint UNet started from that UNet's weights)."""
+    from diffbody_jax.interop.pretrained import init_from_pretrained_unet
+
+    member = module
+    for part in filter(None, subtree.split("/")):
+        member = getattr(member, part)
+    if not Path(path.removeprefix("unet:")).exists():
+        raise FileNotFoundError(f"config train.init_from: {subtree or '(all params)'} = {path}: no such file or "
+                                "folder")
+    if path.startswith("unet:"):
+        loaded, _, _ = init_from_pretrained_unet(path.removeprefix("unet:"), member, rng)
+        loaded = {"params": loaded}
+    else:
+        _, loaded = load_pretrained(path)
+        loaded = dict(loaded) if "params" in loaded and "batch_stats" in loaded else {"params": loaded}
+    out = dict(variables)
+    for collection, tree in loaded.items():
+        if collection not in variables:
+            raise ValueError(f"train.init_from {path}: holds {collection!r}, which the model has none of")
+        target = _subtree(variables[collection], subtree, collection)
+        _check_fits(target, tree, f"{path} does not fit {collection} {subtree or '(all)'!r}")
+        placed = host_to_sharded(tree, _subtree(shardings[collection], subtree, collection))
+        out[collection] = _replace(variables[collection], subtree, placed)
+    return out
 
 
 def init_state(s: Setup, config) -> TrainState:
@@ -160,9 +185,10 @@ def init_state(s: Setup, config) -> TrainState:
     init = jax.jit(lambda k: nn.unbox(s.module.init(k, **s.module.dummy_inputs())),
                    out_shardings=s.variable_shardings)
     variables = init(init_key)
-    for subtree, path in _init_sources(config.train.init_from):
+    for index, (subtree, path) in enumerate(_init_sources(config.train.init_from)):
         log.info("init %s from %s", subtree or "all params", path)
-        variables = _load_into(variables, s.variable_shardings, subtree, path, s.module)
+        variables = _load_into(variables, s.variable_shardings, subtree, path, s.module,
+                               jax.random.fold_in(init_key, index))
     ema = float(config.train.ema_decay) > 0
     make = jax.jit(lambda v, r: s.make_state(v, r, ema), out_shardings=s.state_shardings, donate_argnums=0)
     return make(variables, state_key)

@@ -1,0 +1,54 @@
+"""Several Flax modules that a training phase holds as one model: one variables tree, one set of shardings.
+
+    group = ModelGroup(unet=unet, controlnet=controlnet, vae=vae, swinir=swinir)
+    variables = group.init(rng)               # {"params": {"unet": ..., "controlnet": ..., ...}, ...}
+    eps = group.apply("unet", variables, z_t, t, context)
+    group.controlnet                          # a member module (the engine exports members by name)
+
+A phase whose frozen encoders (VAE, text encoder, SwinIR, body-part network) run inside the train step builds a
+group; its trainable subset names the member(s) it trains (`^controlnet/`). Collections other than params
+(BatchNorm statistics) are keyed by member the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+
+
+class ModelGroup:
+    def __init__(self, **members):
+        if not members:
+            raise ValueError("ModelGroup: no members")
+        self.members = dict(members)
+
+    def __getattr__(self, name: str):
+        members = self.__dict__.get("members", {})
+        if name in members:
+            return members[name]
+        raise AttributeError(f"ModelGroup has no member {name!r}; members: {sorted(members)}")
+
+    def dummy_inputs(self, batch: int = 1) -> dict:
+        del batch
+        return {}
+
+    def init(self, rng: jax.Array) -> dict[str, Any]:
+        """Every member's variables (boxed, as `Module.init` returns them), keyed by collection, then member."""
+        out: dict[str, dict] = {}
+        for (name, module), key in zip(self.members.items(), jax.random.split(rng, len(self.members)), strict=True):
+            for collection, tree in module.init(key, **module.dummy_inputs()).items():
+                out.setdefault(collection, {})[name] = tree
+        return out
+
+    def abstract_variables(self, batch: int = 1) -> dict[str, Any]:
+        del batch
+        return jax.eval_shape(lambda: self.init(jax.random.key(0)))
+
+    def member_variables(self, variables: Mapping[str, Any], name: str) -> dict[str, Any]:
+        return {collection: tree[name] for collection, tree in variables.items() if name in tree}
+
+    def apply(self, name: str, variables: Mapping[str, Any], *args, **kwargs):
+        """`members[name].apply` on that member's share of `variables`."""
+        return self.members[name].apply(self.member_variables(variables, name), *args, **kwargs)
