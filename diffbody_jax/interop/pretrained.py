@@ -257,3 +257,26 @@ def init_from_pretrained_unet(path: str | os.PathLike, module, rng: jax.Array, *
     else:
         raise ValueError(f"init from a UNet: {type(module).__name__} is neither a JointUNet nor a ControlNetModel")
     return params, copied, str(path)
+
+
+def load_weights_for(path: str | os.PathLike, module, param_dtype: Any = np.float32) -> dict:
+    """The variables {"params"[, "batch_stats"]} of an already built `module`, from any file or folder we read:
+    a diffusers or converted folder (`load_pretrained`), or an original checkpoint file: SwinIR (KAIR `.pth`,
+    DiffBIR `.ckpt`) or BPBreID (torchreid `.pth.tar`). Shapes are checked against `module` by the caller."""
+    from diffbody_jax.interop.bodypart import load_bodypart
+    from diffbody_jax.interop.swinir import load_swinir
+
+    path = Path(path)
+    if path.is_dir():
+        subfolder = None
+        name = family_for_module(module).component
+        if not (path / "config.json").exists() and (path / name).is_dir():
+            subfolder = name  # a pipeline folder: take the member's component
+        _, loaded = load_pretrained(path, subfolder=subfolder, param_dtype=param_dtype)
+        return dict(loaded) if family_for_module(module).variables else {"params": loaded}
+    if isinstance(module, SwinIR):
+        return {"params": load_swinir(path, module.config, param_dtype)}
+    if isinstance(module, BodyPartNet):
+        return dict(load_bodypart(path, module.config, param_dtype)[1])
+    raise ValueError(f"{path}: a single checkpoint file is read for SwinIR and BPBreID only; for "
+                     f"{type(module).__name__} give a diffusers or converted folder")

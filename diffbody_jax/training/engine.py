@@ -36,7 +36,7 @@ from diffbody_jax.config import load_config
 from diffbody_jax.data.degradations import degradation_from_config
 from diffbody_jax.data.manifest import read_manifest
 from diffbody_jax.data.pipeline import DataConfig, make_dataset
-from diffbody_jax.interop.pretrained import load_pretrained, save_pretrained
+from diffbody_jax.interop.pretrained import init_from_pretrained_unet, load_weights_for, save_pretrained
 from diffbody_jax.parallel.mesh import MeshConfig, make_mesh
 from diffbody_jax.parallel.sharding import (
     ShardingRules,
@@ -151,10 +151,9 @@ def _check_fits(target, loaded, where: str) -> None:
 
 
 def _load_into(variables: dict, shardings: dict, subtree: str, path: str, module, rng) -> dict:
-    """Place one init source: `path` (load_pretrained: a diffusers or converted folder, with BatchNorm statistics
-    where the model has them) or `unet:path` (a ControlNet or joint UNet started from that UNet's weights)."""
-    from diffbody_jax.interop.pretrained import init_from_pretrained_unet
-
+    """Place one init source: `path` (`load_weights_for`: a diffusers or converted folder, with BatchNorm statistics
+    where the model has them, or an original SwinIR / BPBreID checkpoint file) or `unet:path` (a ControlNet or
+    joint UNet started from that UNet's weights)."""
     member = module
     for part in filter(None, subtree.split("/")):
         member = getattr(member, part)
@@ -165,8 +164,7 @@ def _load_into(variables: dict, shardings: dict, subtree: str, path: str, module
         loaded, _, _ = init_from_pretrained_unet(path.removeprefix("unet:"), member, rng)
         loaded = {"params": loaded}
     else:
-        _, loaded = load_pretrained(path)
-        loaded = dict(loaded) if "params" in loaded and "batch_stats" in loaded else {"params": loaded}
+        loaded = load_weights_for(path, member)
     out = dict(variables)
     for collection, tree in loaded.items():
         if collection not in variables:

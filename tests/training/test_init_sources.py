@@ -71,3 +71,17 @@ def test_init_sources_fill_params_and_batch_stats(group, tmp_path, rng):
         _load_into(variables, shardings, "unet", str(tmp_path / "nothere"), group, jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="does not fit params 'controlnet'"):
         _load_into(variables, shardings, "controlnet", str(tmp_path / "unet"), group, jax.random.PRNGKey(0))
+
+
+def test_the_swinir_phase_starts_from_an_original_kair_checkpoint(tmp_path):
+    from diffbody_jax.interop.swinir import save_swinir
+    from diffbody_jax.training.engine import init_state, setup
+
+    config = load_config("swinir:variant=tiny-diffbir")
+    module = build_model(config.model)
+    params = module.init_params(jax.random.key(5))
+    save_swinir(tmp_path / "swinir.pth", module.config, params)  # KAIR's layout: {"params": state dict}
+    config = load_config("swinir:variant=tiny-diffbir", [f"train.init_from={tmp_path / 'swinir.pth'}"])
+    state = init_state(setup(config), config)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
