@@ -12,7 +12,9 @@ import jax.numpy as jnp
 
 from diffbody_jax.config import runtime_kwargs
 from diffbody_jax.models.bodypart import BodyPartConfig, BodyPartNet
+from diffbody_jax.models.clip import CLIPTextConfig, CLIPTextModel
 from diffbody_jax.models.controlnet import build_controlnet
+from diffbody_jax.models.group import ModelGroup
 from diffbody_jax.models.joint_unet import build_joint_unet
 from diffbody_jax.models.stage2 import build_stage2
 from diffbody_jax.models.swinir import SwinIR, SwinIRConfig
@@ -30,6 +32,17 @@ def _vae(model) -> AutoencoderKL:
                          attention_backend=model["attention_backend"])
 
 
+def _clip_text(model) -> CLIPTextModel:
+    kw = runtime_kwargs(model)
+    kw.pop("remat")
+    return CLIPTextModel(CLIPTextConfig.from_dict(dict(model["transformers"]), "model.transformers"), **kw)
+
+
+def _group(model) -> ModelGroup:
+    """model.members: {name: a model section}, each built by its own `name` (a phase's modules as one model)."""
+    return ModelGroup(**{name: build_model(section) for name, section in model["members"].items()})
+
+
 def _bodypart(model) -> BodyPartNet:
     return BodyPartNet(config=BodyPartConfig.from_variant(model["variant"], **model["overrides"].to_dict()))
 
@@ -42,6 +55,8 @@ BUILDERS: dict[str, Callable[[Any], Any]] = {
     "swinir": _swinir,
     "vae": _vae,
     "bodypart": _bodypart,
+    "clip_text": _clip_text,
+    "group": _group,
 }
 
 

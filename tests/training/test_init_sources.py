@@ -85,3 +85,25 @@ def test_the_swinir_phase_starts_from_an_original_kair_checkpoint(tmp_path):
     state = init_state(setup(config), config)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_group_section_builds_its_members_by_name():
+    import ml_collections
+
+    from diffbody_jax.config import model_section
+    from diffbody_jax.models.clip import CLIPTextModel
+    from diffbody_jax.models.swinir import SwinIR
+    from diffbody_jax.models.vae import AutoencoderKL
+
+    text = dict(vocab_size=1000, hidden_size=24, intermediate_size=48, projection_dim=24, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=77, hidden_act="gelu")
+    section = model_section(name="group", members=ml_collections.ConfigDict(dict(
+        swinir=load_config("swinir:variant=tiny-diffbir").model,
+        vae=load_config("vae:variant=tiny", ["model.dtype=bfloat16"]).model,
+        text_encoder=model_section(name="clip_text", transformers=text))))
+    group = build_model(section)
+    assert isinstance(group.swinir, SwinIR) and isinstance(group.vae, AutoencoderKL)
+    assert isinstance(group.text_encoder, CLIPTextModel) and group.text_encoder.config.hidden_size == 24
+    assert group.vae.dtype == np.dtype("bfloat16")  # each member keeps its own run-time fields
+    with pytest.raises(ValueError, match="model.name='nope'"):
+        build_model(model_section(name="group", members={"x": model_section(name="nope")}))
