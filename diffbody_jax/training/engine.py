@@ -283,6 +283,7 @@ def train(config, workdir: str | Path, *, batch_hook: Callable[[int, dict], dict
         make_train_step(s.phase.loss_fn(s.module, config), s.tx, s.schedule,
                         grad_accum=int(config.train.grad_accum), ema_decay=float(config.train.ema_decay)),
         s.state_shardings, s.mesh)
+    host_hook = s.phase.host(config) if s.phase.host is not None else None
     writer = MetricWriter(workdir, start, total)
     config_json = _config_json(config)
     metrics: dict[str, Any] = {}
@@ -290,7 +291,10 @@ def train(config, workdir: str | Path, *, batch_hook: Callable[[int, dict], dict
         with jax.set_mesh(s.mesh), logical_rules(s.rules):
             for step in range(start + 1, total + 1):
                 began = time.perf_counter()
-                host = _loss_inputs(next(iterator), s.phase)
+                host = next(iterator)
+                if host_hook is not None:
+                    host = host_hook(host)
+                host = _loss_inputs(host, s.phase)
                 if batch_hook is not None:
                     host = batch_hook(step, host)
                 batch = global_batch(host, s.mesh)

@@ -61,3 +61,57 @@ def stage2_loss(
     pred = model.apply({"params": params}, z_t, t, text, batch["priors"], image, prior_mask=batch.get("prior_mask"))
     loss = diffusion_loss(pred, x0, eps, alphas_cumprod[t], prediction_type, min_snr_gamma=min_snr_gamma)
     return loss, {"loss": loss, "t_mean": t.astype(jnp.float32).mean()}
+
+
+V1_ATTENTION = ("model", "manifest")
+
+
+def v1_controlnet_loss(
+    group,
+    variables: Mapping[str, Any],
+    batch: Mapping[str, Any],
+    key: jax.Array,
+    alphas_cumprod: Array,
+    *,
+    prediction_type: str = "epsilon",
+    weighting: str = "squared",
+    attention: str = "model",
+) -> tuple[Array, dict[str, Array]]:
+    """DiffBody v1 (seed 000): Eq. 2's I_reg, Eq. 3's condition and Eq. 4's loss, with every encoder in the step.
+
+    group: a `ModelGroup` with members unet, controlnet, vae, text_encoder, swinir, bodypart (all frozen but the
+    ControlNet). batch: degraded, target, pose [B, H, W, 3] in [0, 1], input_ids [B, 77]; with
+    attention="manifest" also attention [B, H, W, 1] (a precomputed map in place of the part network's).
+
+      I_reg   = SwinIR(degraded)                                   (Eq. 2, clipped to [0, 1])
+      I_attn  = Attn(I_reg) at latent resolution                   (Eq. 3: the part network's foreground)
+      c       = [E(I_reg), E(I_pose), I_attn]                      (the ControlNet's latent condition)
+      loss    = E ||(1 + I_attn) (eps - eps_theta(z_t, t, c_text, c))||^2   (Eq. 4, weight inside the square)
+    """
+    from diffbody_jax.conditioning.body_priors import body_attention_map
+    from diffbody_jax.conditioning.prompts import sd21_prompt_embeds
+    from diffbody_jax.diffusion.losses import body_attention_loss
+
+    if attention not in V1_ATTENTION:
+        raise ValueError(f"v1 attention source {attention!r}; expected one of {V1_ATTENTION}")
+    factor = 2 ** (len(group.vae.config.block_out_channels) - 1)
+    i_reg = jnp.clip(group.apply("swinir", variables, batch["degraded"]), 0.0, 1.0)
+    if attention == "model":
+        i_attn = body_attention_map(group.bodypart, group.member_variables(variables, "bodypart"), i_reg,
+                                    factor).latent
+    else:
+        b, h, w, _ = batch["attention"].shape
+        i_attn = jax.image.resize(batch["attention"], (b, h // factor, w // factor, 1), "linear", antialias=True)
+
+    def encode(image):
+        return group.apply("vae", variables, image * 2.0 - 1.0, method="encode_latents")
+
+    x0 = encode(batch["target"])
+    condition = jnp.concatenate([encode(i_reg), encode(batch["pose"]), i_attn.astype(x0.dtype)], axis=-1)
+    context = sd21_prompt_embeds(group.text_encoder, variables["params"]["text_encoder"], batch["input_ids"])
+    t, eps, z_t = noising(key, x0, alphas_cumprod)
+    residuals = group.apply("controlnet", variables, z_t, t, context, condition)
+    pred = group.apply("unet", variables, z_t, t, context, down_residuals=residuals.down,
+                       mid_residual=residuals.mid)
+    loss = body_attention_loss(pred, x0, eps, alphas_cumprod[t], prediction_type, i_attn, weighting=weighting)
+    return loss, {"t_mean": t.astype(jnp.float32).mean(), "attention_mean": i_attn.mean()}

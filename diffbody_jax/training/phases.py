@@ -9,6 +9,7 @@ A `Phase` is
                                       = {"params": trainable + frozen, other collections},
   prepare(variables, batch)           the pipeline's batch -> the loss's batch, inside the jitted step (encoders
                                       that run outside the trained model go here; identity where it fits),
+  host(config) -> fn(batch) -> batch  on the host, before the batch becomes global arrays (tokenising captions),
   export                              the param subtree written to the PyTorch layout at the end ("" = all).
 
 The engine (`training.engine`) knows nothing else about a phase, so a new phase is a `Phase` registered here plus a
@@ -22,12 +23,14 @@ import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax.numpy as jnp
+
 from diffbody_jax.config import CONFIG_DIR
 from diffbody_jax.diffusion.schedule import NoiseSchedule
 from diffbody_jax.files import read_json
 from diffbody_jax.models.registry import build_model
 from diffbody_jax.models.swinir import SwinIR
-from diffbody_jax.training.losses import STAGE2_PHASES, stage2_loss, swinir_l2_loss
+from diffbody_jax.training.losses import STAGE2_PHASES, stage2_loss, swinir_l2_loss, v1_controlnet_loss
 from diffbody_jax.training.trainable import TrainableSubset
 
 STAGE2_SUBSETS = {
@@ -56,12 +59,47 @@ class Phase:
     loss: Callable[..., Callable]
     switches: Callable[[Any], dict] = _no_switches
     prepare: Callable[[Mapping, Mapping[str, Any]], Mapping[str, Any]] = _identity
-    export: str = ""
+    export: str | None = ""
+    host: Callable[[Any], Callable[[dict], dict]] | None = None
 
     def loss_fn(self, module, config) -> Callable:
         """fn(variables, batch, key) -> (loss, metrics) of this phase for `module` under `config`."""
         loss = self.loss(module, **self.switches(config))
         return lambda variables, batch, key: loss(variables, self.prepare(variables, batch), key)
+
+
+def _sd_schedule(name: str) -> jnp.ndarray:
+    """alphas_cumprod of configs/diffusers/<name>/scheduler, as a jax array (indexed by traced timesteps)."""
+    scheduler = read_json(CONFIG_DIR / "diffusers" / name / "scheduler" / "scheduler_config.json")
+    return jnp.asarray(NoiseSchedule.from_dict(scheduler).alphas_cumprod())
+
+
+def _v1_switches(config) -> dict:
+    d = config["diffusion"]
+    return dict(alphas_cumprod=_sd_schedule(d["scheduler"]), prediction_type=d["prediction_type"],
+                weighting=d["weighting"], attention=d["attention"])
+
+
+def _v1_loss(group, **switches):
+    return lambda variables, batch, key: v1_controlnet_loss(group, variables, batch, key, **switches)
+
+
+def caption_tokens(config) -> Callable[[dict], dict]:
+    """Host hook of the text-conditioned phases: the batch's captions (manifest captions, the fallback for empty
+    ones, "" with probability text.drop_prob) as CLIP token ids, batch["input_ids"] [B, 77] int32."""
+    from diffbody_jax.conditioning.prompts import load_tokenizer, tokenize
+    from diffbody_jax.data.captions import CaptionPolicy
+
+    text = config["text"]
+    tokenizer = load_tokenizer(text["tokenizer"] or None, pad_token=text["pad_token"] or None)
+    policy = CaptionPolicy(fallback=text["fallback"], drop_prob=float(text["drop_prob"]))
+    seed = int(config["train"]["seed"])
+
+    def fn(batch: dict) -> dict:
+        prompts = policy.prompts(batch["caption"], batch["record"], batch["epoch"], seed)
+        return {**batch, "input_ids": tokenize(tokenizer, prompts)}
+
+    return fn
 
 
 def _swinir_loss(module: SwinIR):
@@ -73,9 +111,8 @@ def _swinir_loss(module: SwinIR):
 
 
 def _stage2_switches(config) -> dict:
-    scheduler = read_json(CONFIG_DIR / "diffusers" / "sdxl-base" / "scheduler" / "scheduler_config.json")
     diffusion = config["diffusion"]
-    return dict(alphas_cumprod=NoiseSchedule.from_dict(scheduler).alphas_cumprod(),
+    return dict(alphas_cumprod=_sd_schedule("sdxl-base"),
                 prediction_type=diffusion["prediction_type"], noise_offset=float(diffusion["noise_offset"]),
                 min_snr_gamma=diffusion["min_snr_gamma"])
 
@@ -91,8 +128,11 @@ PHASES: dict[str, Phase] = {
     "swinir": Phase("swinir", build_model, TrainableSubset("swinir", (r".",)), ("degraded", "target"), _swinir_loss),
     **{f"stage2_{p}": Phase(f"stage2_{p}", build_model, STAGE2_SUBSETS[p], STAGE2_INPUTS,
                             functools.partial(_stage2_loss, phase=p), _stage2_switches,
-                            export="controlnet" if p == "controlnet" else "")
+                            export="controlnet" if p == "controlnet" else None)
        for p in STAGE2_PHASES},
+    "v1_controlnet": Phase("v1_controlnet", build_model, TrainableSubset("controlnet", (r"^controlnet/",)),
+                           ("degraded", "target", "pose", "input_ids"), _v1_loss, _v1_switches,
+                           export="controlnet", host=caption_tokens),
 }
 
 

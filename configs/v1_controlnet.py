@@ -1,0 +1,79 @@
+"""DiffBody v1 (seed 000): a ControlNet on a frozen SD2.1-base, conditioned on [E(I_reg), E(I_pose), I_attn].
+
+  diffbody data sample-set --out data/sample
+  diffbody train --config configs/v1_controlnet.py:variant=tiny --workdir runs/v1 \
+      --config.data.manifest=data/sample/manifest.jsonl --config.train.steps=2
+
+Variants:
+  paper  SD2.1-base UNet, VAE and text encoder (configs/diffusers/sd21-base), the diffbody-v1 ControlNet (latent
+         condition of 4 + 4 + 1 channels), DiffBIR's SwinIR for I_reg, BPBreID for I_attn; the paper's numbers
+         (seed 000, Sec. 4): 10,000 steps, batch 128, Adam lr 1e-4, 1024 x 512 (H x W) crops. Set the sources:
+           --config.train.init_from="unet=SD21/unet,vae=SD21/vae,text_encoder=SD21/text_encoder,
+             controlnet=unet:SD21/unet,swinir=RUNS/swinir,bodypart=bpbreid_market1501_hrnet32_10642.pth"
+         (SD21 a stable-diffusion-2-1-base folder; RUNS/swinir a stage-0 run, whose export/ is read)
+  tiny   the tiny-sd21 UNet and tiny-v1 ControlNet, the tiny VAE (latents at 1/2), a 2-layer CLIP text encoder,
+         tiny SwinIR and body-part networks; 64 x 64 crops: seconds on a CPU
+
+Everything but the ControlNet is frozen. I_reg = SwinIR(degraded) and I_attn = Attn(I_reg) are computed inside
+the train step by the frozen stage-0 and part networks, as Eq. 3 writes (diffusion.attention=manifest reads the
+manifest's precomputed attention map instead). Loss: Eq. 4 with the attention weight inside the square
+(diffusion.weighting=linear: outside it). Captions come from the manifest (text.fallback for empty ones; drop
+them with text.drop_prob to train for classifier-free guidance).
+"""
+
+import json
+import pathlib
+
+import ml_collections
+
+from diffbody_jax.config import load_config, model_section, parse_arg, training_sections
+
+HERE = pathlib.Path(__file__).parent
+TINY_TEXT = dict(vocab_size=49408, hidden_size=24, intermediate_size=48, projection_dim=24, num_hidden_layers=2,
+                 num_attention_heads=2, max_position_embeddings=77, hidden_act="gelu", bos_token_id=49406,
+                 eos_token_id=49407, pad_token_id=0)
+VARIANTS = {
+    # unet, controlnet, vae, swinir, bodypart variants
+    "paper": ("sd21-base", "diffbody-v1", "sd21-base", "diffbir", "bpbreid"),
+    "tiny": ("tiny-sd21", "tiny-v1", "tiny", "tiny-diffbir", "tiny"),
+}
+
+
+def get_config(arg=None):
+    arg = parse_arg(arg, variant="paper")
+    if arg["variant"] not in VARIANTS:
+        raise ValueError(f"unknown v1 variant {arg['variant']!r}; known: {sorted(VARIANTS)}")
+    unet, controlnet, vae, swinir, bodypart = VARIANTS[arg["variant"]]
+    tiny = arg["variant"] == "tiny"
+    text = TINY_TEXT if tiny else json.loads((HERE / "diffusers/sd21-base/text_encoder/config.json").read_text())
+    config = ml_collections.ConfigDict()
+    config.model = model_section(name="group", variant=arg["variant"], members=ml_collections.ConfigDict(dict(
+        unet=load_config(f"{HERE / 'unet.py'}:variant={unet}").model,
+        controlnet=load_config(f"{HERE / 'controlnet.py'}:variant={controlnet}").model,
+        vae=load_config(f"{HERE / 'vae.py'}:variant={vae}").model,
+        text_encoder=model_section(name="clip_text", transformers=text),
+        swinir=load_config(f"{HERE / 'swinir.py'}:variant={swinir}").model,
+        bodypart=load_config(f"{HERE / 'bodypart.py'}:variant={bodypart}").model,
+    )))
+    config.phase = "v1_controlnet"
+    config.diffusion = ml_collections.ConfigDict(dict(
+        scheduler="sd21-base",  # configs/diffusers/<name>/scheduler: the noise schedule of the frozen UNet
+        prediction_type="epsilon",
+        weighting="squared",  # Eq. 4 as written: ((1 + I_attn)(eps - eps_theta))^2; "linear": weight outside
+        attention="model",  # I_attn from the part network in the step (Eq. 3); "manifest": the data's map
+    ))
+    config.text = ml_collections.ConfigDict(dict(
+        tokenizer="" if tiny else str(HERE / "diffusers/sd21-base/tokenizer"),  # "": CLIP's, built offline
+        pad_token="!",  # SD2.1's
+        fallback="a photo of a person",
+        drop_prob=0.0,
+    ))
+    if tiny:
+        training_sections(config, steps=100, batch_size=4, learning_rate=1e-3,
+                          **{"data.buckets": [[64, 64]], "data.maps": ["pose"], "train.log_every": 10,
+                             "checkpoint.every": 50})
+    else:
+        training_sections(config, steps=10_000, batch_size=128, learning_rate=1e-4,
+                          **{"data.buckets": [[1024, 512]], "data.maps": ["pose"]})
+    config.lock()
+    return config
