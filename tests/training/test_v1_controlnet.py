@@ -1,0 +1,83 @@
+"""The v1_controlnet phase (seed 000) on its tiny variant: the loss overfits one batch through the ControlNet alone
+with every other member bit-identical; a run starts its SwinIR from a stage-0 export and exports its ControlNet in
+the diffusers layout, which `load_pretrained` reads back with identical tensors (diffusers itself has no
+latent-condition ControlNet class: tests/interop/test_controlnet_interop.py). Captions go through CLIP's tokenizer
+(transformers)."""
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from diffbody_jax.config import load_config
+from diffbody_jax.data.sample_set import write_sample_set
+from diffbody_jax.interop.pretrained import load_pretrained, save_pretrained
+from diffbody_jax.models.registry import build_model
+from diffbody_jax.training.checkpoint import Checkpoints
+from diffbody_jax.training.engine import setup, train
+from diffbody_jax.training.phases import caption_tokens, get_phase
+from diffbody_jax.training.state import create_train_state
+from diffbody_jax.training.step import make_train_step
+from diffbody_jax.training.trainable import partition
+from tests.torch_ref import optional
+
+transformers = optional("transformers")
+pytestmark = pytest.mark.skipif(transformers is None, reason="CLIP's tokenizer comes from transformers")
+
+
+def _batch(config, rng):
+    from skimage import data
+
+    photo = data.astronaut()[::8, ::8].astype(np.float32) / 255  # 64 x 64
+    batch = {"target": np.stack([photo, photo[:, ::-1]]), "pose": rng.uniform(0, 1, (2, 64, 64, 3)).astype(np.float32),
+             "caption": ["a woman in an orange suit", ""], "record": np.array([0, 1]), "epoch": np.array([0, 0])}
+    batch["degraded"] = np.clip(batch["target"] + rng.normal(0, 0.05, batch["target"].shape), 0, 1).astype(np.float32)
+    return caption_tokens(config)(batch)
+
+
+def test_the_loss_overfits_one_batch_through_the_controlnet_alone(rng):
+    """Fixed t and noise (the loss's key pinned): at most 80 Adam steps to halve Eq. 4's loss."""
+    config = load_config("v1_controlnet:variant=tiny")
+    phase, group = get_phase(config.phase), build_model(config.model)
+    variables = group.init(jax.random.key(0))
+    variables = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, variables,
+                             is_leaf=lambda x: hasattr(x, "names"))
+    trainable, frozen = partition(variables["params"], phase.subset)
+    assert set(trainable) == {"controlnet"} and set(frozen) == {"unet", "vae", "text_encoder", "swinir", "bodypart"}
+    tx = optax.adam(float(config.optim.learning_rate))
+    loss = phase.loss_fn(group, config)
+    state = create_train_state(trainable, frozen, {"batch_stats": variables["batch_stats"]}, tx,
+                               jax.random.PRNGKey(0), ema=False)
+    step = jax.jit(make_train_step(lambda v, b, k: loss(v, b, jax.random.key(3)), tx))
+    batch = {k: v for k, v in _batch(config, rng).items() if k in phase.inputs}
+    frozen0 = jax.tree.map(np.asarray, (state.frozen, state.model_state))
+    losses = []
+    for _ in range(80):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+        if losses[-1] <= losses[0] / 2:
+            break
+    assert losses[-1] <= losses[0] / 2, losses[::10]
+    for a, b in zip(jax.tree.leaves(frozen0), jax.tree.leaves((state.frozen, state.model_state)), strict=True):
+        np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def test_a_run_starts_from_a_stage0_export_and_exports_its_controlnet(tmp_path):
+    manifest = write_sample_set(tmp_path / "sample")
+    swinir_config = load_config("swinir:variant=tiny-diffbir")
+    swinir = build_model(swinir_config.model)
+    swinir_params = swinir.init_params(jax.random.key(11))
+    save_pretrained(tmp_path / "stage0" / "export", swinir, swinir_params)  # what a swinir run leaves
+
+    overrides = [f"data.manifest={manifest}", "train.steps=2", "checkpoint.every=2",
+                 f"train.init_from=swinir={tmp_path / 'stage0'}", "data.degradation=blur2-noise40"]
+    config = load_config("v1_controlnet:variant=tiny", overrides)
+    result = train(config, tmp_path / "v1")
+    s = setup(config)
+    state = Checkpoints(tmp_path / "v1", 1, 3).restore(2, s.abstract_state, s.state_shardings)
+    for a, b in zip(jax.tree.leaves(swinir_params), jax.tree.leaves(state.frozen["swinir"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    module, exported = load_pretrained(result.export)
+    assert type(module).__name__ == "ControlNetModel" and module.config.conditioning_channels == 9
+    for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(state.params["controlnet"]), strict=True):
+        np.testing.assert_array_equal(a, np.asarray(b))
