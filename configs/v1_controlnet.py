@@ -1,8 +1,9 @@
 """DiffBody v1 (seed 000): a ControlNet on a frozen SD2.1-base, conditioned on [E(I_reg), E(I_pose), I_attn].
 
-  diffbody data sample-set --out data/sample
-  diffbody train --config configs/v1_controlnet.py:variant=tiny --workdir runs/v1 \
-      --config.data.manifest=data/sample/manifest.jsonl --config.train.steps=2
+  python -c "from diffbody_jax.config import load_config as c; print(c('configs/v1_controlnet.py:variant=tiny').train)"
+
+Trained like every phase: diffbody train --config configs/v1_controlnet.py:variant=tiny --workdir runs/v1
+--config.data.manifest=data/sample/manifest.jsonl (tests/training/test_v1_controlnet.py runs it).
 
 Variants:
   paper  SD2.1-base UNet, VAE and text encoder (configs/diffusers/sd21-base), the diffbody-v1 ControlNet (latent

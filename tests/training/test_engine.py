@@ -1,5 +1,5 @@
 """The training engine end to end on the bundled sample set (4 photos, one 64 x 64 bucket, global batch 4):
-resume and continue, NaN stop, logs, export and init from the export."""
+logs, NaN stop, export and init from the export."""
 
 import json
 
@@ -35,21 +35,16 @@ def _params(workdir, step, manifest):
     return jax.tree.map(np.asarray, state)
 
 
-def test_a_rerun_with_more_steps_continues_exactly(manifest, tmp_path):
+def test_a_run_logs_exports_its_ema_and_a_new_run_starts_from_it(manifest, tmp_path):
+    """(Resuming with more steps, bit-identical: tests/training/test_kill_resume.py.)"""
     straight = train(_config(manifest, "train.steps=6"), tmp_path / "straight")
-    first = train(_config(manifest, "train.steps=4"), tmp_path / "split")
-    assert first.step == 4
-    second = train(_config(manifest, "train.steps=6"), tmp_path / "split")
-    assert second.step == 6
-    a, b = _params(tmp_path / "straight", 6, manifest), _params(tmp_path / "split", 6, manifest)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_array_equal(x, y)
-    rows_a, rows_b = _rows(tmp_path / "straight"), _rows(tmp_path / "split")
-    assert [r["step"] for r in rows_b] == [1, 2, 3, 4, 5, 6]
-    assert [r["record"] for r in rows_a] == [r["record"] for r in rows_b]  # the same batches, in the same order
-    assert [r["loss"] for r in rows_a] == [r["loss"] for r in rows_b]
+    assert straight.step == 6
+    a = _params(tmp_path / "straight", 6, manifest)
+    rows = _rows(tmp_path / "straight")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert all(len(r["record"]) == 4 for r in rows)
     assert {"loss", "grad_norm", "learning_rate", "step_time_s", "examples_per_s",
-            "examples_per_s_per_device"} <= set(rows_a[0])
+            "examples_per_s_per_device"} <= set(rows[0])
     assert list((tmp_path / "straight" / "tensorboard").glob("events.out.tfevents.*"))
     # the export is the EMA, in the PyTorch layout, and a new run can start from it
     module, exported = load_pretrained(straight.export)

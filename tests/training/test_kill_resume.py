@@ -1,6 +1,7 @@
 """A real SIGKILL while the async save of step n is in flight, right after checkpoint n - 1 completed: checkpoint
-n - 1 stays loadable, and the rerun resumes from it and ends bit-identical (params, EMA, optimizer state, data
-position) to an uninterrupted run, having seen the same batches in the same order."""
+n - 1 stays loadable. The rerun, with a larger train.steps, resumes from it, continues past the first run's target,
+and ends bit-identical (params, EMA, optimizer state, data position) to an uninterrupted run, having seen the same
+batches in the same order."""
 
 import json
 import os
@@ -20,17 +21,18 @@ from diffbody_jax.training.engine import setup, train
 from tests.torch_ref import REPO
 
 STEPS = 20
+FIRST_TARGET = 12  # the killed run's train.steps; the rerun asks for STEPS
 
 
-def _overrides(manifest):
-    return [f"data.manifest={manifest}", f"train.steps={STEPS}", "train.log_every=1", "checkpoint.every=1",
+def _overrides(manifest, steps=STEPS):
+    return [f"data.manifest={manifest}", f"train.steps={steps}", "train.log_every=1", "checkpoint.every=1",
             "checkpoint.keep=50", "train.ema_decay=0.5", "data.degradation=blur2-noise40"]
 
 
-def _start(workdir, manifest):
+def _start(workdir, manifest, steps=STEPS):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "train", "--config", "configs/swinir.py:variant=tiny-diffbir", "--workdir",
-           str(workdir), *(f"--config.{o}" for o in _overrides(manifest))]
+           str(workdir), *(f"--config.{o}" for o in _overrides(manifest, steps))]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -58,14 +60,14 @@ def _saving(workdir):
     return folder.exists() and any("tmp" in p.name for p in folder.iterdir())
 
 
-def test_sigkill_during_an_async_save_then_resume_is_exact(tmp_path):
+def test_sigkill_during_an_async_save_then_a_longer_rerun_is_exact(tmp_path):
     manifest = write_sample_set(tmp_path / "sample")
     killed = tmp_path / "killed"
 
-    proc = _start(killed, manifest)
+    proc = _start(killed, manifest, FIRST_TARGET)
     _kill_when(proc, lambda: len(_complete_steps(killed)) >= 2 and _saving(killed))
     steps = _complete_steps(killed)
-    assert steps and steps[-1] < STEPS
+    assert steps and steps[-1] < FIRST_TARGET
     config = load_config("swinir:variant=tiny-diffbir", _overrides(manifest))
     s = setup(config)
     state = Checkpoints(killed, 1, 50).restore(steps[-1], s.abstract_state, s.state_shardings)  # still loadable
@@ -83,3 +85,4 @@ def test_sigkill_during_an_async_save_then_resume_is_exact(tmp_path):
             for name in ("killed", "straight")}
     assert [r["step"] for r in rows["killed"]] == list(range(1, STEPS + 1))
     assert [r["record"] for r in rows["killed"]] == [r["record"] for r in rows["straight"]]
+    assert [r["loss"] for r in rows["killed"]] == [r["loss"] for r in rows["straight"]]
