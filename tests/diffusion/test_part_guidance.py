@@ -120,6 +120,7 @@ def test_gradient_through_the_vae_decode_matches_finite_differences(distance, rn
             assert abs(fd - analytic) <= 1e-4 * abs(analytic) + 1e-9, (fd, analytic)
 
 
+@pytest.mark.slow  # ~50 s on 2 cores: the default suite keeps its 15-minute budget
 def test_guided_ddpm_lowers_the_final_part_loss(rng):
     """Algorithm 1 end to end with the tiny UNet, VAE and body-part net: over a batch of 8 images, s = 5 ends with
     a lower mean part loss than s = 0 on the same key. An empirical check on random tiny models: the ratio measured
@@ -156,6 +157,7 @@ def test_guided_ddpm_lowers_the_final_part_loss(rng):
     assert guided < plain, (guided, plain)
 
 
+@pytest.mark.slow  # ~75 s on 2 cores (float64)
 def test_guidance_is_per_image_whatever_the_batch(rng):
     """Algorithm 1 guides each image by its own loss: an image's guided DDIM step (deterministic, so noise
     draws play no part) is the same alone and as the first of a batch of 4, within 1e-5. In float64, so that

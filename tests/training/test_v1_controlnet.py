@@ -62,6 +62,27 @@ def test_the_loss_overfits_one_batch_through_the_controlnet_alone(rng):
         np.testing.assert_array_equal(a, np.asarray(b))
 
 
+def test_the_phase_starts_from_a_stage0_export_and_exports_its_controlnet(tmp_path):
+    """The hand-off without training: init_state places the stage-0 export into the frozen SwinIR member, and
+    export_params writes the ControlNet member (the engine's own export path)."""
+    from diffbody_jax.training.engine import export_params, init_state
+
+    swinir = build_model(load_config("swinir:variant=tiny-diffbir").model)
+    swinir_params = swinir.init_params(jax.random.key(11))
+    save_pretrained(tmp_path / "stage0" / "export", swinir, swinir_params)
+    config = load_config("v1_controlnet:variant=tiny", [f"train.init_from=swinir={tmp_path / 'stage0'}"])
+    s = setup(config)
+    state = init_state(s, config)
+    for a, b in zip(jax.tree.leaves(swinir_params), jax.tree.leaves(state.frozen["swinir"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    folder = export_params(s, state, config, tmp_path / "v1")
+    module, exported = load_pretrained(folder)
+    assert type(module).__name__ == "ControlNetModel" and module.config.conditioning_channels == 9
+    for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(state.params["controlnet"]), strict=True):
+        np.testing.assert_array_equal(a, np.asarray(b))
+
+
+@pytest.mark.slow  # ~2 minutes on 2 cold cores (the six-member step compiles); the hand-off above runs by default
 def test_a_run_starts_from_a_stage0_export_and_exports_its_controlnet(tmp_path):
     manifest = write_sample_set(tmp_path / "sample")
     swinir_config = load_config("swinir:variant=tiny-diffbir")
