@@ -242,12 +242,12 @@ def export_params(s: Setup, state: TrainState, config, workdir: Path) -> Path | 
     if name is None:
         return None
     ema = bool(config.train.export_ema) and bool(jax.tree.leaves(state.ema))
-    params = multihost_utils.process_allgather(state.ema if ema else state.params, tiled=True)
-    full = jax.tree.map(np.asarray, multihost_utils.process_allgather(state.frozen, tiled=True))
-    params = jax.tree.map(np.asarray, merge(params, full))
+    params = merge(state.ema if ema else state.params, state.frozen)  # device arrays: nothing copied yet
     module = s.module
     for part in filter(None, name.split("/")):
         module, params = getattr(module, part), params[part]
+    # only the exported component comes to the host (not, say, the frozen SDXL UNet beside a ControlNet)
+    params = jax.tree.map(np.asarray, multihost_utils.process_allgather(params, tiled=True))
     folder = Path(config.train.export_dir or workdir / "export")
     if jax.process_index() == 0:
         save_pretrained(folder, module, params)

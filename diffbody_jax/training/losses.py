@@ -13,7 +13,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from diffbody_jax.diffusion.losses import diffusion_loss, noising
+from diffbody_jax.conditioning.body_priors import body_attention_map
+from diffbody_jax.conditioning.prompts import sd21_prompt_embeds
+from diffbody_jax.diffusion.losses import body_attention_loss, diffusion_loss, noising
 from diffbody_jax.models.layers import Array
 from diffbody_jax.models.stage2 import Stage2Model
 from diffbody_jax.models.swinir import SwinIR
@@ -88,10 +90,6 @@ def v1_controlnet_loss(
       c       = [E(I_reg), E(I_pose), I_attn]                      (the ControlNet's latent condition)
       loss    = E ||(1 + I_attn) (eps - eps_theta(z_t, t, c_text, c))||^2   (Eq. 4, weight inside the square)
     """
-    from diffbody_jax.conditioning.body_priors import body_attention_map
-    from diffbody_jax.conditioning.prompts import sd21_prompt_embeds
-    from diffbody_jax.diffusion.losses import body_attention_loss
-
     if attention not in V1_ATTENTION:
         raise ValueError(f"v1 attention source {attention!r}; expected one of {V1_ATTENTION}")
     factor = 2 ** (len(group.vae.config.block_out_channels) - 1)

@@ -15,6 +15,7 @@ from diffbody_jax.training.phases import get_phase
 from diffbody_jax.training.state import create_train_state
 from diffbody_jax.training.step import make_train_step
 from diffbody_jax.training.trainable import TrainableSubset, partition
+from tests.training.overfit import steps_until_halved
 
 
 class EncoderHead(nn.Module):
@@ -109,12 +110,7 @@ def test_the_toy_phase_overfits_one_batch(rng):
     corners = rng.integers(0, 32, (4, 2))
     target = np.stack([photo[t: t + 32, left: left + 32] for t, left in corners])
     batch = {"target": target, "degraded": np.clip(target + rng.normal(0, 0.1, target.shape), 0, 1).astype(np.float32)}
-    losses = []
-    for _ in range(60):
-        state, metrics = step(state, batch)
-        losses.append(float(metrics["loss"]))
-        if losses[-1] <= losses[0] / 2:
-            break
+    state, losses = steps_until_halved(step, state, batch, 60)
     assert losses[-1] <= losses[0] / 2, losses[::10]
 
 

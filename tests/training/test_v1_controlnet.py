@@ -20,6 +20,7 @@ from diffbody_jax.training.state import create_train_state
 from diffbody_jax.training.step import make_train_step
 from diffbody_jax.training.trainable import partition
 from tests.torch_ref import optional
+from tests.training.overfit import steps_until_halved
 
 transformers = optional("transformers")
 pytestmark = pytest.mark.skipif(transformers is None, reason="CLIP's tokenizer comes from transformers")
@@ -51,12 +52,7 @@ def test_the_loss_overfits_one_batch_through_the_controlnet_alone(rng):
     step = jax.jit(make_train_step(lambda v, b, k: loss(v, b, jax.random.key(3)), tx))
     batch = {k: v for k, v in _batch(config, rng).items() if k in phase.inputs}
     frozen0 = jax.tree.map(np.asarray, (state.frozen, state.model_state))
-    losses = []
-    for _ in range(80):
-        state, metrics = step(state, batch)
-        losses.append(float(metrics["loss"]))
-        if losses[-1] <= losses[0] / 2:
-            break
+    state, losses = steps_until_halved(step, state, batch, 80)
     assert losses[-1] <= losses[0] / 2, losses[::10]
     for a, b in zip(jax.tree.leaves(frozen0), jax.tree.leaves((state.frozen, state.model_state)), strict=True):
         np.testing.assert_array_equal(a, np.asarray(b))
