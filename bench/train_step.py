@@ -118,7 +118,7 @@ def stage2_state_bytes(devices: int, fsdp_min_size: int = 2**18) -> dict:
             total += math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize / split
         return total
 
-    subset = get_phase(config.phase).subset
+    subset = get_phase(config.phase).trainable(config)
     trainable, frozen = partition(shapes, subset)
     trainable_specs, frozen_specs = partition(specs, subset)
     t = per_device(trainable, trainable_specs)

@@ -22,7 +22,6 @@ manifest's precomputed attention map instead). Loss: Eq. 4 with the attention we
 them with text.drop_prob to train for classifier-free guidance).
 """
 
-import json
 import pathlib
 
 import ml_collections
@@ -30,9 +29,6 @@ import ml_collections
 from diffbody_jax.config import load_config, model_section, parse_arg, training_sections
 
 HERE = pathlib.Path(__file__).parent
-TINY_TEXT = dict(vocab_size=49408, hidden_size=24, intermediate_size=48, projection_dim=24, num_hidden_layers=2,
-                 num_attention_heads=2, max_position_embeddings=77, hidden_act="gelu", bos_token_id=49406,
-                 eos_token_id=49407, pad_token_id=0)
 VARIANTS = {
     # unet, controlnet, vae, swinir, bodypart variants
     "paper": ("sd21-base", "diffbody-v1", "sd21-base", "diffbir", "bpbreid"),
@@ -46,13 +42,12 @@ def get_config(arg=None):
         raise ValueError(f"unknown v1 variant {arg['variant']!r}; known: {sorted(VARIANTS)}")
     unet, controlnet, vae, swinir, bodypart = VARIANTS[arg["variant"]]
     tiny = arg["variant"] == "tiny"
-    text = TINY_TEXT if tiny else json.loads((HERE / "diffusers/sd21-base/text_encoder/config.json").read_text())
     config = ml_collections.ConfigDict()
     config.model = model_section(name="group", variant=arg["variant"], members=ml_collections.ConfigDict(dict(
         unet=load_config(f"{HERE / 'unet.py'}:variant={unet}").model,
         controlnet=load_config(f"{HERE / 'controlnet.py'}:variant={controlnet}").model,
         vae=load_config(f"{HERE / 'vae.py'}:variant={vae}").model,
-        text_encoder=model_section(name="clip_text", transformers=text),
+        text_encoder=load_config(f"{HERE / 'clip.py'}:variant={'tiny' if tiny else 'sd21-base'}").model,
         swinir=load_config(f"{HERE / 'swinir.py'}:variant={swinir}").model,
         bodypart=load_config(f"{HERE / 'bodypart.py'}:variant={bodypart}").model,
     )))

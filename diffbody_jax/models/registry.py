@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from diffbody_jax.config import runtime_kwargs
 from diffbody_jax.models.bodypart import BodyPartConfig, BodyPartNet
-from diffbody_jax.models.clip import CLIPTextConfig, CLIPTextModel
+from diffbody_jax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
 from diffbody_jax.models.controlnet import build_controlnet
 from diffbody_jax.models.group import ModelGroup
 from diffbody_jax.models.joint_unet import build_joint_unet
@@ -38,6 +38,12 @@ def _clip_text(model) -> CLIPTextModel:
     return CLIPTextModel(CLIPTextConfig.from_dict(dict(model["transformers"]), "model.transformers"), **kw)
 
 
+def _clip_vision(model) -> CLIPVisionModel:
+    kw = runtime_kwargs(model)
+    kw.pop("remat")
+    return CLIPVisionModel(CLIPVisionConfig.from_dict(dict(model["transformers"]), "model.transformers"), **kw)
+
+
 def _group(model) -> ModelGroup:
     """model.members: {name: a model section}, each built by its own `name` (a phase's modules as one model)."""
     return ModelGroup(**{name: build_model(section) for name, section in model["members"].items()})
@@ -56,6 +62,7 @@ BUILDERS: dict[str, Callable[[Any], Any]] = {
     "vae": _vae,
     "bodypart": _bodypart,
     "clip_text": _clip_text,
+    "clip_vision": _clip_vision,
     "group": _group,
 }
 

@@ -75,6 +75,7 @@ class Setup:
     """The pieces of a run that do not depend on the data: module, mesh, shardings, optimizer."""
 
     phase: Phase
+    subset: Any  # the phase's TrainableSubset under this config
     module: Any
     mesh: Any
     rules: ShardingRules
@@ -87,7 +88,7 @@ class Setup:
     state_shardings: TrainState
 
     def make_state(self, variables, rng, ema: bool) -> TrainState:
-        trainable, frozen = partition(variables["params"], self.phase.subset)
+        trainable, frozen = partition(variables["params"], self.subset)
         model_state = {k: v for k, v in variables.items() if k != "params"}
         return create_train_state(trainable, frozen, model_state, self.tx, rng, ema)
 
@@ -102,7 +103,8 @@ def setup(config, mesh=None) -> Setup:
     specs = param_partition_specs(boxed["params"], mesh, rules)
     abstract = nn.unbox(boxed)
     ema = float(config.train.ema_decay) > 0
-    partial = Setup(phase, module, mesh, rules, tx, schedule, abstract, None, specs, None, None)
+    partial = Setup(phase, phase.trainable(config), module, mesh, rules, tx, schedule, abstract, None, specs, None,
+                    None)
     abstract_state = jax.eval_shape(lambda v, r: partial.make_state(v, r, ema), abstract,
                                     jax.ShapeDtypeStruct((2,), np.uint32))
     return dataclasses.replace(partial, variable_shardings=tree_shardings(abstract, specs, mesh, rules),

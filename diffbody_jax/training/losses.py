@@ -1,5 +1,6 @@
-"""Training losses of the DiffBody models that are not plain diffusion losses of one denoiser:
-stage 0's SwinIR L2 loss and stage 2's Eqs. 3-4 over the composed `Stage2Model`.
+"""Training losses of the DiffBody phases, each over its models' applies: stage 0's SwinIR L2 loss, v1's Eq. 4
+with its encoders in the step, v2 stage 1's Eqs. 1-2 (joint UNet, then its ControlNet) and stage 2's Eqs. 3-4
+over the composed `Stage2Model`.
 
 The diffusion losses themselves (noising, eps/v/x0 targets, Eq. 4 of v1, v2's multi-branch Eq. 1) are pure
 functions of arrays in `diffbody_jax.diffusion.losses`; these wrap a model's apply around them.
@@ -7,7 +8,7 @@ functions of arrays in `diffbody_jax.diffusion.losses`; these wrap a model's app
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 
 from diffbody_jax.conditioning.body_priors import body_attention_map
 from diffbody_jax.conditioning.prompts import sd21_prompt_embeds
-from diffbody_jax.diffusion.losses import body_attention_loss, diffusion_loss, noising
+from diffbody_jax.diffusion.losses import body_attention_loss, diffusion_loss, multi_branch_loss, noising
 from diffbody_jax.models.layers import Array
 from diffbody_jax.models.stage2 import Stage2Model
 from diffbody_jax.models.swinir import SwinIR
@@ -113,3 +114,83 @@ def v1_controlnet_loss(
                        mid_residual=residuals.mid)
     loss = body_attention_loss(pred, x0, eps, alphas_cumprod[t], prediction_type, i_attn, weighting=weighting)
     return loss, {"t_mean": t.astype(jnp.float32).mean(), "attention_mean": i_attn.mean()}
+
+
+# ------------------------------------------------------------------------------------------- v2 stage 1
+# The authors' dataset statistics of SD VAE latents (scaled) per prior (their --normalize_dist): mean, std.
+AUTHORS_LATENT_STATS = {"rgb": (0.14654, 1.03744), "depth": (0.21360, 1.20629), "normal": (0.60303, 0.91429),
+                        "pose": (-0.25994, 1.38366)}
+
+
+def normalize_latent(z: Array, name: str, stats: Mapping[str, Sequence[float]]) -> Array:
+    """Move a prior's latent to the RGB latents' statistics: (z - m_prior) / s_prior * s_rgb + m_rgb (identity for
+    "rgb")."""
+    if name == "rgb":
+        return z
+    (mean, std), (rgb_mean, rgb_std) = stats[name], stats["rgb"]
+    return (z - mean) / std * rgb_std + rgb_mean
+
+
+def branch_image(batch: Mapping[str, Any], branch: str) -> Array:
+    """The [B, H, W, 3] image in [0, 1] a joint-UNet branch denoises: the clean crop ("rgb"), the depth map
+    repeated on three channels ("depth"), the normal map ("normal")."""
+    if branch == "rgb":
+        return batch["target"]
+    image = batch[branch]
+    return jnp.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
+
+
+def stage1_loss(
+    group,
+    variables: Mapping[str, Any],
+    batch: Mapping[str, Any],
+    key: jax.Array,
+    alphas_cumprod: Array,
+    *,
+    branches: Sequence[str],
+    prediction_type: str = "epsilon",
+    latent_stats: Mapping[str, Sequence[float]] | None = None,
+) -> tuple[Array, dict[str, Array]]:
+    """DiffBody v2 stage 1 (seed 002): Eq. 1 (no "controlnet" member in `group`) or Eq. 2 (with one).
+
+    group: a `ModelGroup` with joint_unet, vae, text_encoder, and for Eq. 2 also controlnet and swinir.
+    batch: target, pose, depth [B, H, W, 1], normal [B, H, W, 3] (all in [0, 1]), input_ids [B, 77]; Eq. 2 also
+    degraded.
+
+      c_p     = E(I_pose)                                  (normalised to the RGB statistics when latent_stats)
+      x0_k    = E(I_k) for k in branches (rgb = the clean crop, depth, normal)
+      z_k     = sqrt(a_t) x0_k + sqrt(1 - a_t) eps_k      (one t per example, eps_k independent per branch)
+      z_hat   = [z_k, c_p] per branch, branch-major         (the joint UNet's n_branches x 8 input channels)
+      Eq. 1:  sum_k ||target_k - eps_theta_k(z_hat, t, c_t)||^2
+      Eq. 2:  the same with the ControlNet on c_r = E(I_ir), I_ir = SwinIR(degraded), seeing the RGB branch's
+              input [z_rgb, c_p]; its residuals added in every branch (models/joint_unet.py routes them).
+
+    The paper writes the sum over branches (the authors' code takes the mean over the 12 channels: a factor of
+    1/3 on the same gradient direction). Returns (loss, {"t_mean", "loss_<branch>"...}).
+    """
+
+    def encode(image):
+        return group.apply("vae", variables, image * 2.0 - 1.0, method="encode_latents")
+
+    def normalized(z, name):
+        return z if latent_stats is None else normalize_latent(z, name, latent_stats)
+
+    pose = normalized(encode(batch["pose"]), "pose")
+    x0 = [normalized(encode(branch_image(batch, name)), name) for name in branches]
+    k_t, *k_branch = jax.random.split(key, len(branches) + 1)
+    t = jax.random.randint(k_t, (pose.shape[0],), 0, alphas_cumprod.shape[0])
+    eps, z_t = [], []
+    for k, x in zip(k_branch, x0, strict=True):
+        _, e, z = noising(k, x, alphas_cumprod, timesteps=t)
+        eps.append(e)
+        z_t.append(jnp.concatenate([z, pose.astype(z.dtype)], axis=-1))
+    context = sd21_prompt_embeds(group.text_encoder, variables["params"]["text_encoder"], batch["input_ids"])
+    residuals = {}
+    if "controlnet" in group.members:
+        i_ir = jnp.clip(group.apply("swinir", variables, batch["degraded"]), 0.0, 1.0)
+        out = group.apply("controlnet", variables, z_t[list(branches).index("rgb")], t, context, encode(i_ir))
+        residuals = dict(down_residuals=out.down, mid_residual=out.mid)
+    pred = group.apply("joint_unet", variables, jnp.concatenate(z_t, axis=-1), t, context, **residuals)
+    loss, parts = multi_branch_loss(pred, x0, eps, alphas_cumprod[t], prediction_type)
+    metrics = {f"loss_{name}": parts[f"branch_{b}"] for b, name in enumerate(branches)}
+    return loss, {"t_mean": t.astype(jnp.float32).mean(), **metrics}

@@ -2,7 +2,8 @@
 
 A `Phase` is
   build(model_config) -> module       the Flax module of a config's `model` section (`models.registry`),
-  subset                              the trainable params (a `TrainableSubset`; the rest is frozen),
+  subset                              the trainable params (a `TrainableSubset`, or a function of the config that
+                                      returns one; the rest is frozen),
   inputs                              the batch fields its loss reads (taken from the data pipeline's batches),
   switches(config) -> dict            the loss's settings read from the config (prediction type, min-SNR, ...),
   loss(module, **switches) -> fn      a loss factory: fn(variables, batch, key) -> (loss, metrics), `variables`
@@ -13,7 +14,8 @@ A `Phase` is
   export                              the param subtree written to the PyTorch layout at the end ("" = all).
 
 The engine (`training.engine`) knows nothing else about a phase, so a new phase is a `Phase` registered here plus a
-config file. Registered so far: stage 0 (SwinIR, L2) and stage 2's two (Eq. 3, Eq. 4).
+config file. Registered: stage 0 (SwinIR, L2), v1's ControlNet (seed 000, Eq. 4), v2 stage 1's joint UNet and
+ControlNet (seed 002, Eqs. 1-2) and stage 2's two (Eqs. 3-4).
 """
 
 from __future__ import annotations
@@ -30,7 +32,13 @@ from diffbody_jax.diffusion.schedule import NoiseSchedule
 from diffbody_jax.files import read_json
 from diffbody_jax.models.registry import build_model
 from diffbody_jax.models.swinir import SwinIR
-from diffbody_jax.training.losses import STAGE2_PHASES, stage2_loss, swinir_l2_loss, v1_controlnet_loss
+from diffbody_jax.training.losses import (
+    STAGE2_PHASES,
+    stage1_loss,
+    stage2_loss,
+    swinir_l2_loss,
+    v1_controlnet_loss,
+)
 from diffbody_jax.training.trainable import TrainableSubset
 
 STAGE2_SUBSETS = {
@@ -54,13 +62,17 @@ def _no_switches(config) -> dict:
 class Phase:
     name: str
     build: Callable[[Any], Any]
-    subset: TrainableSubset
+    subset: TrainableSubset | Callable[[Any], TrainableSubset]
     inputs: tuple[str, ...]
     loss: Callable[..., Callable]
     switches: Callable[[Any], dict] = _no_switches
     prepare: Callable[[Mapping, Mapping[str, Any]], Mapping[str, Any]] = _identity
     export: str | None = ""
     host: Callable[[Any], Callable[[dict], dict]] | None = None
+
+    def trainable(self, config) -> TrainableSubset:
+        """The trainable subset under `config` (a phase may choose it from a config switch)."""
+        return self.subset(config) if callable(self.subset) else self.subset
 
     def loss_fn(self, module, config) -> Callable:
         """fn(variables, batch, key) -> (loss, metrics) of this phase for `module` under `config`."""
@@ -124,6 +136,46 @@ def _stage2_loss(module, *, phase: str, alphas_cumprod, prediction_type: str = "
                                                      **kw)
 
 
+JOINT_UNET_TRAINABLE = ("sd_branch", "all")
+
+
+def joint_unet_subset(config) -> TrainableSubset:
+    """stage1_joint_unet's trainable params (config.joint.trainable).
+
+    "sd_branch" (the paper, seed 002 Sec. 4.2: "fine-tuning applied only to the Stable Diffusion branch"): the
+      joint UNet's SD UNet, i.e. the RGB branch's own blocks and the shared trunk, time embedding included; the
+      depth and normal branches' own blocks and the fusion logits stay frozen. Our reading: the sentence can
+      also mean the whole joint UNet as opposed to the ControlNet trained next (that is "all"); docs/training.md.
+    "all" (the authors' training script): every joint UNet param.
+    """
+    choice = config["joint"]["trainable"]
+    if choice == "all":
+        return TrainableSubset("joint_unet", (r"^joint_unet/",))
+    if choice != "sd_branch":
+        raise ValueError(f"config joint.trainable={choice!r}; expected one of {JOINT_UNET_TRAINABLE}")
+    branches = config["model"]["members"]["joint_unet"]["config"]["branches"]
+    if "rgb" not in branches:
+        raise ValueError(f"joint.trainable=sd_branch needs an rgb branch; model branches are {list(branches)}")
+    rgb = list(branches).index("rgb")
+    # every joint UNet path except fusion_logits and the other branches' `<name>_branch_<b>[_<block>]/...`
+    return TrainableSubset("joint_unet_sd_branch",
+                           (rf"^joint_unet/(?!fusion_logits$)(?![a-z_]+_branch_(?!{rgb}[_/])\d+[_/])",))
+
+
+def _stage1_switches(config) -> dict:
+    d = config["diffusion"]
+    joint = config["joint"]
+    stats = {k: tuple(v) for k, v in joint["latent_stats"].items()} if joint["normalize_latents"] else None
+    return dict(alphas_cumprod=_sd_schedule(d["scheduler"]), prediction_type=d["prediction_type"],
+                branches=tuple(config["model"]["members"]["joint_unet"]["config"]["branches"]), latent_stats=stats)
+
+
+def _stage1_loss(group, **switches):
+    return lambda variables, batch, key: stage1_loss(group, variables, batch, key, **switches)
+
+
+STAGE1_INPUTS = ("target", "pose", "depth", "normal", "input_ids")
+
 PHASES: dict[str, Phase] = {
     "swinir": Phase("swinir", build_model, TrainableSubset("swinir", (r".",)), ("degraded", "target"), _swinir_loss),
     **{f"stage2_{p}": Phase(f"stage2_{p}", build_model, STAGE2_SUBSETS[p], STAGE2_INPUTS,
@@ -133,6 +185,11 @@ PHASES: dict[str, Phase] = {
     "v1_controlnet": Phase("v1_controlnet", build_model, TrainableSubset("controlnet", (r"^controlnet/",)),
                            ("degraded", "target", "pose", "input_ids"), _v1_loss, _v1_switches,
                            export="controlnet", host=caption_tokens),
+    "stage1_joint_unet": Phase("stage1_joint_unet", build_model, joint_unet_subset, STAGE1_INPUTS, _stage1_loss,
+                               _stage1_switches, export="joint_unet", host=caption_tokens),
+    "stage1_controlnet": Phase("stage1_controlnet", build_model, TrainableSubset("controlnet", (r"^controlnet/",)),
+                               STAGE1_INPUTS + ("degraded",), _stage1_loss, _stage1_switches, export="controlnet",
+                               host=caption_tokens),
 }
 
 

@@ -6,7 +6,6 @@ latent-condition ControlNet class: tests/interop/test_controlnet_interop.py). Ca
 
 import jax
 import numpy as np
-import optax
 import pytest
 
 from diffbody_jax.config import load_config
@@ -15,12 +14,9 @@ from diffbody_jax.interop.pretrained import load_pretrained, save_pretrained
 from diffbody_jax.models.registry import build_model
 from diffbody_jax.training.checkpoint import Checkpoints
 from diffbody_jax.training.engine import setup, train
-from diffbody_jax.training.phases import caption_tokens, get_phase
-from diffbody_jax.training.state import create_train_state
-from diffbody_jax.training.step import make_train_step
-from diffbody_jax.training.trainable import partition
+from diffbody_jax.training.phases import caption_tokens
 from tests.torch_ref import optional
-from tests.training.overfit import steps_until_halved
+from tests.training.overfit import overfit_phase
 
 transformers = optional("transformers")
 pytestmark = pytest.mark.skipif(transformers is None, reason="CLIP's tokenizer comes from transformers")
@@ -39,23 +35,10 @@ def _batch(config, rng):
 def test_the_loss_overfits_one_batch_through_the_controlnet_alone(rng):
     """Fixed t and noise (the loss's key pinned): at most 80 Adam steps to halve Eq. 4's loss."""
     config = load_config("v1_controlnet:variant=tiny")
-    phase, group = get_phase(config.phase), build_model(config.model)
-    variables = group.init(jax.random.key(0))
-    variables = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, variables,
-                             is_leaf=lambda x: hasattr(x, "names"))
-    trainable, frozen = partition(variables["params"], phase.subset)
-    assert set(trainable) == {"controlnet"} and set(frozen) == {"unet", "vae", "text_encoder", "swinir", "bodypart"}
-    tx = optax.adam(float(config.optim.learning_rate))
-    loss = phase.loss_fn(group, config)
-    state = create_train_state(trainable, frozen, {"batch_stats": variables["batch_stats"]}, tx,
-                               jax.random.PRNGKey(0), ema=False)
-    step = jax.jit(make_train_step(lambda v, b, k: loss(v, b, jax.random.key(3)), tx))
-    batch = {k: v for k, v in _batch(config, rng).items() if k in phase.inputs}
-    frozen0 = jax.tree.map(np.asarray, (state.frozen, state.model_state))
-    state, losses = steps_until_halved(step, state, batch, 80)
+    losses, changed, trainable, frozen = overfit_phase(config, _batch(config, rng), 80)
+    assert trainable == ["controlnet"] and frozen == ["bodypart", "swinir", "text_encoder", "unet", "vae"]
     assert losses[-1] <= losses[0] / 2, losses[::10]
-    for a, b in zip(jax.tree.leaves(frozen0), jax.tree.leaves((state.frozen, state.model_state)), strict=True):
-        np.testing.assert_array_equal(a, np.asarray(b))
+    assert changed == []
 
 
 def test_the_phase_starts_from_a_stage0_export_and_exports_its_controlnet(tmp_path):
