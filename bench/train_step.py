@@ -101,7 +101,7 @@ def stage2_state_bytes(devices: int, fsdp_min_size: int = 2**18) -> dict:
     from diffbody_jax.training.phases import get_phase
     from diffbody_jax.training.trainable import partition
 
-    config = load_config("stage2:variant=sdxl,phase=controlnet")
+    config = load_config("stage2_controlnet:variant=paper")
     module = build_model(config.model)
     boxed = module.abstract_variables()
     mesh = AbstractMesh((1, devices, 1), ("data", "fsdp", "tensor"))

@@ -6,6 +6,7 @@ Variants:
   sd21-base, sdxl-base     configs/diffusers/<variant>/vae/config.json (official files)
   sdxl-vae-fp16-fix        the community SDXL VAE re-trained to stay inside fp16's range
   tiny      2 levels (32, 64 channels), 1 ResNet per level
+  tiny4     4 levels (8, 16, 16, 32 channels): latents at 1/8 like SD's, for the tiny stage-2 ControlNet
   tiny3     3 levels, 2 ResNets per level, with a shift_factor (as SD3/Flux-style VAEs have)
 """
 
@@ -27,6 +28,15 @@ TINY = {
         norm_num_groups=8,
         latent_channels=4,
         sample_size=32,
+    ),
+    "tiny4": dict(
+        block_out_channels=[8, 16, 16, 32],
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        latent_channels=4,
+        sample_size=64,
     ),
     "tiny3": dict(
         block_out_channels=[16, 32, 32],

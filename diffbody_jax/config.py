@@ -2,7 +2,7 @@
 our config dataclasses and diffusers/transformers config.json dicts.
 
     config = load_config("unet:variant=tiny-sd21", overrides=["model.dtype=bfloat16"])
-    config = load_config("configs/stage2.py:variant=tiny,phase=controlnet")   # a path works too
+    config = load_config("configs/stage2_controlnet.py:variant=tiny")   # a path works too
 
 A config file (big_vision/MaxDiffusion style) is a Python file with `get_config(arg) -> ConfigDict`; `arg` is the
 text after ":" in the spec, parsed by `parse_arg` against the file's defaults. A bare name ("unet", "unet.py")

@@ -269,11 +269,12 @@ def load_weights_for(path: str | os.PathLike, module, param_dtype: Any = np.floa
     path = Path(path)
     if path.is_dir():
         subfolder = None
-        name = family_for_module(module).component
-        if not (path / "config.json").exists() and (path / name).is_dir():
-            subfolder = name  # a pipeline folder: take the member's component
-        _, loaded = load_pretrained(path, subfolder=subfolder, param_dtype=param_dtype)
-        return dict(loaded) if family_for_module(module).variables else {"params": loaded}
+        if not (path / "config.json").exists():  # a pipeline folder: take the member's component
+            name = family_for_module(module).component
+            subfolder = name if (path / name).is_dir() else None
+        loaded_module, loaded = load_pretrained(path, subfolder=subfolder, param_dtype=param_dtype)
+        # a colour adapter folder fills part of a composed stage-2 model: the caller places it
+        return dict(loaded) if family_for_module(loaded_module).variables else {"params": loaded}
     if isinstance(module, SwinIR):
         return {"params": load_swinir(path, module.config, param_dtype)}
     if isinstance(module, BodyPartNet):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +31,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from diffbody_jax.config import load_config
@@ -37,6 +39,8 @@ from diffbody_jax.data.degradations import degradation_from_config
 from diffbody_jax.data.manifest import read_manifest
 from diffbody_jax.data.pipeline import DataConfig, make_dataset
 from diffbody_jax.interop.pretrained import init_from_pretrained_unet, load_weights_for, save_pretrained
+from diffbody_jax.models.stage2 import Stage2Model
+from diffbody_jax.models.unet import UNet2DConditionModel
 from diffbody_jax.parallel.mesh import MeshConfig, make_mesh
 from diffbody_jax.parallel.sharding import (
     ShardingRules,
@@ -152,6 +156,27 @@ def _check_fits(target, loaded, where: str) -> None:
             f"{k}: model {want.get(k)}, file {got.get(k)}" for k in diff))
 
 
+def _covered(member, target: dict, loaded: dict) -> tuple[dict, dict]:
+    """(flat loaded leaves placed at the target's paths, flat target leaves the source may leave untouched).
+
+    Two sources fill only part of a member: a plain UNet into a UNet built with the colour adapter's to_k_ip /
+    to_v_ip (those keep their fresh values), and a colour adapter (IP-Adapter-Plus-XL, converted: {"image_proj",
+    "ip_adapter"}) into a `Stage2Model` (its Resampler and the UNet's adapter kernels; the rest untouched)."""
+    flat_target = traverse_util.flatten_dict(target, sep="/")
+    flat = traverse_util.flatten_dict(loaded, sep="/")
+    if isinstance(member, Stage2Model) and set(loaded) == {"image_proj", "ip_adapter"}:
+        flat = {("image_proj/" + k[len("image_proj/"):]) if k.startswith("image_proj/")
+                else "unet/" + k[len("ip_adapter/"):]: v for k, v in flat.items()}
+        optional = {k: v for k, v in flat_target.items() if not (k.startswith("image_proj/") or _IP_KERNEL.search(k))}
+        return flat, optional
+    if isinstance(member, UNet2DConditionModel) and member.ip_adapter and not any(_IP_KERNEL.search(k) for k in flat):
+        return flat, {k: v for k, v in flat_target.items() if _IP_KERNEL.search(k)}
+    return flat, {}
+
+
+_IP_KERNEL = re.compile(r"/to_[kv]_ip/")
+
+
 def _load_into(variables: dict, shardings: dict, subtree: str, path: str, module, rng) -> dict:
     """Place one init source: `path` (`load_weights_for`: a diffusers or converted folder, with BatchNorm statistics
     where the model has them, or an original SwinIR / BPBreID checkpoint file) or `unet:path` (a ControlNet or
@@ -172,9 +197,14 @@ def _load_into(variables: dict, shardings: dict, subtree: str, path: str, module
         if collection not in variables:
             raise ValueError(f"train.init_from {path}: holds {collection!r}, which the model has none of")
         target = _subtree(variables[collection], subtree, collection)
-        _check_fits(target, tree, f"{path} does not fit {collection} {subtree or '(all)'!r}")
-        placed = host_to_sharded(tree, _subtree(shardings[collection], subtree, collection))
-        out[collection] = _replace(variables[collection], subtree, placed)
+        flat, untouched = _covered(member, target, tree)
+        flat_target = traverse_util.flatten_dict(target, sep="/")
+        where = f"{path} does not fit {collection} {subtree or '(all)'!r}"
+        _check_fits({k: v for k, v in flat_target.items() if k not in untouched}, flat, where)
+        shard = traverse_util.flatten_dict(_subtree(shardings[collection], subtree, collection), sep="/")
+        placed = host_to_sharded(flat, {k: shard[k] for k in flat})
+        merged = traverse_util.unflatten_dict({**flat_target, **placed}, sep="/")
+        out[collection] = _replace(variables[collection], subtree, merged)
     return out
 
 
@@ -246,8 +276,11 @@ def export_params(s: Setup, state: TrainState, config, workdir: Path) -> Path | 
     ema = bool(config.train.export_ema) and bool(jax.tree.leaves(state.ema))
     params = merge(state.ema if ema else state.params, state.frozen)  # device arrays: nothing copied yet
     module = s.module
-    for part in filter(None, name.split("/")):
-        module, params = getattr(module, part), params[part]
+    if callable(name):
+        module, params = name(module, params)
+    else:
+        for part in filter(None, name.split("/")):
+            module, params = getattr(module, part), params[part]
     # only the exported component comes to the host (not, say, the frozen SDXL UNet beside a ControlNet)
     params = jax.tree.map(np.asarray, multihost_utils.process_allgather(params, tiled=True))
     folder = Path(config.train.export_dir or workdir / "export")

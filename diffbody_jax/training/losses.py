@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from diffbody_jax.conditioning.body_priors import body_attention_map
-from diffbody_jax.conditioning.prompts import sd21_prompt_embeds
+from diffbody_jax.conditioning.clip_image import colour_adapter_features
+from diffbody_jax.conditioning.prompts import sd21_prompt_embeds, sdxl_prompt_embeds
 from diffbody_jax.diffusion.losses import body_attention_loss, diffusion_loss, multi_branch_loss, noising
 from diffbody_jax.models.layers import Array
 from diffbody_jax.models.stage2 import Stage2Model
@@ -194,3 +195,55 @@ def stage1_loss(
     loss, parts = multi_branch_loss(pred, x0, eps, alphas_cumprod[t], prediction_type)
     metrics = {f"loss_{name}": parts[f"branch_{b}"] for b, name in enumerate(branches)}
     return loss, {"t_mean": t.astype(jnp.float32).mean(), **metrics}
+
+
+# ------------------------------------------------------------------------------------------- v2 stage 2
+COLOUR_IMAGE_SOURCES = ("ir", "target")
+
+
+def stage2_inputs(group, variables: Mapping[str, Any], batch: Mapping[str, Any], *, adapter_image: str | None = None,
+                  ) -> dict[str, Any]:
+    """The frozen encoders of stage 2, in the step: the pipeline's batch -> `stage2_loss`'s batch.
+
+    group: a `ModelGroup` with stage2, vae, text_encoder, text_encoder_2, swinir (and image_encoder for the colour
+    adapter). batch: target, degraded, pose, normal [B, H, W, 3], depth [B, H, W, 1] (all in [0, 1]), input_ids and
+    input_ids_2 [B, 77] (the two SDXL tokenizers), original_size and crop_top_left [B, 2] (H, W) / (top, left).
+    Fields already present (latents, prompt_embeds, text_embeds: a `diffbody prepare` cache) are kept.
+
+      latents   = E(target)                                          (SDXL's VAE, scaled)
+      priors    = {ir: SwinIR(degraded) clipped, pose, depth (3 channels), normal}, at image resolution in [0, 1]
+      text      = SDXL's prompt_embeds (both encoders' penultimate states), pooled text_embeds, and time_ids =
+                  (original size, crop top-left, the crop's size) per example: SDXL's size conditioning
+      image_features (adapter_image = "ir" | "target"): CLIP vision penultimate states of that image, the training
+                  stand-in for I_res (stage 1's restoration, which needs a sampling run per example). Default "ir":
+                  closest to I_res among what a step has; "target" is IP-Adapter's own training recipe.
+    """
+    out = {k: batch[k] for k in ("latents", "prompt_embeds", "text_embeds") if k in batch}
+    if "latents" not in out:
+        out["latents"] = group.apply("vae", variables, batch["target"] * 2.0 - 1.0, method="encode_latents")
+    if "prompt_embeds" not in out:
+        text = sdxl_prompt_embeds(group.text_encoder, variables["params"]["text_encoder"], batch["input_ids"],
+                                  group.text_encoder_2, variables["params"]["text_encoder_2"], batch["input_ids_2"])
+        out.update(prompt_embeds=text.prompt_embeds, text_embeds=text.text_embeds)
+    b, h, w, _ = batch["degraded"].shape
+    crop = jnp.broadcast_to(jnp.asarray([h, w], jnp.float32), (b, 2))
+    out["time_ids"] = jnp.concatenate([batch["original_size"].astype(jnp.float32),
+                                       batch["crop_top_left"].astype(jnp.float32), crop], axis=-1)
+    i_ir = jnp.clip(group.apply("swinir", variables, batch["degraded"]), 0.0, 1.0)
+    depth = batch["depth"]
+    out["priors"] = {"ir": i_ir, "pose": batch["pose"], "normal": batch["normal"],
+                     "depth": jnp.repeat(depth, 3, axis=-1) if depth.shape[-1] == 1 else depth}
+    if adapter_image is not None:
+        if adapter_image not in COLOUR_IMAGE_SOURCES:
+            raise ValueError(f"colour adapter image {adapter_image!r}; expected one of {COLOUR_IMAGE_SOURCES}")
+        image = i_ir if adapter_image == "ir" else batch["target"]
+        out["image_features"] = colour_adapter_features(group.image_encoder, variables["params"]["image_encoder"],
+                                                        image)
+    return out
+
+
+def stage2_phase_loss(group, variables: Mapping[str, Any], batch: Mapping[str, Any], key: jax.Array,
+                      alphas_cumprod: Array, phase: str, *, adapter_image: str = "ir", **loss_kw):
+    """Eq. 3 / Eq. 4 (`stage2_loss`) on the batch `stage2_inputs` makes from the pipeline's batch."""
+    inputs = stage2_inputs(group, variables, batch, adapter_image=adapter_image if phase == "colour_adapter" else None)
+    return stage2_loss(group.stage2, variables["params"]["stage2"], inputs, key, alphas_cumprod, phase, **loss_kw)

@@ -11,7 +11,8 @@ A `Phase` is
   prepare(variables, batch)           the pipeline's batch -> the loss's batch, inside the jitted step (encoders
                                       that run outside the trained model go here; identity where it fits),
   host(config) -> fn(batch) -> batch  on the host, before the batch becomes global arrays (tokenising captions),
-  export                              the param subtree written to the PyTorch layout at the end ("" = all).
+  export                              the param subtree written to the PyTorch layout at the end ("" = all), or
+                                      fn(module, params) -> (module, params) choosing what to write.
 
 The engine (`training.engine`) knows nothing else about a phase, so a new phase is a `Phase` registered here plus a
 config file. Registered: stage 0 (SwinIR, L2), v1's ControlNet (seed 000, Eq. 4), v2 stage 1's joint UNet and
@@ -30,22 +31,29 @@ import jax.numpy as jnp
 from diffbody_jax.config import CONFIG_DIR
 from diffbody_jax.diffusion.schedule import NoiseSchedule
 from diffbody_jax.files import read_json
+from diffbody_jax.interop.ip_adapter import ColourAdapter, ColourAdapterConfig
+from diffbody_jax.models.ip_adapter import ip_adapter_of
 from diffbody_jax.models.registry import build_model
 from diffbody_jax.models.swinir import SwinIR
 from diffbody_jax.training.losses import (
-    STAGE2_PHASES,
     stage1_loss,
-    stage2_loss,
+    stage2_phase_loss,
     swinir_l2_loss,
     v1_controlnet_loss,
 )
 from diffbody_jax.training.trainable import TrainableSubset
 
+# what each stage-2 phase trains, as paths inside the `Stage2Model`; the phases' group holds it as member "stage2"
 STAGE2_SUBSETS = {
     "controlnet": TrainableSubset("controlnet", (r"^controlnet/",)),
     "colour_adapter": TrainableSubset("colour_adapter", (r"^image_proj/", r"^unet/.*/to_[kv]_ip/")),
 }
-STAGE2_INPUTS = ("latents", "prompt_embeds", "text_embeds", "time_ids", "priors")
+STAGE2_INPUTS = ("target", "degraded", "pose", "depth", "normal", "original_size", "crop_top_left", "input_ids",
+                 "input_ids_2")
+
+
+def _in_member(subset: TrainableSubset, member: str) -> TrainableSubset:
+    return TrainableSubset(subset.name, tuple(f"^{member}/" + p.removeprefix("^") for p in subset.patterns))
 
 
 def _identity(variables: Mapping, batch: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -67,7 +75,7 @@ class Phase:
     loss: Callable[..., Callable]
     switches: Callable[[Any], dict] = _no_switches
     prepare: Callable[[Mapping, Mapping[str, Any]], Mapping[str, Any]] = _identity
-    export: str | None = ""
+    export: str | Callable[[Any, Any], tuple[Any, Any]] | None = ""
     host: Callable[[Any], Callable[[dict], dict]] | None = None
 
     def trainable(self, config) -> TrainableSubset:
@@ -98,18 +106,21 @@ def _v1_loss(group, **switches):
 
 def caption_tokens(config) -> Callable[[dict], dict]:
     """Host hook of the text-conditioned phases: the batch's captions (manifest captions, the fallback for empty
-    ones, "" with probability text.drop_prob) as CLIP token ids, batch["input_ids"] [B, 77] int32."""
+    ones, "" with probability text.drop_prob) as CLIP token ids, batch["input_ids"] [B, 77] int32 (and
+    batch["input_ids_2"] by text.tokenizer_2, SDXL's second tokenizer, when the config has one)."""
     from diffbody_jax.conditioning.prompts import load_tokenizer, tokenize
     from diffbody_jax.data.captions import CaptionPolicy
 
     text = config["text"]
-    tokenizer = load_tokenizer(text["tokenizer"] or None, pad_token=text["pad_token"] or None)
+    tokenizers = {"input_ids": load_tokenizer(text["tokenizer"] or None, pad_token=text["pad_token"] or None)}
+    if "tokenizer_2" in text:  # SDXL's second text encoder
+        tokenizers["input_ids_2"] = load_tokenizer(text["tokenizer_2"] or None, pad_token=text["pad_token_2"] or None)
     policy = CaptionPolicy(fallback=text["fallback"], drop_prob=float(text["drop_prob"]))
     seed = int(config["train"]["seed"])
 
     def fn(batch: dict) -> dict:
         prompts = policy.prompts(batch["caption"], batch["record"], batch["epoch"], seed)
-        return {**batch, "input_ids": tokenize(tokenizer, prompts)}
+        return {**batch, **{field: tokenize(tok, prompts) for field, tok in tokenizers.items()}}
 
     return fn
 
@@ -124,16 +135,21 @@ def _swinir_loss(module: SwinIR):
 
 def _stage2_switches(config) -> dict:
     diffusion = config["diffusion"]
-    return dict(alphas_cumprod=_sd_schedule("sdxl-base"),
-                prediction_type=diffusion["prediction_type"], noise_offset=float(diffusion["noise_offset"]),
-                min_snr_gamma=diffusion["min_snr_gamma"])
+    return dict(alphas_cumprod=_sd_schedule(diffusion["scheduler"]), prediction_type=diffusion["prediction_type"],
+                noise_offset=float(diffusion["noise_offset"]), min_snr_gamma=diffusion["min_snr_gamma"],
+                adapter_image=config["adapter"]["image"] if "adapter" in config else "ir")
 
 
-def _stage2_loss(module, *, phase: str, alphas_cumprod, prediction_type: str = "epsilon", noise_offset: float = 0.0,
-                 min_snr_gamma: float | None = None):
-    kw = dict(prediction_type=prediction_type, noise_offset=noise_offset, min_snr_gamma=min_snr_gamma)
-    return lambda variables, batch, key: stage2_loss(module, variables["params"], batch, key, alphas_cumprod, phase,
-                                                     **kw)
+def _stage2_loss(group, *, phase: str, **switches):
+    return lambda variables, batch, key: stage2_phase_loss(group, variables, batch, key, phase=phase, **switches)
+
+
+def colour_adapter_export(group, params):
+    """The colour adapter of a stage-2 group as IP-Adapter's own model (`interop.ip_adapter.ColourAdapter`): the
+    Resampler and the UNet's to_k_ip / to_v_ip, nothing else (params may be device arrays: selected, not copied)."""
+    model, params = group.stage2, params["stage2"]
+    adapter = ColourAdapter(ColourAdapterConfig(model.unet.config, model.image_proj.config))
+    return adapter, {"image_proj": params["image_proj"], "ip_adapter": ip_adapter_of(params["unet"])}
 
 
 JOINT_UNET_TRAINABLE = ("sd_branch", "all")
@@ -178,10 +194,12 @@ STAGE1_INPUTS = ("target", "pose", "depth", "normal", "input_ids")
 
 PHASES: dict[str, Phase] = {
     "swinir": Phase("swinir", build_model, TrainableSubset("swinir", (r".",)), ("degraded", "target"), _swinir_loss),
-    **{f"stage2_{p}": Phase(f"stage2_{p}", build_model, STAGE2_SUBSETS[p], STAGE2_INPUTS,
-                            functools.partial(_stage2_loss, phase=p), _stage2_switches,
-                            export="controlnet" if p == "controlnet" else None)
-       for p in STAGE2_PHASES},
+    "stage2_controlnet": Phase("stage2_controlnet", build_model, _in_member(STAGE2_SUBSETS["controlnet"], "stage2"),
+                               STAGE2_INPUTS, functools.partial(_stage2_loss, phase="controlnet"), _stage2_switches,
+                               export="stage2/controlnet", host=caption_tokens),
+    "colour_adapter": Phase("colour_adapter", build_model, _in_member(STAGE2_SUBSETS["colour_adapter"], "stage2"),
+                            STAGE2_INPUTS, functools.partial(_stage2_loss, phase="colour_adapter"), _stage2_switches,
+                            export=colour_adapter_export, host=caption_tokens),
     "v1_controlnet": Phase("v1_controlnet", build_model, TrainableSubset("controlnet", (r"^controlnet/",)),
                            ("degraded", "target", "pose", "input_ids"), _v1_loss, _v1_switches,
                            export="controlnet", host=caption_tokens),

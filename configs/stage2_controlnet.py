@@ -1,0 +1,81 @@
+"""DiffBody v2 stage 2, Eq. 3 (seed 002): SDXL UNet frozen, the prior-fusion ControlNet over I_ir, pose, depth and
+normal trained, with SDXL's VAE, both text encoders and the stage-0 SwinIR frozen inside the step.
+
+  python -c "from diffbody_jax.config import load_config as c; print(c('stage2_controlnet:variant=tiny').adapter)"
+
+Variants:
+  paper  configs/stage2.py:sdxl (SDXL-base UNet with the colour adapter's kernels, off in this phase; the
+         diffbody-v2-stage2 ControlNet), SDXL-base's VAE and text encoders, DiffBIR's SwinIR; the paper's numbers
+         (Sec. 4.3): 100,000 steps, batch 32 with 2 accumulation steps, Adam lr 1e-5, the five buckets. Sources:
+           --config.train.init_from="stage2/unet=SDXL/unet,stage2/controlnet=CN,vae=SDXL/vae,
+             text_encoder=SDXL/text_encoder,text_encoder_2=SDXL/text_encoder_2,swinir=RUNS/swinir"
+         (SDXL a stable-diffusion-xl-base-1.0 folder; CN `diffbody convert init-from-controlnet`'s output, or
+         unet:SDXL/unet to start the ControlNet from the UNet)
+  tiny   configs/stage2.py:tiny with a tiny VAE (latents at 1/8, as the ControlNet's prior embeddings expect), tiny
+         text encoders and SwinIR; 64 x 64 crops
+
+In the step (training.losses.stage2_inputs): latents = E(target); priors = SwinIR(degraded), pose, depth, normal at
+image resolution in [0, 1]; SDXL's text conditioning from the caption, and its size conditioning from each crop's
+original image size and crop corner (the data pipeline's original_size and crop_top_left).
+"""
+
+import pathlib
+
+import ml_collections
+
+from diffbody_jax.config import load_config, model_section, parse_arg, training_sections
+
+HERE = pathlib.Path(__file__).parent
+VARIANTS = {
+    # stage2, vae, text encoders, swinir, image encoder variants
+    "paper": ("sdxl", "sdxl-base", ("sdxl-base", "sdxl-base-2"), "diffbir", "ip-adapter"),
+    "tiny": ("tiny", "tiny4", ("tiny-sdxl", "tiny-sdxl-2"), "tiny-diffbir", "tiny-vision"),
+}
+
+
+def members(variant: str, image_encoder: bool) -> ml_collections.ConfigDict:
+    """The stage-2 phases' model group: the denoiser and the encoders that run in the step."""
+    stage2, vae, (text_1, text_2), swinir, vision = VARIANTS[variant]
+    out = dict(
+        stage2=load_config(f"{HERE / 'stage2.py'}:variant={stage2}").model,
+        vae=load_config(f"{HERE / 'vae.py'}:variant={vae}").model,
+        text_encoder=load_config(f"{HERE / 'clip.py'}:variant={text_1}").model,
+        text_encoder_2=load_config(f"{HERE / 'clip.py'}:variant={text_2}").model,
+        swinir=load_config(f"{HERE / 'swinir.py'}:variant={swinir}").model,
+    )
+    if image_encoder:
+        out["image_encoder"] = load_config(f"{HERE / 'clip.py'}:variant={vision}").model
+    return ml_collections.ConfigDict(out)
+
+
+def get_config(arg=None):
+    arg = parse_arg(arg, variant="paper")
+    if arg["variant"] not in VARIANTS:
+        raise ValueError(f"unknown stage-2 variant {arg['variant']!r}; known: {sorted(VARIANTS)}")
+    tiny = arg["variant"] == "tiny"
+    config = ml_collections.ConfigDict()
+    config.model = model_section(name="group", variant=arg["variant"], members=members(arg["variant"], False))
+    config.phase = "stage2_controlnet"
+    config.diffusion = ml_collections.ConfigDict(dict(
+        scheduler="sdxl-base", prediction_type="epsilon", noise_offset=0.0,
+        min_snr_gamma=ml_collections.config_dict.placeholder(float),  # None: off; overridable with a number
+    ))
+    config.adapter = ml_collections.ConfigDict(dict(
+        image="ir",  # the colour adapter's CLIP image in training (phase colour_adapter): ir | target
+    ))
+    sdxl = HERE / "diffusers/sdxl-base"
+    config.text = ml_collections.ConfigDict(dict(
+        tokenizer="" if tiny else str(sdxl / "tokenizer"), pad_token="<|endoftext|>",
+        tokenizer_2="" if tiny else str(sdxl / "tokenizer_2"), pad_token_2="!",
+        fallback="a photo of a person", drop_prob=0.0,
+    ))
+    maps = ["pose", "depth", "normal"]
+    if tiny:
+        training_sections(config, steps=100, batch_size=4, learning_rate=1e-3,
+                          **{"data.buckets": [[64, 64]], "data.maps": maps, "train.log_every": 10,
+                             "checkpoint.every": 50})
+    else:
+        training_sections(config, steps=100_000, batch_size=32, learning_rate=1e-5,
+                          **{"data.maps": maps, "train.grad_accum": 2})
+    config.lock()
+    return config
