@@ -203,6 +203,7 @@ def training_sections(config, *, steps: int, batch_size: int, learning_rate: flo
         random_crop=True,
         shuffle=True,
         num_workers=0,  # grain worker processes (0: decode in the training process)
+        cache="",  # a `diffbody prepare` folder: stored latents / text embeddings instead of encoding each step
     ))
     config.mesh = ml_collections.ConfigDict(dict(
         data=-1, fsdp=1, tensor=1,  # device mesh axes; -1: the devices left over

@@ -44,6 +44,8 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("sample-set", help="write the bundled sample photos, captions and keypoints")
     p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--stand-in-priors", action="store_true",
+                   help="also write stand-in depth and normal maps (from the photos' luminance; not annotations)")
     p = sub.add_parser("validate", help="check every line of a manifest")
     p.add_argument("manifest", type=Path)
     p.add_argument("--require", default="", help="comma-separated maps every line needs: pose,depth,normal,attention")
@@ -62,7 +64,7 @@ def main(argv=None) -> int:
         if args.command == "sample-set":
             from diffbody_jax.data.sample_set import write_sample_set
 
-            print(f"wrote {write_sample_set(args.out)}")
+            print(f"wrote {write_sample_set(args.out, stand_in_priors=args.stand_in_priors)}")
         elif args.command == "validate":
             require = tuple(filter(None, args.require.split(",")))
             records = read_manifest(args.manifest, decode=not args.headers_only, require=require)

@@ -3,6 +3,7 @@
     diffbody convert to-flax --src stable-diffusion-2-1-base --dst ckpt/sd21-base
     diffbody data sample-set --out data/sample
     diffbody train --config configs/swinir.py:variant=tiny-diffbir --workdir runs/swinir --config.data.manifest=...
+    diffbody prepare --config configs/stage2_controlnet.py --out cache/stage2 --config.data.manifest=...
 
 Each subcommand is the program of the same name under diffbody_jax/cli/ (`python -m convert` and
 `python -m train` are aliases kept for scripts); config files are found by name from any directory.
@@ -12,9 +13,9 @@ from __future__ import annotations
 
 import sys
 
-from diffbody_jax.cli import convert, data, train
+from diffbody_jax.cli import convert, data, prepare, train
 
-COMMANDS = {"convert": convert.main, "data": data.main, "train": train.main}
+COMMANDS = {"convert": convert.main, "data": data.main, "prepare": prepare.main, "train": train.main}
 PENDING = {"restore": "the restoration pipelines", "demo": "the pipelines",
            "eval": "the evaluation pipelines"}
 

@@ -55,8 +55,24 @@ def _photo(name: str) -> np.ndarray:
     return np.stack([image] * 3, -1) if image.ndim == 2 else image
 
 
-def write_sample_set(out_dir: str | os.PathLike) -> Path:
-    """Write images/*.png and manifest.jsonl under `out_dir`; returns the manifest's path."""
+def stand_in_maps(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(depth [H, W] uint8, normal [H, W, 3] uint8) made from a photo alone, for running the v2 phases on the sample
+    set: depth = the blurred luminance (bright = near, as MiDaS's inverse depth is drawn), normals = that surface's
+    unit normals (-dz/dx, -dz/dy, 1) encoded from [-1, 1] to [0, 255]. Stand-ins, not estimates of anything."""
+    from PIL import ImageFilter
+
+    grey = Image.fromarray(image).convert("L").filter(ImageFilter.GaussianBlur(4))
+    z = np.asarray(grey, np.float32) / 255.0
+    z = (z - z.min()) / max(float(z.max() - z.min()), 1e-6)
+    dz_dy, dz_dx = np.gradient(z * 20.0)
+    normal = np.stack([-dz_dx, -dz_dy, np.ones_like(z)], -1)
+    normal /= np.linalg.norm(normal, axis=-1, keepdims=True)
+    return np.round(z * 255).astype(np.uint8), np.round((normal * 0.5 + 0.5) * 255).astype(np.uint8)
+
+
+def write_sample_set(out_dir: str | os.PathLike, stand_in_priors: bool = False) -> Path:
+    """Write images/*.png and manifest.jsonl under `out_dir`; returns the manifest's path. stand_in_priors: also
+    depth/*.png and normal/*.png (`stand_in_maps`) and their manifest fields."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rows = []
@@ -71,12 +87,19 @@ def write_sample_set(out_dir: str | os.PathLike) -> Path:
             inside = (kp[:, 0] >= 0) & (kp[:, 0] < right - left) & (kp[:, 1] >= 0) & (kp[:, 1] < bottom - top)
             kp[~inside, 2] = 0.0
         Image.fromarray(image).save(out / "images" / f"{name}.png")
-        rows.append({
+        row = {
             "image": f"images/{name}.png",
             "caption": caption,
             "keypoints": np.round(kp, 2).tolist(),
             "keypoint_format": "coco17",
-        })
+        }
+        if stand_in_priors:
+            depth, normal = stand_in_maps(image)
+            for field, array in (("depth", depth), ("normal", normal)):
+                (out / field).mkdir(exist_ok=True)
+                Image.fromarray(array).save(out / field / f"{name}.png")
+                row[field] = f"{field}/{name}.png"
+        rows.append(row)
     path = out / "manifest.jsonl"
     write_manifest(path, rows)
     return path

@@ -50,6 +50,7 @@ from diffbody_jax.parallel.sharding import (
     param_partition_specs,
     tree_shardings,
 )
+from diffbody_jax.training.cache import EncodedCache
 from diffbody_jax.training.checkpoint import Checkpoints
 from diffbody_jax.training.metric_writer import MetricWriter
 from diffbody_jax.training.optimizer import make_optimizer
@@ -243,13 +244,13 @@ def make_data_iterator(config, phase: Phase):
     return iter(dataset)
 
 
-def _loss_inputs(host_batch: dict, phase: Phase) -> dict[str, np.ndarray]:
+def _loss_inputs(host_batch: dict, phase: Phase, cached: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
     missing = [k for k in phase.inputs if k not in host_batch]
     if missing:
         raise ValueError(f"phase {phase.name!r} needs batch field(s) {missing}; the data pipeline gives "
                          f"{sorted(host_batch)} (config.data.maps adds pose/depth/normal/attention)")
     out = {k: host_batch[k] for k in phase.inputs}
-    out.update({k: host_batch[k] for k in PASSED_THROUGH if k in host_batch})
+    out.update({k: host_batch[k] for k in (*PASSED_THROUGH, *cached) if k in host_batch})
     return out
 
 
@@ -319,6 +320,7 @@ def train(config, workdir: str | Path, *, batch_hook: Callable[[int, dict], dict
                         grad_accum=int(config.train.grad_accum), ema_decay=float(config.train.ema_decay)),
         s.state_shardings, s.mesh)
     host_hook = s.phase.host(config) if s.phase.host is not None else None
+    cache = EncodedCache(config.data.cache, config) if config.data.get("cache") else None
     writer = MetricWriter(workdir, start, total)
     config_json = _config_json(config)
     metrics: dict[str, Any] = {}
@@ -329,7 +331,9 @@ def train(config, workdir: str | Path, *, batch_hook: Callable[[int, dict], dict
                 host = next(iterator)
                 if host_hook is not None:
                     host = host_hook(host)
-                host = _loss_inputs(host, s.phase)
+                if cache is not None:
+                    host = cache.fill(host)
+                host = _loss_inputs(host, s.phase, cache.fields if cache is not None else ())
                 if batch_hook is not None:
                     host = batch_hook(step, host)
                 batch = global_batch(host, s.mesh)

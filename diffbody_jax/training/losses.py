@@ -201,6 +201,18 @@ def stage1_loss(
 COLOUR_IMAGE_SOURCES = ("ir", "target")
 
 
+STAGE2_CACHED = ("latents", "prompt_embeds", "text_embeds")  # what `diffbody prepare` can encode once
+
+
+def stage2_cacheable(group, variables: Mapping[str, Any], batch: Mapping[str, Any]) -> dict[str, Array]:
+    """The per-example encodings that do not change between epochs (given a fixed crop and caption): latents =
+    E(target) [B, h, w, 4], prompt_embeds [B, 77, D] and pooled text_embeds [B, D_2] of SDXL's two encoders."""
+    latents = group.apply("vae", variables, batch["target"] * 2.0 - 1.0, method="encode_latents")
+    text = sdxl_prompt_embeds(group.text_encoder, variables["params"]["text_encoder"], batch["input_ids"],
+                              group.text_encoder_2, variables["params"]["text_encoder_2"], batch["input_ids_2"])
+    return {"latents": latents, "prompt_embeds": text.prompt_embeds, "text_embeds": text.text_embeds}
+
+
 def stage2_inputs(group, variables: Mapping[str, Any], batch: Mapping[str, Any], *, adapter_image: str | None = None,
                   ) -> dict[str, Any]:
     """The frozen encoders of stage 2, in the step: the pipeline's batch -> `stage2_loss`'s batch.
@@ -218,13 +230,9 @@ def stage2_inputs(group, variables: Mapping[str, Any], batch: Mapping[str, Any],
                   stand-in for I_res (stage 1's restoration, which needs a sampling run per example). Default "ir":
                   closest to I_res among what a step has; "target" is IP-Adapter's own training recipe.
     """
-    out = {k: batch[k] for k in ("latents", "prompt_embeds", "text_embeds") if k in batch}
-    if "latents" not in out:
-        out["latents"] = group.apply("vae", variables, batch["target"] * 2.0 - 1.0, method="encode_latents")
-    if "prompt_embeds" not in out:
-        text = sdxl_prompt_embeds(group.text_encoder, variables["params"]["text_encoder"], batch["input_ids"],
-                                  group.text_encoder_2, variables["params"]["text_encoder_2"], batch["input_ids_2"])
-        out.update(prompt_embeds=text.prompt_embeds, text_embeds=text.text_embeds)
+    out = {k: batch[k] for k in STAGE2_CACHED if k in batch}
+    if len(out) < len(STAGE2_CACHED):
+        out = {**stage2_cacheable(group, variables, batch), **out}
     b, h, w, _ = batch["degraded"].shape
     crop = jnp.broadcast_to(jnp.asarray([h, w], jnp.float32), (b, 2))
     out["time_ids"] = jnp.concatenate([batch["original_size"].astype(jnp.float32),

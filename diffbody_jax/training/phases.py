@@ -11,6 +11,7 @@ A `Phase` is
   prepare(variables, batch)           the pipeline's batch -> the loss's batch, inside the jitted step (encoders
                                       that run outside the trained model go here; identity where it fits),
   host(config) -> fn(batch) -> batch  on the host, before the batch becomes global arrays (tokenising captions),
+  cache(module, variables, batch)     the frozen encodings `diffbody prepare` may store once (None: no cache),
   export                              the param subtree written to the PyTorch layout at the end ("" = all), or
                                       fn(module, params) -> (module, params) choosing what to write.
 
@@ -37,6 +38,7 @@ from diffbody_jax.models.registry import build_model
 from diffbody_jax.models.swinir import SwinIR
 from diffbody_jax.training.losses import (
     stage1_loss,
+    stage2_cacheable,
     stage2_phase_loss,
     swinir_l2_loss,
     v1_controlnet_loss,
@@ -77,6 +79,7 @@ class Phase:
     prepare: Callable[[Mapping, Mapping[str, Any]], Mapping[str, Any]] = _identity
     export: str | Callable[[Any, Any], tuple[Any, Any]] | None = ""
     host: Callable[[Any], Callable[[dict], dict]] | None = None
+    cache: Callable[[Any, Mapping, Mapping[str, Any]], dict] | None = None
 
     def trainable(self, config) -> TrainableSubset:
         """The trainable subset under `config` (a phase may choose it from a config switch)."""
@@ -196,10 +199,10 @@ PHASES: dict[str, Phase] = {
     "swinir": Phase("swinir", build_model, TrainableSubset("swinir", (r".",)), ("degraded", "target"), _swinir_loss),
     "stage2_controlnet": Phase("stage2_controlnet", build_model, _in_member(STAGE2_SUBSETS["controlnet"], "stage2"),
                                STAGE2_INPUTS, functools.partial(_stage2_loss, phase="controlnet"), _stage2_switches,
-                               export="stage2/controlnet", host=caption_tokens),
+                               export="stage2/controlnet", host=caption_tokens, cache=stage2_cacheable),
     "colour_adapter": Phase("colour_adapter", build_model, _in_member(STAGE2_SUBSETS["colour_adapter"], "stage2"),
                             STAGE2_INPUTS, functools.partial(_stage2_loss, phase="colour_adapter"), _stage2_switches,
-                            export=colour_adapter_export, host=caption_tokens),
+                            export=colour_adapter_export, host=caption_tokens, cache=stage2_cacheable),
     "v1_controlnet": Phase("v1_controlnet", build_model, TrainableSubset("controlnet", (r"^controlnet/",)),
                            ("degraded", "target", "pose", "input_ids"), _v1_loss, _v1_switches,
                            export="controlnet", host=caption_tokens),

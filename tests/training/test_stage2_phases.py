@@ -39,6 +39,7 @@ def _batch(config, rng):
     return caption_tokens(config)(batch)
 
 
+@pytest.mark.slow  # 70 s each on 2 cold cores; Eqs. 3-4's gradient subsets are checked by default in test_stage2.py
 @pytest.mark.parametrize("phase, max_steps", [("stage2_controlnet", 80), ("colour_adapter", 200)])
 def test_each_phase_overfits_one_batch_through_its_subset_alone(rng, phase, max_steps):
     """The adapter moves the loss more slowly (it only adds cross-attention values; ~105 steps at lr 3e-3)."""

@@ -1,0 +1,80 @@
+"""The `diffbody prepare` cache: a phase's frozen encodings (VAE latents of the clean crop, text embeddings),
+computed once per example and stored, so that training reads them instead of running those encoders every step.
+
+    prepare_cache(load_config("stage2_controlnet", [...]), "cache/stage2")     # training.prepare: the writer
+    diffbody train --config configs/stage2_controlnet.py ... --config.data.cache=cache/stage2
+
+Each process encodes its share of the manifest's records (round robin within each resolution bucket) as slices of
+global batches on the run's mesh, with the frozen encoders sharded as in training, and writes its own
+`shard-<p>-of-<n>.npz` (entries "<record>/<field>"). The cache holds what does not change between epochs, so it
+needs fixed crops (`data.random_crop=False`, centred as the pipeline centres them) and fixed captions
+(`text.drop_prob=0`); degradations, and so I_ir, stay per step. `cache.json` records the phase, the model section,
+the manifest, buckets and the fields; training refuses a cache made for anything else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from diffbody_jax.files import read_json
+
+
+def fingerprint(config) -> dict:
+    model = json.dumps(json.loads(config.model.to_json_best_effort()), sort_keys=True)
+    return {"phase": config.phase, "model_sha1": hashlib.sha1(model.encode()).hexdigest(),
+            "manifest": str(Path(config.data.manifest).absolute()), "buckets": [list(b) for b in config.data.buckets],
+            "text": json.loads(config.text.to_json_best_effort()) if "text" in config else None}
+
+
+def check_cacheable(config) -> None:
+    from diffbody_jax.training.phases import get_phase
+
+    if get_phase(config.phase).cache is None:
+        raise ValueError(f"phase {config.phase!r} has no prepare cache (stage2_controlnet and colour_adapter do)")
+    if config.data.random_crop:
+        raise ValueError("a prepare cache holds one crop per example: set --config.data.random_crop=False")
+    if "text" in config and float(config.text.drop_prob) > 0:
+        raise ValueError("a prepare cache holds each caption's embeddings: set --config.text.drop_prob=0")
+
+
+class EncodedCache:
+    """The stored encodings of a `prepare_cache` folder, by record: `fill(batch)` adds them to a host batch."""
+
+    def __init__(self, folder: str | Path, config):
+        folder = Path(folder)
+        meta_path = folder / "cache.json"
+        if not meta_path.exists():
+            raise FileNotFoundError(f"config data.cache: {folder} has no cache.json (run `diffbody prepare`)")
+        check_cacheable(config)
+        meta = read_json(meta_path)
+        want = fingerprint(config)
+        for key, value in want.items():
+            if meta.get(key) != value:
+                raise ValueError(f"config data.cache: {meta_path} was prepared for {key}={meta.get(key)!r}, this run "
+                                 f"has {value!r}; run `diffbody prepare` again")
+        self.fields = tuple(meta["fields"])
+        self.entries: dict[str, np.ndarray] = {}
+        shards = sorted(folder.glob("shard-*.npz"))
+        if len(shards) != int(meta["processes"]):
+            raise ValueError(f"config data.cache: {folder} holds {len(shards)} shards, cache.json says "
+                             f"{meta['processes']}")
+        for shard in shards:
+            with np.load(shard) as z:
+                self.entries.update({k: z[k] for k in z.files})
+
+    def fill(self, batch: Mapping) -> dict:
+        out = dict(batch)
+        for field in self.fields:
+            rows = []
+            for record in np.asarray(batch["record"]).tolist():
+                key = f"{record}/{field}"
+                if key not in self.entries:
+                    raise KeyError(f"config data.cache: no {field!r} for manifest record {record}")
+                rows.append(self.entries[key])
+            out[field] = np.stack(rows)
+        return out

@@ -1,0 +1,77 @@
+"""`diffbody prepare`: write a phase's `training.cache` folder (see there for what it holds and when it applies)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from diffbody_jax.config import load_config
+from diffbody_jax.data.degradations import degradation_from_config
+from diffbody_jax.data.manifest import read_manifest
+from diffbody_jax.data.pipeline import DataConfig, ExampleLoader
+from diffbody_jax.files import write_json
+from diffbody_jax.parallel.sharding import batch_sharding, global_batch
+from diffbody_jax.training.cache import check_cacheable, fingerprint
+from diffbody_jax.training.engine import init_state, setup
+
+log = logging.getLogger(__name__)
+
+
+def prepare_cache(config, out_dir: str | Path, mesh=None) -> Path:
+    """Encode every manifest record once with the phase's `cache` function; returns `out_dir`."""
+    check_cacheable(config)
+    out = Path(out_dir)
+    s = setup(config, mesh)
+    variables = init_state(s, config).variables()
+    records = read_manifest(config.data.manifest, require=tuple(m for m in config.data.maps if m != "pose"))
+    data = DataConfig(batch_size=1, buckets=tuple(map(tuple, config.data.buckets)), maps=tuple(config.data.maps),
+                      random_crop=False, shuffle=False)
+    degradation = degradation_from_config(load_config(f"degradation:kind={config.data.degradation}"))
+    loader = ExampleLoader(records, data, degradation, int(config.train.seed))
+    host_hook = s.phase.host(config) if s.phase.host is not None else None
+    rows = batch_sharding(s.mesh)  # batch-major outputs split like the batch (a prefix spec: other axes replicated)
+    fields_fn = jax.jit(lambda v, b: s.phase.cache(s.module, v, b), out_shardings=rows)
+    p, n = jax.process_index(), jax.process_count()
+    local = max(1, int(config.data.batch_size) // n)
+    stored: dict[str, np.ndarray] = {}
+    for bucket in range(len(data.buckets)):
+        ids = np.flatnonzero(loader.buckets == bucket)
+        if not len(ids):
+            continue
+        mine = ids[p::n]
+        per_process = -(-len(ids) // n)  # every process runs the same number of global batches
+        steps = -(-per_process // local)
+        padded = np.resize(mine if len(mine) else ids[:1], steps * local)
+        for step in range(steps):
+            chunk = padded[step * local: (step + 1) * local]
+            examples = [loader({"record": int(r), "epoch": 0}) for r in chunk]
+            batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]
+                     if not isinstance(examples[0][k], str)}
+            batch["caption"] = [e["caption"] for e in examples]
+            if host_hook is not None:
+                batch = host_hook(batch)
+            arrays = {k: v for k, v in batch.items() if isinstance(v, np.ndarray) and v.dtype != object}
+            with jax.set_mesh(s.mesh):
+                encoded = fields_fn(variables, global_batch(arrays, s.mesh))
+            encoded = multihost_utils.global_array_to_host_local_array(
+                encoded, s.mesh, {k: rows.spec for k in encoded})
+            for i, record in enumerate(chunk):
+                if step * local + i < len(mine):
+                    for field, value in encoded.items():
+                        stored[f"{int(record)}/{field}"] = np.asarray(value[i])
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".shard-{p:05d}-of-{n:05d}.npz.tmp"
+    with open(tmp, "wb") as f:
+        np.savez(f, **stored)
+    tmp.replace(out / f"shard-{p:05d}-of-{n:05d}.npz")  # atomic: a killed prepare leaves no half shard
+    if p == 0:
+        fields = sorted({k.split("/", 1)[1] for k in stored})
+        write_json({**fingerprint(config), "fields": fields, "processes": n, "records": len(records)},
+                   out / "cache.json")
+    multihost_utils.sync_global_devices("prepare_cache")
+    log.info("prepare: %d arrays of this process's records -> %s", len(stored), out)
+    return out
