@@ -2,7 +2,6 @@
 loss as the encoders run in the step, on the same batch and key; a cache made for another config is refused."""
 
 import jax
-import numpy as np
 import pytest
 
 from diffbody_jax.config import load_config
