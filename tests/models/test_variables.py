@@ -67,7 +67,7 @@ def test_init_variables_matches_abstract_and_keeps_batch_stats():
 
 _CONSTRAINT_SCRIPT = """
 import os
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 import flax.linen as nn, jax, numpy as np
 from jax.sharding import Mesh
 from diffbody_jax.config import load_config

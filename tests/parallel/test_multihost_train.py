@@ -24,7 +24,7 @@ def _port() -> int:
 
 def _run(workdir, manifest, devices, *extra):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+               XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}")
     cmd = [sys.executable, "-m", "train", "--config", "configs/swinir.py:variant=tiny-diffbir", "--workdir",
            str(workdir), f"--config.data.manifest={manifest}", f"--config.train.steps={STEPS}",
            "--config.train.log_every=1", "--config.checkpoint.every=2", "--config.mesh.fsdp=2",

@@ -61,7 +61,8 @@ json.dump(facts, open(out + ".json", "w"))
 
 
 def test_one_step_on_8_devices_equals_one_device(tmp_path, seed):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu",
                PYTHONPATH=str(REPO))
     out = str(tmp_path / "run")
     proc = subprocess.run([sys.executable, "-c", WORKER, str(seed), out], env=env, capture_output=True, text=True,
