@@ -1,5 +1,6 @@
-"""The `diffbody prepare` cache: a phase's frozen encodings (VAE latents of the clean crop, text embeddings),
-computed once per example and stored, so that training reads them instead of running those encoders every step.
+"""The `diffbody prepare` cache: a phase's frozen encodings (VAE latents of the clean crop and of the pose, depth
+and normal maps, text embeddings), computed once per example and stored, so that training reads them instead of
+running those encoders every step.
 
     prepare_cache(load_config("stage2_controlnet", [...]), "cache/stage2")     # training.prepare: the writer
     diffbody train --config configs/stage2_controlnet.py ... --config.data.cache=cache/stage2
@@ -35,7 +36,8 @@ def check_cacheable(config) -> None:
     from diffbody_jax.training.phases import get_phase
 
     if get_phase(config.phase).cache is None:
-        raise ValueError(f"phase {config.phase!r} has no prepare cache (stage2_controlnet and colour_adapter do)")
+        raise ValueError(f"phase {config.phase!r} has no prepare cache (the diffusion phases have one; stage 0 has no "
+                         "frozen encoder)")
     if config.data.random_crop:
         raise ValueError("a prepare cache holds one crop per example: set --config.data.random_crop=False")
     if "text" in config and float(config.text.drop_prob) > 0:

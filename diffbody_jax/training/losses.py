@@ -67,6 +67,34 @@ def stage2_loss(
     return loss, {"loss": loss, "t_mean": t.astype(jnp.float32).mean()}
 
 
+def _encode_image(group, variables, image: Array) -> Array:
+    """Scaled VAE latents of an image in [0, 1]."""
+    return group.apply("vae", variables, image * 2.0 - 1.0, method="encode_latents")
+
+
+def _cached(batch: Mapping[str, Any], field: str, compute):
+    """batch[field] when a `diffbody prepare` cache put it there, else compute()."""
+    return batch[field] if field in batch else compute()
+
+
+def sd21_cacheable(group, variables: Mapping[str, Any], batch: Mapping[str, Any], images: Sequence[str],
+                   ) -> dict[str, Array]:
+    """The encodings of an SD2.1 phase that do not change between epochs (fixed crop and caption):
+    latents_<name> = E(image) for each name in `images` (rgb = the clean crop, depth, normal, pose; `branch_image`)
+    and context = the text encoder's last hidden state of the caption."""
+    out = {f"latents_{name}": _encode_image(group, variables, branch_image(batch, name)) for name in images}
+    out["context"] = sd21_prompt_embeds(group.text_encoder, variables["params"]["text_encoder"], batch["input_ids"])
+    return out
+
+
+def v1_cacheable(group, variables, batch):
+    return sd21_cacheable(group, variables, batch, ("rgb", "pose"))
+
+
+def stage1_cacheable(group, variables, batch):
+    return sd21_cacheable(group, variables, batch, (*group.joint_unet.config.branches, "pose"))
+
+
 V1_ATTENTION = ("model", "manifest")
 
 
@@ -104,11 +132,13 @@ def v1_controlnet_loss(
         i_attn = jax.image.resize(batch["attention"], (b, h // factor, w // factor, 1), "linear", antialias=True)
 
     def encode(image):
-        return group.apply("vae", variables, image * 2.0 - 1.0, method="encode_latents")
+        return _encode_image(group, variables, image)
 
-    x0 = encode(batch["target"])
-    condition = jnp.concatenate([encode(i_reg), encode(batch["pose"]), i_attn.astype(x0.dtype)], axis=-1)
-    context = sd21_prompt_embeds(group.text_encoder, variables["params"]["text_encoder"], batch["input_ids"])
+    x0 = _cached(batch, "latents_rgb", lambda: encode(batch["target"]))
+    pose = _cached(batch, "latents_pose", lambda: encode(batch["pose"]))
+    condition = jnp.concatenate([encode(i_reg), pose, i_attn.astype(x0.dtype)], axis=-1)
+    context = _cached(batch, "context", lambda: sd21_prompt_embeds(
+        group.text_encoder, variables["params"]["text_encoder"], batch["input_ids"]))
     t, eps, z_t = noising(key, x0, alphas_cumprod)
     residuals = group.apply("controlnet", variables, z_t, t, context, condition)
     pred = group.apply("unet", variables, z_t, t, context, down_residuals=residuals.down,
@@ -170,14 +200,14 @@ def stage1_loss(
     1/3 on the same gradient direction). Returns (loss, {"t_mean", "loss_<branch>"...}).
     """
 
-    def encode(image):
-        return group.apply("vae", variables, image * 2.0 - 1.0, method="encode_latents")
+    def encode(name):  # cached by `diffbody prepare` (raw latents) or encoded here
+        return _cached(batch, f"latents_{name}", lambda: _encode_image(group, variables, branch_image(batch, name)))
 
     def normalized(z, name):
         return z if latent_stats is None else normalize_latent(z, name, latent_stats)
 
-    pose = normalized(encode(batch["pose"]), "pose")
-    x0 = [normalized(encode(branch_image(batch, name)), name) for name in branches]
+    pose = normalized(encode("pose"), "pose")
+    x0 = [normalized(encode(name), name) for name in branches]
     k_t, *k_branch = jax.random.split(key, len(branches) + 1)
     t = jax.random.randint(k_t, (pose.shape[0],), 0, alphas_cumprod.shape[0])
     eps, z_t = [], []
@@ -185,11 +215,13 @@ def stage1_loss(
         _, e, z = noising(k, x, alphas_cumprod, timesteps=t)
         eps.append(e)
         z_t.append(jnp.concatenate([z, pose.astype(z.dtype)], axis=-1))
-    context = sd21_prompt_embeds(group.text_encoder, variables["params"]["text_encoder"], batch["input_ids"])
+    context = _cached(batch, "context", lambda: sd21_prompt_embeds(
+        group.text_encoder, variables["params"]["text_encoder"], batch["input_ids"]))
     residuals = {}
     if "controlnet" in group.members:
         i_ir = jnp.clip(group.apply("swinir", variables, batch["degraded"]), 0.0, 1.0)
-        out = group.apply("controlnet", variables, z_t[list(branches).index("rgb")], t, context, encode(i_ir))
+        c_r = _encode_image(group, variables, i_ir)
+        out = group.apply("controlnet", variables, z_t[list(branches).index("rgb")], t, context, c_r)
         residuals = dict(down_residuals=out.down, mid_residual=out.mid)
     pred = group.apply("joint_unet", variables, jnp.concatenate(z_t, axis=-1), t, context, **residuals)
     loss, parts = multi_branch_loss(pred, x0, eps, alphas_cumprod[t], prediction_type)

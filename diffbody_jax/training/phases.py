@@ -37,10 +37,12 @@ from diffbody_jax.models.ip_adapter import ip_adapter_of
 from diffbody_jax.models.registry import build_model
 from diffbody_jax.models.swinir import SwinIR
 from diffbody_jax.training.losses import (
+    stage1_cacheable,
     stage1_loss,
     stage2_cacheable,
     stage2_phase_loss,
     swinir_l2_loss,
+    v1_cacheable,
     v1_controlnet_loss,
 )
 from diffbody_jax.training.trainable import TrainableSubset
@@ -205,12 +207,12 @@ PHASES: dict[str, Phase] = {
                             export=colour_adapter_export, host=caption_tokens, cache=stage2_cacheable),
     "v1_controlnet": Phase("v1_controlnet", build_model, TrainableSubset("controlnet", (r"^controlnet/",)),
                            ("degraded", "target", "pose", "input_ids"), _v1_loss, _v1_switches,
-                           export="controlnet", host=caption_tokens),
+                           export="controlnet", host=caption_tokens, cache=v1_cacheable),
     "stage1_joint_unet": Phase("stage1_joint_unet", build_model, joint_unet_subset, STAGE1_INPUTS, _stage1_loss,
-                               _stage1_switches, export="joint_unet", host=caption_tokens),
+                               _stage1_switches, export="joint_unet", host=caption_tokens, cache=stage1_cacheable),
     "stage1_controlnet": Phase("stage1_controlnet", build_model, TrainableSubset("controlnet", (r"^controlnet/",)),
                                STAGE1_INPUTS + ("degraded",), _stage1_loss, _stage1_switches, export="controlnet",
-                               host=caption_tokens),
+                               host=caption_tokens, cache=stage1_cacheable),
 }
 
 
