@@ -1,0 +1,1 @@
+"""Evaluation: image-quality metrics and (with the pipelines) the Table-1 benchmark."""
