@@ -69,6 +69,7 @@ def test_size_conditioning_comes_from_each_crop():
     assert out["latents"].shape == (2, 8, 8, 4) and out["prompt_embeds"].shape == (2, 77, 32)
 
 
+@pytest.mark.slow  # ~100 s on 2 cold cores (the colour_adapter group's init compiles); the suite's budget
 def test_a_controlnet_export_and_an_ip_adapter_start_the_colour_adapter_phase(tmp_path):
     from diffbody_jax.training.engine import export_params, init_state, setup
 
