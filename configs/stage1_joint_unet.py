@@ -25,7 +25,14 @@ import pathlib
 
 import ml_collections
 
-from diffbody_jax.config import load_config, model_section, parse_arg, training_sections
+from diffbody_jax.config import (
+    load_config,
+    model_section,
+    parse_arg,
+    text_section,
+    tiny_training_sections,
+    training_sections,
+)
 
 HERE = pathlib.Path(__file__).parent
 VARIANTS = {
@@ -60,17 +67,10 @@ def get_config(arg=None):
         normalize_latents=False,
         latent_stats=AUTHORS_LATENT_STATS,
     ))
-    config.text = ml_collections.ConfigDict(dict(
-        tokenizer="" if tiny else str(HERE / "diffusers/sd21-base/tokenizer"),  # "": CLIP's, built offline
-        pad_token="!",  # SD2.1's
-        fallback="a photo of a person",
-        drop_prob=0.0,
-    ))
+    config.text = text_section("" if tiny else str(HERE / "diffusers/sd21-base/tokenizer"), "!")  # SD2.1 pads "!"
     maps = ["pose", "depth", "normal"]
     if tiny:
-        training_sections(config, steps=100, batch_size=4, learning_rate=1e-3,
-                          **{"data.buckets": [[64, 64]], "data.maps": maps, "train.log_every": 10,
-                             "checkpoint.every": 50})
+        tiny_training_sections(config, maps)
     else:
         training_sections(config, steps=100_000, batch_size=64, learning_rate=1e-5, **{"data.maps": maps})
     config.lock()

@@ -23,7 +23,14 @@ import pathlib
 
 import ml_collections
 
-from diffbody_jax.config import load_config, model_section, parse_arg, training_sections
+from diffbody_jax.config import (
+    load_config,
+    model_section,
+    parse_arg,
+    text_section,
+    tiny_training_sections,
+    training_sections,
+)
 
 HERE = pathlib.Path(__file__).parent
 VARIANTS = {
@@ -64,16 +71,11 @@ def get_config(arg=None):
         image="ir",  # the colour adapter's CLIP image in training (phase colour_adapter): ir | target
     ))
     sdxl = HERE / "diffusers/sdxl-base"
-    config.text = ml_collections.ConfigDict(dict(
-        tokenizer="" if tiny else str(sdxl / "tokenizer"), pad_token="<|endoftext|>",
-        tokenizer_2="" if tiny else str(sdxl / "tokenizer_2"), pad_token_2="!",
-        fallback="a photo of a person", drop_prob=0.0,
-    ))
+    config.text = text_section("" if tiny else str(sdxl / "tokenizer"), "<|endoftext|>",
+                               "" if tiny else str(sdxl / "tokenizer_2"), "!")
     maps = ["pose", "depth", "normal"]
     if tiny:
-        training_sections(config, steps=100, batch_size=4, learning_rate=1e-3,
-                          **{"data.buckets": [[64, 64]], "data.maps": maps, "train.log_every": 10,
-                             "checkpoint.every": 50})
+        tiny_training_sections(config, maps)
     else:
         training_sections(config, steps=100_000, batch_size=32, learning_rate=1e-5,
                           **{"data.maps": maps, "train.grad_accum": 2})

@@ -26,7 +26,14 @@ import pathlib
 
 import ml_collections
 
-from diffbody_jax.config import load_config, model_section, parse_arg, training_sections
+from diffbody_jax.config import (
+    load_config,
+    model_section,
+    parse_arg,
+    text_section,
+    tiny_training_sections,
+    training_sections,
+)
 
 HERE = pathlib.Path(__file__).parent
 VARIANTS = {
@@ -58,16 +65,9 @@ def get_config(arg=None):
         weighting="squared",  # Eq. 4 as written: ((1 + I_attn)(eps - eps_theta))^2; "linear": weight outside
         attention="model",  # I_attn from the part network in the step (Eq. 3); "manifest": the data's map
     ))
-    config.text = ml_collections.ConfigDict(dict(
-        tokenizer="" if tiny else str(HERE / "diffusers/sd21-base/tokenizer"),  # "": CLIP's, built offline
-        pad_token="!",  # SD2.1's
-        fallback="a photo of a person",
-        drop_prob=0.0,
-    ))
+    config.text = text_section("" if tiny else str(HERE / "diffusers/sd21-base/tokenizer"), "!")  # SD2.1 pads "!"
     if tiny:
-        training_sections(config, steps=100, batch_size=4, learning_rate=1e-3,
-                          **{"data.buckets": [[64, 64]], "data.maps": ["pose"], "train.log_every": 10,
-                             "checkpoint.every": 50})
+        tiny_training_sections(config, ["pose"])
     else:
         training_sections(config, steps=10_000, batch_size=128, learning_rate=1e-4,
                           **{"data.buckets": [[1024, 512]], "data.maps": ["pose"]})

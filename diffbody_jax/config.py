@@ -176,6 +176,25 @@ def dataclass_to_dict(obj, class_name: str) -> dict[str, Any]:
     return out
 
 
+def text_section(tokenizer: str, pad_token: str, tokenizer_2: str | None = None, pad_token_2: str | None = None):
+    """A text-conditioned phase's `text` section: the CLIP tokenizer folder(s) ("": CLIP's, built offline) with
+    their pad tokens, and the caption policy (`data.captions.CaptionPolicy`)."""
+    fields = dict(tokenizer=tokenizer, pad_token=pad_token)
+    if tokenizer_2 is not None:  # SDXL's second text encoder
+        fields.update(tokenizer_2=tokenizer_2, pad_token_2=pad_token_2)
+    return ml_collections.ConfigDict(dict(**fields, fallback="a photo of a person", drop_prob=0.0))
+
+
+TINY_TRAINING = dict(steps=100, batch_size=4, learning_rate=1e-3)  # the diffusion phases' tiny variants
+
+
+def tiny_training_sections(config, maps: Sequence[str]):
+    """`training_sections` of a diffusion phase's tiny variant: 100 steps of batch 4 at lr 1e-3 on one 64 x 64
+    bucket with `maps`, logged every 10 steps, checkpointed every 50: seconds per step on a CPU."""
+    return training_sections(config, **TINY_TRAINING, **{"data.buckets": [[64, 64]], "data.maps": list(maps),
+                                                         "train.log_every": 10, "checkpoint.every": 50})
+
+
 def training_sections(config, *, steps: int, batch_size: int, learning_rate: float, **fields):
     """Add the sections the training engine reads (`train`, `optim`, `data`, `mesh`, `checkpoint`) to a config
     file's config, with the phase's numbers and defaults for the rest. `fields` override any of them by

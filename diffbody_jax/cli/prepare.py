@@ -10,22 +10,17 @@ captions (text.drop_prob=0). Multi-host: one process per host, as for `diffbody 
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 
+from diffbody_jax.cli.train import run_parser, split_overrides
+
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    overrides = [a for a in argv if a.startswith("--config.")]
-    parser = argparse.ArgumentParser(prog="diffbody prepare", description=__doc__.split("\n\n")[0],
-                                     epilog="Overrides: --config.section.field=value (any number).")
-    parser.add_argument("--config", required=True, help="configs/<file>.py[:args], or a bare config name")
+    overrides, rest = split_overrides(argv)
+    parser = run_parser("diffbody prepare", __doc__)
     parser.add_argument("--out", required=True, help="the cache folder (shard-*.npz, cache.json)")
-    parser.add_argument("--coordinator", help="multi-host: the address HOST:PORT of process 0")
-    parser.add_argument("--num_processes", type=int, help="multi-host: the number of processes")
-    parser.add_argument("--process_id", type=int, help="multi-host: this process's index")
-    args = parser.parse_args([a for a in argv if not a.startswith("--config.")])
+    args = parser.parse_args(rest)
 
     from diffbody_jax.parallel.mesh import initialize_distributed
 

@@ -17,22 +17,34 @@ import logging
 import sys
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffbody train", description=__doc__.split("\n\n")[0],
+def run_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """The arguments every command that runs a phase's config takes (`train`, `prepare`): --config (with
+    --config.x=y overrides, split off by `split_overrides`) and the multi-host flags."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Overrides: --config.section.field=value (any number).")
     parser.add_argument("--config", required=True, help="configs/<file>.py[:args], or a bare config name")
-    parser.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, tensorboard/, export/")
     parser.add_argument("--coordinator", help="multi-host: the address HOST:PORT of process 0")
     parser.add_argument("--num_processes", type=int, help="multi-host: the number of processes")
     parser.add_argument("--process_id", type=int, help="multi-host: this process's index")
     return parser
 
 
-def main(argv=None) -> int:
+def split_overrides(argv) -> tuple[list[str], list[str]]:
+    """(the --config.x=y overrides, the other arguments)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    overrides = [a for a in argv if a.startswith("--config.")]
-    args = build_parser().parse_args([a for a in argv if not a.startswith("--config.")])
+    return [a for a in argv if a.startswith("--config.")], [a for a in argv if not a.startswith("--config.")]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = run_parser("diffbody train", __doc__)
+    parser.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, tensorboard/, export/")
+    return parser
+
+
+def main(argv=None) -> int:
+    overrides, rest = split_overrides(argv)
+    args = build_parser().parse_args(rest)
 
     from diffbody_jax.parallel.mesh import initialize_distributed
 

@@ -45,7 +45,10 @@ def check_cacheable(config) -> None:
 
 
 class EncodedCache:
-    """The stored encodings of a `prepare_cache` folder, by record: `fill(batch)` adds them to a host batch."""
+    """The stored encodings of a `prepare_cache` folder, by record: `fill(batch)` adds them to a host batch.
+
+    Only an index is read up front (`entries`: "<record>/<field>" -> its shard); each array is read from its
+    shard when a batch asks for it, so a cache larger than the host's memory works."""
 
     def __init__(self, folder: str | Path, config):
         folder = Path(folder)
@@ -60,14 +63,12 @@ class EncodedCache:
                 raise ValueError(f"config data.cache: {meta_path} was prepared for {key}={meta.get(key)!r}, this run "
                                  f"has {value!r}; run `diffbody prepare` again")
         self.fields = tuple(meta["fields"])
-        self.entries: dict[str, np.ndarray] = {}
         shards = sorted(folder.glob("shard-*.npz"))
         if len(shards) != int(meta["processes"]):
             raise ValueError(f"config data.cache: {folder} holds {len(shards)} shards, cache.json says "
                              f"{meta['processes']}")
-        for shard in shards:
-            with np.load(shard) as z:
-                self.entries.update({k: z[k] for k in z.files})
+        self._shards = [np.load(shard) for shard in shards]  # NpzFile: members are read on access
+        self.entries = {key: z for z in self._shards for key in z.files}
 
     def fill(self, batch: Mapping) -> dict:
         out = dict(batch)
@@ -77,6 +78,6 @@ class EncodedCache:
                 key = f"{record}/{field}"
                 if key not in self.entries:
                     raise KeyError(f"config data.cache: no {field!r} for manifest record {record}")
-                rows.append(self.entries[key])
+                rows.append(self.entries[key][key])
             out[field] = np.stack(rows)
         return out
