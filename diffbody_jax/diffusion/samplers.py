@@ -177,8 +177,12 @@ def make_sampler(
     schedule: NoiseSchedule,
     config: SamplerConfig,
     guidance_loss: Callable[[Array, Array, Any], Array] | None = None,
+    on_step: Callable[[Array], None] | None = None,
 ) -> Callable[..., SampleOutput]:
     """A jitted `sampler(key, z_T, cond, uncond=None, aux=None, x0_init=None, params=None) -> SampleOutput`.
+
+    on_step: called on the host with each step's index (0 first) as the scan runs (`jax.debug.callback`): a
+    progress bar's hook; None adds nothing to the program.
 
     params: what `model_fn` takes first (any pytree; sharded arrays keep their sharding).
     z_T: [B, H, W, C] start noise (ignored when strength < 1: then x0_init is noised with step_noise(key, -1)).
@@ -250,6 +254,8 @@ def make_sampler(
             mean = mean - g * grad
         z_prev = mean if std is None else mean + std * step_noise(key, i, z.shape, z.dtype)
         z_prev = z_prev.astype(z.dtype)
+        if on_step is not None:
+            jax.debug.callback(on_step, i)
         return (z_prev, x0.astype(z.dtype)), ((z_prev, x0) if config.return_trajectory else None)
 
     @jax.jit

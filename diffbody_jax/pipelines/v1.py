@@ -32,7 +32,7 @@ V1_MEMBERS = ("unet", "controlnet", "vae", "swinir", "bodypart")
 
 class V1Pipeline:
     def __init__(self, group, schedule: NoiseSchedule, sampler: SamplerConfig | None = None,
-                 part_loss: PartLossConfig | None = None, colour: str = "none"):
+                 part_loss: PartLossConfig | None = None, colour: str = "none", on_step=None):
         sampler, part_loss = sampler or SamplerConfig(), part_loss or PartLossConfig()
         missing = [m for m in V1_MEMBERS if m not in group.members]
         if missing:
@@ -40,7 +40,9 @@ class V1Pipeline:
         self.group, self.schedule, self.sampler_config, self.colour = group, schedule, sampler, colour
         self.factor = 2 ** (len(group.vae.config.block_out_channels) - 1)
         guidance = make_part_guidance(group.vae, group.bodypart, part_loss) if sampler.guidance_scale else None
-        self._sample = make_sampler(self._eps, schedule, sampler, guidance)
+        # on_step(stage, step index): a progress bar's hook (None: nothing added to the program); v1 has one stage
+        hook = None if on_step is None else (lambda i: on_step(1, i))
+        self._sample = make_sampler(self._eps, schedule, sampler, guidance, hook)
 
     # ------------------------------------------------------------------ stages
     def regress(self, variables, degraded: Array) -> Array:
