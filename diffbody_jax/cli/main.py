@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import sys
 
-from diffbody_jax.cli import convert, data, prepare, train
+from diffbody_jax.cli import convert, data, evaluate, prepare, restore, train
 
-COMMANDS = {"convert": convert.main, "data": data.main, "prepare": prepare.main, "train": train.main}
-PENDING = {"restore": "the restoration pipelines", "demo": "the pipelines",
-           "eval": "the evaluation pipelines"}
+COMMANDS = {"convert": convert.main, "data": data.main, "prepare": prepare.main, "train": train.main,
+            "restore": restore.restore_main, "weights": restore.weights_main, "eval": evaluate.main}
+PENDING = {"demo": "the pipelines"}
 
 
 def _usage() -> str:
