@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import sys
 
-from diffbody_jax.cli import convert, data, evaluate, prepare, restore, train
+from diffbody_jax.cli import convert, data, demo, evaluate, prepare, restore, train
 
 COMMANDS = {"convert": convert.main, "data": data.main, "prepare": prepare.main, "train": train.main,
-            "restore": restore.restore_main, "weights": restore.weights_main, "eval": evaluate.main}
-PENDING = {"demo": "the pipelines"}
+            "restore": restore.restore_main, "weights": restore.weights_main, "eval": evaluate.main,
+            "demo": demo.main}
+PENDING: dict[str, str] = {}
 
 
 def _usage() -> str:

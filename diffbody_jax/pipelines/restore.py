@@ -50,7 +50,8 @@ class RestoreSettings:
     """version: v1 | v2. steps: None = the paper's preset. sampler: ddpm | ddim | dpmpp. cfg: classifier-free
     guidance scale (1: off). guidance: part-loss guidance scale s (v1's Algorithm 1; 0: off). colour: none |
     adain | wavelet correction toward I_ir. size: the side of the square bucket; the other buckets keep the
-    paper's aspect ratios (512: 512x512, 768x512, 512x768, 1024x512, 512x1024)."""
+    paper's aspect ratios (512: 512x512, 768x512, 512x768, 1024x512, 512x1024); square_only: only the square
+    bucket (one compile for every photo; non-square photos get a wider reflected border)."""
 
     version: str = "v1"
     steps: int | None = None
@@ -60,6 +61,7 @@ class RestoreSettings:
     colour: str = "none"
     size: int = 512
     negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
+    square_only: bool = False
 
     def __post_init__(self):
         if self.version not in VERSIONS:
@@ -68,8 +70,8 @@ class RestoreSettings:
             raise ValueError(f"sampler {self.sampler!r}; expected one of {sorted(SAMPLERS)}")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps={self.steps}: must be at least 1")
-        if self.size % 64:
-            raise ValueError(f"size={self.size}: must be a multiple of 64")
+        if self.size % 64 or self.size < 64:
+            raise ValueError(f"size={self.size}: must be a positive multiple of 64")
 
     @property
     def num_steps(self) -> int:
@@ -77,6 +79,8 @@ class RestoreSettings:
 
     @property
     def buckets(self) -> tuple[tuple[int, int], ...]:
+        if self.square_only:
+            return ((self.size, self.size),)
         return tuple((h * self.size // 512, w * self.size // 512) for h, w in PAPER_BUCKETS)
 
     def sampler_config(self, guidance: float = 0.0) -> SamplerConfig:
