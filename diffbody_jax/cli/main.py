@@ -4,9 +4,14 @@
     diffbody data sample-set --out data/sample
     diffbody train --config configs/swinir.py:variant=tiny-diffbir --workdir runs/swinir --config.data.manifest=...
     diffbody prepare --config configs/stage2_controlnet.py --out cache/stage2 --config.data.manifest=...
+    diffbody demo --out demo
+    diffbody weights check weights/
+    diffbody restore photos/ --out restored/ --weights weights/ --version v1
+    diffbody eval ground_truth/ --out eval/ --weights weights/
 
-Each subcommand is the program of the same name under diffbody_jax/cli/ (`python -m convert` and
-`python -m train` are aliases kept for scripts); config files are found by name from any directory.
+Each subcommand is a program under diffbody_jax/cli/ (restore and weights in restore.py, eval in evaluate.py;
+`python -m convert` and `python -m train` are aliases kept for scripts); config files are found by name from any
+directory.
 """
 
 from __future__ import annotations
@@ -18,11 +23,10 @@ from diffbody_jax.cli import convert, data, demo, evaluate, prepare, restore, tr
 COMMANDS = {"convert": convert.main, "data": data.main, "prepare": prepare.main, "train": train.main,
             "restore": restore.restore_main, "weights": restore.weights_main, "eval": evaluate.main,
             "demo": demo.main}
-PENDING: dict[str, str] = {}
 
 
 def _usage() -> str:
-    names = ", ".join([*COMMANDS, *PENDING])
+    names = ", ".join(COMMANDS)
     return f"usage: diffbody {{{names}}} ... (diffbody <command> --help for each)"
 
 
@@ -34,10 +38,6 @@ def main(argv=None) -> int:
     command, rest = argv[0], argv[1:]
     if command in COMMANDS:
         return COMMANDS[command](rest)
-    if command in PENDING:
-        print(f"diffbody {command}: not implemented yet in this version; it comes with {PENDING[command]} "
-              "(see README.md, 'Status').", file=sys.stderr)
-        return 2
     print(f"diffbody: unknown command {command!r}\n{_usage()}", file=sys.stderr)
     return 2
 

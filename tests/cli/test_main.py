@@ -1,16 +1,20 @@
-"""The `diffbody` command: subcommands, pending ones refused with exit 2, configs by name from any directory."""
+"""The `diffbody` command: subcommands, usage errors with exit 2, configs by name from any directory."""
 
 import subprocess
 import sys
+
+import pytest
 
 from diffbody_jax.cli.main import main
 from tests.torch_ref import REPO
 
 
-def test_subcommands_dispatch_and_pending_ones_say_so(tmp_path, capsys):
+def test_subcommands_dispatch_and_usage_errors_say_so(tmp_path, capsys):
     assert main(["data", "sample-set", "--out", str(tmp_path / "s")]) == 0
     assert (tmp_path / "s" / "manifest.jsonl").is_file()
-    assert main(["restore"]) == 2 and "not implemented yet" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["restore"])
+    assert exit_info.value.code == 2 and "required" in capsys.readouterr().err
     assert main(["train", "--config", "swinir:variant=tiny-diffbir", "--workdir", str(tmp_path / "run")]) == 1
     assert "data.manifest is empty" in capsys.readouterr().err
     assert main(["frobnicate"]) == 2 and "unknown command 'frobnicate'" in capsys.readouterr().err
