@@ -62,8 +62,22 @@ def world(tmp_path_factory):
     randomize_(cn, seed=4)
     cn.save_pretrained(root / "controlnet-sd21-depth")
     _tiny_files(root)
+    _demo_folder(root / "demo")
     (root / "bench").symlink_to(REPO / "bench")  # README's commands run from the project root
     return root
+
+
+def _demo_folder(out: pathlib.Path) -> None:
+    """What `diffbody demo` leaves that the docs use: clean/, degraded/, keypoints.jsonl and weights/ (stand-ins;
+    the demo itself is tested in tests/cli/test_demo.py)."""
+    from diffbody_jax.cli.demo import DEMO_SIZE, demo_inputs, write_demo_inputs
+    from diffbody_jax.data.manifest import read_manifest
+    from diffbody_jax.data.sample_set import write_sample_set
+    from diffbody_jax.pipelines.stand_in import write_stand_in_weights
+
+    records = read_manifest(write_sample_set(out / "data"))
+    write_demo_inputs(out, demo_inputs(records, ((DEMO_SIZE, DEMO_SIZE),)))
+    write_stand_in_weights(out / "weights")
 
 
 def _tiny_files(root: pathlib.Path) -> None:

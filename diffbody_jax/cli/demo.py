@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 DEMO_SIZE = 64  # the tiny preset: every photo in one 64x64 bucket (one compile per version)
+DEMO_MARK = ".diffbody-demo"  # marks a folder the demo may replace
 DEGRADATION = "degradation:kind=real-esrgan"  # what the tiny SwinIR trains on
 NEXT_STEPS = """With real weights (downloaded once, elsewhere), the same two steps:
   diffbody convert to-flax --src stable-diffusion-2-1-base --dst weights/sd21
@@ -62,26 +63,60 @@ def train_swinir(data_dir: Path, workdir: Path, steps: int) -> Path:
     return train(config, workdir).export
 
 
-def swinir_gain(swinir_dir: Path, photos, seed: int = 0) -> tuple[float, float, list]:
-    """Mean PSNR (Y) of the degraded inputs and of SwinIR's outputs against the clean photos, and the pairs."""
-    import jax
-
+def demo_inputs(records, buckets, seed: int = 0) -> list[dict]:
+    """Per sample-set record: name, clean (the photo inside its bucket with a reflected border), degraded (seeded
+    Real-ESRGAN degradation of it), keypoints moved into the clean image, caption."""
     from diffbody_jax.config import load_config
     from diffbody_jax.data.degradations import degradation_from_config
+    from diffbody_jax.data.pose import as_persons, transform_keypoints
+    from diffbody_jax.pipelines.fit import fit_to_bucket
+    from diffbody_jax.pipelines.image_io import read_photo
+
+    degrade = degradation_from_config(load_config(DEGRADATION))
+    out = []
+    for n, record in enumerate(records):
+        photo = read_photo(record.image).pixels
+        fitted = fit_to_bucket(photo, buckets)
+        top, left, h, w = fitted.inner
+        kp = transform_keypoints(as_persons(record.keypoints, record.keypoint_format),
+                                 (h / photo.shape[0], w / photo.shape[1]), (-top, -left))
+        degraded = degrade(fitted.pixels, np.random.default_rng([seed, n])).upsampled.astype(np.float32)
+        out.append({"name": Path(record.image).stem, "clean": fitted.pixels, "degraded": degraded, "keypoints": kp,
+                    "format": record.keypoint_format, "caption": record.caption})
+    return out
+
+
+def write_demo_inputs(out: Path, inputs: list[dict]) -> None:
+    """OUT/clean/*.png, OUT/degraded/*.png and OUT/keypoints.jsonl (a manifest of the degraded photos' keypoints,
+    what `diffbody restore --keypoints` reads)."""
+    from diffbody_jax.pipelines.image_io import write_png
+
+    lines = []
+    for x in inputs:
+        write_png(out / "clean" / f"{x['name']}.png", x["clean"], overwrite=True)
+        write_png(out / "degraded" / f"{x['name']}.png", x["degraded"], overwrite=True)
+        keypoints = np.round(x["keypoints"].astype(np.float64), 2).tolist()
+        lines.append(json.dumps({"image": f"degraded/{x['name']}.png", "caption": x["caption"],
+                                 "keypoints": keypoints, "keypoint_format": x["format"]}))
+    (out / "keypoints.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def swinir_gain(swinir_dir: Path, inputs: list[dict]) -> tuple[float, float]:
+    """Mean PSNR (Y) of the degraded inputs and of SwinIR's outputs against the clean photos."""
+    import jax
+
     from diffbody_jax.evaluation.metrics import image_metrics
     from diffbody_jax.interop.pretrained import load_pretrained
 
-    degrade = degradation_from_config(load_config(DEGRADATION))
     module, params = load_pretrained(swinir_dir)
     run = jax.jit(lambda p, x: module.apply({"params": p}, x))
-    before, after, pairs = [], [], []
-    for n, clean in enumerate(photos):
-        degraded = degrade(clean, np.random.default_rng([seed, n])).upsampled.astype(np.float32)
-        restored = np.clip(np.asarray(run(params, degraded[None]))[0], 0, 1)
-        before.append(float(image_metrics(degraded[None], clean[None])["psnr"][0]))
-        after.append(float(image_metrics(restored[None], clean[None])["psnr"][0]))
-        pairs.append((clean, degraded))
-    return float(np.mean(before)), float(np.mean(after)), pairs
+    before, after = [], []
+    for x in inputs:
+        clean, degraded = x["clean"][None], x["degraded"][None]
+        restored = np.clip(np.asarray(run(params, degraded)), 0, 1)
+        before.append(float(image_metrics(degraded, clean)["psnr"][0]))
+        after.append(float(image_metrics(restored, clean)["psnr"][0]))
+    return float(np.mean(before)), float(np.mean(after))
 
 
 def _grid(rows: list[list[np.ndarray]], scale: int = 3) -> np.ndarray:
@@ -108,20 +143,19 @@ def main(argv=None) -> int:
 
     from diffbody_jax.cli.restore import PoseSource, prepare_jobs, run_jobs, write_outputs
     from diffbody_jax.data.manifest import read_manifest
-    from diffbody_jax.data.pose import transform_keypoints
     from diffbody_jax.data.sample_set import write_sample_set
-    from diffbody_jax.pipelines.fit import fit_to_bucket
-    from diffbody_jax.pipelines.image_io import read_photo, write_png
+    from diffbody_jax.pipelines.image_io import write_png
     from diffbody_jax.pipelines.restore import Restorer, RestoreSettings
     from diffbody_jax.pipelines.stand_in import write_stand_in_weights
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
-        if not (out / "timing.md").exists():
+        if not (out / DEMO_MARK).exists():
             print(f"diffbody demo: {out} exists and is not a demo folder; choose another --out", file=sys.stderr)
             return 1
         shutil.rmtree(out)  # a previous demo's output: replaced as a whole
     out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARK).write_text("written by diffbody demo; a new demo run replaces this folder\n")
     train_steps, sample_steps = (10, 2) if args.fast else (args.train_steps, None)
     timer = Timer()
     print(f"DiffBody demo -> {out}", flush=True)
@@ -137,22 +171,11 @@ def main(argv=None) -> int:
 
     settings = {v: RestoreSettings(version=v, steps=sample_steps, size=DEMO_SIZE, square_only=True)
                 for v in ("v1", "v2")}
-    buckets = settings["v1"].buckets
-    cleans, keypoints, prompts = [], {}, []
-    for record in records:
-        photo = read_photo(record.image).pixels
-        fitted = fit_to_bucket(photo, buckets)  # the photo inside the bucket, with a reflected border: the clean image
-        top, left, h, w = fitted.inner
-        cleans.append(fitted.pixels)
-        kp = transform_keypoints(record.keypoints, (h / photo.shape[0], w / photo.shape[1]), (-top, -left))
-        keypoints[Path(record.image).stem] = (kp, record.keypoint_format)
-        prompts.append(record.caption)
+    inputs = demo_inputs(records, settings["v1"].buckets, args.seed)
+    write_demo_inputs(out, inputs)
+    names = [x["name"] for x in inputs]
     t = time.perf_counter()
-    before, after, pairs = swinir_gain(export, cleans, args.seed)
-    names = [Path(r.image).stem for r in records]
-    for name, (clean, degraded) in zip(names, pairs, strict=True):
-        write_png(out / "clean" / f"{name}.png", clean, overwrite=True)
-        write_png(out / "degraded" / f"{name}.png", degraded, overwrite=True)
+    before, after = swinir_gain(export, inputs)
     timer("SwinIR on seeded degradations", time.perf_counter() - t,
           f"PSNR {before:.2f} -> {after:.2f} dB ({after - before:+.2f} dB)")
 
@@ -164,7 +187,8 @@ def main(argv=None) -> int:
     results = {}
     for version, s in settings.items():
         files = [out / "degraded" / f"{n}.png" for n in names]
-        jobs, problems = prepare_jobs(files, out / version, s, prompts, PoseSource(table=keypoints), True)
+        jobs, problems = prepare_jobs(files, out / version, s, [x["caption"] for x in inputs],
+                                      PoseSource(out / "keypoints.jsonl"), True)
         (out / version).mkdir(exist_ok=True)
         t = time.perf_counter()
         restorer = Restorer(weights, s)
@@ -181,9 +205,9 @@ def main(argv=None) -> int:
             return 1
 
     rows = []
-    for name, clean, (_, degraded) in zip(names, cleans, pairs, strict=True):
-        r = results[name]
-        rows.append([clean, degraded, r["v1"]["i_reg"], r["v1"]["restored"], r["v2"]["restored"]])
+    for x in inputs:
+        r = results[x["name"]]
+        rows.append([x["clean"], x["degraded"], r["v1"]["i_reg"], r["v1"]["restored"], r["v2"]["restored"]])
     write_png(out / "sheet.png", _grid(rows), overwrite=True)
     (out / "timing.md").write_text(timer.markdown())
     (out / "summary.json").write_text(json.dumps({
