@@ -8,6 +8,7 @@ Variants (model.transformers holds the transformers config.json):
   sdxl-base-2       SDXL-base's text_encoder_2 (OpenCLIP bigG text tower with projection, 1280 wide)
   ip-adapter        IP-Adapter-Plus-XL's image encoder (CLIP ViT-H/14 vision tower, 1280 wide)
   tiny              a 2-layer text encoder 24 wide (the tiny SD2.1 UNet's cross-attention width)
+  mid               a 2-layer text encoder 768 wide (mid-sd21's cross-attention width: bench/restore.py)
   tiny-sdxl, tiny-sdxl-2   two 2-layer text encoders 16 wide (the second with a 16-wide projection): together
                     the tiny SDXL UNet's 32-wide context and 16-wide pooled embedding
   tiny-vision       a 2-layer vision tower 24 wide on 32 x 32 pixels (the tiny Resampler's input width)
@@ -31,6 +32,7 @@ def _text(hidden: int, projection: int, **extra) -> dict:
 
 TINY = {
     "tiny": ("clip_text", _text(24, 24)),
+    "mid": ("clip_text", _text(768, 768)),
     "tiny-sdxl": ("clip_text", _text(16, 16)),
     "tiny-sdxl-2": ("clip_text", _text(16, 16, architectures=["CLIPTextModelWithProjection"])),
     "tiny-vision": ("clip_vision", dict(hidden_size=24, intermediate_size=48, projection_dim=24, num_hidden_layers=2,

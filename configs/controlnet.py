@@ -17,6 +17,7 @@ Variants:
                        image resolution) through one pixel embedding each: sum_i alpha_i F_i, softmax alphas
   tiny-sd21, tiny-sdxl the tiny UNets of configs/unet.py with a 4-level pixel embedding (8, 8, 16, 16)
   tiny-v1, tiny-v2-stage1   the DiffBody variants on the tiny-sd21 UNet
+  mid-v1               the v1 variant on configs/unet.py's mid-sd21 (a benchmark size)
   tiny-v2-stage2       the stage-2 variant on the tiny-sdxl UNet
 """
 
@@ -44,6 +45,7 @@ FROM_UNET = {
     "tiny-sd21": ("tiny-sd21", dict(conditioning_embedding_out_channels=[8, 8, 16, 16])),
     "tiny-sdxl": ("tiny-sdxl", dict(conditioning_embedding_out_channels=[8, 8, 16, 16])),
     "tiny-v1": ("tiny-sd21", dict(conditioning_channels=9, conditioning_embedding_type="latent")),
+    "mid-v1": ("mid-sd21", dict(conditioning_channels=9, conditioning_embedding_type="latent")),
     "tiny-v2-stage1": (
         "tiny-sd21", dict(in_channels=8, conditioning_channels=4, conditioning_embedding_type="latent")
     ),

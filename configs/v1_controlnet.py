@@ -14,6 +14,8 @@ Variants:
          (SD21 a stable-diffusion-2-1-base folder; RUNS/swinir a stage-0 run, whose export/ is read)
   tiny   the tiny-sd21 UNet and tiny-v1 ControlNet, the tiny VAE (latents at 1/2), a 2-layer CLIP text encoder,
          tiny SwinIR and body-part networks; 64 x 64 crops: seconds on a CPU
+  mid    mid-sd21 (142M) UNet and its v1 ControlNet, the tiny4 VAE (latents at 1/8), a 2-layer 768-wide text encoder,
+         the tiny SwinIR and body-part networks: the mid-size preset of bench/restore.py
 
 Everything but the ControlNet is frozen. I_reg = SwinIR(degraded) and I_attn = Attn(I_reg) are computed inside
 the train step by the frozen stage-0 and part networks, as Eq. 3 writes (diffusion.attention=manifest reads the
@@ -40,6 +42,7 @@ VARIANTS = {
     # unet, controlnet, vae, swinir, bodypart variants
     "paper": ("sd21-base", "diffbody-v1", "sd21-base", "diffbir", "bpbreid"),
     "tiny": ("tiny-sd21", "tiny-v1", "tiny", "tiny-diffbir", "tiny"),
+    "mid": ("mid-sd21", "mid-v1", "tiny4", "tiny-diffbir", "tiny"),
 }
 
 
@@ -48,13 +51,13 @@ def get_config(arg=None):
     if arg["variant"] not in VARIANTS:
         raise ValueError(f"unknown v1 variant {arg['variant']!r}; known: {sorted(VARIANTS)}")
     unet, controlnet, vae, swinir, bodypart = VARIANTS[arg["variant"]]
-    tiny = arg["variant"] == "tiny"
+    tiny = arg["variant"] in ("tiny", "mid")
     config = ml_collections.ConfigDict()
     config.model = model_section(name="group", variant=arg["variant"], members=ml_collections.ConfigDict(dict(
         unet=load_config(f"{HERE / 'unet.py'}:variant={unet}").model,
         controlnet=load_config(f"{HERE / 'controlnet.py'}:variant={controlnet}").model,
         vae=load_config(f"{HERE / 'vae.py'}:variant={vae}").model,
-        text_encoder=load_config(f"{HERE / 'clip.py'}:variant={'tiny' if tiny else 'sd21-base'}").model,
+        text_encoder=load_config(f"{HERE / 'clip.py'}:variant={arg['variant'] if tiny else 'sd21-base'}").model,
         swinir=load_config(f"{HERE / 'swinir.py'}:variant={swinir}").model,
         bodypart=load_config(f"{HERE / 'bodypart.py'}:variant={bodypart}").model,
     )))

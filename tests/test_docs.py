@@ -107,7 +107,9 @@ def _tiny_files(root: pathlib.Path) -> None:
     write_ip_adapter(root / "ip-adapter-tiny.bin", original_state_dict(adapter, unet.config))
 
 
-@pytest.mark.parametrize("doc", DOCS)
+# docs/weights.md's commands (~90 s) are each also run by tests/cli/test_convert.py: that page runs with -m slow
+@pytest.mark.parametrize("doc", [pytest.param(d, marks=pytest.mark.slow) if d == "docs/weights.md" else d
+                                 for d in DOCS])
 def test_code_blocks_run(doc, world, monkeypatch, tmp_path):
     blocks = code_blocks(doc)
     for item in world.iterdir():  # each page gets its own folder: the stand-ins linked, its outputs its own

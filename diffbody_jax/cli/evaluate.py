@@ -4,7 +4,8 @@
       [--size 512] [--steps N] [--sampler ...] [--batch B] [--save-images]
 
 Each ground-truth photo is first scaled into its resolution bucket (the size the models restore at; the
-reflected border of `--fit bucket` is excluded from every score); that is the reference. Each of the five Table-1
+reflected border of `--fit bucket` is excluded from every score); that is the reference (with `--fit tile`, the
+photo at its own size). Each of the five Table-1
 mixtures degrades it (one numpy generator per (mixture, photo), seeded from --seed: the same inputs on every run),
 the version restores it, and PSNR / SSIM (on BT.601 luma) and CPSNR / CSSIM (on RGB) are measured by
 `diffbody_jax.evaluation.metrics` (tested against scikit-image within 1e-4) for the degraded input, SwinIR's I_ir
@@ -27,20 +28,25 @@ SCORED = ("degraded", "swinir", "restored")
 
 def evaluation_jobs(photos, mixture: str, seed: int, settings, prompts, poses: PoseSource, index_of_mixture: int):
     """(jobs, references): per photo, its bucket-sized reference and a job restoring its degraded version."""
+    from diffbody_jax.cli.restore import TILE_MULTIPLE
     from diffbody_jax.data.degradations import table1_mixture
-    from diffbody_jax.pipelines.fit import fit_to_bucket
+    from diffbody_jax.pipelines.fit import fit_by_padding, fit_to_bucket
     from diffbody_jax.pipelines.image_io import Photo
 
     degrade = table1_mixture(mixture)
     jobs, references = [], []
     for n, (photo, prompt) in enumerate(zip(photos, prompts, strict=True)):
-        fitted = fit_to_bucket(photo.pixels, settings.buckets)
-        top, left, h, w = fitted.inner
-        reference = fitted.pixels[top: top + h, left: left + w]
+        if settings.fit == "tile":  # scored at the photo's own size
+            reference = photo.pixels
+        else:
+            fitted = fit_to_bucket(photo.pixels, settings.buckets)
+            top, left, h, w = fitted.inner
+            reference = fitted.pixels[top: top + h, left: left + w]
         rng = np.random.default_rng([seed, index_of_mixture, n])
         degraded = degrade(reference, rng).upsampled.astype(np.float32)
         small = Photo(photo.path, degraded)
-        refit = fit_to_bucket(degraded, settings.buckets)
+        refit = (fit_by_padding(degraded, TILE_MULTIPLE) if settings.fit == "tile"
+                 else fit_to_bucket(degraded, settings.buckets))
         jobs.append(Job(small, refit, poses(small, refit), prompt, Path(photo.path.name)))
         references.append(reference)
     return jobs, references

@@ -26,9 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffbody_jax.pipelines.restore import PRESET_STEPS, SAMPLERS, RestoreSettings
-
-FITS = ("bucket",)
+from diffbody_jax.pipelines.restore import FITS, PRESET_STEPS, SAMPLERS, RestoreSettings
 
 
 def add_restore_args(p: argparse.ArgumentParser) -> None:
@@ -43,8 +41,10 @@ def add_restore_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, default=0.0, help="v1 part-loss guidance scale (0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=1, help="images per jitted call (split over the local devices)")
-    p.add_argument("--size", type=int, default=512, help="side of the square bucket (multiple of 64)")
-    p.add_argument("--fit", choices=FITS, default="bucket")
+    p.add_argument("--size", type=int, default=512,
+                   help="side of the square bucket, or of a tile with --fit tile (multiple of 64)")
+    p.add_argument("--fit", choices=FITS, default="bucket",
+                   help="bucket: scale into the nearest bucket and back; tile: the photo's own size, on tiles")
     p.add_argument("--colour", choices=("none", "adain", "wavelet"), default="none")
     p.add_argument("--keypoints", help="a manifest (JSONL) with keypoints for the inputs, matched by file name")
     p.add_argument("--poses", help="a folder of pose maps named like the inputs")
@@ -53,7 +53,10 @@ def add_restore_args(p: argparse.ArgumentParser) -> None:
 def settings_from(args) -> RestoreSettings:
     return RestoreSettings(version=args.version, steps=args.steps, sampler=args.sampler, cfg=args.cfg,
                            guidance=args.guidance, colour=args.colour, size=args.size,
-                           negative_prompt=args.negative_prompt)
+                           negative_prompt=args.negative_prompt, fit=args.fit)
+
+
+TILE_MULTIPLE = 64  # --fit tile pads photos to this: the VAE factor and SwinIR's window x unshuffle divide it
 
 
 @dataclasses.dataclass
@@ -144,7 +147,7 @@ class ProgressBars:
 
 def prepare_jobs(files, out: Path, settings: RestoreSettings, prompts, poses: PoseSource, overwrite: bool):
     """(jobs, problems): each readable photo fitted to its bucket; a line for each input that cannot be restored."""
-    from diffbody_jax.pipelines.fit import fit_to_bucket
+    from diffbody_jax.pipelines.fit import fit_by_padding, fit_to_bucket
     from diffbody_jax.pipelines.image_io import PhotoError, read_photo
 
     jobs, problems, seen = [], [], {}
@@ -162,7 +165,8 @@ def prepare_jobs(files, out: Path, settings: RestoreSettings, prompts, poses: Po
         except PhotoError as e:
             problems.append(str(e))
             continue
-        fitted = fit_to_bucket(photo.pixels, settings.buckets)
+        fitted = (fit_by_padding(photo.pixels, TILE_MULTIPLE) if settings.fit == "tile"
+                  else fit_to_bucket(photo.pixels, settings.buckets))
         jobs.append(Job(photo, fitted, poses(photo, fitted), prompt, target))
     return jobs, problems
 

@@ -14,7 +14,6 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from diffbody_jax.config import dataclass_from_dict, dataclass_to_dict
 from diffbody_jax.models.layers import (
@@ -29,6 +28,7 @@ from diffbody_jax.models.layers import (
     group_norm,
     remat_block,
 )
+from diffbody_jax.models.tiling import tiled_map
 from diffbody_jax.models.variables import ModelVariables
 
 _FEATURE_OFF = {"act_fn": ("silu",), "latents_mean": (None,), "latents_std": (None,)}
@@ -261,60 +261,6 @@ class AutoencoderKL(_VAEBase):
         return {"x": jnp.zeros((batch, size, size, self.config.in_channels), self.dtype)}
 
 # ------------------------------------------------------------------------------------------- tiling
-def _tile_starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Starts of full-size tiles covering [0, length) with at least `overlap` shared between neighbours."""
-    if length <= tile:
-        return [0]
-    stride = tile - overlap
-    starts = list(range(0, length - tile, stride))
-    return starts + [length - tile]
-
-
-def _blend_weights(start: int, size: int, overlap: int, total: int) -> np.ndarray:
-    """1-D weight of one tile's output along one axis.
-
-    On each side that has a neighbour, the outer quarter of the overlap gets weight 0 (a tile's own zero
-    padding corrupts its edge pixels), and the rest of the overlap ramps linearly from 0 to 1.
-    """
-    w = np.ones(size, np.float32)
-    if overlap > 0:
-        margin = overlap // 4
-        ramp = np.zeros(overlap, np.float32)
-        ramp[margin:] = (np.arange(overlap - margin, dtype=np.float32) + 1) / (overlap - margin + 1)
-        if start > 0:
-            w[:overlap] = ramp
-        if start + size < total:
-            w[size - overlap:] = np.minimum(w[size - overlap:], ramp[::-1])
-    return w
-
-
-def _tiled(fn, x: Array, tile: int, overlap: int, scale: float) -> Array:
-    """Apply `fn` ([B, T, T, C] -> [B, T*scale, T*scale, C']) to overlapping tiles of x and blend them.
-
-    Every tile has the same shape, so `fn` compiles once and runs under `lax.map`, one tile at a time:
-    peak memory is one tile's activations. Where tiles overlap, their outputs are averaged with ramp
-    weights that are zero at the tiles' edges, so no seam shows where they meet. Neighbouring tiles share
-    at least `overlap` input pixels, so every output pixel has a non-zero total weight.
-    """
-    if 2 * overlap > tile:
-        raise ValueError(f"tile overlap {overlap} must be at most half the tile size {tile}")
-    b, h, w, _ = x.shape
-    th, tw = min(tile, h), min(tile, w)
-    positions = [(y, x0) for y in _tile_starts(h, th, overlap) for x0 in _tile_starts(w, tw, overlap)]
-    tiles = jnp.stack([x[:, y:y + th, x0:x0 + tw] for y, x0 in positions])
-    outs = jax.lax.map(fn, tiles)  # [n, B, th * scale, tw * scale, C']
-    sh, sw = outs.shape[2], outs.shape[3]
-    out_h, out_w, ov = round(h * scale), round(w * scale), round(overlap * scale)
-    acc = jnp.zeros((b, out_h, out_w, outs.shape[-1]), jnp.float32)
-    norm = np.zeros((out_h, out_w), np.float32)
-    for k, (y, x0) in enumerate(positions):
-        oy, ox = round(y * scale), round(x0 * scale)
-        wgt = np.outer(_blend_weights(oy, sh, ov, out_h), _blend_weights(ox, sw, ov, out_w))
-        acc = acc.at[:, oy:oy + sh, ox:ox + sw].add(outs[k].astype(jnp.float32) * wgt[None, :, :, None])
-        norm[oy:oy + sh, ox:ox + sw] += wgt
-    return (acc / norm[None, :, :, None]).astype(outs.dtype)
-
-
 def decode_tiled(vae: AutoencoderKL, params: dict, z: Array, *, tile: int = 64, overlap: int = 16) -> Array:
     """`vae.decode` of unscaled latents z [B, h, w, C] in overlapping latent tiles of `tile` (jittable).
 
@@ -325,7 +271,7 @@ def decode_tiled(vae: AutoencoderKL, params: dict, z: Array, *, tile: int = 64, 
     if z.shape[1] <= tile and z.shape[2] <= tile:
         return vae.apply({"params": params}, z, method=AutoencoderKL.decode)
     decode = lambda t: vae.apply({"params": params}, t, method=AutoencoderKL.decode)  # noqa: E731
-    return _tiled(decode, z, tile, overlap, f)
+    return tiled_map(decode, z, tile, overlap, f)
 
 
 def encode_tiled(
@@ -346,4 +292,16 @@ def encode_tiled(
         p = vae.apply({"params": params}, t, method=AutoencoderKL.encode)
         return jnp.concatenate([p.mean, p.logvar], axis=-1)
 
-    return DiagonalGaussian.from_moments(_tiled(moments, x, tile, overlap, 1.0 / f))
+    return DiagonalGaussian.from_moments(tiled_map(moments, x, tile, overlap, 1.0 / f))
+
+
+def encode_latents_tiled(vae: AutoencoderKL, params: dict, x: Array, *, tile: int = 512, overlap: int = 128) -> Array:
+    """`encode_latents` (posterior mean, shifted and scaled) through `encode_tiled`."""
+    z = encode_tiled(vae, params, x, tile=tile, overlap=overlap).mode()
+    return (z - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+
+
+def decode_latents_tiled(vae: AutoencoderKL, params: dict, z: Array, *, tile: int = 64, overlap: int = 16) -> Array:
+    """`decode_latents` (scaled latents) through `decode_tiled`."""
+    return decode_tiled(vae, params, z / vae.config.scaling_factor + (vae.config.shift_factor or 0.0), tile=tile,
+                        overlap=overlap)

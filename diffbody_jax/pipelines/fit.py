@@ -56,3 +56,15 @@ def fit_to_bucket(pixels: np.ndarray, buckets: Sequence[tuple[int, int]]) -> Fit
         out = np.pad(out, (*need, (0, 0)), mode="symmetric")
         pad = tuple((p[0] - n[0], p[1] - n[1]) for p, n in zip(pad[:2], need, strict=True)) + ((0, 0),)
     return Fitted(out.astype(np.float32), bucket, (top, left, inner_h, inner_w), (h, w))
+
+
+def fit_by_padding(pixels: np.ndarray, multiple: int) -> Fitted:
+    """`--fit tile`: the photo at its own size, its bottom and right edges reflected out to a multiple of `multiple`
+    (the tiles' granularity); `unfit` crops the border off again, nothing is rescaled."""
+    h, w = pixels.shape[:2]
+    ph, pw = -h % multiple, -w % multiple
+    out = np.asarray(pixels, np.float32)
+    while out.shape[0] < h + ph or out.shape[1] < w + pw:  # "symmetric" pads by at most the image's size at once
+        need_h, need_w = min(h + ph - out.shape[0], out.shape[0]), min(w + pw - out.shape[1], out.shape[1])
+        out = np.pad(out, ((0, need_h), (0, need_w), (0, 0)), mode="symmetric")
+    return Fitted(out, (h + ph, w + pw), (0, 0, h, w), (h, w))

@@ -34,12 +34,14 @@ from diffbody_jax.diffusion.samplers import SamplerConfig
 from diffbody_jax.parallel.mesh import MeshConfig, make_mesh
 from diffbody_jax.parallel.sharding import batch_sharding
 from diffbody_jax.pipelines.prompts import DEFAULT_NEGATIVE_PROMPT
+from diffbody_jax.pipelines.tiles import TileConfig
 from diffbody_jax.pipelines.v1 import V1Pipeline
 from diffbody_jax.pipelines.v2 import V2Pipeline
 from diffbody_jax.pipelines.weights import load_schedule, load_v1_models, load_v2_models, tokenizer_folder
 
 VERSIONS = ("v1", "v2")
 PRESET_STEPS = {"v1": 50, "v2": 200}  # DDPM steps of the papers' inference (v2: in each stage)
+FITS = ("bucket", "tile")
 SAMPLERS = {"ddpm": "ddpm", "ddim": "ddim", "dpmpp": "dpmpp_2m"}
 # the intermediates each version returns beside "restored" (what --save-intermediates writes)
 INTERMEDIATES = {"v1": ("i_reg", "attention"), "v2": ("i_ir", "i_res", "depth", "normal")}
@@ -51,7 +53,9 @@ class RestoreSettings:
     guidance scale (1: off). guidance: part-loss guidance scale s (v1's Algorithm 1; 0: off). colour: none |
     adain | wavelet correction toward I_ir. size: the side of the square bucket; the other buckets keep the
     paper's aspect ratios (512: 512x512, 768x512, 512x768, 1024x512, 512x1024); square_only: only the square
-    bucket (one compile for every photo; non-square photos get a wider reflected border)."""
+    bucket (one compile for every photo; non-square photos get a wider reflected border). fit: bucket (scale into
+    a bucket and back) | tile (restore at the photo's own size on overlapping tiles of `size` pixels with `size / 4`
+    overlap in every stage; `pipelines.tiles`)."""
 
     version: str = "v1"
     steps: int | None = None
@@ -62,6 +66,7 @@ class RestoreSettings:
     size: int = 512
     negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
     square_only: bool = False
+    fit: str = "bucket"
 
     def __post_init__(self):
         if self.version not in VERSIONS:
@@ -72,10 +77,18 @@ class RestoreSettings:
             raise ValueError(f"steps={self.steps}: must be at least 1")
         if self.size % 64 or self.size < 64:
             raise ValueError(f"size={self.size}: must be a positive multiple of 64")
+        if self.fit not in FITS:
+            raise ValueError(f"fit {self.fit!r}; expected one of {FITS}")
+        if self.fit == "tile" and self.guidance:
+            raise ValueError("part-loss guidance decodes the whole image at every step: not with --fit tile")
 
     @property
     def num_steps(self) -> int:
         return self.steps or PRESET_STEPS[self.version]
+
+    @property
+    def tiles(self) -> TileConfig | None:
+        return TileConfig(self.size, self.size // 4) if self.fit == "tile" else None
 
     @property
     def buckets(self) -> tuple[tuple[int, int], ...]:
@@ -96,13 +109,14 @@ class Restorer:
         if s.version == "v1":
             group, variables = load_v1_models(weights)
             self.pipeline = V1Pipeline(group, load_schedule(weights, "sd21"), s.sampler_config(s.guidance),
-                                       PartLossConfig(), s.colour, on_step=on_step)
+                                       PartLossConfig(), s.colour, on_step=on_step, tiles=s.tiles)
         else:
             if s.guidance:
                 raise ValueError("part-loss guidance (--guidance) is v1's (seed 000, Algorithm 1); v2 has none")
             stage1, stage2, variables = load_v2_models(weights)
             self.pipeline = V2Pipeline(stage1, stage2, load_schedule(weights, "sd21"), load_schedule(weights, "sdxl"),
-                                       s.sampler_config(), s.sampler_config(), colour=s.colour, on_step=on_step)
+                                       s.sampler_config(), s.sampler_config(), colour=s.colour, on_step=on_step,
+                                       tiles=s.tiles)
             group = stage1
         self.factor = self.pipeline.factor
         self.tokenizers = {name: load_tokenizer(*tokenizer_folder(weights, name))

@@ -42,12 +42,17 @@ def _without_ip(unet_params: dict) -> dict:
     return strip(unet_params)
 
 
-def write_stand_in_weights(weights: str | os.PathLike, seed: int = 0, skip: tuple[str, ...] = ()) -> Path:
+def write_stand_in_weights(weights: str | os.PathLike, seed: int = 0, skip: tuple[str, ...] = (),
+                           v1_variant: str = "tiny", versions: tuple[str, ...] = ("v1", "v2")) -> Path:
     """Write the tiny stand-in of every component (except those in `skip`) and CLIP's tokenizer files under
-    `weights`. The stand-ins of v1 and v2 stage 1 share the SD2.1 VAE and text encoder, as the real models do."""
+    `weights`. The stand-ins of v1 and v2 stage 1 share the SD2.1 VAE and text encoder, as the real models do.
+    v1_variant: configs/v1_controlnet.py's variant of v1's members ("mid": the benchmark's mid-size preset, whose
+    VAE and text encoder then do not fit v2: pass versions=("v1",))."""
     weights = Path(weights)
-    for n, phase in enumerate(("v1_controlnet", "stage1_controlnet", "colour_adapter")):
-        group = build_model(load_config(f"{phase}:variant=tiny").model)
+    phases = (("v1_controlnet", v1_variant),) * ("v1" in versions) + (
+        (("stage1_controlnet", "tiny"), ("colour_adapter", "tiny")) if "v2" in versions else ())
+    for n, (phase, variant) in enumerate(phases):
+        group = build_model(load_config(f"{phase}:variant={variant}").model)
         for m, (member, module) in enumerate(group.members.items()):
             component = _MEMBERS.get((phase, member))
             if member == "stage2" and not {"sdxl/unet", "stage2_controlnet", "colour_adapter"} <= set(skip):

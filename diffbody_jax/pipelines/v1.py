@@ -24,7 +24,10 @@ from diffbody_jax.conditioning.body_priors import body_attention_map
 from diffbody_jax.diffusion.part_guidance import PartLossConfig, make_part_guidance, part_guidance_aux
 from diffbody_jax.diffusion.samplers import SamplerConfig, make_sampler
 from diffbody_jax.diffusion.schedule import NoiseSchedule
+from diffbody_jax.models.tiling import tiled_map
+from diffbody_jax.models.vae import decode_latents_tiled, encode_latents_tiled
 from diffbody_jax.pipelines.colour_fix import colour_fix
+from diffbody_jax.pipelines.tiles import TileConfig, attention_on_small, latent_tiled_eps
 
 Array = jax.Array
 V1_MEMBERS = ("unet", "controlnet", "vae", "swinir", "bodypart")
@@ -32,13 +35,19 @@ V1_MEMBERS = ("unet", "controlnet", "vae", "swinir", "bodypart")
 
 class V1Pipeline:
     def __init__(self, group, schedule: NoiseSchedule, sampler: SamplerConfig | None = None,
-                 part_loss: PartLossConfig | None = None, colour: str = "none", on_step=None):
+                 part_loss: PartLossConfig | None = None, colour: str = "none", on_step=None,
+                 tiles: TileConfig | None = None):
         sampler, part_loss = sampler or SamplerConfig(), part_loss or PartLossConfig()
+        if tiles is not None and sampler.guidance_scale:
+            raise ValueError("part-loss guidance needs the whole decoded image at every step: not with tiles")
         missing = [m for m in V1_MEMBERS if m not in group.members]
         if missing:
             raise ValueError(f"V1Pipeline: the model group lacks {missing}")
         self.group, self.schedule, self.sampler_config, self.colour = group, schedule, sampler, colour
         self.factor = 2 ** (len(group.vae.config.block_out_channels) - 1)
+        self.tiles = tiles
+        if tiles is not None:
+            tiles.check(self.factor)
         guidance = make_part_guidance(group.vae, group.bodypart, part_loss) if sampler.guidance_scale else None
         # on_step(stage, step index): a progress bar's hook (None: nothing added to the program); v1 has one stage
         hook = None if on_step is None else (lambda i: on_step(1, i))
@@ -46,15 +55,26 @@ class V1Pipeline:
 
     # ------------------------------------------------------------------ stages
     def regress(self, variables, degraded: Array) -> Array:
-        """I_reg = SwinIR(degraded), clipped to [0, 1] (Eq. 2)."""
-        return jnp.clip(self.group.apply("swinir", variables, degraded), 0.0, 1.0)
+        """I_reg = SwinIR(degraded), clipped to [0, 1] (Eq. 2); on overlapping tiles when tiled."""
+        def swinir(x):
+            return self.group.apply("swinir", variables, x)
+
+        out = swinir(degraded) if self.tiles is None else tiled_map(swinir, degraded, self.tiles.size,
+                                                                    self.tiles.overlap, 1.0)
+        return jnp.clip(out, 0.0, 1.0)
 
     def attention(self, variables, i_reg: Array):
-        """I_attn: the part network's foreground on I_reg, at latent and image resolution (Eq. 3)."""
-        return body_attention_map(self.group.bodypart, self.group.member_variables(variables, "bodypart"), i_reg,
-                                  self.factor)
+        """I_attn: the part network's foreground on I_reg, at latent and image resolution (Eq. 3). Tiled: computed
+        on I_reg scaled to one tile's size (a smooth person mask; `pipelines.tiles.attention_on_small`)."""
+        net, net_vars = self.group.bodypart, self.group.member_variables(variables, "bodypart")
+        if self.tiles is not None:
+            return attention_on_small(net, net_vars, i_reg, self.factor, self.tiles.size)
+        return body_attention_map(net, net_vars, i_reg, self.factor)
 
     def encode(self, variables, image: Array) -> Array:
+        if self.tiles is not None:
+            return encode_latents_tiled(self.group.vae, variables["params"]["vae"], image * 2.0 - 1.0,
+                                        tile=self.tiles.size, overlap=self.tiles.overlap)
         return self.group.apply("vae", variables, image * 2.0 - 1.0, method="encode_latents")
 
     def condition(self, variables, i_reg: Array, pose: Array, attention_latent: Array) -> Array:
@@ -63,6 +83,11 @@ class V1Pipeline:
         return jnp.concatenate([z_reg, self.encode(variables, pose), attention_latent.astype(z_reg.dtype)], -1)
 
     def _eps(self, params, z, t, cond):
+        if self.tiles is not None:  # MultiDiffusion: every latent tile denoised, the overlaps blended
+            return latent_tiled_eps(self._eps_whole, params, z, t, cond[0], cond[1:], self.tiles, self.factor)
+        return self._eps_whole(params, z, t, cond)
+
+    def _eps_whole(self, params, z, t, cond):
         context, control = cond
         residuals = self.group.controlnet.apply({"params": params["controlnet"]}, z, t, context, control)
         return self.group.unet.apply({"params": params["unet"]}, z, t, context, down_residuals=residuals.down,
@@ -84,7 +109,11 @@ class V1Pipeline:
         return self._sample(k_steps, z_t, (context, control), uncond_pair, aux=aux, params=params).sample
 
     def decode(self, variables, z: Array) -> Array:
-        image = self.group.apply("vae", variables, z, method="decode_latents")
+        if self.tiles is not None:
+            image = decode_latents_tiled(self.group.vae, variables["params"]["vae"], z,
+                                         tile=self.tiles.size // self.factor, overlap=self.tiles.overlap // self.factor)
+        else:
+            image = self.group.apply("vae", variables, z, method="decode_latents")
         return jnp.clip((image + 1.0) * 0.5, 0.0, 1.0)
 
     # ------------------------------------------------------------------ all of it

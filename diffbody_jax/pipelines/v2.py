@@ -35,8 +35,11 @@ import jax.numpy as jnp
 from diffbody_jax.conditioning.clip_image import colour_adapter_features
 from diffbody_jax.diffusion.samplers import SamplerConfig, make_sampler
 from diffbody_jax.diffusion.schedule import NoiseSchedule
+from diffbody_jax.models.tiling import tiled_map
 from diffbody_jax.models.unet import SDXLText
+from diffbody_jax.models.vae import decode_latents_tiled, encode_latents_tiled
 from diffbody_jax.pipelines.colour_fix import colour_fix
+from diffbody_jax.pipelines.tiles import TileConfig, latent_tiled_eps
 
 Array = jax.Array
 STAGE1_MEMBERS = ("swinir", "vae", "joint_unet", "controlnet")
@@ -57,7 +60,8 @@ class V2Pipeline:
     def __init__(self, stage1, stage2, schedule1: NoiseSchedule, schedule2: NoiseSchedule,
                  sampler1: SamplerConfig | None = None, sampler2: SamplerConfig | None = None, *,
                  latent_stats: Mapping[str, Sequence[float]] | None = None, colour: str = "none",
-                 adapter_scale: float = 1.0, conditioning_scale: float = 1.0, on_step=None):
+                 adapter_scale: float = 1.0, conditioning_scale: float = 1.0, on_step=None,
+                 tiles: TileConfig | None = None):
         _check_members(stage1, STAGE1_MEMBERS, "stage-1")
         _check_members(stage2, STAGE2_MEMBERS, "stage-2")
         self.stage1, self.stage2 = stage1, stage2
@@ -69,6 +73,9 @@ class V2Pipeline:
         self.latent_stats, self.colour = latent_stats, colour
         self.adapter_scale, self.conditioning_scale = adapter_scale, conditioning_scale
         self.factor = max(_factor(stage1.vae), _factor(stage2.vae))
+        self.tiles = tiles
+        if tiles is not None:
+            tiles.check(self.factor)
         # on_step(stage, step index): a progress bar's hook (None: nothing added to the programs)
         def hook(stage):
             return None if on_step is None else (lambda i: on_step(stage, i))
@@ -78,8 +85,13 @@ class V2Pipeline:
 
     # ------------------------------------------------------------------ stage 0
     def regress(self, variables, degraded: Array) -> Array:
-        """I_ir = SwinIR(degraded), clipped to [0, 1]."""
-        return jnp.clip(self.stage1.apply("swinir", variables["stage1"], degraded), 0.0, 1.0)
+        """I_ir = SwinIR(degraded), clipped to [0, 1]; on overlapping tiles when tiled."""
+        def swinir(x):
+            return self.stage1.apply("swinir", variables["stage1"], x)
+
+        out = swinir(degraded) if self.tiles is None else tiled_map(swinir, degraded, self.tiles.size,
+                                                                    self.tiles.overlap, 1.0)
+        return jnp.clip(out, 0.0, 1.0)
 
     # ------------------------------------------------------------------ stage 1
     def _normalize(self, z: Array, name: str, inverse: bool = False) -> Array:
@@ -91,7 +103,18 @@ class V2Pipeline:
         return (z - mean) / std * rgb_std + rgb_mean
 
     def _encode1(self, variables, image: Array) -> Array:
+        if self.tiles is not None:
+            return encode_latents_tiled(self.stage1.vae, variables["stage1"]["params"]["vae"], image * 2.0 - 1.0,
+                                        tile=self.tiles.size, overlap=self.tiles.overlap)
         return self.stage1.apply("vae", variables["stage1"], image * 2.0 - 1.0, method="encode_latents")
+
+    def _decode(self, stage: str, variables, z: Array) -> Array:
+        group = self.stage1 if stage == "stage1" else self.stage2
+        if self.tiles is not None:
+            f = _factor(group.vae)
+            return decode_latents_tiled(group.vae, variables[stage]["params"]["vae"], z, tile=self.tiles.size // f,
+                                        overlap=self.tiles.overlap // f)
+        return group.apply("vae", variables[stage], z, method="decode_latents")
 
     def stage1_condition(self, variables, i_ir: Array, pose: Array) -> tuple[Array, Array]:
         """(c_p, c_r): the pose latent (normalised as in training) and the ControlNet's condition E(I_ir)."""
@@ -99,6 +122,12 @@ class V2Pipeline:
 
     def _eps1(self, params, z, t, cond):
         """z [B, h, w, 4 x branches] (branch-major) -> the joint UNet's prediction, same shape."""
+        if self.tiles is not None:  # MultiDiffusion over the latent (pipelines.tiles)
+            return latent_tiled_eps(self._eps1_whole, params, z, t, cond[0], cond[1:], self.tiles,
+                                    _factor(self.stage1.vae))
+        return self._eps1_whole(params, z, t, cond)
+
+    def _eps1_whole(self, params, z, t, cond):
         context, c_p, c_r = cond
         parts = jnp.split(z, len(self.branches), axis=-1)
         inputs = [jnp.concatenate([p, c_p.astype(p.dtype)], axis=-1) for p in parts]
@@ -123,8 +152,7 @@ class V2Pipeline:
         """Each branch decoded to [B, H, W, 3] in [0, 1]: {"i_res", "depth" (channel mean, [B, H, W, 1]), "normal"}."""
         out = {}
         for name, part in zip(self.branches, jnp.split(z, len(self.branches), axis=-1), strict=True):
-            image = self.stage1.apply("vae", variables["stage1"], self._normalize(part, name, inverse=True),
-                                      method="decode_latents")
+            image = self._decode("stage1", variables, self._normalize(part, name, inverse=True))
             image = jnp.clip((image + 1.0) * 0.5, 0.0, 1.0)
             out["i_res" if name == "rgb" else name] = image.mean(-1, keepdims=True) if name == "depth" else image
         return out
@@ -143,6 +171,20 @@ class V2Pipeline:
                                        i_res)
 
     def _eps2(self, params, z, t, cond):
+        if self.tiles is not None:  # MultiDiffusion; the image-resolution priors ride along space-to-depth
+            text, priors, features = cond
+            names = sorted(priors)
+            f = _factor(self.stage2.vae)
+
+            def eps(p, zt, tt, c):
+                (txt, feats), *maps = c
+                return self._eps2_whole(p, zt, tt, (txt, dict(zip(names, maps, strict=True)), feats))
+
+            return latent_tiled_eps(eps, params, z, t, (text, features), [priors[n] for n in names], self.tiles, f,
+                                    image_factor=[f] * len(names))
+        return self._eps2_whole(params, z, t, cond)
+
+    def _eps2_whole(self, params, z, t, cond):
         text, priors, features = cond
         return self.stage2.stage2.apply({"params": params}, z, t, text, priors, features,
                                         conditioning_scale=self.conditioning_scale, ip_scale=self.adapter_scale)
@@ -159,7 +201,7 @@ class V2Pipeline:
         return self._sample2(k_steps, z_t, cond, uncond_triple, params=variables["stage2"]["params"]["stage2"]).sample
 
     def stage2_decode(self, variables, z: Array) -> Array:
-        image = self.stage2.apply("vae", variables["stage2"], z, method="decode_latents")
+        image = self._decode("stage2", variables, z)
         return jnp.clip((image + 1.0) * 0.5, 0.0, 1.0)
 
     # ------------------------------------------------------------------ all of it

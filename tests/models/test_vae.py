@@ -82,7 +82,7 @@ def _smooth_latent(h, w, c=4, period=8.0, seed=None):
 def test_tiling_is_exact_for_local_operations(rng):
     """The tile/blend machinery itself: for a function whose receptive field is smaller than the
     discarded tile margin, tiled equals untiled everywhere (borders included)."""
-    from diffbody_jax.models.vae import _tiled
+    from diffbody_jax.models.tiling import tiled_map as _tiled
 
     x = jnp.asarray(rng.standard_normal((2, 24, 40, 3)), jnp.float32)
     k = jnp.asarray(rng.standard_normal((3, 3, 3, 5)), jnp.float32)

@@ -13,6 +13,7 @@ from diffbody_jax.pipelines.v2 import V2Pipeline
 from diffbody_jax.pipelines.weights import load_schedule, load_v2_models
 
 
+@pytest.mark.slow  # ~55 s (two v2 compiles); v2 runs end to end in the default suite in cli/test_demo.py
 def test_one_program_equals_the_stages_chained(tmp_path, rng):
     weights = write_stand_in_weights(tmp_path / "w", seed=7)
     stage1, stage2, variables = load_v2_models(weights)

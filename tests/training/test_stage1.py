@@ -75,6 +75,7 @@ def test_eq2_overfits_one_batch_through_the_controlnet_alone(rng):
     assert changed == []
 
 
+@pytest.mark.slow  # ~65 s; the export -> init_from hand-off is held in the default suite by the v1 phase's test
 def test_a_joint_unet_export_starts_the_stage1_controlnet_phase(tmp_path):
     from diffbody_jax.training.engine import export_params, init_state, setup
 
