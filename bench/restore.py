@@ -87,8 +87,12 @@ def diffusers_pipeline(unet_variant: str, vae_variant: str, clip_variant: str):
 
     torch.manual_seed(0)
     unet = diffusers.UNet2DConditionModel(**load_config(f"unet:variant={unet_variant}").model.diffusers.to_dict())
-    controlnet = diffusers.ControlNetModel.from_unet(unet)
-    vae = diffusers.AutoencoderKL(**load_config(f"vae:variant={vae_variant}").model.diffusers.to_dict())
+    vae_config = load_config(f"vae:variant={vae_variant}").model.diffusers.to_dict()
+    vae = diffusers.AutoencoderKL(**vae_config)
+    # the pixel condition's embedding downsamples to the latent grid: one stride-2 level per VAE factor of 2
+    levels = len(vae_config["block_out_channels"])
+    controlnet = diffusers.ControlNetModel.from_unet(
+        unet, conditioning_embedding_out_channels=(16, 32, 96, 256)[:levels])
     text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
         **load_config(f"clip:variant={clip_variant}").model.transformers.to_dict()))
     scheduler = diffusers.DDIMScheduler.from_pretrained(str(REPO / "configs/diffusers/sd21-base/scheduler"))

@@ -106,14 +106,16 @@ class Restorer:
                  devices: Sequence[jax.Device] | None = None, on_step: Callable[[int, int], None] | None = None):
         self.settings = s = settings
         self.mesh = make_mesh(MeshConfig(), list(devices or jax.local_devices()))
+        # tiles bound memory only if no attention matrix spans a whole tile: chunked is the same math in blocks
+        kwargs = {"attention_backend": "chunked"} if s.fit == "tile" else {}
         if s.version == "v1":
-            group, variables = load_v1_models(weights)
+            group, variables = load_v1_models(weights, **kwargs)
             self.pipeline = V1Pipeline(group, load_schedule(weights, "sd21"), s.sampler_config(s.guidance),
                                        PartLossConfig(), s.colour, on_step=on_step, tiles=s.tiles)
         else:
             if s.guidance:
                 raise ValueError("part-loss guidance (--guidance) is v1's (seed 000, Algorithm 1); v2 has none")
-            stage1, stage2, variables = load_v2_models(weights)
+            stage1, stage2, variables = load_v2_models(weights, **kwargs)
             self.pipeline = V2Pipeline(stage1, stage2, load_schedule(weights, "sd21"), load_schedule(weights, "sdxl"),
                                        s.sampler_config(), s.sampler_config(), colour=s.colour, on_step=on_step,
                                        tiles=s.tiles)

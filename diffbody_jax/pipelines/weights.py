@@ -82,6 +82,9 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "v2": ("swinir", "sd21/vae", "sd21/text_encoder", "joint_unet", "stage1_controlnet", "sdxl/unet", "sdxl/vae",
            "sdxl/text_encoder", "sdxl/text_encoder_2", "stage2_controlnet", "colour_adapter", "image_encoder"),
 }
+# the components whose spatial self-attention grows with the image (the attention_backend they are built with)
+ATTENTION_COMPONENTS = ("sd21/unet", "sd21/vae", "v1_controlnet", "joint_unet", "stage1_controlnet", "sdxl/unet",
+                        "sdxl/vae", "stage2_controlnet")
 # CLIP tokenizers: (folder inside DIR, pad token when built offline)
 TOKENIZERS = {"sd21": ("sd21/tokenizer", "!"), "sdxl": ("sdxl/tokenizer", "<|endoftext|>"),
               "sdxl_2": ("sdxl/tokenizer_2", "!")}
@@ -113,6 +116,12 @@ def load_component(weights: str | os.PathLike, name: str, **module_kwargs) -> tu
     where = path / sub if sub else path
     if not component_present(weights, name):
         raise WeightsError(f"{where}: missing ({COMPONENTS[name].what}; get it from {COMPONENTS[name].source})")
+    if name.endswith("vae"):
+        # the VAE's mid-block attention spans a whole (tile's) latent: a 2 GiB matrix for a 256-pixel tile of the
+        # tiny preset's 1/2 latents; "chunked" is the same math in blocks of 1024 queries (models/layers.py)
+        module_kwargs = {"attention_backend": "chunked", **module_kwargs}
+    if name not in ATTENTION_COMPONENTS:
+        module_kwargs = {k: v for k, v in module_kwargs.items() if k != "attention_backend"}
     try:
         module, loaded = load_pretrained(path, subfolder=sub, **module_kwargs)
     except (ValueError, KeyError, FileNotFoundError, OSError) as e:
@@ -185,7 +194,7 @@ def tokenizer_folder(weights: str | os.PathLike, which: str) -> tuple[str | None
 def _group(weights, names: Sequence[tuple[str, str]], **module_kwargs) -> tuple[ModelGroup, dict]:
     members, variables = {}, {}
     for member, component in names:
-        module, loaded = load_component(weights, component, **module_kwargs)
+        module, loaded = load_component(weights, component, **module_kwargs)  # attention_backend where it applies
         members[member] = module
         for collection, tree in loaded.items():
             variables.setdefault(collection, {})[member] = tree
