@@ -71,7 +71,7 @@ def tiny_run(height: int, width: int, steps: int) -> dict:
     Image.fromarray((rng.uniform(0, 1, (height, width, 3)) * 255).astype(np.uint8)).save(folder / "big.png")
     start = time.perf_counter()
     rc = diffbody(["restore", str(folder / "big.png"), "--out", str(folder / "out"), "--weights", str(weights),
-                   "--fit", "tile", "--size", "256", "--steps", str(steps), "--sampler", "ddim", "--quiet"])
+                   "--fit", "tile", "--size", "128", "--steps", str(steps), "--sampler", "ddim", "--quiet"])
     seconds = time.perf_counter() - start
     size = Image.open(folder / "out" / "big.png").size if rc == 0 else None
     return {"rc": rc, "seconds": seconds, "output_size": size,
@@ -91,7 +91,7 @@ def main() -> None:
     print(f"# jax {jax.__version__} ({jax.default_backend()}); photo {args.height} x {args.width}")
     if not args.skip_run:
         r = tiny_run(args.height, args.width, args.tiny_steps)
-        print(f"tiny preset, --fit tile --size 256, DDIM {args.tiny_steps} steps: rc {r['rc']}, {r['seconds']:.1f} s "
+        print(f"tiny preset, --fit tile --size 128, DDIM {args.tiny_steps} steps: rc {r['rc']}, {r['seconds']:.1f} s "
               f"(compile included), output {r['output_size']}, peak RSS {r['peak_rss_gb']:.2f} GB", flush=True)
     if not args.skip_program:
         m = full_size_program(args.height, args.width, args.tile, args.steps)
