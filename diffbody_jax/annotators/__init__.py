@@ -1,0 +1,11 @@
+"""Offline annotators: keypoints (COCO-17 and OpenPose-18) and a person mask for any photo.
+
+    annotation = annotate(image, backend="keypoints-file", keypoints="manifest.jsonl", name="photo")
+
+Backends: "keypoints-file" (the user's keypoints, no model) and "mediapipe" (BlazePose, the `annotators` extra).
+"""
+
+from diffbody_jax.annotators.annotate import annotate, get_annotator
+from diffbody_jax.annotators.base import BACKENDS, Annotation, AnnotatorError
+
+__all__ = ["BACKENDS", "Annotation", "AnnotatorError", "annotate", "get_annotator"]

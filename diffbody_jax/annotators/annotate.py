@@ -1,0 +1,35 @@
+"""`annotate(image) -> Annotation` over the registered backends (`base.BACKENDS`)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+import diffbody_jax.annotators.keypoints_file  # noqa: F401  (registers "keypoints-file")
+from diffbody_jax.annotators.base import BACKENDS, Annotation, Annotator, AnnotatorError
+from diffbody_jax.annotators.mediapipe_pose import available
+
+
+def get_annotator(backend: str = "auto", **options) -> Annotator:
+    """A callable image -> Annotation for `backend` ("auto": mediapipe when its extra is installed)."""
+    if backend == "auto":
+        backend = "mediapipe" if available() else None
+        if backend is None:
+            raise AnnotatorError("annotator 'auto': no annotator model is installed; install the extra "
+                                 "(pip install 'diffbody_jax[annotators]') or give keypoints (backend "
+                                 "'keypoints-file')")
+    if backend not in BACKENDS:
+        raise AnnotatorError(f"annotator {backend!r} unknown; known: {sorted(BACKENDS)}")
+    return BACKENDS[backend](**options)
+
+
+def annotate(image: np.ndarray, backend: str = "auto", **options) -> Annotation:
+    """One image ([H, W, 3] float in [0, 1] or uint8) -> its Annotation; warns when no person is found."""
+    name = options.pop("name", None)
+    annotation = get_annotator(backend, **options)(image, name=name) if name is not None else \
+        get_annotator(backend, **options)(image)
+    if annotation.num_persons == 0:
+        warnings.warn(f"annotator {annotation.backend or backend}: no person found"
+                      + (f" in {name}" if name else "") + "; the pose map is empty", stacklevel=2)
+    return annotation

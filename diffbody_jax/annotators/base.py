@@ -1,0 +1,64 @@
+"""The annotators' one interface: `annotate(image) -> Annotation`.
+
+An `Annotation` holds every detected person's body keypoints in COCO-17 order and in OpenPose-18 order (the neck
+is the shoulders' midpoint, as OpenPose defines it), as (x, y, confidence) rows in pixels of the image; optional
+hand (2 x 21) and face points; the person mask in [0, 1] at the image's size (None when the backend gives none);
+and the image size. An image with no person gives zero persons (and a warning from `annotate`), never an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from diffbody_jax.data.pose import coco_to_openpose, render_pose
+
+
+class AnnotatorError(RuntimeError):
+    """A backend that cannot run: the message names the backend and the missing extra or file."""
+
+
+@dataclasses.dataclass
+class Annotation:
+    coco17: np.ndarray  # [P, 17, 3] float32: x, y in pixels, confidence in [0, 1]
+    size: tuple[int, int]  # (H, W) of the annotated image
+    mask: np.ndarray | None = None  # [H, W] float32 in [0, 1]: the person mask
+    hands: np.ndarray | None = None  # [P, 2, 21, 3] (left, right), when asked and given
+    face: np.ndarray | None = None  # [P, K, 3], when asked and given
+    backend: str = ""
+
+    def __post_init__(self):
+        self.coco17 = np.asarray(self.coco17, np.float32).reshape(-1, 17, 3)
+
+    @property
+    def num_persons(self) -> int:
+        return int(self.coco17.shape[0])
+
+    @property
+    def openpose18(self) -> np.ndarray:
+        """[P, 18, 3] in OpenPose's order; the neck is the shoulders' midpoint, visible when both shoulders pass
+        DWPose's 0.3 threshold (its confidence is the smaller of the two)."""
+        return coco_to_openpose(self.coco17, 0.3)
+
+    def pose_map(self, threshold: float = 0.3) -> np.ndarray:
+        """The pose map at the image's size, drawn by `data.pose.render_pose` (DWPose's colours), uint8 RGB."""
+        return render_pose(self.coco17, "coco17", self.size, threshold)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"size": list(self.size), "backend": self.backend, "keypoint_format": "coco17",
+                "keypoints": np.round(self.coco17.astype(np.float64), 2).tolist(),
+                "openpose18": np.round(self.openpose18.astype(np.float64), 2).tolist()}
+
+
+Annotator = Callable[..., Annotation]
+BACKENDS: dict[str, Callable[..., Annotator]] = {}
+
+
+def register(name: str):
+    def wrap(factory):
+        BACKENDS[name] = factory
+        return factory
+    return wrap
