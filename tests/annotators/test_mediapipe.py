@@ -1,6 +1,7 @@
 """The mediapipe backend (the `annotators` extra) on scikit-image's astronaut photo: the nose and shoulders land
-inside the person mask, the nose in the upper half above the shoulders, the hips in the lower half (inside the mask where they are in the
-image), left and right as COCO defines them (the person's own); flat grey has no person; several sizes run."""
+inside the person mask, the nose in the upper half above the shoulders, the hips in the lower half (inside the
+mask where they are in the image), left and right as COCO defines them (the person's own); flat grey has no
+person; several sizes run."""
 
 import warnings
 
