@@ -8,6 +8,7 @@
     diffbody weights check weights/
     diffbody restore photos/ --out restored/ --weights weights/ --version v1
     diffbody eval ground_truth/ --out eval/ --weights weights/
+    diffbody annotate photos/ --out annotations/
 
 Each subcommand is a program under diffbody_jax/cli/ (restore and weights in restore.py, eval in evaluate.py;
 `python -m convert` and `python -m train` are aliases kept for scripts); config files are found by name from any
@@ -18,11 +19,11 @@ from __future__ import annotations
 
 import sys
 
-from diffbody_jax.cli import convert, data, demo, evaluate, prepare, restore, train
+from diffbody_jax.cli import annotate, convert, data, demo, evaluate, prepare, restore, train
 
 COMMANDS = {"convert": convert.main, "data": data.main, "prepare": prepare.main, "train": train.main,
             "restore": restore.restore_main, "weights": restore.weights_main, "eval": evaluate.main,
-            "demo": demo.main}
+            "demo": demo.main, "annotate": annotate.main}
 
 
 def _usage() -> str:
