@@ -13,7 +13,7 @@ v2 (seed 002, Eq. 1) sums one loss per branch (RGB, depth, normal), each branch 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -161,3 +161,19 @@ def multi_branch_loss(
                                               min_snr_gamma=min_snr_gamma)
     total = sum(w * parts[f"branch_{b}"] for b, w in enumerate(weights))
     return total, parts
+
+
+# The authors' dataset statistics of SD VAE latents (scaled) per prior (their --normalize_dist): mean, std.
+AUTHORS_LATENT_STATS = {"rgb": (0.14654, 1.03744), "depth": (0.21360, 1.20629), "normal": (0.60303, 0.91429),
+                        "pose": (-0.25994, 1.38366)}
+
+
+def normalize_latent(z: Array, name: str, stats: Mapping[str, Sequence[float]], inverse: bool = False) -> Array:
+    """Move a prior's latent to the RGB latents' statistics: (z - m_prior) / s_prior * s_rgb + m_rgb (identity for
+    "rgb"); inverse=True maps a branch's latent back to its prior's statistics (before decoding it)."""
+    if name == "rgb":
+        return z
+    (mean, std), (rgb_mean, rgb_std) = stats[name], stats["rgb"]
+    if inverse:
+        return (z - rgb_mean) / rgb_std * std + mean
+    return (z - mean) / std * rgb_std + rgb_mean

@@ -146,11 +146,17 @@ def ip_adapter_of(unet_params: Mapping[str, Any]) -> dict:
     return traverse_util.unflatten_dict(keep, sep="/")
 
 
+def without_ip_adapter(unet_params: Mapping[str, Any]) -> dict:
+    """A UNet's params without its to_k_ip / to_v_ip kernels: the params of the same UNet built plainly."""
+    flat = {k: v for k, v in _flat(unet_params).items() if k.split("/")[-2] not in IP_KERNELS}
+    return traverse_util.unflatten_dict(flat, sep="/")
+
+
 def with_ip_adapter(unet_params: Mapping[str, Any], adapter: Mapping[str, Any]) -> dict:
     """A plain UNet's params plus the adapter's kernels (`adapter["ip_adapter"]` or that subtree itself):
     the params of the same UNet built with `ip_adapter=True`. Existing kernels are replaced."""
     ip = adapter.get("ip_adapter", adapter)
-    flat = {k: v for k, v in _flat(unet_params).items() if k.split("/")[-2] not in IP_KERNELS}
+    flat = _flat(without_ip_adapter(unet_params))
     for path, value in _flat(ip).items():
         if path.rsplit("/", 2)[0] + "/to_q/kernel" not in flat:
             raise ValueError(f"IP-Adapter kernel {path} has no cross-attention in the UNet params")

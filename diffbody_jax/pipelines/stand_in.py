@@ -14,7 +14,7 @@ from pathlib import Path
 from diffbody_jax.conditioning.prompts import open_clip_bpe_path, write_clip_tokenizer_files
 from diffbody_jax.config import load_config
 from diffbody_jax.interop.ip_adapter import ColourAdapter, ColourAdapterConfig
-from diffbody_jax.models.ip_adapter import IP_KERNELS, ip_adapter_of
+from diffbody_jax.models.ip_adapter import ip_adapter_of, without_ip_adapter
 from diffbody_jax.models.registry import build_model
 from diffbody_jax.models.variables import random_variables
 from diffbody_jax.pipelines.weights import TOKENIZERS, write_component
@@ -36,12 +36,6 @@ _MEMBERS = {
 }
 
 
-def _without_ip(unet_params: dict) -> dict:
-    def strip(tree):
-        return {k: strip(v) for k, v in tree.items() if k not in IP_KERNELS} if isinstance(tree, dict) else tree
-    return strip(unet_params)
-
-
 def write_stand_in_weights(weights: str | os.PathLike, seed: int = 0, skip: tuple[str, ...] = (),
                            v1_variant: str = "tiny", versions: tuple[str, ...] = ("v1", "v2")) -> Path:
     """Write the tiny stand-in of every component (except those in `skip`) and CLIP's tokenizer files under
@@ -58,7 +52,7 @@ def write_stand_in_weights(weights: str | os.PathLike, seed: int = 0, skip: tupl
             if member == "stage2" and not {"sdxl/unet", "stage2_controlnet", "colour_adapter"} <= set(skip):
                 params = random_variables(module, seed + 100 * n + m)["params"]
                 write_component(weights, "sdxl/unet", module.unet.clone(ip_adapter=False),
-                                {"params": _without_ip(params["unet"])})
+                                {"params": without_ip_adapter(params["unet"])})
                 write_component(weights, "stage2_controlnet", module.controlnet, {"params": params["controlnet"]})
                 adapter = ColourAdapter(ColourAdapterConfig(module.unet.config, module.image_proj.config))
                 adapter_params = {"image_proj": params["image_proj"], "ip_adapter": ip_adapter_of(params["unet"])}

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from diffbody_jax.conditioning.clip_image import colour_adapter_features
+from diffbody_jax.diffusion.losses import normalize_latent
 from diffbody_jax.diffusion.samplers import SamplerConfig, make_sampler
 from diffbody_jax.diffusion.schedule import NoiseSchedule
 from diffbody_jax.models.tiling import tiled_map
@@ -95,12 +96,7 @@ class V2Pipeline:
 
     # ------------------------------------------------------------------ stage 1
     def _normalize(self, z: Array, name: str, inverse: bool = False) -> Array:
-        if self.latent_stats is None or name == "rgb":
-            return z
-        (mean, std), (rgb_mean, rgb_std) = self.latent_stats[name], self.latent_stats["rgb"]
-        if inverse:
-            return (z - rgb_mean) / rgb_std * std + mean
-        return (z - mean) / std * rgb_std + rgb_mean
+        return z if self.latent_stats is None else normalize_latent(z, name, self.latent_stats, inverse)
 
     def _encode1(self, variables, image: Array) -> Array:
         if self.tiles is not None:

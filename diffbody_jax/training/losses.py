@@ -17,7 +17,13 @@ import jax.numpy as jnp
 from diffbody_jax.conditioning.body_priors import body_attention_map
 from diffbody_jax.conditioning.clip_image import colour_adapter_features
 from diffbody_jax.conditioning.prompts import sd21_prompt_embeds, sdxl_prompt_embeds
-from diffbody_jax.diffusion.losses import body_attention_loss, diffusion_loss, multi_branch_loss, noising
+from diffbody_jax.diffusion.losses import (
+    body_attention_loss,
+    diffusion_loss,
+    multi_branch_loss,
+    noising,
+    normalize_latent,
+)
 from diffbody_jax.models.layers import Array
 from diffbody_jax.models.stage2 import Stage2Model
 from diffbody_jax.models.swinir import SwinIR
@@ -148,20 +154,6 @@ def v1_controlnet_loss(
 
 
 # ------------------------------------------------------------------------------------------- v2 stage 1
-# The authors' dataset statistics of SD VAE latents (scaled) per prior (their --normalize_dist): mean, std.
-AUTHORS_LATENT_STATS = {"rgb": (0.14654, 1.03744), "depth": (0.21360, 1.20629), "normal": (0.60303, 0.91429),
-                        "pose": (-0.25994, 1.38366)}
-
-
-def normalize_latent(z: Array, name: str, stats: Mapping[str, Sequence[float]]) -> Array:
-    """Move a prior's latent to the RGB latents' statistics: (z - m_prior) / s_prior * s_rgb + m_rgb (identity for
-    "rgb")."""
-    if name == "rgb":
-        return z
-    (mean, std), (rgb_mean, rgb_std) = stats[name], stats["rgb"]
-    return (z - mean) / std * rgb_std + rgb_mean
-
-
 def branch_image(batch: Mapping[str, Any], branch: str) -> Array:
     """The [B, H, W, 3] image in [0, 1] a joint-UNet branch denoises: the clean crop ("rgb"), the depth map
     repeated on three channels ("depth"), the normal map ("normal")."""
