@@ -66,7 +66,9 @@ def get_config(arg=None):
         scheduler="sd21-base",  # configs/diffusers/<name>/scheduler: the noise schedule of the frozen UNet
         prediction_type="epsilon",
         weighting="squared",  # Eq. 4 as written: ((1 + I_attn)(eps - eps_theta))^2; "linear": weight outside
-        attention="model",  # I_attn from the part network in the step (Eq. 3); "manifest": the data's map
+        # I_attn: the part network in the step (Eq. 3); "manifest": the data's attention map; "mask": the data's
+        # person mask (an approximation when no part network exists; add "attention" / "mask" to data.maps)
+        attention="model",
     ))
     config.text = text_section("" if tiny else str(HERE / "diffusers/sd21-base/tokenizer"), "!")  # SD2.1 pads "!"
     if tiny:

@@ -217,7 +217,11 @@ def training_sections(config, *, steps: int, batch_size: int, learning_rate: flo
         manifest="",  # a JSONL manifest (diffbody_jax/data/manifest.py); `diffbody data sample-set` writes one
         batch_size=batch_size,  # global: split over processes and the (data, fsdp) mesh axes
         buckets=[[512, 512], [768, 512], [512, 768], [1024, 512], [512, 1024]],  # (H, W): the paper's five
-        maps=[],  # pose, depth, normal, attention
+        maps=[],  # pose, depth, normal, attention, mask
+        # "manifest": pose maps from the manifest's keypoints / pose files; "annotator": drawn each step from
+        # `annotator`'s keypoints on I_reg = SwinIR(degraded) (the papers: DWPose(I_reg), MMPose(I_ir))
+        pose_source="manifest",
+        annotator="auto",  # "backend[:key=value,...]" (diffbody_jax/annotators), e.g. "onnx-dwpose:det=..,pose=.."
         degradation="real-esrgan",  # a kind of configs/degradation.py
         random_crop=True,
         shuffle=True,

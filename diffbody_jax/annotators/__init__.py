@@ -5,7 +5,7 @@
 Backends: "keypoints-file" (the user's keypoints, no model) and "mediapipe" (BlazePose, the `annotators` extra).
 """
 
-from diffbody_jax.annotators.annotate import annotate, get_annotator
+from diffbody_jax.annotators.annotate import annotate, annotator_from_spec, get_annotator, parse_spec
 from diffbody_jax.annotators.base import BACKENDS, Annotation, AnnotatorError
 
-__all__ = ["BACKENDS", "Annotation", "AnnotatorError", "annotate", "get_annotator"]
+__all__ = ["BACKENDS", "Annotation", "AnnotatorError", "annotate", "annotator_from_spec", "get_annotator", "parse_spec"]

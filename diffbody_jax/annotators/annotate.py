@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 
 import diffbody_jax.annotators.keypoints_file  # noqa: F401  (registers "keypoints-file")
+import diffbody_jax.annotators.onnx_dwpose  # noqa: F401  (registers "onnx-dwpose")
 from diffbody_jax.annotators.base import BACKENDS, Annotation, Annotator, AnnotatorError
 from diffbody_jax.annotators.mediapipe_pose import available
 
@@ -22,6 +23,27 @@ def get_annotator(backend: str = "auto", **options) -> Annotator:
     if backend not in BACKENDS:
         raise AnnotatorError(f"annotator {backend!r} unknown; known: {sorted(BACKENDS)}")
     return BACKENDS[backend](**options)
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """"backend" or "backend:key=value,key=value" (a config string or a CLI flag) -> (backend, options), e.g.
+    "onnx-dwpose:det=/models/yolox_l.onnx,pose=/models/dw-ll_ucoco_384.onnx"."""
+    backend, _, rest = spec.partition(":")
+    options = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise AnnotatorError(f"annotator spec {spec!r}: {item!r} is not key=value")
+        options[key.strip()] = value.strip()
+    return backend.strip() or "auto", options
+
+
+def annotator_from_spec(spec: str) -> Annotator:
+    backend, options = parse_spec(spec)
+    try:
+        return get_annotator(backend, **options)
+    except TypeError as e:  # an option the backend does not take
+        raise AnnotatorError(f"annotator spec {spec!r}: {e}") from None
 
 
 def annotate(image: np.ndarray, backend: str = "auto", **options) -> Annotation:

@@ -29,6 +29,7 @@ class Annotation:
     hands: np.ndarray | None = None  # [P, 2, 21, 3] (left, right), when asked and given
     face: np.ndarray | None = None  # [P, K, 3], when asked and given
     backend: str = ""
+    wholebody: np.ndarray | None = None  # [P, 133, 3] COCO-WholeBody, when the backend gives it (onnx-dwpose)
 
     def __post_init__(self):
         self.coco17 = np.asarray(self.coco17, np.float32).reshape(-1, 17, 3)
@@ -43,13 +44,20 @@ class Annotation:
         DWPose's 0.3 threshold (its confidence is the smaller of the two)."""
         return coco_to_openpose(self.coco17, 0.3)
 
+    @property
+    def keypoints(self) -> tuple[np.ndarray, str]:
+        """(keypoints, format) as a manifest stores them: COCO-WholeBody when the backend gave it, else COCO-17."""
+        return (self.wholebody, "wholebody133") if self.wholebody is not None else (self.coco17, "coco17")
+
     def pose_map(self, threshold: float = 0.3) -> np.ndarray:
-        """The pose map at the image's size, drawn by `data.pose.render_pose` (DWPose's colours), uint8 RGB."""
-        return render_pose(self.coco17, "coco17", self.size, threshold)
+        """The pose map at the image's size, drawn by `data.pose.render_pose` (DWPose's colours; hands and face
+        too when the backend gave COCO-WholeBody), uint8 RGB; black when no person was found."""
+        return render_pose(*self.keypoints, self.size, threshold)
 
     def to_json(self) -> dict[str, Any]:
-        return {"size": list(self.size), "backend": self.backend, "keypoint_format": "coco17",
-                "keypoints": np.round(self.coco17.astype(np.float64), 2).tolist(),
+        keypoints, fmt = self.keypoints
+        return {"size": list(self.size), "backend": self.backend, "keypoint_format": fmt,
+                "keypoints": np.round(keypoints.astype(np.float64), 2).tolist(),
                 "openpose18": np.round(self.openpose18.astype(np.float64), 2).tolist()}
 
 

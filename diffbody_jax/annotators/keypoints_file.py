@@ -56,6 +56,7 @@ def keypoints_file_annotator(keypoints: str | os.PathLike):
         kp, fmt = table[key]
         hands = np.stack([kp[:, 91:112], kp[:, 112:133]], 1) if fmt == "wholebody133" else None
         face = kp[:, 23:91] if fmt == "wholebody133" else None
-        return Annotation(kp[:, :17], (h, w), hands=hands, face=face, backend="keypoints-file")
+        return Annotation(kp[:, :17], (h, w), hands=hands, face=face, backend="keypoints-file",
+                          wholebody=kp if fmt == "wholebody133" else None)
 
     return run

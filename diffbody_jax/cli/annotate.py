@@ -1,11 +1,16 @@
 """`diffbody annotate`: pose keypoints, a pose map and a person mask for photos, offline, for inspection.
 
-  diffbody annotate photos/ --out annotations/ [--backend auto|mediapipe|keypoints-file] [--keypoints FILE]
+  diffbody annotate photos/ --out annotations/ [--backend auto|mediapipe|onnx-dwpose|keypoints-file] [--keypoints FILE]
+  diffbody annotate --manifest data/train.jsonl --out data/train_annotated.jsonl [--replace]
 
 Writes, per photo, OUT/<name>.json (COCO-17 and OpenPose-18 keypoints in pixels, with confidences), OUT/<name>_pose.png
 (drawn as DWPose draws it) and OUT/<name>_mask.png (the person mask, when the backend gives one). "auto" is mediapipe
 when the `annotators` extra is installed. A photo without a person gets a warning and an empty pose map; a photo that
 cannot be read gets one line; the exit code is 1 if any input failed.
+
+With --manifest, every line of the training manifest gets `keypoints` (kept when present, unless --replace) and a
+`mask` path (the person mask, written beside the output manifest under mask/); the output is validated.
+onnx-dwpose needs --det and --pose (local YOLOX and DWPose/RTMPose ONNX files; nothing is downloaded).
 """
 
 from __future__ import annotations
@@ -22,21 +27,51 @@ import numpy as np
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="diffbody annotate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="+", help="image files and folders of images")
-    p.add_argument("--out", required=True)
-    p.add_argument("--backend", default="auto", help="auto | mediapipe | keypoints-file")
+    p.add_argument("inputs", nargs="*", help="image files and folders of images")
+    p.add_argument("--out", required=True, help="a folder (images) or the output manifest (--manifest)")
+    p.add_argument("--manifest", help="fill this training manifest's keypoints and masks into --out")
+    p.add_argument("--replace", action="store_true", help="--manifest: re-annotate lines that have keypoints")
+    p.add_argument("--backend", default="auto", help="auto | mediapipe | onnx-dwpose | keypoints-file")
     p.add_argument("--keypoints", help="the keypoints-file backend's manifest or JSON")
+    p.add_argument("--det", help="onnx-dwpose: the person detector's ONNX file (YOLOX)")
+    p.add_argument("--pose", help="onnx-dwpose: the whole-body pose model's ONNX file (DWPose / RTMPose)")
     args = p.parse_args(argv)
+    if bool(args.inputs) == bool(args.manifest):
+        p.error("give images or --manifest (one of the two)")
 
     from diffbody_jax.annotators import AnnotatorError, get_annotator
-    from diffbody_jax.pipelines.image_io import find_images, read_photos, write_png
 
-    options = {"keypoints": args.keypoints} if args.keypoints else {}
+    options = {k: v for k, v in (("keypoints", args.keypoints), ("det", args.det), ("pose", args.pose)) if v}
     try:
         annotator = get_annotator(args.backend, **options)
     except (AnnotatorError, TypeError) as e:
         print(f"diffbody annotate: {e}", file=sys.stderr)
         return 1
+    if args.manifest:
+        return _fill(annotator, args)
+    return _annotate_images(annotator, args)
+
+
+def _fill(annotator, args) -> int:
+    from diffbody_jax.annotators.manifest import fill_manifest
+    from diffbody_jax.data.manifest import ManifestError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            report = fill_manifest(annotator, args.manifest, args.out, replace=args.replace)
+    except (ManifestError, FileNotFoundError) as e:
+        print(f"diffbody annotate: {e}", file=sys.stderr)
+        return 1
+    for path in report.no_person:
+        print(f"warning: {path}: no person found; no keypoints (an empty pose map)", file=sys.stderr)
+    print(f"{args.out}: {report.lines} line(s), {report.annotated} annotated, {report.kept} kept their keypoints, "
+          f"{len(report.no_person)} without a person")
+    return 0
+
+
+def _annotate_images(annotator, args) -> int:
+    from diffbody_jax.pipelines.image_io import find_images, read_photos, write_png
     files, problems = find_images(args.inputs)
     photos, bad = read_photos(files, min_size=1)
     problems += bad

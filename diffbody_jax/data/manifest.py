@@ -5,7 +5,8 @@
      "keypoint_format": "coco17",                # coco17 | openpose18 | wholebody133 (default coco17)
      "pose": "pose/0001.png",                    # optional pre-rendered pose map
      "depth": "depth/0001.png", "normal": "normal/0001.png",
-     "attention": "attention/0001.png"}          # optional body attention map
+     "attention": "attention/0001.png",          # optional body attention map
+     "mask": "mask/0001.png"}                    # optional person mask (`diffbody annotate --manifest`)
 
 Every optional map must have the image's size. `read_manifest` validates every line and raises one
 `ManifestError` that names each bad line (missing file, unreadable image, wrong size, bad keypoints);
@@ -26,7 +27,8 @@ from PIL import Image
 from diffbody_jax.data.pose import KEYPOINT_COUNTS
 from diffbody_jax.files import atomic_write
 
-MAP_FIELDS = ("pose", "depth", "normal", "attention")
+MAP_FIELDS = ("pose", "depth", "normal", "attention", "mask")
+SINGLE_CHANNEL_MAPS = ("depth", "attention", "mask")
 KNOWN_FIELDS = {"image", "caption", "keypoints", "keypoint_format", *MAP_FIELDS}
 
 

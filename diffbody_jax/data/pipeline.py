@@ -21,7 +21,7 @@ Batch layout (NHWC, float32 in [0, 1] unless stated):
   degraded      [B, H, W, 3]     the degraded image upsampled back to H x W (the restorer's input)
   low_res       [B, h, w, 3]     the degraded image at its own resolution
   pose, normal  [B, H, W, 3]     if requested (pose rendered from keypoints when no pose file is given)
-  depth, attention  [B, H, W, 1] if requested
+  depth, attention, mask  [B, H, W, 1] if requested (mask: the person mask)
   caption       [B] str;  bucket, record, epoch  [B] int32
   original_size, crop_top_left  [B, 2] int32 (H, W) and (top, left): SDXL's size conditioning
 """
@@ -40,7 +40,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from diffbody_jax.data import degradations as deg
-from diffbody_jax.data.manifest import Record
+from diffbody_jax.data.manifest import MAP_FIELDS, SINGLE_CHANNEL_MAPS, Record
 from diffbody_jax.data.pose import render_pose, transform_keypoints
 
 # The five buckets of the DiffBody v2 paper, as (H, W): square, portrait and landscape.
@@ -53,7 +53,7 @@ class DataConfig:
 
     batch_size: int = 4
     buckets: tuple[tuple[int, int], ...] = PAPER_BUCKETS
-    maps: tuple[str, ...] = ()  # which of pose, depth, normal, attention to produce
+    maps: tuple[str, ...] = ()  # which of pose, depth, normal, attention, mask to produce
     random_crop: bool = True
     shuffle: bool = True
     num_epochs: int | None = None  # None: repeat forever
@@ -62,9 +62,9 @@ class DataConfig:
     pose_face: bool = True
 
     def __post_init__(self):
-        bad = sorted(set(self.maps) - {"pose", "depth", "normal", "attention"})
+        bad = sorted(set(self.maps) - set(MAP_FIELDS))
         if bad:
-            raise ValueError(f"DataConfig.maps: unknown map(s) {bad} (pose, depth, normal, attention)")
+            raise ValueError(f"DataConfig.maps: unknown map(s) {bad} ({', '.join(MAP_FIELDS)})")
         if self.batch_size < 1 or not self.buckets:
             raise ValueError(f"DataConfig: batch_size {self.batch_size} and buckets {self.buckets} must be set")
 
@@ -194,7 +194,7 @@ class ExampleLoader:
         }
         for field in cfg.maps:
             if field in record.maps:
-                channels = 1 if field in ("depth", "attention") else 3
+                channels = 1 if field in SINGLE_CHANNEL_MAPS else 3
                 mode = "nearest" if field == "pose" else "area"
                 out[field] = _resize_crop(_load_map(record.maps[field], channels), resized, crop, bucket, mode)
                 if channels == 1 and out[field].ndim == 2:

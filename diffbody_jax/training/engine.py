@@ -36,7 +36,7 @@ from jax.experimental import multihost_utils
 
 from diffbody_jax.config import load_config
 from diffbody_jax.data.degradations import degradation_from_config
-from diffbody_jax.data.manifest import read_manifest
+from diffbody_jax.data.manifest import MAP_FIELDS, read_manifest
 from diffbody_jax.data.pipeline import DataConfig, make_dataset
 from diffbody_jax.interop.pretrained import init_from_pretrained_unet, load_weights_for, save_pretrained
 from diffbody_jax.models.stage2 import Stage2Model
@@ -56,6 +56,7 @@ from diffbody_jax.training.metric_writer import MetricWriter
 from diffbody_jax.training.optimizer import make_optimizer
 from diffbody_jax.training.phases import Phase, get_phase
 from diffbody_jax.training.state import TrainState, create_train_state
+from diffbody_jax.training.annotated_pose import annotated_pose_hook
 from diffbody_jax.training.step import PASSED_THROUGH, jit_train_step, make_train_step
 from diffbody_jax.training.trainable import merge, partition
 
@@ -236,21 +237,28 @@ def make_data_iterator(config, phase: Phase):
     if data.batch_size % processes:
         raise ValueError(f"data.batch_size={data.batch_size} (global) is not divisible by {processes} processes")
     records = read_manifest(data.manifest, require=tuple(m for m in data.maps if m != "pose"))
+    annotated = data.get("pose_source", "manifest") == "annotator"  # pose drawn by the host hook instead
+    if annotated and data.get("cache"):
+        raise ValueError("data.pose_source=annotator draws pose maps each step, data.cache stores encoded ones: "
+                         "use one of the two")
     data_config = DataConfig(batch_size=data.batch_size // processes, buckets=tuple(map(tuple, data.buckets)),
-                             maps=tuple(data.maps), random_crop=data.random_crop, shuffle=data.shuffle)
+                             maps=tuple(m for m in data.maps if not (annotated and m == "pose")), random_crop=data.random_crop, shuffle=data.shuffle)
     degradation = degradation_from_config(load_config(f"degradation:kind={data.degradation}"))
     dataset = make_dataset(records, data_config, degradation, seed=int(config.train.seed),
                            num_workers=int(data.num_workers))
     return iter(dataset)
 
 
-def _loss_inputs(host_batch: dict, phase: Phase, cached: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+def _loss_inputs(host_batch: dict, phase: Phase, cached: tuple[str, ...] = (),
+                 maps: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """The fields the step sees: the phase's inputs, the maps config.data.maps asked for (a switch such as
+    diffusion.attention=mask reads one), the passed-through and cached fields."""
     missing = [k for k in phase.inputs if k not in host_batch]
     if missing:
         raise ValueError(f"phase {phase.name!r} needs batch field(s) {missing}; the data pipeline gives "
-                         f"{sorted(host_batch)} (config.data.maps adds pose/depth/normal/attention)")
+                         f"{sorted(host_batch)} (config.data.maps adds {'/'.join(MAP_FIELDS)})")
     out = {k: host_batch[k] for k in phase.inputs}
-    out.update({k: host_batch[k] for k in (*PASSED_THROUGH, *cached) if k in host_batch})
+    out.update({k: host_batch[k] for k in (*maps, *PASSED_THROUGH, *cached) if k in host_batch})
     return out
 
 
@@ -320,6 +328,7 @@ def train(config, workdir: str | Path, *, batch_hook: Callable[[int, dict], dict
                         grad_accum=int(config.train.grad_accum), ema_decay=float(config.train.ema_decay)),
         s.state_shardings, s.mesh)
     host_hook = s.phase.host(config) if s.phase.host is not None else None
+    pose_hook = annotated_pose_hook(config, s.module, state.frozen)
     cache = EncodedCache(config.data.cache, config) if config.data.get("cache") else None
     writer = MetricWriter(workdir, start, total)
     config_json = _config_json(config)
@@ -329,11 +338,13 @@ def train(config, workdir: str | Path, *, batch_hook: Callable[[int, dict], dict
             for step in range(start + 1, total + 1):
                 began = time.perf_counter()
                 host = next(iterator)
+                if pose_hook is not None:
+                    host = pose_hook(host)
                 if host_hook is not None:
                     host = host_hook(host)
                 if cache is not None:
                     host = cache.fill(host)
-                host = _loss_inputs(host, s.phase, cache.fields if cache is not None else ())
+                host = _loss_inputs(host, s.phase, cache.fields if cache is not None else (), tuple(config.data.maps))
                 if batch_hook is not None:
                     host = batch_hook(step, host)
                 batch = global_batch(host, s.mesh)

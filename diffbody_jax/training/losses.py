@@ -101,7 +101,10 @@ def stage1_cacheable(group, variables, batch):
     return sd21_cacheable(group, variables, batch, (*group.joint_unet.config.branches, "pose"))
 
 
-V1_ATTENTION = ("model", "manifest")
+# Where v1's I_attn comes from: the part network on I_reg in the step (Eq. 3), the manifest's precomputed map, or
+# the manifest's person mask (`diffbody annotate --manifest`): an approximation of I_attn for when no part network
+# weights exist (a silhouette, not the part network's per-part foreground).
+V1_ATTENTION = ("model", "manifest", "mask")
 
 
 def v1_controlnet_loss(
@@ -119,7 +122,8 @@ def v1_controlnet_loss(
 
     group: a `ModelGroup` with members unet, controlnet, vae, text_encoder, swinir, bodypart (all frozen but the
     ControlNet). batch: degraded, target, pose [B, H, W, 3] in [0, 1], input_ids [B, 77]; with
-    attention="manifest" also attention [B, H, W, 1] (a precomputed map in place of the part network's).
+    attention="manifest" also attention [B, H, W, 1] (a precomputed map in place of the part network's); with
+    attention="mask" the person mask [B, H, W, 1] in its place (an approximation: see V1_ATTENTION).
 
       I_reg   = SwinIR(degraded)                                   (Eq. 2, clipped to [0, 1])
       I_attn  = Attn(I_reg) at latent resolution                   (Eq. 3: the part network's foreground)
@@ -134,8 +138,9 @@ def v1_controlnet_loss(
         i_attn = body_attention_map(group.bodypart, group.member_variables(variables, "bodypart"), i_reg,
                                     factor).latent
     else:
-        b, h, w, _ = batch["attention"].shape
-        i_attn = jax.image.resize(batch["attention"], (b, h // factor, w // factor, 1), "linear", antialias=True)
+        given = batch["attention" if attention == "manifest" else "mask"]
+        b, h, w, _ = given.shape
+        i_attn = jax.image.resize(given, (b, h // factor, w // factor, 1), "linear", antialias=True)
 
     def encode(image):
         return _encode_image(group, variables, image)

@@ -101,6 +101,10 @@ def _sd_schedule(name: str) -> jnp.ndarray:
 
 def _v1_switches(config) -> dict:
     d = config["diffusion"]
+    field = {"manifest": "attention", "mask": "mask"}.get(d["attention"])
+    if field is not None and field not in config["data"]["maps"]:
+        raise ValueError(f"diffusion.attention={d['attention']} reads the data's {field!r} map: add it to "
+                         f"data.maps (now {list(config['data']['maps'])})")
     return dict(alphas_cumprod=_sd_schedule(d["scheduler"]), prediction_type=d["prediction_type"],
                 weighting=d["weighting"], attention=d["attention"])
 

@@ -1,0 +1,70 @@
+"""Pose maps drawn during training from an annotator on I_reg, instead of the manifest's keypoints.
+
+With `data.pose_source = "annotator"` every step's batch gets `pose` [B, H, W, 3] in [0, 1]: the annotator's
+keypoints on I_reg = clip(SwinIR(degraded), 0, 1) (the papers annotate the regressed image: DWPose(I_reg) in seed
+000, MMPose(I_ir) in seed 002), drawn by `data.pose.render_pose` with the data pipeline's threshold, hands and face.
+Phases without a SwinIR member (the joint UNet of stage 1 trains on clean images) annotate the clean target.
+
+The annotators are host programs (mediapipe, onnxruntime), so this is a host hook: SwinIR runs jitted on this
+process's first local device with its frozen params copied there once, the annotator on the host. It costs one
+SwinIR forward and B annotator calls per step; the manifest's keypoints (`diffbody annotate --manifest`) cost none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from diffbody_jax.annotators import annotator_from_spec
+from diffbody_jax.data.pose import render_pose
+
+POSE_SOURCES = ("manifest", "annotator")
+
+
+class AnnotatedPose:
+    """Host hook: batch -> batch with `pose` drawn from `annotator` on `regress(batch[source])`."""
+
+    def __init__(self, annotator, regress: Callable[[np.ndarray], np.ndarray] | None, *, source: str = "degraded",
+                 threshold: float = 0.3, hands: bool = True, face: bool = True):
+        self.annotator, self.regress, self.source = annotator, regress, source
+        self.threshold, self.hands, self.face = threshold, hands, face
+        self.empty = 0  # images with no person so far (their pose map is black)
+
+    def __call__(self, batch: dict) -> dict:
+        images = np.asarray(batch[self.source], np.float32)
+        if self.regress is not None:
+            images = np.asarray(self.regress(images))
+        maps = []
+        for image in images:
+            annotation = self.annotator(image)
+            self.empty += annotation.num_persons == 0
+            maps.append(render_pose(*annotation.keypoints, image.shape[:2], self.threshold, self.hands, self.face))
+        return {**batch, "pose": np.stack(maps).astype(np.float32) / 255.0}
+
+
+def swinir_regressor(group, frozen_params) -> Callable[[np.ndarray], np.ndarray]:
+    """clip(SwinIR(x), 0, 1) jitted on this process's first local device (params copied there once)."""
+    params = jax.tree.map(np.asarray, multihost_utils.process_allgather(frozen_params["swinir"], tiled=True))
+    device = jax.local_devices()[0]
+    variables = jax.device_put({"params": params}, device)
+    module = group.swinir
+    run = jax.jit(lambda v, x: jnp.clip(module.apply(v, x), 0.0, 1.0))
+    return lambda x: np.asarray(run(variables, jax.device_put(x, device)))
+
+
+def annotated_pose_hook(config, group, frozen_params) -> AnnotatedPose | None:
+    """The hook for `config.data.pose_source`, or None when poses come from the manifest."""
+    source = config.data.get("pose_source", "manifest")
+    if source not in POSE_SOURCES:
+        raise ValueError(f"data.pose_source={source!r}; expected one of {POSE_SOURCES}")
+    if source == "manifest":
+        return None
+    annotator = annotator_from_spec(config.data.get("annotator", "auto"))
+    members = getattr(group, "members", {})
+    if "swinir" in members and "swinir" in frozen_params:
+        return AnnotatedPose(annotator, swinir_regressor(group, frozen_params))
+    return AnnotatedPose(annotator, None, source="target")
