@@ -56,7 +56,7 @@ def onnx_dwpose_annotator(det: str | os.PathLike | None = None, pose: str | os.P
             raise AnnotatorError(f"annotator 'onnx-dwpose': {name} file {path}: no such file")
     if not available():
         raise AnnotatorError(f"annotator 'onnx-dwpose': onnxruntime or rtmlib is not installed; {EXTRA}")
-    from rtmlib import RTMPose, YOLOX
+    from rtmlib import YOLOX, RTMPose
 
     with contextlib.redirect_stdout(io.StringIO()):  # rtmlib prints a line per model loaded
         detector = YOLOX(str(det), model_input_size=DEFAULT_DET_SIZE, nms_thr=float(nms_threshold),

@@ -50,13 +50,13 @@ from diffbody_jax.parallel.sharding import (
     param_partition_specs,
     tree_shardings,
 )
+from diffbody_jax.training.annotated_pose import annotated_pose_hook
 from diffbody_jax.training.cache import EncodedCache
 from diffbody_jax.training.checkpoint import Checkpoints
 from diffbody_jax.training.metric_writer import MetricWriter
 from diffbody_jax.training.optimizer import make_optimizer
 from diffbody_jax.training.phases import Phase, get_phase
 from diffbody_jax.training.state import TrainState, create_train_state
-from diffbody_jax.training.annotated_pose import annotated_pose_hook
 from diffbody_jax.training.step import PASSED_THROUGH, jit_train_step, make_train_step
 from diffbody_jax.training.trainable import merge, partition
 
@@ -242,7 +242,8 @@ def make_data_iterator(config, phase: Phase):
         raise ValueError("data.pose_source=annotator draws pose maps each step, data.cache stores encoded ones: "
                          "use one of the two")
     data_config = DataConfig(batch_size=data.batch_size // processes, buckets=tuple(map(tuple, data.buckets)),
-                             maps=tuple(m for m in data.maps if not (annotated and m == "pose")), random_crop=data.random_crop, shuffle=data.shuffle)
+                             maps=tuple(m for m in data.maps if not (annotated and m == "pose")),
+                             random_crop=data.random_crop, shuffle=data.shuffle)
     degradation = degradation_from_config(load_config(f"degradation:kind={data.degradation}"))
     dataset = make_dataset(records, data_config, degradation, seed=int(config.train.seed),
                            num_workers=int(data.num_workers))

@@ -38,10 +38,9 @@ def test_annotate_writes_keypoints_pose_maps_and_masks(tmp_path, capsys):
 @pytest.mark.skipif(not available() and os.environ.get("CI") != "true",
                     reason="the annotators extra (mediapipe) is not installed")
 def test_annotate_manifest_fills_keypoints_and_masks_that_the_pipeline_reads(tmp_path, capsys):
-    from diffbody_jax.data.manifest import read_manifest
-    from diffbody_jax.data.pipeline import DataConfig, make_dataset
     from diffbody_jax.data.degradations import table1_mixture
-    from diffbody_jax.data.pipeline import ShardInfo
+    from diffbody_jax.data.manifest import read_manifest
+    from diffbody_jax.data.pipeline import DataConfig, ShardInfo, make_dataset
 
     source = write_sample_set(tmp_path / "sample")
     rows = [json.loads(line) for line in source.read_text().splitlines()]
