@@ -1,11 +1,15 @@
-"""Fill a training manifest from an annotator: keypoints and a person-mask path for each line.
+"""Fill a training manifest from the annotators: keypoints and a person-mask path for each line, and optionally
+depth and normal maps (`annotators.dense`) and captions (`annotators.caption`).
 
-    report = fill_manifest(get_annotator("mediapipe"), "data/train.jsonl", "data/train_annotated.jsonl")
+    report = fill_manifest(get_annotator("mediapipe"), "data/train.jsonl", "data/train_annotated.jsonl",
+                           depth=DepthEstimator("dpt.onnx"), normal=NormalEstimator("omnidata.onnx"))
 
 Every line keeps its other fields; image and map paths are rewritten relative to the output's folder. The masks go
 to `<output folder>/<masks>/<image stem>.png` (8-bit grey, 255 = person). A line that already has keypoints keeps
 them unless `replace`; a line whose image shows no person gets no keypoints (and a report line), so the pipeline
-renders an empty pose map for it. The output is written atomically and validated with `data.manifest.read_manifest`.
+renders an empty pose map for it. Depth and normal maps go to `depth/` and `normal/` beside the masks (8-bit PNGs,
+replacing a line's own only with `replace`); a captioner fills empty captions (all with `replace`). The output is
+written atomically and validated with `data.manifest.read_manifest`.
 """
 
 from __future__ import annotations
@@ -29,20 +33,28 @@ class FillReport:
     annotated: int = 0
     kept: int = 0
     no_person: list[str] = dataclasses.field(default_factory=list)
+    maps: int = 0  # depth / normal maps written
+    captions: int = 0  # captions written
 
 
 def _relative(path: Path, folder: Path) -> str:
     return os.path.relpath(path.absolute(), folder.absolute())
 
 
-def fill_manifest(annotator: Annotator, source: str | os.PathLike, out: str | os.PathLike, *,
-                  masks: str = "mask", replace: bool = False) -> FillReport:
+def _save_png(path: Path, pixels: np.ndarray) -> None:
+    """[H, W] or [H, W, 3] in [0, 1] -> an 8-bit PNG, atomically."""
+    array = np.round(np.clip(pixels, 0.0, 1.0) * 255).astype(np.uint8)
+    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+
+
+def fill_manifest(annotator: Annotator | None, source: str | os.PathLike, out: str | os.PathLike, *,
+                  masks: str = "mask", replace: bool = False, depth=None, normal=None, captioner=None) -> FillReport:
     """Annotate every image of manifest `source` and write manifest `out` with `keypoints`, `keypoint_format`
-    and `mask` filled in. The source is validated first (a `ManifestError` names each bad line)."""
+    and `mask` filled in (`annotator` None: keypoints and masks untouched), and `depth`, `normal`, `caption` when
+    those estimators are given. The source is validated first (a `ManifestError` names each bad line)."""
     source, out = Path(source), Path(out)
     read_manifest(source, decode=False)
     root, folder = source.parent, out.parent
-    (folder / masks).mkdir(parents=True, exist_ok=True)
     report, rows = FillReport(), []
     for line in source.read_text(encoding="utf-8").splitlines():
         if not line.strip():
@@ -52,10 +64,22 @@ def fill_manifest(annotator: Annotator, source: str | os.PathLike, out: str | os
         image_path = root / row["image"]
         with Image.open(image_path) as img:
             pixels = np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
-        annotation = annotator(pixels, name=image_path.name)
         for field in ("image", *MAP_FIELDS):
             if field in row:
                 row[field] = _relative(root / row[field], folder)
+        stem = Path(row["image"]).stem
+        for field, estimator in (("depth", depth), ("normal", normal)):
+            if estimator is not None and (replace or field not in row):
+                _save_png(folder / field / f"{stem}.png", estimator(pixels))
+                row[field] = f"{field}/{stem}.png"
+                report.maps += 1
+        if captioner is not None and (replace or not row.get("caption")):
+            row["caption"] = captioner(pixels)
+            report.captions += 1
+        if annotator is None:
+            rows.append(row)
+            continue
+        annotation = annotator(pixels, name=image_path.name)
         if "keypoints" in row and not replace:
             report.kept += 1
         elif annotation.num_persons:
@@ -68,10 +92,8 @@ def fill_manifest(annotator: Annotator, source: str | os.PathLike, out: str | os
             row.pop("keypoint_format", None)
             report.no_person.append(str(image_path))
         if annotation.mask is not None:
-            mask_path = folder / masks / f"{Path(row['image']).stem}.png"
-            grey = np.round(np.clip(annotation.mask, 0.0, 1.0) * 255).astype(np.uint8)
-            atomic_write(mask_path, lambda tmp, g=grey: Image.fromarray(g, "L").save(tmp, format="PNG"))
-            row["mask"] = _relative(mask_path, folder)
+            _save_png(folder / masks / f"{stem}.png", annotation.mask)
+            row["mask"] = f"{masks}/{stem}.png"
         rows.append(row)
     write_manifest(out, rows)
     try:

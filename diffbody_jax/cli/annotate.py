@@ -2,6 +2,7 @@
 
   diffbody annotate photos/ --out annotations/ [--backend auto|mediapipe|onnx-dwpose|keypoints-file] [--keypoints FILE]
   diffbody annotate --manifest data/train.jsonl --out data/train_annotated.jsonl [--replace]
+                    [--depth DEPTH.onnx] [--normal NORMAL.onnx] [--captioner BLIP_FOLDER] [--backend none]
 
 Writes, per photo, OUT/<name>.json (COCO-17 and OpenPose-18 keypoints in pixels, with confidences), OUT/<name>_pose.png
 (drawn as DWPose draws it) and OUT/<name>_mask.png (the person mask, when the backend gives one). "auto" is mediapipe
@@ -9,7 +10,9 @@ when the `annotators` extra is installed. A photo without a person gets a warnin
 cannot be read gets one line; the exit code is 1 if any input failed.
 
 With --manifest, every line of the training manifest gets `keypoints` (kept when present, unless --replace) and a
-`mask` path (the person mask, written beside the output manifest under mask/); the output is validated.
+`mask` path (the person mask, written beside the output manifest under mask/); --depth / --normal add depth and
+normal maps from local ONNX models (depth/, normal/), --captioner fills empty captions from a local transformers
+folder (BLIP); --backend none leaves keypoints and masks alone. The output is validated.
 onnx-dwpose needs --det and --pose (local YOLOX and DWPose/RTMPose ONNX files; nothing is downloaded).
 """
 
@@ -35,38 +38,48 @@ def main(argv=None) -> int:
     p.add_argument("--keypoints", help="the keypoints-file backend's manifest or JSON")
     p.add_argument("--det", help="onnx-dwpose: the person detector's ONNX file (YOLOX)")
     p.add_argument("--pose", help="onnx-dwpose: the whole-body pose model's ONNX file (DWPose / RTMPose)")
+    p.add_argument("--depth", help="--manifest: a depth ONNX file (MiDaS / DPT: relative inverse depth)")
+    p.add_argument("--normal", help="--manifest: a surface-normal ONNX file (Omnidata: output in [0, 1])")
+    p.add_argument("--captioner", help="--manifest: a local transformers image-to-text folder (BLIP)")
     args = p.parse_args(argv)
     if bool(args.inputs) == bool(args.manifest):
         p.error("give images or --manifest (one of the two)")
+    if not args.manifest and (args.depth or args.normal or args.captioner or args.backend == "none"):
+        p.error("--depth, --normal, --captioner and --backend none go with --manifest")
 
     from diffbody_jax.annotators import AnnotatorError, get_annotator
 
     options = {k: v for k, v in (("keypoints", args.keypoints), ("det", args.det), ("pose", args.pose)) if v}
     try:
-        annotator = get_annotator(args.backend, **options)
+        annotator = None if args.backend == "none" else get_annotator(args.backend, **options)
+        if args.manifest:
+            return _fill(annotator, args)
     except (AnnotatorError, TypeError) as e:
         print(f"diffbody annotate: {e}", file=sys.stderr)
         return 1
-    if args.manifest:
-        return _fill(annotator, args)
     return _annotate_images(annotator, args)
 
 
 def _fill(annotator, args) -> int:
+    from diffbody_jax.annotators.caption import Captioner
+    from diffbody_jax.annotators.dense import DepthEstimator, NormalEstimator
     from diffbody_jax.annotators.manifest import fill_manifest
     from diffbody_jax.data.manifest import ManifestError
 
+    estimators = dict(depth=DepthEstimator(args.depth) if args.depth else None,
+                      normal=NormalEstimator(args.normal) if args.normal else None,
+                      captioner=Captioner(args.captioner) if args.captioner else None)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            report = fill_manifest(annotator, args.manifest, args.out, replace=args.replace)
+            report = fill_manifest(annotator, args.manifest, args.out, replace=args.replace, **estimators)
     except (ManifestError, FileNotFoundError) as e:
         print(f"diffbody annotate: {e}", file=sys.stderr)
         return 1
     for path in report.no_person:
         print(f"warning: {path}: no person found; no keypoints (an empty pose map)", file=sys.stderr)
     print(f"{args.out}: {report.lines} line(s), {report.annotated} annotated, {report.kept} kept their keypoints, "
-          f"{len(report.no_person)} without a person")
+          f"{len(report.no_person)} without a person; {report.maps} depth/normal map(s), {report.captions} caption(s)")
     return 0
 
 
