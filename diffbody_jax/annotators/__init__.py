@@ -2,10 +2,20 @@
 
     annotation = annotate(image, backend="keypoints-file", keypoints="manifest.jsonl", name="photo")
 
-Backends: "keypoints-file" (the user's keypoints, no model) and "mediapipe" (BlazePose, the `annotators` extra).
+Backends: "keypoints-file" (the user's keypoints, no model), "mediapipe" (BlazePose and its person mask, the
+`annotators` extra) and "onnx-dwpose" (DWPose from local ONNX files, several people). Depth, normals
+(`annotators.dense`) and captions (`annotators.caption`) for training manifests; `annotators.manifest` fills a
+manifest with all of them.
 """
 
-from diffbody_jax.annotators.annotate import annotate, annotator_from_spec, get_annotator, parse_spec
+from diffbody_jax.annotators.annotate import (
+    annotate,
+    annotator_from_spec,
+    default_annotator,
+    get_annotator,
+    parse_spec,
+)
 from diffbody_jax.annotators.base import BACKENDS, Annotation, AnnotatorError
 
-__all__ = ["BACKENDS", "Annotation", "AnnotatorError", "annotate", "annotator_from_spec", "get_annotator", "parse_spec"]
+__all__ = ["BACKENDS", "Annotation", "AnnotatorError", "annotate", "annotator_from_spec", "default_annotator",
+           "get_annotator", "parse_spec"]

@@ -25,6 +25,11 @@ def get_annotator(backend: str = "auto", **options) -> Annotator:
     return BACKENDS[backend](**options)
 
 
+def default_annotator() -> Annotator | None:
+    """mediapipe's annotator when the annotators extra is installed, else None (callers fall back and say so)."""
+    return get_annotator("mediapipe") if available() else None
+
+
 def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
     """"backend" or "backend:key=value,key=value" (a config string or a CLI flag) -> (backend, options), e.g.
     "onnx-dwpose:det=/models/yolox_l.onnx,pose=/models/dw-ll_ucoco_384.onnx"."""

@@ -46,6 +46,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--stand-in-priors", action="store_true",
                    help="also write stand-in depth and normal maps (from the photos' luminance; not annotations)")
+    p.add_argument("--keypoints", choices=("auto", "hand"), default="auto",
+                   help="auto: mediapipe's keypoints and person masks when installed; hand: the hand-written ones")
     p = sub.add_parser("validate", help="check every line of a manifest")
     p.add_argument("manifest", type=Path)
     p.add_argument("--require", default="", help="comma-separated maps every line needs: pose,depth,normal,attention")
@@ -62,9 +64,13 @@ def main(argv=None) -> int:
 
     try:
         if args.command == "sample-set":
+            from diffbody_jax.annotators import default_annotator
             from diffbody_jax.data.sample_set import write_sample_set
 
-            print(f"wrote {write_sample_set(args.out, stand_in_priors=args.stand_in_priors)}")
+            annotator = default_annotator() if args.keypoints == "auto" else None
+            if args.keypoints == "auto" and annotator is None:
+                print("note: no annotator installed (the annotators extra): hand-written keypoints", file=sys.stderr)
+            print(f"wrote {write_sample_set(args.out, stand_in_priors=args.stand_in_priors, annotator=annotator)}")
         elif args.command == "validate":
             require = tuple(filter(None, args.require.split(",")))
             records = read_manifest(args.manifest, decode=not args.headers_only, require=require)

@@ -2,7 +2,8 @@
 
   diffbody demo [--out demo] [--train-steps 400] [--fast]
 
-1. writes the bundled sample set (scikit-image's photos, hand-placed keypoints);
+1. writes the bundled sample set (scikit-image's photos; keypoints and person masks from mediapipe when the
+   annotators extra is installed, the hand-placed ones otherwise);
 2. trains the tiny SwinIR (stage 0, the `swinir` phase) on it for about a minute and measures its PSNR gain over
    the degraded inputs (Real-ESRGAN degradations, seeded);
 3. writes a weights folder of tiny stand-in models (random weights) with the trained SwinIR in it;
@@ -141,6 +142,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
+    from diffbody_jax.annotators import default_annotator
     from diffbody_jax.cli.restore import PoseSource, prepare_jobs, run_jobs, write_outputs
     from diffbody_jax.data.manifest import read_manifest
     from diffbody_jax.data.sample_set import write_sample_set
@@ -161,9 +163,11 @@ def main(argv=None) -> int:
     print(f"DiffBody demo -> {out}", flush=True)
 
     t = time.perf_counter()
-    manifest = write_sample_set(out / "data")
+    annotator = default_annotator()
+    manifest = write_sample_set(out / "data", annotator=annotator)
     records = read_manifest(manifest)
-    timer("sample set", time.perf_counter() - t, f"{len(records)} photos")
+    timer("sample set", time.perf_counter() - t, f"{len(records)} photos, keypoints "
+          + ("from mediapipe" if annotator is not None else "hand-written (no annotator installed)"))
 
     t = time.perf_counter()
     export = train_swinir(out / "data", out / "runs" / "swinir", train_steps)

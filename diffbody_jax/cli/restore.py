@@ -2,7 +2,8 @@
 holds and what each version still needs.
 
   diffbody restore photos/ --out restored/ --weights weights/ [--version v1|v2] [--prompt TEXT | --prompts FILE]
-      [--keypoints MANIFEST.jsonl | --poses DIR] [--steps N] [--sampler ddpm|ddim|dpmpp] [--cfg S] [--guidance S]
+      [--keypoints MANIFEST.jsonl | --poses DIR] [--annotator auto|none|mediapipe|onnx-dwpose:det=..,pose=..]
+      [--steps N] [--sampler ddpm|ddim|dpmpp] [--cfg S] [--guidance S]
       [--seed K] [--batch B] [--size 512] [--fit bucket] [--colour none|adain|wavelet] [--save-intermediates]
       [--overwrite]
   diffbody weights check weights/
@@ -12,8 +13,9 @@ OUT/compare/<name>.png (input | restoration side by side); with --save-intermedi
 (v1: i_reg, attention; v2: i_ir, i_res, depth, normal). A bad input (unreadable, truncated, not an image, too small,
 an existing output without --overwrite) gets one line naming the file and the problem; the others are restored; the
 exit code is 1 if any input failed. The pose map comes from --keypoints (a manifest whose `image` names match the
-inputs) or --poses (pose images named like the inputs); without either it is black (the annotators issue brings
-an automatic one).
+inputs) or --poses (pose images named like the inputs); for the other photos, from --annotator run on the regressed
+image (I_reg / I_ir, as the papers do; "auto": mediapipe when the annotators extra is installed), or black with
+--annotator none. v1 weights without the body-part network take I_attn from the annotator's person mask.
 """
 
 from __future__ import annotations
@@ -48,6 +50,21 @@ def add_restore_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--colour", choices=("none", "adain", "wavelet"), default="none")
     p.add_argument("--keypoints", help="a manifest (JSONL) with keypoints for the inputs, matched by file name")
     p.add_argument("--poses", help="a folder of pose maps named like the inputs")
+    p.add_argument("--annotator", default="auto",
+                   help="pose for photos without keypoints: auto | none | mediapipe | onnx-dwpose:det=FILE,pose=FILE")
+
+
+def annotator_from(spec: str):
+    """(annotator or None, note or None) for --annotator; "auto" without an installed annotator is None + a note."""
+    from diffbody_jax.annotators import annotator_from_spec
+    from diffbody_jax.annotators.mediapipe_pose import available
+
+    if spec == "none":
+        return None, None
+    if spec == "auto" and not available():
+        return None, ("no annotator installed (the annotators extra): photos without --keypoints / --poses get "
+                      "black pose maps")
+    return annotator_from_spec(spec), None
 
 
 def settings_from(args) -> RestoreSettings:
@@ -65,14 +82,15 @@ class Job:
 
     photo: object  # image_io.Photo
     fitted: object  # fit.Fitted
-    pose: np.ndarray  # [bucket H, bucket W, 3]
+    pose: np.ndarray | None  # [bucket H, bucket W, 3]; None: from the annotator (black without one)
     prompt: str
     out: Path
 
 
 class PoseSource:
-    """Pose maps for inputs from a keypoints manifest or a folder of pose images (or black ones). table: keypoints
-    given directly, {file stem: ([P, K, 3] or [K, 3] in the photo's pixels, format)}."""
+    """Pose maps for inputs from a keypoints manifest or a folder of pose images; None for an input it has none
+    for (the annotator's, or black). table: keypoints given directly, {file stem: ([P, K, 3] or [K, 3] in the
+    photo's pixels, format)}."""
 
     def __init__(self, keypoints: str | None = None, poses: str | None = None, table: dict | None = None):
         if keypoints and poses:
@@ -88,7 +106,7 @@ class PoseSource:
                     self.table[Path(record.image).stem] = (record.keypoints, record.keypoint_format)
         self.used = 0
 
-    def __call__(self, photo, fitted) -> np.ndarray:
+    def __call__(self, photo, fitted) -> np.ndarray | None:
         from diffbody_jax.data.degradations import resize
         from diffbody_jax.data.pose import as_persons, render_pose, transform_keypoints
         from diffbody_jax.pipelines.image_io import read_photo
@@ -109,7 +127,7 @@ class PoseSource:
                 out[top: top + h, left: left + w] = resize(pose, (h, w), "area")
                 self.used += 1
                 return out
-        return np.zeros((*fitted.bucket, 3), np.float32)
+        return None
 
 
 def _side_by_side(*images: np.ndarray) -> np.ndarray:
@@ -171,6 +189,29 @@ def prepare_jobs(files, out: Path, settings: RestoreSettings, prompts, poses: Po
     return jobs, problems
 
 
+def poses_and_masks(restorer, chunk):
+    """The chunk's pose maps [B, H, W, 3] and person masks [B, H, W, 1] or None. Jobs without a pose map get the
+    annotator's on the regressed image (black without an annotator); masks when v1 lacks the part network."""
+    from diffbody_jax.pipelines.annotate import pose_and_mask
+
+    poses = [job.pose for job in chunk]
+    masks = None
+    annotator = restorer.annotator
+    if annotator is not None and (restorer.needs_mask or any(p is None for p in poses)):
+        i_reg = restorer.regress(np.stack([job.fitted.pixels for job in chunk]))
+        masks = []
+        for i, job in enumerate(chunk):
+            pose, mask, annotation = pose_and_mask(annotator, i_reg[i], job.fitted.inner, job.photo.path.name)
+            if annotation.num_persons == 0 and poses[i] is None:
+                print(f"warning: {job.photo.path}: the annotator found no person; the pose map is black",
+                      file=sys.stderr)
+            poses[i] = pose if poses[i] is None else poses[i]
+            masks.append(mask)
+    shape = chunk[0].fitted.pixels.shape
+    poses = np.stack([np.zeros(shape, np.float32) if p is None else p for p in poses])
+    return poses, (np.stack(masks) if restorer.needs_mask and masks is not None else None)
+
+
 def run_jobs(restorer, jobs, batch: int, seed: int, bars: ProgressBars | None = None):
     """Restore every job, batched by bucket; yields (job, outputs at the photo's size) as each batch finishes."""
     import jax
@@ -182,9 +223,9 @@ def run_jobs(restorer, jobs, batch: int, seed: int, bars: ProgressBars | None = 
     for bucket_jobs in by_bucket.values():
         for start in range(0, len(bucket_jobs), batch):
             chunk = bucket_jobs[start: start + batch]
-            out = restorer.restore(jax.random.fold_in(key, n),
-                                   np.stack([j.fitted.pixels for j in chunk]), np.stack([j.pose for j in chunk]),
-                                   [j.prompt for j in chunk])
+            poses, masks = poses_and_masks(restorer, chunk)
+            out = restorer.restore(jax.random.fold_in(key, n), np.stack([j.fitted.pixels for j in chunk]), poses,
+                                   [j.prompt for j in chunk], mask=masks)
             n += 1
             if bars is not None:
                 bars.batch_done(len(chunk))
@@ -216,6 +257,7 @@ def restore_main(argv) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
 
+    from diffbody_jax.annotators import AnnotatorError
     from diffbody_jax.pipelines.image_io import find_images
     from diffbody_jax.pipelines.prompts import prompts_for
     from diffbody_jax.pipelines.restore import Restorer
@@ -232,7 +274,8 @@ def restore_main(argv) -> int:
         files, problems = find_images(args.inputs)
         prompts, notes = prompts_for(files, args.prompt, args.prompts)
         poses = PoseSource(args.keypoints, args.poses)
-    except (ValueError, FileNotFoundError) as e:
+        annotator, annotator_note = annotator_from(args.annotator)
+    except (ValueError, FileNotFoundError, AnnotatorError) as e:
         return fail(str(e))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -245,13 +288,13 @@ def restore_main(argv) -> int:
             print(f"note: {job.photo.path}: {note}", file=sys.stderr)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
-    if jobs and not poses.used:
-        print("note: no keypoints or pose maps given: the pose maps are black", file=sys.stderr)
+    if jobs and annotator_note and poses.used < len(jobs):
+        print(f"note: {annotator_note}", file=sys.stderr)
     if not jobs:
         return fail("no image to restore" + (f" ({len(problems)} skipped)" if problems else ""))
     bars = ProgressBars(len(jobs), settings.num_steps, enabled=not args.quiet)
     try:
-        restorer = Restorer(args.weights, settings, on_step=bars.on_step)
+        restorer = Restorer(args.weights, settings, on_step=bars.on_step, annotator=annotator)
     except (WeightsError, ValueError) as e:
         bars.close()
         return fail(str(e))
@@ -277,7 +320,7 @@ def weights_main(argv) -> int:
     check.add_argument("--configs-only", action="store_true", help="read configs, not tensors (fast)")
     args = p.parse_args(argv)
 
-    from diffbody_jax.pipelines.weights import COMPONENTS, WeightsError, check_weights
+    from diffbody_jax.pipelines.weights import COMPONENTS, OPTIONAL, WeightsError, check_weights
 
     try:
         reports, needs = check_weights(args.folder, load=not args.configs_only)
@@ -292,7 +335,11 @@ def weights_main(argv) -> int:
         else:
             state = f"ok  {r.class_name}, {r.num_params:,} params" if r.class_name else "present"
         print(f"{r.name:<22} {state}")
+    ok = {r.name for r in reports if r.present and not r.problem}
     for version, missing in needs.items():
+        absent = [n for n in OPTIONAL[version] if n not in ok]
         print(f"{version}: " + ("ready" if not missing else "needs " + ", ".join(
-            f"{n} ({COMPONENTS[n].source})" for n in missing)))
+            f"{n} ({COMPONENTS[n].source})" for n in missing))
+            + "".join(f"; without {n}: I_attn from the annotator's person mask, no part-loss guidance"
+                      for n in absent if n == "bodypart"))
     return 1 if any(r.problem for r in reports) else 0

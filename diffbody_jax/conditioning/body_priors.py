@@ -8,6 +8,10 @@
 The network sees I_reg resized to its input size (BPBreID: 384 x 128) and returns the foreground
 probability (1 - background) at 1/4 of that; both outputs are bilinear resizes of it back to the image's
 aspect, clipped to [0, 1].
+
+Without the part network's weights, `attention_from_mask` makes I_attn from an annotator's person mask
+(`diffbody_jax.annotators`, e.g. mediapipe's segmentation) by the same resizes: an approximation of seed 000's
+I_attn (a whole-person silhouette rather than the network's foreground of its body parts; docs/annotators.md).
 """
 
 from __future__ import annotations
@@ -39,3 +43,15 @@ def body_attention_map(net: BodyPartNet, variables: dict, image: Array, latent_f
         return jnp.clip(jax.image.resize(foreground, (b, *size, 1), "linear"), 0.0, 1.0)
 
     return BodyAttention(latent=resize((h // latent_factor, w // latent_factor)), image=resize((h, w)))
+
+
+def attention_from_mask(mask: Array, latent_factor: int = 8) -> BodyAttention:
+    """I_attn from a person mask [B, H, W, 1] in [0, 1] (the approximation above): the mask at image resolution
+    and its bilinear (antialiased) resize to the latent grid, clipped to [0, 1]. Jittable."""
+    b, h, w, _ = mask.shape
+    if h % latent_factor or w % latent_factor:
+        raise ValueError(f"attention_from_mask: mask size {h}x{w} is not a multiple of the latent factor "
+                         f"{latent_factor}")
+    mask = jnp.clip(mask.astype(jnp.float32), 0.0, 1.0)
+    latent = jax.image.resize(mask, (b, h // latent_factor, w // latent_factor, 1), "linear", antialias=True)
+    return BodyAttention(latent=jnp.clip(latent, 0.0, 1.0), image=mask)

@@ -4,9 +4,11 @@
 
 Two photos (skimage.data.astronaut: Eileen Collins in a flight suit; skimage.data.camera: the
 "cameraman", grey) and two crops of them (a portrait and a landscape, so three of the five buckets are
-used). Captions and COCO-17 keypoints (x, y, score in pixels) were written by hand from the photos; a
-score of 0 marks a joint outside the frame, low scores joints hidden behind something. Nothing is
-downloaded: the photos are files of the installed scikit-image.
+used). Captions were written by hand. Keypoints (COCO-17: x, y, score in pixels) come from an annotator run on
+each whole photo (`diffbody data sample-set` and the demo pass mediapipe's when the annotators extra is installed;
+its person masks go to mask/ and the `mask` field), cut to the crops like the photos; without an annotator, from
+keypoints written by hand from the photos (a score of 0 marks a joint outside the frame, low scores joints hidden
+behind something). Nothing is downloaded: the photos are files of the installed scikit-image.
 """
 
 from __future__ import annotations
@@ -70,29 +72,45 @@ def stand_in_maps(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.round(z * 255).astype(np.uint8), np.round((normal * 0.5 + 0.5) * 255).astype(np.uint8)
 
 
-def write_sample_set(out_dir: str | os.PathLike, stand_in_priors: bool = False) -> Path:
+def _annotated(annotator, photo: str, cache: dict):
+    """(keypoints [P, 17, 3], mask [H, W] or None) of a whole photo from `annotator` (None: no person found)."""
+    if photo not in cache:
+        annotation = annotator(_photo(photo), name=photo)
+        cache[photo] = (annotation.coco17, annotation.mask) if annotation.num_persons else None
+    return cache[photo]
+
+
+def write_sample_set(out_dir: str | os.PathLike, stand_in_priors: bool = False, annotator=None) -> Path:
     """Write images/*.png and manifest.jsonl under `out_dir`; returns the manifest's path. stand_in_priors: also
-    depth/*.png and normal/*.png (`stand_in_maps`) and their manifest fields."""
+    depth/*.png and normal/*.png (`stand_in_maps`) and their manifest fields. annotator: an `annotators` callable
+    (image -> Annotation) for the keypoints and person masks (None: the hand-written keypoints, no masks)."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, cache = [], {}
     for name, photo, crop, caption, keypoints in SAMPLES:
         image = _photo(photo)
-        kp = np.asarray(keypoints, np.float32)
+        found = _annotated(annotator, photo, cache) if annotator is not None else None
+        kp = np.asarray(found[0] if found else [keypoints], np.float32).copy()
+        mask = found[1] if found else None
         if crop is not None:
             top, bottom, left, right = crop
             image = image[top:bottom, left:right]
-            kp[:, 0] -= left
-            kp[:, 1] -= top
-            inside = (kp[:, 0] >= 0) & (kp[:, 0] < right - left) & (kp[:, 1] >= 0) & (kp[:, 1] < bottom - top)
+            mask = None if mask is None else mask[top:bottom, left:right]
+            kp[..., 0] -= left
+            kp[..., 1] -= top
+            inside = (kp[..., 0] >= 0) & (kp[..., 0] < right - left) & (kp[..., 1] >= 0) & (kp[..., 1] < bottom - top)
             kp[~inside, 2] = 0.0
         Image.fromarray(image).save(out / "images" / f"{name}.png")
         row = {
             "image": f"images/{name}.png",
             "caption": caption,
-            "keypoints": np.round(kp, 2).tolist(),
+            "keypoints": np.round(kp if len(kp) > 1 else kp[0], 2).tolist(),
             "keypoint_format": "coco17",
         }
+        if mask is not None:
+            (out / "mask").mkdir(exist_ok=True)
+            Image.fromarray(np.round(np.clip(mask, 0, 1) * 255).astype(np.uint8)).save(out / "mask" / f"{name}.png")
+            row["mask"] = f"mask/{name}.png"
         if stand_in_priors:
             depth, normal = stand_in_maps(image)
             for field, array in (("depth", depth), ("normal", normal)):

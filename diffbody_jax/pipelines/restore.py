@@ -2,6 +2,7 @@
 
     restorer = Restorer("weights/", RestoreSettings(version="v1"))
     out = restorer.restore(key, degraded, pose, prompts)      # numpy: restored [B, H, W, 3] and the intermediates
+    i_reg = restorer.regress(degraded)                         # SwinIR alone: what an annotator reads the pose from
 
 `Restorer` loads the models of one version (`pipelines.weights`), replicates their variables on a 1-D mesh over
 the local devices, and splits each batch over it (a batch is padded to a multiple of the device count with copies
@@ -9,6 +10,10 @@ of its last image; the padding is dropped from the outputs). The pipeline is one
 per (H, W, padded batch) and reused for every batch of that shape. Prompts are tokenised on the host and encoded
 by the version's text encoders once per batch (SD2.1's context for v1 and v2 stage 1; SDXL's prompt and pooled
 embeddings for stage 2, with size conditioning = the image's size, no crop).
+
+Pose maps come from the caller: given keypoints, or an annotator on `regress`'s output (`pipelines.annotate`; the
+restore command does this by default). v1 without the body-part network's weights takes a person mask [B, H, W, 1]
+as I_attn (`conditioning.body_priors.attention_from_mask`, an approximation).
 
 Presets are the papers' settings: v1 DDPM with 50 steps (seed 000), v2 DDPM with 200 steps in both stages
 (seed 002). Faster samplers (DDIM, DPM++ 2M) and fewer steps are options.
@@ -103,8 +108,12 @@ class RestoreSettings:
 
 class Restorer:
     def __init__(self, weights: str | os.PathLike, settings: RestoreSettings = RestoreSettings(),
-                 devices: Sequence[jax.Device] | None = None, on_step: Callable[[int, int], None] | None = None):
+                 devices: Sequence[jax.Device] | None = None, on_step: Callable[[int, int], None] | None = None,
+                 annotator=None):
+        """annotator: where the callers (`cli.restore.run_jobs`) take pose maps and person masks from for photos
+        without given keypoints (`annotators.get_annotator`); None: black pose maps."""
         self.settings = s = settings
+        self.annotator = annotator
         self.mesh = make_mesh(MeshConfig(), list(devices or jax.local_devices()))
         # tiles bound memory only if no attention matrix spans a whole tile: chunked is the same math in blocks
         kwargs = {"attention_backend": "chunked"} if s.fit == "tile" else {}
@@ -121,17 +130,44 @@ class Restorer:
                                        tiles=s.tiles)
             group = stage1
         self.factor = self.pipeline.factor
+        if self.needs_mask and annotator is None:
+            raise ValueError(f"{weights}: no bodypart/ (the body-part network): v1 then takes I_attn from an "
+                             "annotator's person mask, and no annotator is set (install the annotators extra, or add "
+                             "the part network: `diffbody convert bodypart-to-flax`)")
         self.tokenizers = {name: load_tokenizer(*tokenizer_folder(weights, name))
                            for name in (("sd21",) if s.version == "v1" else ("sd21", "sdxl", "sdxl_2"))}
         replicated = NamedSharding(self.mesh, P())
         self.variables = jax.device_put(variables, replicated)
         self._sd21 = jax.jit(functools.partial(sd21_prompt_embeds, group.text_encoder))
+        self._regress = jax.jit(self.pipeline.regress)
         if s.version == "v2":
             self._sdxl = jax.jit(functools.partial(_sdxl_embeds, stage2.text_encoder, stage2.text_encoder_2))
 
     @property
     def num_devices(self) -> int:
         return self.mesh.devices.size
+
+    @property
+    def needs_mask(self) -> bool:
+        """v1 without the body-part network: `restore` needs person masks for I_attn."""
+        return self.settings.version == "v1" and not self.pipeline.has_part_network
+
+    def _sharded(self, *arrays: np.ndarray):
+        """Each [B, ...] array padded to a multiple of the device count and split over the mesh."""
+        b = arrays[0].shape[0]
+        pad = -b % self.num_devices
+
+        def padded(x):
+            x = np.asarray(x, np.float32)
+            return np.concatenate([x, np.repeat(x[-1:], pad, 0)]) if pad else x
+
+        sharding = batch_sharding(self.mesh, 4)
+        return pad, [jax.device_put(padded(x), sharding) for x in arrays]
+
+    def regress(self, degraded: np.ndarray) -> np.ndarray:
+        """The version's SwinIR stage alone (I_reg of v1, I_ir of v2): [B, H, W, 3] in [0, 1], numpy."""
+        _, (images,) = self._sharded(degraded)
+        return np.asarray(self._regress(self.variables, images))[: len(degraded)]
 
     def _text_params(self, name: str):
         if self.settings.version == "v1":
@@ -155,29 +191,29 @@ class Restorer:
             text, uncond_xl = (type(text)(*(jnp.split(x, 2)[i] for x in text)) for i in (0, 1))
         return context, text, uncond, uncond_xl
 
-    def restore(self, key: jax.Array, degraded: np.ndarray, pose: np.ndarray, prompts: Sequence[str]) -> dict:
-        """degraded, pose: [B, H, W, 3] float in [0, 1], H and W multiples of `factor`; prompts: B strings.
+    def restore(self, key: jax.Array, degraded: np.ndarray, pose: np.ndarray, prompts: Sequence[str],
+                mask: np.ndarray | None = None) -> dict:
+        """degraded, pose: [B, H, W, 3] float in [0, 1], H and W multiples of `factor`; prompts: B strings; mask
+        [B, H, W, 1]: person masks, needed when `needs_mask` (ignored otherwise).
         Returns numpy arrays: restored [B, H, W, 3] and the version's intermediates (INTERMEDIATES)."""
         b, h, w, _ = degraded.shape
         if h % self.factor or w % self.factor:
             raise ValueError(f"restore: {h} x {w} is not a multiple of {self.factor} (fit the photo first)")
         if pose.shape != degraded.shape or len(prompts) != b:
             raise ValueError(f"restore: degraded {degraded.shape}, pose {pose.shape}, {len(prompts)} prompts")
-        pad = -b % self.num_devices
+        if self.needs_mask and (mask is None or mask.shape != (b, h, w, 1)):
+            raise ValueError(f"restore: the weights have no body-part network, so v1 needs person masks [{b}, {h}, "
+                             f"{w}, 1] for I_attn (an annotator gives them); got "
+                             f"{None if mask is None else mask.shape}")
+        pad, arrays = self._sharded(degraded, pose, *((mask,) if self.needs_mask else ()))
         prompts = list(prompts) + [prompts[-1]] * pad
-
-        def padded(x):
-            x = np.asarray(x, np.float32)
-            return np.concatenate([x, np.repeat(x[-1:], pad, 0)]) if pad else x
-
-        sharding = batch_sharding(self.mesh, 4)
-        images = jax.device_put(padded(degraded), sharding), jax.device_put(padded(pose), sharding)
         text = self.conditioning(prompts, (h, w))
         if self.settings.version == "v1":
-            out = self.pipeline(self.variables, key, *images, *text)
+            out = self.pipeline(self.variables, key, arrays[0], arrays[1], *text,
+                                mask=arrays[2] if self.needs_mask else None)
         else:
             context, text_xl, uncond, uncond_xl = text
-            out = self.pipeline(self.variables, key, *images, context, text_xl, uncond, uncond_xl)
+            out = self.pipeline(self.variables, key, *arrays, context, text_xl, uncond, uncond_xl)
         keep = ("restored", *INTERMEDIATES[self.settings.version])
         return {k: np.asarray(out[k])[:b] for k in keep}
 

@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from diffbody_jax.conditioning.body_priors import body_attention_map
+from diffbody_jax.conditioning.body_priors import attention_from_mask, body_attention_map
 from diffbody_jax.diffusion.part_guidance import PartLossConfig, make_part_guidance, part_guidance_aux
 from diffbody_jax.diffusion.samplers import SamplerConfig, make_sampler
 from diffbody_jax.diffusion.schedule import NoiseSchedule
@@ -30,7 +30,7 @@ from diffbody_jax.pipelines.colour_fix import colour_fix
 from diffbody_jax.pipelines.tiles import TileConfig, attention_on_small, latent_tiled_eps
 
 Array = jax.Array
-V1_MEMBERS = ("unet", "controlnet", "vae", "swinir", "bodypart")
+V1_MEMBERS = ("unet", "controlnet", "vae", "swinir")  # and "bodypart" unless person masks stand in for I_attn
 
 
 class V1Pipeline:
@@ -40,6 +40,8 @@ class V1Pipeline:
         sampler, part_loss = sampler or SamplerConfig(), part_loss or PartLossConfig()
         if tiles is not None and sampler.guidance_scale:
             raise ValueError("part-loss guidance needs the whole decoded image at every step: not with tiles")
+        if sampler.guidance_scale and "bodypart" not in group.members:
+            raise ValueError("part-loss guidance needs the body-part network; the model group has none")
         missing = [m for m in V1_MEMBERS if m not in group.members]
         if missing:
             raise ValueError(f"V1Pipeline: the model group lacks {missing}")
@@ -63,9 +65,18 @@ class V1Pipeline:
                                                                     self.tiles.overlap, 1.0)
         return jnp.clip(out, 0.0, 1.0)
 
-    def attention(self, variables, i_reg: Array):
+    @property
+    def has_part_network(self) -> bool:
+        return "bodypart" in self.group.members
+
+    def attention(self, variables, i_reg: Array, mask: Array | None = None):
         """I_attn: the part network's foreground on I_reg, at latent and image resolution (Eq. 3). Tiled: computed
-        on I_reg scaled to one tile's size (a smooth person mask; `pipelines.tiles.attention_on_small`)."""
+        on I_reg scaled to one tile's size (a smooth person mask; `pipelines.tiles.attention_on_small`). With a
+        person mask [B, H, W, 1] (an annotator's) and no part network: `attention_from_mask`, an approximation."""
+        if not self.has_part_network:
+            if mask is None:
+                raise ValueError("V1Pipeline: no body-part network and no person mask for I_attn")
+            return attention_from_mask(mask, self.factor)
         net, net_vars = self.group.bodypart, self.group.member_variables(variables, "bodypart")
         if self.tiles is not None:
             return attention_on_small(net, net_vars, i_reg, self.factor, self.tiles.size)
@@ -119,14 +130,15 @@ class V1Pipeline:
     # ------------------------------------------------------------------ all of it
     @functools.partial(jax.jit, static_argnums=0)
     def __call__(self, variables, key: jax.Array, degraded: Array, pose: Array, context: Array,
-                 uncond: Array | None = None) -> dict[str, Any]:
-        """degraded, pose: [B, H, W, 3] in [0, 1]; context (and uncond for CFG): [B, 77, D].
+                 uncond: Array | None = None, mask: Array | None = None) -> dict[str, Any]:
+        """degraded, pose: [B, H, W, 3] in [0, 1]; context (and uncond for CFG): [B, 77, D]; mask [B, H, W, 1]: the
+        person mask that stands in for I_attn when the group has no body-part network (ignored when it has one).
         Returns restored [B, H, W, 3] and the intermediates i_reg, attention (image resolution), z0."""
         b, h, w, _ = degraded.shape
         if h % self.factor or w % self.factor:
             raise ValueError(f"V1Pipeline: {h} x {w} is not a multiple of the VAE factor {self.factor}")
         i_reg = self.regress(variables, degraded)
-        attn = self.attention(variables, i_reg)
+        attn = self.attention(variables, i_reg, mask)
         control = self.condition(variables, i_reg, pose, attn.latent)
         z0 = self.denoise(variables, key, control, context, uncond, i_reg)
         restored = colour_fix(self.decode(variables, z0), i_reg, self.colour)

@@ -78,10 +78,13 @@ COMPONENTS: dict[str, Component] = {c.name: c for c in (
     Component("image_encoder", "colour adapter's CLIP vision tower", "IP-Adapter's sdxl_models/image_encoder folder"),
 )}
 NEEDS: dict[str, tuple[str, ...]] = {
-    "v1": ("swinir", "bodypart", "sd21/unet", "sd21/vae", "sd21/text_encoder", "v1_controlnet"),
+    "v1": ("swinir", "sd21/unet", "sd21/vae", "sd21/text_encoder", "v1_controlnet"),
     "v2": ("swinir", "sd21/vae", "sd21/text_encoder", "joint_unet", "stage1_controlnet", "sdxl/unet", "sdxl/vae",
            "sdxl/text_encoder", "sdxl/text_encoder_2", "stage2_controlnet", "colour_adapter", "image_encoder"),
 }
+# used when present: without bodypart, v1's I_attn is an annotator's person mask (an approximation) and part-loss
+# guidance is off
+OPTIONAL: dict[str, tuple[str, ...]] = {"v1": ("bodypart",), "v2": ()}
 # the components whose spatial self-attention grows with the image (the attention_backend they are built with)
 ATTENTION_COMPONENTS = ("sd21/unet", "sd21/vae", "v1_controlnet", "joint_unet", "stage1_controlnet", "sdxl/unet",
                         "sdxl/vae", "stage2_controlnet")
@@ -202,11 +205,14 @@ def _group(weights, names: Sequence[tuple[str, str]], **module_kwargs) -> tuple[
 
 
 def load_v1_models(weights: str | os.PathLike, **module_kwargs) -> tuple[ModelGroup, dict]:
-    """The v1 pipeline's group (unet, controlnet, vae, swinir, bodypart, text_encoder) and its variables."""
+    """The v1 pipeline's group (unet, controlnet, vae, swinir, text_encoder, and bodypart when the folder has it)
+    and its variables."""
     require(weights, "v1")
-    return _group(weights, [("unet", "sd21/unet"), ("controlnet", "v1_controlnet"), ("vae", "sd21/vae"),
-                            ("swinir", "swinir"), ("bodypart", "bodypart"), ("text_encoder", "sd21/text_encoder")],
-                  **module_kwargs)
+    names = [("unet", "sd21/unet"), ("controlnet", "v1_controlnet"), ("vae", "sd21/vae"), ("swinir", "swinir"),
+             ("text_encoder", "sd21/text_encoder")]
+    if component_present(weights, "bodypart"):
+        names.append(("bodypart", "bodypart"))
+    return _group(weights, names, **module_kwargs)
 
 
 def load_v2_models(weights: str | os.PathLike, **module_kwargs) -> tuple[ModelGroup, ModelGroup, dict]:
