@@ -55,7 +55,7 @@ def fill_manifest(annotator: Annotator | None, source: str | os.PathLike, out: s
     source, out = Path(source), Path(out)
     read_manifest(source, decode=False)
     root, folder = source.parent, out.parent
-    report, rows = FillReport(), []
+    report, rows, stems = FillReport(), [], {}
     for line in source.read_text(encoding="utf-8").splitlines():
         if not line.strip():
             continue
@@ -68,6 +68,10 @@ def fill_manifest(annotator: Annotator | None, source: str | os.PathLike, out: s
             if field in row:
                 row[field] = _relative(root / row[field], folder)
         stem = Path(row["image"]).stem
+        if stem in stems:  # the written maps are named by the image's stem
+            raise ManifestError(str(source), [f"images {stems[stem]} and {row['image']} share the name {stem!r}: "
+                                              "their masks and maps would overwrite each other"])
+        stems[stem] = row["image"]
         for field, estimator in (("depth", depth), ("normal", normal)):
             if estimator is not None and (replace or field not in row):
                 _save_png(folder / field / f"{stem}.png", estimator(pixels))

@@ -24,6 +24,7 @@ shoulders' midpoint, as OpenPose defines it).
 from __future__ import annotations
 
 import importlib.util
+import warnings
 
 import numpy as np
 
@@ -61,7 +62,9 @@ def mediapipe_annotator(model_complexity: int = 1, min_confidence: float = 0.5):
         image = np.asarray(image)
         rgb = image if image.dtype == np.uint8 else np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
         h, w = rgb.shape[:2]
-        result = pose.process(np.ascontiguousarray(rgb[..., :3]))
+        with warnings.catch_warnings():  # mediapipe 0.10.14 on protobuf 5.x: a deprecation it cannot act on
+            warnings.filterwarnings("ignore", message="SymbolDatabase.GetPrototype", category=UserWarning)
+            result = pose.process(np.ascontiguousarray(rgb[..., :3]))
         if result.pose_landmarks is None:
             return Annotation(np.zeros((0, 17, 3), np.float32), (h, w), np.zeros((h, w), np.float32),
                               backend="mediapipe")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffbody_jax.cli.restore import Job, PoseSource, add_restore_args, run_jobs, settings_from
+from diffbody_jax.cli.restore import Job, PoseSource, add_restore_args, annotator_from, run_jobs, settings_from
 
 SCORED = ("degraded", "swinir", "restored")
 
@@ -85,6 +85,7 @@ def main(argv) -> int:
     add_restore_args(p)
     args = p.parse_args(argv)
 
+    from diffbody_jax.annotators import AnnotatorError
     from diffbody_jax.data.degradations import TABLE1_MIXTURES
     from diffbody_jax.files import write_json
     from diffbody_jax.pipelines.image_io import find_images, read_photos, write_png
@@ -107,14 +108,15 @@ def main(argv) -> int:
         problems += bad
         prompts, _ = prompts_for([ph.path for ph in photos], args.prompt, args.prompts)
         poses = PoseSource(args.keypoints, args.poses)
-    except (ValueError, FileNotFoundError) as e:
+        annotator, _ = annotator_from(args.annotator)
+    except (ValueError, FileNotFoundError, AnnotatorError) as e:
         return fail(str(e))
     for line in problems:
         print(f"skipped: {line}", file=sys.stderr)
     if not photos:
         return fail("no ground-truth image to evaluate on")
     try:
-        restorer = Restorer(args.weights, settings)
+        restorer = Restorer(args.weights, settings, annotator=annotator)
     except (WeightsError, ValueError) as e:
         return fail(str(e))
     intermediate = "i_reg" if settings.version == "v1" else "i_ir"

@@ -61,3 +61,29 @@ def test_the_config_switch_builds_the_hook_and_refuses_bad_values():
 
         out = hook({"degraded": data.astronaut()[None].astype(np.float32) / 255})
         assert out["pose"].shape == (1, 512, 512, 3)  # random SwinIR weights: whatever it finds is drawn
+
+
+def test_attention_from_a_map_needs_the_map_in_data_maps():
+    from diffbody_jax.training.phases import get_phase
+
+    phase = get_phase("v1_controlnet")
+    with pytest.raises(ValueError, match="diffusion.attention=mask reads the data's 'mask' map: add it to data.maps"):
+        phase.switches(load_config("v1_controlnet:variant=tiny", ["diffusion.attention='mask'"]))
+    switches = phase.switches(load_config("v1_controlnet:variant=tiny", ["diffusion.attention='mask'",
+                                                                         "data.maps=['pose', 'mask']"]))
+    assert switches["attention"] == "mask"
+
+
+@pytest.mark.slow  # ~2 minutes on 2 cold cores (the v1 step compiles)
+@pytest.mark.skipif(not available(), reason="the annotators extra (mediapipe) is not installed")
+def test_a_v1_run_with_annotated_pose_and_mask_attention(tmp_path):
+    from diffbody_jax.annotators import default_annotator
+    from diffbody_jax.data.sample_set import write_sample_set
+    from diffbody_jax.training.engine import train
+
+    manifest = write_sample_set(tmp_path / "sample", annotator=default_annotator())
+    config = load_config("v1_controlnet:variant=tiny", [
+        f"data.manifest={manifest}", "train.steps=2", "checkpoint.every=2", "data.maps=['pose', 'mask']",
+        "data.pose_source='annotator'", "diffusion.attention='mask'"])
+    result = train(config, tmp_path / "run")
+    assert np.isfinite(result.metrics["loss"]) and 0 < result.metrics["attention_mean"] < 1
