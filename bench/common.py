@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
 import jax
+
+
+def load_report(when: str) -> None:
+    """Print the 1-minute load average; warn above the core count. torch's OpenMP threads slow down far more than
+    XLA's under load (a loaded run once inflated our ratio six-fold), so a ratio from a loaded machine misleads.
+    The "after" figure includes the benchmark's own threads."""
+    load = os.getloadavg()[0]
+    cores = os.cpu_count()
+    warn = f"  WARNING: above the {cores} cores: the ratios are not trustworthy" if load > cores else ""
+    print(f"# load average {when}: {load:.2f}{warn}", flush=True)
 
 
 def median_time(fn, warmup: int, repeats: int) -> float:

@@ -33,7 +33,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import median_time  # noqa: E402
+from common import load_report, median_time  # noqa: E402
 
 from diffbody_jax.config import load_config  # noqa: E402
 from diffbody_jax.diffusion.samplers import _step_tables  # noqa: E402
@@ -41,13 +41,6 @@ from diffbody_jax.pipelines.restore import Restorer, RestoreSettings  # noqa: E4
 from diffbody_jax.pipelines.stand_in import write_stand_in_weights  # noqa: E402
 
 PRESETS = {"tiny": ("tiny", 64, ("tiny-sd21", "tiny", "tiny")), "mid": ("mid", 256, ("mid-sd21", "tiny4", "mid"))}
-
-
-def load_report(when: str) -> None:
-    load = os.getloadavg()[0]
-    cores = os.cpu_count()
-    warn = f"  WARNING: above the {cores} cores: the ratios are not trustworthy" if load > cores else ""
-    print(f"# load average {when}: {load:.2f}{warn}", flush=True)
 
 
 def python_loop(restorer: Restorer):

@@ -1,0 +1,70 @@
+"""3x3 convolutions at the UNets' sizes: XLA's convolution, the same conv as im2col + one matmul, and torch.
+
+    python bench/conv_paths.py                 # ~1 minute on 2 cores
+    python bench/conv_paths.py --repeats 20
+
+For each (batch, H, W, C_in -> C_out) it prints the median time of lax.conv_general_dilated, of `_im2col_conv`
+(models/layers.py) and of torch.nn.functional.conv2d on the same data, fp32, and the max abs difference between the
+two JAX paths. The sizes are the SD2.1 UNet's levels (320/640/1280 channels) and mid-sd21's (128-512) at the
+spatial sizes of 8x8 to 64x64 latents; IM2COL_MAX_POSITIONS in models/layers.py is set from where im2col stops
+winning here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from common import load_report, median_time  # noqa: E402
+
+from diffbody_jax.models.layers import _im2col_conv  # noqa: E402
+
+SHAPES = [  # (batch, H, W, C_in, C_out)
+    (1, 1, 1, 1280, 1280), (1, 2, 2, 512, 512), (2, 2, 2, 512, 512), (1, 2, 2, 1280, 1280), (1, 4, 4, 512, 512),
+    (2, 4, 4, 1280, 1280), (1, 8, 8, 512, 512), (2, 8, 8, 640, 640), (1, 16, 16, 256, 256), (2, 16, 16, 320, 320),
+    (2, 16, 16, 640, 640), (1, 32, 32, 128, 128), (2, 32, 32, 320, 320), (1, 64, 64, 320, 320),
+]
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=10)
+    args = p.parse_args(argv)
+    import torch
+
+    load_report("before")
+    rng = np.random.default_rng(0)
+    pad = ((1, 1), (1, 1))
+    xla = jax.jit(lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), pad, dimension_numbers=("NHWC", "HWIO",
+                                                                                                   "NHWC")))
+    im2col = jax.jit(lambda x, k: _im2col_conv(x, k, (1, 1), pad, None))
+    print("| batch x H x W | C_in -> C_out | lax.conv (ms) | im2col (ms) | torch (ms) | torch / lax.conv | "
+          "torch / im2col | max abs diff |")
+    print("|---|---|---|---|---|---|---|---|")
+    for b, h, w, cin, cout in SHAPES:
+        x = rng.standard_normal((b, h, w, cin), np.float32)
+        k = (rng.standard_normal((3, 3, cin, cout)) / np.sqrt(9 * cin)).astype(np.float32)
+        xj, kj = jnp.asarray(x), jnp.asarray(k)
+        a, c = xla(xj, kj), im2col(xj, kj)
+        diff = float(jnp.abs(a - c).max())
+        t_xla = median_time(lambda: xla(xj, kj).block_until_ready(), 2, args.repeats)
+        t_col = median_time(lambda: im2col(xj, kj).block_until_ready(), 2, args.repeats)
+        xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+        kt = torch.from_numpy(k).permute(3, 2, 0, 1).contiguous()
+        with torch.no_grad():
+            t_torch = median_time(lambda: torch.nn.functional.conv2d(xt, kt, padding=1), 2, args.repeats)
+        print(f"| {b}x{h}x{w} | {cin} -> {cout} | {t_xla * 1e3:.2f} | {t_col * 1e3:.2f} | {t_torch * 1e3:.2f} | "
+              f"{t_torch / t_xla:.2f} | {t_torch / t_col:.2f} | {diff:.1e} |", flush=True)
+    load_report("after")
+
+
+if __name__ == "__main__":
+    main()
