@@ -46,8 +46,20 @@ class Annotation:
 
     @property
     def keypoints(self) -> tuple[np.ndarray, str]:
-        """(keypoints, format) as a manifest stores them: COCO-WholeBody when the backend gave it, else COCO-17."""
-        return (self.wholebody, "wholebody133") if self.wholebody is not None else (self.coco17, "coco17")
+        """(keypoints, format) as a manifest stores them: COCO-WholeBody when the backend gave it or gave hands (or
+        a 68-point face), assembled in its layout (feet and missing parts at confidence 0); else COCO-17."""
+        if self.wholebody is not None:
+            return self.wholebody, "wholebody133"
+        face = self.face is not None and self.face.shape[1] == 68
+        if self.hands is None and not face:
+            return self.coco17, "coco17"
+        out = np.zeros((self.num_persons, 133, 3), np.float32)
+        out[:, :17] = self.coco17
+        if face:
+            out[:, 23:91] = self.face
+        if self.hands is not None:
+            out[:, 91:112], out[:, 112:133] = self.hands[:, 0], self.hands[:, 1]
+        return out, "wholebody133"
 
     def pose_map(self, threshold: float = 0.3) -> np.ndarray:
         """The pose map at the image's size, drawn by `data.pose.render_pose` (DWPose's colours; hands and face

@@ -78,3 +78,33 @@ def test_backends_that_cannot_run_say_why(tmp_path):
             get_annotator("mediapipe")
         with pytest.raises(AnnotatorError, match="'auto'.*keypoints-file"):
             get_annotator("auto")
+
+
+def test_hands_go_to_the_nearer_wrist_and_join_the_wholebody_layout():
+    from diffbody_jax.annotators.mediapipe_pose import assign_hands
+
+    body = np.zeros((17, 3), np.float32)
+    body[9], body[10] = (200, 300, 0.9), (60, 300, 0.9)  # the person's left wrist on the image's right
+
+    def hand(x, y):  # a 21-point hand whose wrist is at (x, y), fingers 20 px up
+        points = np.zeros((21, 3), np.float32)
+        points[:, 0], points[:, 1], points[:, 2] = x, y - np.arange(21), 0.8
+        return points
+
+    far = hand(130, 50)
+    left_side, right_side = hand(205, 305), hand(58, 290)
+    out = assign_hands([right_side, far, left_side], body)  # MediaPipe's order says nothing about sides
+    np.testing.assert_array_equal(out[0], left_side)
+    np.testing.assert_array_equal(out[1], right_side)
+    body[10, 2] = 0.0  # right wrist unseen: nothing goes there, the far hand still fits nowhere
+    out = assign_hands([right_side, far, left_side], body)
+    assert out[1, :, 2].max() == 0 and np.array_equal(out[0], left_side)
+
+    annotation = Annotation(np.asarray([[*np.zeros((9, 3)), *body[9:11], *np.zeros((6, 3))]], np.float32), (400, 300),
+                            hands=assign_hands([left_side], body)[None])
+    keypoints, fmt = annotation.keypoints
+    assert fmt == "wholebody133" and keypoints.shape == (1, 133, 3)
+    np.testing.assert_array_equal(keypoints[0, 91:112], left_side)  # COCO-WholeBody: left hand 91-111
+    assert keypoints[0, 112:, 2].max() == 0
+    pose = annotation.pose_map()
+    assert pose[305 - 10, 205].max() > 0  # left-hand joint 10 is drawn

@@ -55,3 +55,12 @@ def test_flat_grey_has_no_person_and_several_sizes_run():
             warnings.simplefilter("ignore")
             a = annotate(resized, "mediapipe")
         assert a.size == size and (a.mask is None or a.mask.shape == size)
+
+
+def test_hands_asked_for_run_and_keep_the_layout():
+    from skimage import data
+
+    a = annotate(data.astronaut(), "mediapipe", hands=True)
+    assert a.num_persons == 1 and a.hands.shape == (1, 2, 21, 3)  # (her gloved hands are not found: zeros)
+    keypoints, fmt = a.keypoints
+    assert fmt == "wholebody133" and np.array_equal(keypoints[:, :17], a.coco17)
