@@ -85,6 +85,9 @@ def mediapipe_annotator(model_complexity: int = 1, min_confidence: float = 0.5, 
         raise AnnotatorError(f"annotator 'mediapipe': mediapipe is not installed; {EXTRA}")
     import mediapipe as mp
 
+    # options may come as strings from a spec ("mediapipe:hands=true,model_complexity=2")
+    hands = hands if isinstance(hands, bool) else str(hands).lower() in ("1", "true", "yes")
+    model_complexity, min_confidence = int(model_complexity), float(min_confidence)
     pose = mp.solutions.pose.Pose(static_image_mode=True, model_complexity=model_complexity,
                                   enable_segmentation=True, min_detection_confidence=min_confidence)
     hand_model = (mp.solutions.hands.Hands(static_image_mode=True, max_num_hands=2,
