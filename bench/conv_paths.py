@@ -55,12 +55,13 @@ def main(argv=None) -> None:
         xj, kj = jnp.asarray(x), jnp.asarray(k)
         a, c = xla(xj, kj), im2col(xj, kj)
         diff = float(jnp.abs(a - c).max())
-        t_xla = median_time(lambda: xla(xj, kj).block_until_ready(), 2, args.repeats)
-        t_col = median_time(lambda: im2col(xj, kj).block_until_ready(), 2, args.repeats)
+        t_xla = median_time(lambda a=xj, b=kj: xla(a, b).block_until_ready(), 2, args.repeats)
+        t_col = median_time(lambda a=xj, b=kj: im2col(a, b).block_until_ready(), 2, args.repeats)
         xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
         kt = torch.from_numpy(k).permute(3, 2, 0, 1).contiguous()
         with torch.no_grad():
-            t_torch = median_time(lambda: torch.nn.functional.conv2d(xt, kt, padding=1), 2, args.repeats)
+            t_torch = median_time(lambda a=xt, b=kt: torch.nn.functional.conv2d(a, b, padding=1), 2,
+                                  args.repeats)
         print(f"| {b}x{h}x{w} | {cin} -> {cout} | {t_xla * 1e3:.2f} | {t_col * 1e3:.2f} | {t_torch * 1e3:.2f} | "
               f"{t_torch / t_xla:.2f} | {t_torch / t_col:.2f} | {diff:.1e} |", flush=True)
     load_report("after")

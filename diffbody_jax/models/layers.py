@@ -88,6 +88,65 @@ def dense(
     )
 
 
+# XLA:CPU runs a 3x3 convolution over a few spatial positions and many channels far below its matmul speed (a
+# 2x2x512 conv: 26 ms against torch's 3.6 ms; bench/conv_paths.py). There the conv is the same sum written as one
+# matmul over the stacked kh*kw shifted inputs ("im2col"): same params, same result within float rounding. Other
+# backends and larger maps keep lax.conv, which is the fast path there.
+IM2COL_MAX_POSITIONS = 64  # output H*W at or below which XLA:CPU takes the im2col path (bench/conv_paths.py)
+
+
+def _im2col_conv(x: Array, kernel: Array, strides: tuple[int, int], padding, precision) -> Array:
+    """NHWC x, HWIO kernel -> NHWC: the kh*kw shifted (strided) views of the padded input, concatenated on the
+    channel axis in (dy, dx, c) order, times the kernel reshaped to [kh*kw*C_in, C_out]."""
+    kh, kw, cin, cout = kernel.shape
+    (pt, pb), (pl, pr) = padding
+    x = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    b, h, w, _ = x.shape
+    sh, sw = strides
+    ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
+    views = [jax.lax.slice(x, (0, dy, dx, 0), (b, dy + (ho - 1) * sh + 1, dx + (wo - 1) * sw + 1, cin),
+                           (1, sh, sw, 1)) for dy in range(kh) for dx in range(kw)]
+    patches = jnp.concatenate(views, axis=-1) if len(views) > 1 else views[0]
+    return jnp.einsum("bhwk,ko->bhwo", patches, kernel.reshape(kh * kw * cin, cout), precision=precision)
+
+
+class Conv2D(nn.Module):
+    """A 2-D convolution over NHWC with nn.Conv's params ("kernel" [kh, kw, C_in, C_out], "bias" [C_out]), so
+    checkpoints and converters see no difference. On XLA:CPU small outputs (<= IM2COL_MAX_POSITIONS positions)
+    run as im2col + one matmul; everything else as lax.conv_general_dilated."""
+
+    features: int
+    kernel_size: tuple[int, int] = (3, 3)
+    strides: tuple[int, int] = (1, 1)
+    padding: tuple[tuple[int, int], tuple[int, int]] = ((1, 1), (1, 1))
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    precision: Precision = None
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    bias_init: Callable = nn.initializers.zeros_init()
+    im2col: bool | None = None  # None: by backend and size (above); True / False force a path (tests, benches)
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kh, kw = self.kernel_size
+        kernel = self.param("kernel", self.kernel_init, (kh, kw, x.shape[-1], self.features), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        use_im2col = self.im2col
+        if use_im2col is None:
+            (pt, pb), (pl, pr) = self.padding
+            ho = (x.shape[1] + pt + pb - kh) // self.strides[0] + 1
+            wo = (x.shape[2] + pl + pr - kw) // self.strides[1] + 1
+            use_im2col = (jax.default_backend() == "cpu" and kh * kw > 1 and ho * wo <= IM2COL_MAX_POSITIONS)
+        if use_im2col:
+            y = _im2col_conv(x, kernel, self.strides, self.padding, self.precision)
+        else:
+            y = jax.lax.conv_general_dilated(x, kernel, self.strides, self.padding,
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=self.precision)
+        return y + bias if bias is not None else y
+
+
 def conv(
     m: nn.Module,
     features: int,
@@ -97,11 +156,11 @@ def conv(
     padding: int | None = None,
     zero_init: bool = False,
     use_bias: bool = True,
-) -> nn.Conv:
+) -> Conv2D:
     """A 2-D conv over NHWC. `zero_init`: zero kernel (ControlNet outputs, widened inputs start with no effect)."""
     pad = kernel // 2 if padding is None else padding
     kernel_init = nn.initializers.zeros_init() if zero_init else nn.initializers.lecun_normal()
-    return nn.Conv(
+    return Conv2D(
         features,
         kernel_size=(kernel, kernel),
         strides=(stride, stride),

@@ -201,3 +201,37 @@ def test_backends_take_an_additive_bias(backend, rng):
         fn = functools.partial(layers.chunked_attention, chunk=4)
     got = np.asarray(fn(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), bias=jnp.asarray(bias)))
     assert np.abs(got - want).max() <= 1e-5
+
+
+@needs_torch
+@pytest.mark.parametrize("size,kernel,stride,padding", [
+    ((1, 1), 3, 1, 1), ((2, 3), 3, 1, 1), ((5, 4), 3, 2, 1), ((6, 6), 3, 2, 0), ((8, 8), 1, 1, 0), ((7, 9), 3, 1, 1)])
+def test_conv_paths_match_torch_and_keep_nn_conv_params(size, kernel, stride, padding, rng):
+    """Conv2D's im2col path and its lax.conv path against torch's conv2d (same kernel, same padding), forced each
+    way; params are nn.Conv's (names and shapes), so checkpoints do not see which path runs."""
+    import flax.linen as nn
+
+    x = rng.standard_normal((2, *size, 24)).astype(np.float32)
+    mods = {im2col: layers.Conv2D(16, (kernel, kernel), (stride, stride), ((padding, padding),) * 2, im2col=im2col)
+            for im2col in (True, False)}
+    params = mods[True].init(jax.random.key(0), x)
+    reference = nn.Conv(16, (kernel, kernel), (stride, stride), ((padding, padding),) * 2).init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, reference)
+    kernel_t = torch.from_numpy(np.asarray(params["params"]["kernel"]).transpose(3, 2, 0, 1).copy())
+    want = torch.nn.functional.conv2d(torch.from_numpy(x).permute(0, 3, 1, 2), kernel_t,
+                                      torch.from_numpy(np.array(params["params"]["bias"])), stride, padding)
+    for im2col, module in mods.items():
+        got = np.asarray(module.apply(params, x)).transpose(0, 3, 1, 2)
+        np.testing.assert_allclose(got, want.numpy(), atol=1e-5, err_msg=f"im2col={im2col}")
+
+
+def test_conv_takes_im2col_only_for_small_maps_on_cpu(monkeypatch):
+    """The path choice: XLA:CPU and at most IM2COL_MAX_POSITIONS output positions (kernels above 1x1 only)."""
+    seen = []
+    monkeypatch.setattr(layers, "_im2col_conv", lambda *a: seen.append(a[0].shape) or jnp.zeros((1, 1, 1, 4)))
+    for hw, kernel in (((8, 8), 3), ((9, 8), 3), ((2, 2), 1)):
+        seen.clear()
+        module = layers.Conv2D(4, (kernel, kernel), padding=((kernel // 2,) * 2,) * 2)
+        jax.eval_shape(lambda m=module, s=hw: m.init(jax.random.key(0), jnp.zeros((1, *s, 3))))
+        expected = jax.default_backend() == "cpu" and hw[0] * hw[1] <= layers.IM2COL_MAX_POSITIONS and kernel > 1
+        assert bool(seen) == expected, (hw, kernel)
