@@ -22,6 +22,8 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from common import load_report  # noqa: E402
+
 from diffbody_jax.config import load_config  # noqa: E402
 from diffbody_jax.diffusion.part_guidance import PartLossConfig, make_part_guidance, part_guidance_aux  # noqa: E402
 from diffbody_jax.models.bodypart import BodyPartConfig, BodyPartNet  # noqa: E402
@@ -56,7 +58,8 @@ def main(argv=None):
     parser.add_argument("--bodypart", choices=("bpbreid", "tiny"), default="bpbreid")
     args = parser.parse_args(argv)
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), image {args.size}x{args.size}, "
-          f"batch {args.batch}, body-part net {args.bodypart}")
+          f"batch {args.batch}, body-part net {args.bodypart}; expected run time ~3 min (compiles only)")
+    load_report("before")
     print(f"{'vae':<12} {'remat':<6} {'attention':<10} {'temp MiB':>10} {'args MiB':>10} {'peak MiB':>10} "
           f"{'compile s':>10}")
     for variant in args.vae.split(","):
@@ -64,6 +67,7 @@ def main(argv=None):
             m = measure(variant, args.size, args.bodypart, remat, attention, args.batch)
             print(f"{variant:<12} {remat!s:<6} {attention:<10} {m['temp']:>10.1f} {m['args']:>10.1f} "
                   f"{m['temp'] + m['args'] + m['out']:>10.1f} {m['compile_s']:>10.1f}", flush=True)
+    load_report("after")
 
 
 if __name__ == "__main__":

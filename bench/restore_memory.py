@@ -31,6 +31,8 @@ from flax import linen as nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from common import load_report  # noqa: E402
+
 from diffbody_jax.config import load_config  # noqa: E402
 from diffbody_jax.diffusion.samplers import SamplerConfig  # noqa: E402
 from diffbody_jax.diffusion.schedule import NoiseSchedule  # noqa: E402
@@ -88,7 +90,9 @@ def main() -> None:
     p.add_argument("--skip-run", action="store_true")
     p.add_argument("--skip-program", action="store_true")
     args = p.parse_args()
-    print(f"# jax {jax.__version__} ({jax.default_backend()}); photo {args.height} x {args.width}")
+    print(f"# jax {jax.__version__} ({jax.default_backend()}); photo {args.height} x {args.width}; expected run time "
+          "~10 min (the tiny run ~8.5, the program ~1)")
+    load_report("before")
     if not args.skip_run:
         r = tiny_run(args.height, args.width, args.tiny_steps)
         print(f"tiny preset, --fit tile --size 128, DDIM {args.tiny_steps} steps: rc {r['rc']}, {r['seconds']:.1f} s "
@@ -99,6 +103,7 @@ def main() -> None:
               f"{m['weights_gb']:.2f} GB, arguments {m['arguments_gb']:.2f} GB, outputs {m['outputs_gb']:.3f} GB, "
               f"temporaries {m['temporaries_gb']:.2f} GB, total {m['total_gb']:.2f} GB "
               f"(compile {m['compile_s']:.0f} s)")
+    load_report("after")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Time a 50-step scan sampler against 50 single jitted UNet forwards and against diffusers' scheduler loop.
 
-  python bench/sampler.py                                   # tiny-sd21 UNet, batch 1, 16x16 latents, DDPM
+  python bench/sampler.py                                   # tiny-sd21 UNet, batch 1, 16x16, DDPM: ~1 min
   python bench/sampler.py --variant mid-sd21 --size 32 --method ddim --cfg-scale 4
 
 All three run the same UNet weights (diffusers' random init, converted) on the same inputs, fp32, on the CPU
@@ -29,7 +29,7 @@ from diffusers import UNet2DConditionModel as TorchUNet
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import flax_params, median_time  # noqa: E402
+from common import flax_params, load_report, median_time  # noqa: E402
 
 from diffbody_jax.config import load_config  # noqa: E402
 from diffbody_jax.diffusion.samplers import SamplerConfig, make_sampler  # noqa: E402
@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count())
+    load_report("before")
 
     model_cfg = load_config(f"{REPO}/configs/unet.py:variant={args.variant}").model
     unet = build_unet(model_cfg)
@@ -122,6 +123,7 @@ def main() -> None:
     print(f"diffusers loop      {torch_s * 1e3:9.1f} ms")
     print(f"scan overhead       {100 * (scan_s / forwards_s - 1):+.1f} %")
     print(f"ratio vs torch      {torch_s / scan_s:.2f}")
+    load_report("after")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import optax
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import flax_params, median_time  # noqa: E402
+from common import flax_params, load_report, median_time  # noqa: E402
 
 from diffbody_jax.config import load_config  # noqa: E402
 
@@ -143,13 +143,15 @@ def main() -> None:
 
     torch.set_num_threads(os.cpu_count())
     print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}")
+          f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}; expected ~5 min")
+    load_report("before")
     print(f"{'variant':<12} {'params':>8} {'batch':>5} {'latent':>6} {'ours ex/s':>10} {'torch ex/s':>10} {'ratio':>6}")
     for variant in filter(None, args.variants.split(",")):
         r = bench_speed(variant, args.batch, args.size, args.warmup, args.repeats)
         print(f"{r['variant']:<12} {r['params_m']:>7}M {r['batch']:>5} {r['latent']:>6} "
               f"{r['ours_examples_per_s']:>10} {r['torch_examples_per_s']:>10} {r['ratio']:>6}")
         print("json:", json.dumps(r))
+    load_report("after")
     if args.skip_memory:
         return
     print("\n# SDXL stage-2 train state per device (fp32; frozen UNet + ControlNet, Adam, EMA), FSDP")

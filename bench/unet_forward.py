@@ -1,6 +1,6 @@
 """Time our jitted UNet (and UNet + ControlNet) forward against diffusers' PyTorch forward, same weights and inputs.
 
-  python bench/unet_forward.py                                  # mid-sd21 and sd21-base, 32x32 latents
+  python bench/unet_forward.py                                  # mid-sd21 and sd21-base, 32x32 latents: ~4 min
   python bench/unet_forward.py --variants tiny-sdxl --batch 1 --size 16 --controlnet on
 
 --controlnet off|on|both: the UNet alone, the UNet steered by a ControlNet built from it (diffusers'
@@ -31,7 +31,7 @@ from diffusers import UNet2DConditionModel as TorchUNet
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import flax_params, median_time  # noqa: E402
+from common import flax_params, load_report, median_time  # noqa: E402
 
 from diffbody_jax.config import load_config  # noqa: E402
 from diffbody_jax.interop.unet import controlnet_table, unet_table  # noqa: E402
@@ -118,6 +118,7 @@ def main() -> None:
     torch.set_num_threads(threads)
     print(f"# machine: {platform.processor() or platform.machine()}, {threads} cores; "
           f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}")
+    load_report("before")
     print(f"{'variant':<22} {'params':>8} {'batch':>5} {'latent':>6} {'ours ms':>9} {'torch ms':>9} "
           f"{'ratio':>6} {'compile s':>9} {'max err':>9}")
     runs = [(v, cn) for v in args.variants.split(",") for cn in with_controlnet]
@@ -126,6 +127,7 @@ def main() -> None:
         print(f"{r['variant']:<22} {r['params_m']:>7}M {r['batch']:>5} {r['latent']:>6} {r['ours_ms']:>9} "
               f"{r['torch_ms']:>9} {r['ratio']:>6} {r['jax_compile_s']:>9} {r['max_abs_err']:>9.2e}")
         print("json:", json.dumps(r))
+    load_report("after")
 
 
 if __name__ == "__main__":

@@ -235,3 +235,29 @@ def test_conv_takes_im2col_only_for_small_maps_on_cpu(monkeypatch):
         jax.eval_shape(lambda m=module, s=hw: m.init(jax.random.key(0), jnp.zeros((1, *s, 3))))
         expected = jax.default_backend() == "cpu" and hw[0] * hw[1] <= layers.IM2COL_MAX_POSITIONS and kernel > 1
         assert bool(seen) == expected, (hw, kernel)
+
+
+@pytest.mark.parametrize("keys", [1024, 1061])
+def test_key_blocked_attention_matches_float64_softmax(keys, rng, monkeypatch):
+    """Long key sequences take the key-blocked online softmax on XLA:CPU (1061: a partial last block); values
+    against Softmax(q k^T / sqrt(D)) v in float64 numpy, gradients against jax.nn.dot_product_attention."""
+    q = rng.standard_normal((2, 70, 3, 16)).astype(np.float32)
+    k, v = (rng.standard_normal((2, keys, 3, 16)).astype(np.float32) for _ in range(2))
+    calls = []
+    blocked = layers._key_blocked_attention
+    monkeypatch.setattr(layers, "_key_blocked_attention", lambda *a: calls.append(1) or blocked(*a))
+    got = np.asarray(layers.einsum_attention(q, k, v))
+    assert calls == ([1] if jax.default_backend() == "cpu" else [])
+    logits = np.einsum("btnd,bsnd->bnts", q.astype(np.float64), k.astype(np.float64)) / 4.0
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    want = np.einsum("bnts,bsnd->btnd", p / p.sum(-1, keepdims=True), v.astype(np.float64))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+    w = rng.standard_normal(q.shape).astype(np.float32)
+    ours = jax.grad(lambda *a: (layers.einsum_attention(*a) * w).sum(), argnums=(0, 1, 2))(q, k, v)
+    ref = jax.grad(lambda *a: (jax.nn.dot_product_attention(*a, implementation="xla") * w).sum(),
+                   argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(ours, ref, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)
+    half = layers.einsum_attention(*(jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)))
+    assert half.dtype == jnp.bfloat16 and np.abs(np.asarray(half, np.float32) - want).max() < 0.05
