@@ -31,6 +31,20 @@ def median_time(fn, warmup: int, repeats: int) -> float:
     return statistics.median(times)
 
 
+def interleaved_times(a, b, repeats: int) -> tuple[float, float, float]:
+    """(median a, median b, median of a / b - 1) over `repeats` alternating calls after one warm-up of each: a
+    slow spell of the machine then hits both sides of a pair alike."""
+    a(), b()
+    times_a, times_b = [], []
+    for _ in range(repeats):
+        for fn, times in ((a, times_a), (b, times_b)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    ratios = [x / y - 1 for x, y in zip(times_a, times_b, strict=True)]
+    return statistics.median(times_a), statistics.median(times_b), statistics.median(ratios)
+
+
 def flax_params(ref, ours, table, source: str):
     """A PyTorch module's weights as our params on the default device (layout moved by `table`)."""
     from diffbody_jax.interop.mapping import torch_to_flax

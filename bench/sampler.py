@@ -29,7 +29,7 @@ from diffusers import UNet2DConditionModel as TorchUNet
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import flax_params, load_report, median_time  # noqa: E402
+from common import flax_params, interleaved_times, load_report, median_time  # noqa: E402
 
 from diffbody_jax.config import load_config  # noqa: E402
 from diffbody_jax.diffusion.samplers import SamplerConfig, make_sampler  # noqa: E402
@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--method", default="ddpm", choices=sorted(TORCH_SCHEDULERS))
     parser.add_argument("--cfg-scale", type=float, default=1.0)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count())
     load_report("before")
@@ -77,8 +77,9 @@ def main() -> None:
     sampler(key, z_T, ctx, null if cfg_on else None, params=params).sample.block_until_ready()
     compile_s = time.perf_counter() - start
     uncond = null if cfg_on else None
-    scan_s = median_time(lambda: sampler(key, z_T, ctx, uncond, params=params).sample.block_until_ready(),
-                         1, args.repeats)
+
+    def scan():
+        sampler(key, z_T, ctx, uncond, params=params).sample.block_until_ready()
 
     forward = jax.jit(lambda p, z, t, ctx: unet.apply({"params": p}, z, t, ctx))
     batch = 2 * b if cfg_on else b
@@ -91,7 +92,8 @@ def main() -> None:
             out = forward(params, zf, t, ctxf)
         out.block_until_ready()
 
-    forwards_s = median_time(forwards, 1, args.repeats)
+    # interleaved, so that drift of the machine's speed hits both alike; medians of each and of the pair ratios
+    scan_s, forwards_s, overhead = interleaved_times(scan, forwards, args.repeats)
 
     scheduler = TORCH_SCHEDULERS[args.method].from_config(dict(
         beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, timestep_spacing="leading", steps_offset=1,
@@ -121,7 +123,7 @@ def main() -> None:
     print(f"scan sampler        {scan_s * 1e3:9.1f} ms   (compile {compile_s:.1f} s)")
     print(f"{args.steps} jitted forwards  {forwards_s * 1e3:9.1f} ms")
     print(f"diffusers loop      {torch_s * 1e3:9.1f} ms")
-    print(f"scan overhead       {100 * (scan_s / forwards_s - 1):+.1f} %")
+    print(f"scan overhead       {100 * overhead:+.1f} %   (median of {args.repeats} interleaved pairs)")
     print(f"ratio vs torch      {torch_s / scan_s:.2f}")
     load_report("after")
 
