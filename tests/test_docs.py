@@ -107,9 +107,12 @@ def _tiny_files(root: pathlib.Path) -> None:
     write_ip_adapter(root / "ip-adapter-tiny.bin", original_state_dict(adapter, unet.config))
 
 
-# docs/weights.md's commands (~90 s) are each also run by tests/cli/test_convert.py: that page runs with -m slow
-@pytest.mark.parametrize("doc", [pytest.param(d, marks=pytest.mark.slow) if d == "docs/weights.md" else d
-                                 for d in DOCS])
+# Run with -m slow only: docs/weights.md's commands (~90 s; each is also run by tests/cli/test_convert.py) and
+# bench/README.md's quick benchmark runs (~60 s; benchmarks are run by hand on a quiet machine, never timed in tests)
+SLOW_DOCS = ("docs/weights.md", "bench/README.md")
+
+
+@pytest.mark.parametrize("doc", [pytest.param(d, marks=pytest.mark.slow) if d in SLOW_DOCS else d for d in DOCS])
 def test_code_blocks_run(doc, world, monkeypatch, tmp_path):
     blocks = code_blocks(doc)
     for item in world.iterdir():  # each page gets its own folder: the stand-ins linked, its outputs its own
