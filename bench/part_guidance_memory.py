@@ -44,7 +44,7 @@ def measure(vae_variant: str, size: int, bodypart: str, remat: bool, attention: 
     aux = jax.eval_shape(lambda v, p, i: part_guidance_aux(net, v, p, i), net.variable_shapes(), vae.param_shapes(),
                          image)
     start = time.perf_counter()
-    compiled = jax.jit(jax.grad(lambda z, aux: guidance(z, 0, aux))).lower(z, aux).compile()
+    compiled = jax.jit(jax.grad(lambda z, aux: guidance(z, 0, aux).sum())).lower(z, aux).compile()
     stats = compiled.memory_analysis()
     return dict(temp=stats.temp_size_in_bytes / MiB, args=stats.argument_size_in_bytes / MiB,
                 out=stats.output_size_in_bytes / MiB, compile_s=time.perf_counter() - start)
