@@ -52,3 +52,20 @@ def flax_params(ref, ours, table, source: str):
 
     state = {k: torch_to_numpy(v) for k, v in ref.state_dict().items()}
     return jax.device_put(torch_to_flax(state, table, ours.param_shapes(), source))
+
+
+def unet_pair(variant: str):
+    """(ours, torch UNet in eval mode, our params holding its weights) for a configs/unet.py variant; torch's
+    random init under seed 0 (diffusers' UNet2DConditionModel), converted by our interop table."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from diffbody_jax.config import load_config
+    from diffbody_jax.interop.unet import unet_table
+    from diffbody_jax.models.unet import build_unet
+
+    model_cfg = load_config(f"unet:variant={variant}").model
+    ours = build_unet(model_cfg)
+    torch.manual_seed(0)
+    ref = UNet2DConditionModel.from_config(model_cfg.diffusers.to_dict()).eval()
+    return ours, ref, flax_params(ref, ours, unet_table(ours.config), variant)

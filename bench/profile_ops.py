@@ -39,11 +39,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import flax_params, load_report, median_time  # noqa: E402
-
-from diffbody_jax.config import load_config  # noqa: E402
-from diffbody_jax.interop.unet import unet_table  # noqa: E402
-from diffbody_jax.models.unet import build_unet  # noqa: E402
+from common import load_report, median_time, unet_pair  # noqa: E402
 
 FAMILIES = ("conv", "matmul", "attention", "norms", "elementwise", "copies")
 MOVES = ("transpose", "copy", "concatenate", "pad", "slice", "dynamic-slice", "dynamic-update-slice", "bitcast",
@@ -156,13 +152,8 @@ def torch_families(forward, repeats: int) -> dict[str, float]:
 # -------------------------------------------------------------------------------------------- driver
 def profile(variant: str, batch: int, side: int, repeats: int) -> dict:
     import torch
-    from diffusers import UNet2DConditionModel as TorchUNet
 
-    model_cfg = load_config(f"{REPO}/configs/unet.py:variant={variant}").model
-    ours = build_unet(model_cfg)
-    torch.manual_seed(0)
-    ref = TorchUNet.from_config(model_cfg.diffusers.to_dict()).eval()
-    params = flax_params(ref, ours, unet_table(ours.config), variant)
+    ours, ref, params = unet_pair(variant)
     c = ours.config
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, c.in_channels, side, side)).astype(np.float32)

@@ -24,18 +24,14 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
-from diffusers import UNet2DConditionModel as TorchUNet
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import flax_params, interleaved_times, load_report, median_time  # noqa: E402
+from common import interleaved_times, load_report, median_time, unet_pair  # noqa: E402
 
-from diffbody_jax.config import load_config  # noqa: E402
 from diffbody_jax.diffusion.samplers import SamplerConfig, make_sampler  # noqa: E402
 from diffbody_jax.diffusion.schedule import NoiseSchedule  # noqa: E402
-from diffbody_jax.interop.unet import unet_table  # noqa: E402
-from diffbody_jax.models.unet import build_unet  # noqa: E402
 
 TORCH_SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmpp_2m": DPMSolverMultistepScheduler}
 
@@ -53,11 +49,7 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count())
     load_report("before")
 
-    model_cfg = load_config(f"{REPO}/configs/unet.py:variant={args.variant}").model
-    unet = build_unet(model_cfg)
-    torch.manual_seed(0)
-    ref = TorchUNet.from_config(model_cfg.diffusers.to_dict()).eval()
-    params = flax_params(ref, unet, unet_table(unet.config), args.variant)
+    unet, ref, params = unet_pair(args.variant)
     c = unet.config
     if c.addition_embed_type:
         raise SystemExit(f"{args.variant}: pick a UNet without size conditioning (the bench passes text only)")

@@ -31,7 +31,7 @@ import optax
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import flax_params, load_report, median_time  # noqa: E402
+from common import load_report, median_time, unet_pair  # noqa: E402
 
 from diffbody_jax.config import load_config  # noqa: E402
 
@@ -40,18 +40,12 @@ LR = 1e-5
 
 def bench_speed(variant: str, batch: int, size: int, warmup: int, repeats: int) -> dict:
     import torch
-    from diffusers import UNet2DConditionModel as TorchUNet
 
-    from diffbody_jax.interop.unet import unet_table
-    from diffbody_jax.models.unet import build_unet
     from diffbody_jax.training.state import create_train_state
     from diffbody_jax.training.step import make_train_step
 
-    model_cfg = load_config(f"unet:variant={variant}").model
-    ours = build_unet(model_cfg)
-    torch.manual_seed(0)
-    ref = TorchUNet.from_config(model_cfg.diffusers.to_dict()).train()
-    params = flax_params(ref, ours, unet_table(ours.config), variant)
+    ours, ref, params = unet_pair(variant)
+    ref.train()
     c = ours.config
     rng = np.random.default_rng(0)
     z = rng.standard_normal((batch, c.in_channels, size, size)).astype(np.float32)

@@ -26,25 +26,19 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 from diffusers import ControlNetModel as TorchControlNet
-from diffusers import UNet2DConditionModel as TorchUNet
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import flax_params, load_report, median_time  # noqa: E402
+from common import flax_params, load_report, median_time, unet_pair  # noqa: E402
 
-from diffbody_jax.config import load_config  # noqa: E402
-from diffbody_jax.interop.unet import controlnet_table, unet_table  # noqa: E402
+from diffbody_jax.interop.unet import controlnet_table  # noqa: E402
 from diffbody_jax.models.controlnet import ControlNetConfig, ControlNetModel  # noqa: E402
-from diffbody_jax.models.unet import build_unet  # noqa: E402
 
 
 def bench(variant: str, batch: int, size: int, warmup: int, repeats: int, controlnet: bool) -> dict:
-    model_cfg = load_config(f"{REPO}/configs/unet.py:variant={variant}").model
-    ours = build_unet(model_cfg)
-    torch.manual_seed(0)
-    ref = TorchUNet.from_config(model_cfg.diffusers.to_dict()).eval()
-    params = {"unet": flax_params(ref, ours, unet_table(ours.config), variant)}
+    ours, ref, unet_params = unet_pair(variant)
+    params = {"unet": unet_params}
     n_params = sum(p.numel() for p in ref.parameters())
     if controlnet:
         ref_cn = TorchControlNet.from_unet(ref).eval()
