@@ -59,9 +59,11 @@ def test_the_pose_comes_from_the_annotator_on_i_reg(weights, rng):
     moved = JOINTS.copy()
     moved[..., 0] += left
     drawn = render_pose(moved, "coco17", job.fitted.bucket).astype(np.float32) / 255.0
-    (_, given), = run_jobs(Restorer(weights, SETTINGS, annotator=None), [_job_like(job, drawn)], batch=1, seed=0)
+    # the same restorer (one compile): given pose maps are used as they are, the annotator is not asked
+    (_, given), = run_jobs(restorer, [_job_like(job, drawn)], batch=1, seed=0)
     np.testing.assert_allclose(annotated["restored"], given["restored"], atol=1e-5)
-    (_, black), = run_jobs(Restorer(weights, SETTINGS, annotator=None), [_job_like(job, None)], batch=1, seed=0)
+    (_, black), = run_jobs(restorer, [_job_like(job, np.zeros_like(drawn))], batch=1, seed=0)
+    assert len(recorder.seen) == 1  # only the job without a pose map was annotated
     assert np.abs(black["restored"] - given["restored"]).max() > 1e-3  # the pose map mattered
 
 
