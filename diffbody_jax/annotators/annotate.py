@@ -54,8 +54,7 @@ def annotator_from_spec(spec: str) -> Annotator:
 def annotate(image: np.ndarray, backend: str = "auto", **options) -> Annotation:
     """One image ([H, W, 3] float in [0, 1] or uint8) -> its Annotation; warns when no person is found."""
     name = options.pop("name", None)
-    annotation = get_annotator(backend, **options)(image, name=name) if name is not None else \
-        get_annotator(backend, **options)(image)
+    annotation = get_annotator(backend, **options)(image, name=name)
     if annotation.num_persons == 0:
         warnings.warn(f"annotator {annotation.backend or backend}: no person found"
                       + (f" in {name}" if name else "") + "; the pose map is empty", stacklevel=2)

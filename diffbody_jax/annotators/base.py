@@ -17,6 +17,12 @@ import numpy as np
 from diffbody_jax.data.pose import coco_to_openpose, render_pose
 
 
+def as_uint8(image: np.ndarray) -> np.ndarray:
+    """An image for a host model: uint8 as it is, floats in [0, 1] rounded to 8 bits (clipped first)."""
+    image = np.asarray(image)
+    return image if image.dtype == np.uint8 else np.round(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8)
+
+
 class AnnotatorError(RuntimeError):
     """A backend that cannot run: the message names the backend and the missing extra or file."""
 

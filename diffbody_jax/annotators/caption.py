@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffbody_jax.annotators.base import AnnotatorError
+from diffbody_jax.annotators.base import AnnotatorError, as_uint8
 
 
 class Captioner:
@@ -35,8 +35,7 @@ class Captioner:
         self.max_new_tokens, self.prompt = max_new_tokens, prompt
 
     def __call__(self, image: np.ndarray) -> str:
-        image = np.asarray(image)
-        rgb = image if image.dtype == np.uint8 else np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
+        rgb = as_uint8(image)
         kwargs = {"text": self.prompt} if self.prompt else {}
         inputs = self.processor(images=rgb[..., :3], return_tensors="pt", **kwargs)
         with self.torch.no_grad():

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from diffbody_jax.annotators.base import Annotator
+from diffbody_jax.annotators.base import Annotator, as_uint8
 from diffbody_jax.data.manifest import MAP_FIELDS, ManifestError, read_manifest, write_manifest
 from diffbody_jax.files import atomic_write
 
@@ -43,7 +43,7 @@ def _relative(path: Path, folder: Path) -> str:
 
 def _save_png(path: Path, pixels: np.ndarray) -> None:
     """[H, W] or [H, W, 3] in [0, 1] -> an 8-bit PNG, atomically."""
-    array = np.round(np.clip(pixels, 0.0, 1.0) * 255).astype(np.uint8)
+    array = as_uint8(pixels)
     atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
 
 

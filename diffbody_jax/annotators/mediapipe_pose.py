@@ -35,7 +35,7 @@ import warnings
 
 import numpy as np
 
-from diffbody_jax.annotators.base import Annotation, AnnotatorError, register
+from diffbody_jax.annotators.base import Annotation, AnnotatorError, as_uint8, register
 
 BLAZEPOSE_TO_COCO17 = (0, 2, 5, 7, 8, 11, 12, 13, 14, 15, 16, 23, 24, 25, 26, 27, 28)
 COCO_WRISTS = (9, 10)  # left, right
@@ -104,8 +104,7 @@ def mediapipe_annotator(model_complexity: int = 1, min_confidence: float = 0.5, 
 
     def run(image: np.ndarray, name: str | None = None) -> Annotation:
         del name
-        image = np.asarray(image)
-        rgb = image if image.dtype == np.uint8 else np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
+        rgb = as_uint8(image)
         h, w = rgb.shape[:2]
         with warnings.catch_warnings():  # mediapipe 0.10.14 on protobuf 5.x: a deprecation it cannot act on
             warnings.filterwarnings("ignore", message="SymbolDatabase.GetPrototype", category=UserWarning)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffbody_jax.annotators.base import Annotation, AnnotatorError, register
+from diffbody_jax.annotators.base import Annotation, AnnotatorError, as_uint8, register
 
 EXTRA = "pip install 'diffbody_jax[annotators]' and pip install --no-deps rtmlib==0.0.16 (README: set-up)"
 DEFAULT_DET_SIZE = (640, 640)  # (H, W): DWPose's YOLOX-L
@@ -40,9 +40,7 @@ def _static_hw(session, default: tuple[int, int]) -> tuple[int, int]:
 
 
 def _as_bgr_uint8(image: np.ndarray) -> np.ndarray:
-    image = np.asarray(image)
-    rgb = image if image.dtype == np.uint8 else np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
-    return np.ascontiguousarray(rgb[..., 2::-1])
+    return np.ascontiguousarray(as_uint8(image)[..., 2::-1])
 
 
 @register("onnx-dwpose")

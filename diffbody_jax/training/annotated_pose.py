@@ -20,6 +20,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from diffbody_jax.annotators import annotator_from_spec
+from diffbody_jax.data.pipeline import DataConfig
 from diffbody_jax.data.pose import render_pose
 
 POSE_SOURCES = ("manifest", "annotator")
@@ -29,7 +30,8 @@ class AnnotatedPose:
     """Host hook: batch -> batch with `pose` drawn from `annotator` on `regress(batch[source])`."""
 
     def __init__(self, annotator, regress: Callable[[np.ndarray], np.ndarray] | None, *, source: str = "degraded",
-                 threshold: float = 0.3, hands: bool = True, face: bool = True):
+                 threshold: float = DataConfig.pose_threshold, hands: bool = DataConfig.pose_hands,
+                 face: bool = DataConfig.pose_face):
         self.annotator, self.regress, self.source = annotator, regress, source
         self.threshold, self.hands, self.face = threshold, hands, face
         self.empty = 0  # images with no person so far (their pose map is black)

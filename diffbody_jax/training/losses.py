@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from diffbody_jax.conditioning.body_priors import body_attention_map
+from diffbody_jax.conditioning.body_priors import attention_from_mask, body_attention_map
 from diffbody_jax.conditioning.clip_image import colour_adapter_features
 from diffbody_jax.conditioning.prompts import sd21_prompt_embeds, sdxl_prompt_embeds
 from diffbody_jax.diffusion.losses import (
@@ -138,9 +138,7 @@ def v1_controlnet_loss(
         i_attn = body_attention_map(group.bodypart, group.member_variables(variables, "bodypart"), i_reg,
                                     factor).latent
     else:
-        given = batch["attention" if attention == "manifest" else "mask"]
-        b, h, w, _ = given.shape
-        i_attn = jax.image.resize(given, (b, h // factor, w // factor, 1), "linear", antialias=True)
+        i_attn = attention_from_mask(batch["attention" if attention == "manifest" else "mask"], factor).latent
 
     def encode(image):
         return _encode_image(group, variables, image)
