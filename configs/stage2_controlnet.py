@@ -69,6 +69,10 @@ def get_config(arg=None):
     ))
     config.adapter = ml_collections.ConfigDict(dict(
         image="ir",  # the colour adapter's CLIP image in training (phase colour_adapter): ir | target
+        clip_fit="auto",  # how that image meets CLIP's square: auto | pad | center_crop (conditioning/clip_image.py)
+        # what CFG's unconditional pass feeds the adapter when restoring: "keep" (the same image features: training
+        # never drops the image, so only the text is guided) | "zeros" (features of an all-zero image, diffusers')
+        uncond_image="keep",
     ))
     sdxl = HERE / "diffusers/sdxl-base"
     config.text = text_section("" if tiny else str(sdxl / "tokenizer"), "<|endoftext|>",

@@ -70,6 +70,11 @@ def get_config(arg=None):
         # person mask (an approximation when no part network exists; add "attention" / "mask" to data.maps)
         attention="model",
     ))
+    # Restoring's part-loss guidance (Algorithm 1, Eq. 6; diffusion/part_guidance.py): carried by the export's
+    # contract.json to `diffbody restore --guidance S`. The paper gives no scale s (restore's --guidance), and names
+    # cross-entropy between part features; the window and schedule are ours (whole trajectory, constant s).
+    config.guidance = ml_collections.ConfigDict(dict(
+        distance="ce", temperature=1.0, visibility="none", start=1.0, end=0.0, schedule="constant"))
     config.text = text_section("" if tiny else str(HERE / "diffusers/sd21-base/tokenizer"), "!")  # SD2.1 pads "!"
     if tiny:
         tiny_training_sections(config, ["pose"])

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from diffbody_jax.data.pose import coco_to_openpose, render_pose
+from diffbody_jax.data.pose import PoseStyle, coco_to_openpose
 
 
 def as_uint8(image: np.ndarray) -> np.ndarray:
@@ -67,10 +67,11 @@ class Annotation:
             out[:, 91:112], out[:, 112:133] = self.hands[:, 0], self.hands[:, 1]
         return out, "wholebody133"
 
-    def pose_map(self, threshold: float = 0.3) -> np.ndarray:
-        """The pose map at the image's size, drawn by `data.pose.render_pose` (DWPose's colours; hands and face
-        too when the backend gave COCO-WholeBody), uint8 RGB; black when no person was found."""
-        return render_pose(*self.keypoints, self.size, threshold)
+    def pose_map(self, style: PoseStyle = PoseStyle()) -> np.ndarray:
+        """The pose map at the image's size in `style` (`data.pose.PoseStyle`: DWPose's colours; hands and face
+        too when the backend gave COCO-WholeBody and the style draws them), float32 RGB in [0, 1]; black when no
+        person was found."""
+        return style.render(*self.keypoints, self.size)
 
     def to_json(self) -> dict[str, Any]:
         keypoints, fmt = self.keypoints

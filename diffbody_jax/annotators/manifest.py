@@ -6,7 +6,7 @@ depth and normal maps (`annotators.dense`) and captions (`annotators.caption`).
 
 Every line keeps its other fields; image and map paths are rewritten relative to the output's folder. The masks go
 to `<output folder>/<masks>/<image stem>.png` (8-bit grey, 255 = person). A line that already has keypoints keeps
-them unless `replace`; a line whose image shows no person gets no keypoints (and a report line), so the pipeline
+them unless `replace`; a line whose image shows no person gets `"keypoints": []` (and a report line), so the pipeline
 renders an empty pose map for it. Depth and normal maps go to `depth/` and `normal/` beside the masks (8-bit PNGs,
 replacing a line's own only with `replace`); a captioner fills empty captions (all with `replace`). The output is
 written atomically and validated with `data.manifest.read_manifest`.
@@ -91,8 +91,8 @@ def fill_manifest(annotator: Annotator | None, source: str | os.PathLike, out: s
             row["keypoints"] = np.round(keypoints.astype(np.float64), 2).tolist()
             row["keypoint_format"] = fmt
             report.annotated += 1
-        else:
-            row.pop("keypoints", None)
+        else:  # an explicit empty list: no person, an empty pose map (a line without keypoints has no pose)
+            row["keypoints"] = []
             row.pop("keypoint_format", None)
             report.no_person.append(str(image_path))
         if annotation.mask is not None:

@@ -35,6 +35,8 @@ def main(argv=None) -> int:
     p.add_argument("--manifest", help="fill this training manifest's keypoints and masks into --out")
     p.add_argument("--replace", action="store_true", help="--manifest: re-annotate lines that have keypoints")
     p.add_argument("--backend", default="auto", help="auto | mediapipe | onnx-dwpose | keypoints-file")
+    p.add_argument("--pose-style", default="", help="how pose maps are drawn: threshold=0.3,hands=1,face=1 (the "
+                   "training data's data.pose_style; a trained run's contract.json records it)")
     p.add_argument("--keypoints", help="the keypoints-file backend's manifest or JSON")
     p.add_argument("--det", help="onnx-dwpose: the person detector's ONNX file (YOLOX)")
     p.add_argument("--pose", help="onnx-dwpose: the whole-body pose model's ONNX file (DWPose / RTMPose)")
@@ -42,6 +44,13 @@ def main(argv=None) -> int:
     p.add_argument("--normal", help="--manifest: a surface-normal ONNX file (Omnidata: output in [0, 1])")
     p.add_argument("--captioner", help="--manifest: a local transformers image-to-text folder (BLIP)")
     args = p.parse_args(argv)
+    from diffbody_jax.data.pose import PoseStyle
+
+    try:
+        style = PoseStyle.parse(args.pose_style)
+    except ValueError as e:
+        print(f"diffbody annotate: --pose-style: {e}", file=sys.stderr)
+        return 2
     if bool(args.inputs) == bool(args.manifest):
         p.error("give images or --manifest (one of the two)")
     if not args.manifest and (args.depth or args.normal or args.captioner or args.backend == "none"):
@@ -57,7 +66,7 @@ def main(argv=None) -> int:
     except (AnnotatorError, TypeError) as e:
         print(f"diffbody annotate: {e}", file=sys.stderr)
         return 1
-    return _annotate_images(annotator, args)
+    return _annotate_images(annotator, args, style)
 
 
 def _fill(annotator, args) -> int:
@@ -83,7 +92,7 @@ def _fill(annotator, args) -> int:
     return 0
 
 
-def _annotate_images(annotator, args) -> int:
+def _annotate_images(annotator, args, style) -> int:
     from diffbody_jax.pipelines.image_io import find_images, read_photos, write_png
     files, problems = find_images(args.inputs)
     photos, bad = read_photos(files, min_size=1)
@@ -99,7 +108,7 @@ def _annotate_images(annotator, args) -> int:
             print(f"warning: {photo.path}: no person found; the pose map is empty", file=sys.stderr)
         found += annotation.num_persons > 0
         (out / f"{photo.path.stem}.json").write_text(json.dumps(annotation.to_json()))
-        write_png(out / f"{photo.path.stem}_pose.png", annotation.pose_map().astype(np.float32) / 255.0,
+        write_png(out / f"{photo.path.stem}_pose.png", annotation.pose_map(style),
                   overwrite=True)
         if annotation.mask is not None:
             write_png(out / f"{photo.path.stem}_mask.png", np.repeat(annotation.mask[..., None], 3, -1),

@@ -143,10 +143,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from diffbody_jax.annotators import default_annotator
-    from diffbody_jax.cli.restore import PoseSource, prepare_jobs, run_jobs, write_outputs
     from diffbody_jax.data.manifest import read_manifest
     from diffbody_jax.data.sample_set import write_sample_set
     from diffbody_jax.pipelines.image_io import write_png
+    from diffbody_jax.pipelines.jobs import PoseSource, prepare_jobs, run_jobs, write_outputs
     from diffbody_jax.pipelines.restore import Restorer, RestoreSettings
     from diffbody_jax.pipelines.stand_in import write_stand_in_weights
 

@@ -21,12 +21,9 @@ image (I_reg / I_ir, as the papers do; "auto": mediapipe when the annotators ext
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path
-
-import numpy as np
 
 from diffbody_jax.pipelines.restore import FITS, PRESET_STEPS, SAMPLERS, RestoreSettings
 
@@ -73,73 +70,6 @@ def settings_from(args) -> RestoreSettings:
                            negative_prompt=args.negative_prompt, fit=args.fit)
 
 
-TILE_MULTIPLE = 64  # --fit tile pads photos to this: the VAE factor and SwinIR's window x unshuffle divide it
-
-
-@dataclasses.dataclass
-class Job:
-    """One photo on its way through: fitted to its bucket, with its pose map and prompt."""
-
-    photo: object  # image_io.Photo
-    fitted: object  # fit.Fitted
-    pose: np.ndarray | None  # [bucket H, bucket W, 3]; None: from the annotator (black without one)
-    prompt: str
-    out: Path
-
-
-class PoseSource:
-    """Pose maps for inputs from a keypoints manifest or a folder of pose images; None for an input it has none
-    for (the annotator's, or black). table: keypoints given directly, {file stem: ([P, K, 3] or [K, 3] in the
-    photo's pixels, format)}."""
-
-    def __init__(self, keypoints: str | None = None, poses: str | None = None, table: dict | None = None):
-        if keypoints and poses:
-            raise ValueError("give --keypoints or --poses, not both")
-        self.table, self.folder = dict(table or {}), Path(poses) if poses else None
-        if self.folder is not None and not self.folder.is_dir():
-            raise FileNotFoundError(f"--poses {poses}: not a folder")
-        if keypoints:
-            from diffbody_jax.data.manifest import read_manifest
-
-            for record in read_manifest(keypoints, decode=False):
-                if record.keypoints is not None:
-                    self.table[Path(record.image).stem] = (record.keypoints, record.keypoint_format)
-        self.used = 0
-
-    def __call__(self, photo, fitted) -> np.ndarray | None:
-        from diffbody_jax.data.degradations import resize
-        from diffbody_jax.data.pose import as_persons, render_pose, transform_keypoints
-        from diffbody_jax.pipelines.image_io import read_photo
-
-        stem = photo.path.stem
-        if stem in self.table:
-            kp, fmt = self.table[stem]
-            top, left, h, w = fitted.inner
-            scale = (h / photo.size[0], w / photo.size[1])
-            kp = transform_keypoints(as_persons(kp, fmt), scale, (-top, -left))
-            self.used += 1
-            return render_pose(kp, fmt, fitted.bucket).astype(np.float32) / 255.0
-        if self.folder is not None:
-            for path in sorted(self.folder.glob(f"{stem}.*")):
-                pose = read_photo(path, min_size=1).pixels
-                top, left, h, w = fitted.inner
-                out = np.zeros((*fitted.bucket, 3), np.float32)
-                out[top: top + h, left: left + w] = resize(pose, (h, w), "area")
-                self.used += 1
-                return out
-        return None
-
-
-def _side_by_side(*images: np.ndarray) -> np.ndarray:
-    h = max(i.shape[0] for i in images)
-    padded = [np.pad(i, ((0, h - i.shape[0]), (0, 0), (0, 0))) for i in images]
-    return np.concatenate(padded, axis=1)
-
-
-def _as_rgb(image: np.ndarray) -> np.ndarray:
-    return np.repeat(image, 3, -1) if image.shape[-1] == 1 else image
-
-
 class ProgressBars:
     """tqdm bars over images and over the sampling steps of the running batch (hooked into the scan)."""
 
@@ -163,89 +93,6 @@ class ProgressBars:
         self.images.close()
 
 
-def prepare_jobs(files, out: Path, settings: RestoreSettings, prompts, poses: PoseSource, overwrite: bool):
-    """(jobs, problems): each readable photo fitted to its bucket; a line for each input that cannot be restored."""
-    from diffbody_jax.pipelines.fit import fit_by_padding, fit_to_bucket
-    from diffbody_jax.pipelines.image_io import PhotoError, read_photo
-
-    jobs, problems, seen = [], [], {}
-    for path, prompt in zip(files, prompts, strict=True):
-        target = out / f"{path.stem}.png"
-        if target in seen:
-            problems.append(f"{path}: same output name as {seen[target]} ({target})")
-            continue
-        seen[target] = path
-        if target.exists() and not overwrite:
-            problems.append(f"{path}: {target} exists (pass --overwrite to replace it)")
-            continue
-        try:
-            photo = read_photo(path)
-        except PhotoError as e:
-            problems.append(str(e))
-            continue
-        fitted = (fit_by_padding(photo.pixels, TILE_MULTIPLE) if settings.fit == "tile"
-                  else fit_to_bucket(photo.pixels, settings.buckets))
-        jobs.append(Job(photo, fitted, poses(photo, fitted), prompt, target))
-    return jobs, problems
-
-
-def poses_and_masks(restorer, chunk):
-    """The chunk's pose maps [B, H, W, 3] and person masks [B, H, W, 1] or None. Jobs without a pose map get the
-    annotator's on the regressed image (black without an annotator); masks when v1 lacks the part network."""
-    from diffbody_jax.pipelines.annotate import pose_and_mask
-
-    poses = [job.pose for job in chunk]
-    masks = None
-    annotator = restorer.annotator
-    if annotator is not None and (restorer.needs_mask or any(p is None for p in poses)):
-        i_reg = restorer.regress(np.stack([job.fitted.pixels for job in chunk]))
-        masks = []
-        for i, job in enumerate(chunk):
-            pose, mask, annotation = pose_and_mask(annotator, i_reg[i], job.fitted.inner, job.photo.path.name)
-            if annotation.num_persons == 0 and poses[i] is None:
-                print(f"warning: {job.photo.path}: the annotator found no person; the pose map is black",
-                      file=sys.stderr)
-            poses[i] = pose if poses[i] is None else poses[i]
-            masks.append(mask)
-    shape = chunk[0].fitted.pixels.shape
-    poses = np.stack([np.zeros(shape, np.float32) if p is None else p for p in poses])
-    return poses, (np.stack(masks) if restorer.needs_mask and masks is not None else None)
-
-
-def run_jobs(restorer, jobs, batch: int, seed: int, bars: ProgressBars | None = None):
-    """Restore every job, batched by bucket; yields (job, outputs at the photo's size) as each batch finishes."""
-    import jax
-
-    by_bucket: dict[tuple[int, int], list[Job]] = {}
-    for job in jobs:
-        by_bucket.setdefault(job.fitted.bucket, []).append(job)
-    key, n = jax.random.key(seed), 0
-    for bucket_jobs in by_bucket.values():
-        for start in range(0, len(bucket_jobs), batch):
-            chunk = bucket_jobs[start: start + batch]
-            poses, masks = poses_and_masks(restorer, chunk)
-            out = restorer.restore(jax.random.fold_in(key, n), np.stack([j.fitted.pixels for j in chunk]), poses,
-                                   [j.prompt for j in chunk], mask=masks)
-            n += 1
-            if bars is not None:
-                bars.batch_done(len(chunk))
-            for i, job in enumerate(chunk):
-                yield job, {k: job.fitted.unfit(v[i]) for k, v in out.items()}
-
-
-def write_outputs(job, outputs: dict, out: Path, overwrite: bool, intermediates: bool) -> None:
-    from diffbody_jax.pipelines.image_io import write_png
-
-    write_png(job.out, outputs["restored"], like=job.photo, overwrite=overwrite)
-    (out / "compare").mkdir(exist_ok=True)
-    write_png(out / "compare" / job.out.name, _side_by_side(job.photo.pixels, outputs["restored"]), overwrite=True)
-    if intermediates:
-        (out / "intermediates").mkdir(exist_ok=True)
-        for name, image in outputs.items():
-            if name != "restored":
-                write_png(out / "intermediates" / f"{job.out.stem}_{name}.png", _as_rgb(image), overwrite=True)
-
-
 def restore_main(argv) -> int:
     p = argparse.ArgumentParser(prog="diffbody restore", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -259,8 +106,9 @@ def restore_main(argv) -> int:
 
     from diffbody_jax.annotators import AnnotatorError
     from diffbody_jax.pipelines.image_io import find_images
+    from diffbody_jax.pipelines.jobs import PoseSource, prepare_jobs, run_jobs, write_outputs
     from diffbody_jax.pipelines.prompts import prompts_for
-    from diffbody_jax.pipelines.restore import Restorer
+    from diffbody_jax.pipelines.restore import Restorer, restore_defaults
     from diffbody_jax.pipelines.weights import WeightsError
 
     def fail(message: str) -> int:
@@ -271,9 +119,10 @@ def restore_main(argv) -> int:
         return fail(f"--batch {args.batch}: must be at least 1")
     try:
         settings = settings_from(args)
+        style, default_prompt = restore_defaults(args.weights, settings.version)  # from the runs' contracts
         files, problems = find_images(args.inputs)
-        prompts, notes = prompts_for(files, args.prompt, args.prompts)
-        poses = PoseSource(args.keypoints, args.poses)
+        prompts, notes = prompts_for(files, args.prompt, args.prompts, default=default_prompt)
+        poses = PoseSource(args.keypoints, args.poses, style=style)
         annotator, annotator_note = annotator_from(args.annotator)
     except (ValueError, FileNotFoundError, AnnotatorError) as e:
         return fail(str(e))
@@ -298,9 +147,14 @@ def restore_main(argv) -> int:
     except (WeightsError, ValueError) as e:
         bars.close()
         return fail(str(e))
+    for line in restorer.notes:
+        print(f"note: {line}", file=sys.stderr)
+    warning = restorer.annotator_warning(args.annotator if annotator is not None else None)
+    if warning and poses.used < len(jobs):
+        print(warning, file=sys.stderr)
     start, written = time.perf_counter(), 0
     try:
-        for job, outputs in run_jobs(restorer, jobs, args.batch, args.seed, bars):
+        for job, outputs in run_jobs(restorer, jobs, args.batch, args.seed, bars.batch_done):
             write_outputs(job, outputs, out, args.overwrite, args.save_intermediates)
             written += 1
     finally:

@@ -178,10 +178,18 @@ def sd21_prompt_embeds(encoder, params, ids) -> jnp.ndarray:
     return _encode(encoder, params, ids)["last_hidden_state"]
 
 
-def sdxl_time_ids(original_size, crop_top_left, target_size, batch: int) -> jnp.ndarray:
-    """SDXL's add_time_ids: (orig_h, orig_w, crop_top, crop_left, target_h, target_w), [B, 6] float32."""
-    row = [*original_size, *crop_top_left, *target_size]
-    return jnp.tile(jnp.asarray([row], jnp.float32), (batch, 1))
+def sdxl_time_ids(original_size, crop_top_left, target_size, batch: int | None = None) -> jnp.ndarray:
+    """SDXL's add_time_ids (orig_h, orig_w, crop_top, crop_left, target_h, target_w), [B, 6] float32: the one
+    builder training (per example: the photo's size and the crop's place) and restoring (the photo as the bucket
+    holds it, no crop) call.
+
+    Each argument is one (H, W) / (top, left) pair or a [B, 2] array of them (per example); `batch` broadcasts
+    pairs to B rows (default: the arrays' batch, else 1)."""
+    parts = [jnp.asarray(x, jnp.float32) for x in (original_size, crop_top_left, target_size)]
+    if batch is None:
+        batch = max((p.shape[0] for p in parts if p.ndim == 2), default=1)
+    parts = [jnp.broadcast_to(p.reshape(-1, 2), (batch, 2)) for p in parts]
+    return jnp.concatenate(parts, axis=-1)
 
 
 def sdxl_prompt_embeds(

@@ -1,7 +1,8 @@
 """Data set manifests: one JSON object per line, paths relative to the manifest file.
 
     {"image": "images/0001.png", "caption": "a woman in a red coat walking",
-     "keypoints": [[x, y, score], ...],          # optional: one person [K, 3] or several [P, K, 3], pixels
+     "keypoints": [[x, y, score], ...],          # optional: one person [K, 3] or several [P, K, 3], pixels;
+                                                 # [] = no person in the photo (an empty pose map)
      "keypoint_format": "coco17",                # coco17 | openpose18 | wholebody133 (default coco17)
      "pose": "pose/0001.png",                    # optional pre-rendered pose map
      "depth": "depth/0001.png", "normal": "normal/0001.png",
@@ -70,9 +71,11 @@ def _parse_keypoints(value, fmt: str) -> np.ndarray:
     if fmt not in KEYPOINT_COUNTS:
         raise ValueError(f"keypoint_format {fmt!r} unknown (one of {sorted(KEYPOINT_COUNTS)})")
     arr = np.asarray(value, np.float32)
+    want = KEYPOINT_COUNTS[fmt]
+    if arr.size == 0:  # [] = the photo shows no person: an empty (black) pose map
+        return np.zeros((0, want, 3), np.float32)
     if arr.ndim == 2:
         arr = arr[None]
-    want = KEYPOINT_COUNTS[fmt]
     if arr.ndim != 3 or arr.shape[1:] != (want, 3):
         raise ValueError(f"keypoints of shape {arr.shape}; {fmt} needs [{want}, 3] or [persons, {want}, 3]")
     if not np.isfinite(arr).all():

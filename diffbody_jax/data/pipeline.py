@@ -41,7 +41,7 @@ from PIL import Image, ImageOps
 
 from diffbody_jax.data import degradations as deg
 from diffbody_jax.data.manifest import MAP_FIELDS, SINGLE_CHANNEL_MAPS, Record
-from diffbody_jax.data.pose import render_pose, transform_keypoints
+from diffbody_jax.data.pose import PoseStyle, transform_keypoints
 
 # The five buckets of the DiffBody v2 paper, as (H, W): square, portrait and landscape.
 PAPER_BUCKETS = ((512, 512), (768, 512), (512, 768), (1024, 512), (512, 1024))
@@ -57,9 +57,7 @@ class DataConfig:
     random_crop: bool = True
     shuffle: bool = True
     num_epochs: int | None = None  # None: repeat forever
-    pose_threshold: float = 0.3
-    pose_hands: bool = True
-    pose_face: bool = True
+    pose_style: PoseStyle = PoseStyle()  # how keypoints become pose maps (the run's contract carries it)
 
     def __post_init__(self):
         bad = sorted(set(self.maps) - set(MAP_FIELDS))
@@ -202,9 +200,7 @@ class ExampleLoader:
             elif field == "pose" and record.keypoints is not None:
                 scale = (resized[0] / record.size[0], resized[1] / record.size[1])
                 kp = transform_keypoints(record.keypoints, scale, crop)
-                canvas = render_pose(kp, record.keypoint_format, bucket, cfg.pose_threshold, cfg.pose_hands,
-                                     cfg.pose_face)
-                out[field] = canvas.astype(np.float32) / 255.0
+                out[field] = cfg.pose_style.render(kp, record.keypoint_format, bucket)
             else:
                 raise ValueError(f"{record.image} (manifest line {record.line}): no '{field}' for this example")
         return out

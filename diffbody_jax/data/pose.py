@@ -16,6 +16,7 @@ points are white radius-3 discs.
 from __future__ import annotations
 
 import colorsys
+import dataclasses
 import math
 
 import cv2
@@ -135,6 +136,48 @@ def render_pose(
             if _visible(point, threshold):
                 cv2.circle(canvas, (int(point[0]), int(point[1])), FACE_RADIUS, FACE_COLOR, thickness=-1)
     return canvas
+
+
+@dataclasses.dataclass(frozen=True)
+class PoseStyle:
+    """How pose maps are drawn: the one value training (the data pipeline and the annotated-pose hook), restoring
+    and `diffbody annotate` read, carried by a run's contract so that restoring draws as the model was trained.
+
+    threshold: a point is drawn when its score exceeds it (DWPose's 0.3); hands / face: draw them when the
+    keypoints carry them (COCO-WholeBody)."""
+
+    threshold: float = 0.3
+    hands: bool = True
+    face: bool = True
+
+    def render(self, keypoints, fmt: str, size: tuple[int, int]) -> np.ndarray:
+        """`render_pose` in this style, as float32 [H, W, 3] in [0, 1] (what the models read). None or zero
+        persons: an all-black map (a photo with no person)."""
+        return render_pose(keypoints, fmt, size, self.threshold, self.hands, self.face).astype(np.float32) / 255.0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PoseStyle:
+        unknown = sorted(set(d) - {"threshold", "hands", "face"})
+        if unknown:
+            raise ValueError(f"pose style: unknown field(s) {unknown}; fields: threshold, hands, face")
+        default = cls()
+        return cls(float(d.get("threshold", default.threshold)), bool(d.get("hands", default.hands)),
+                   bool(d.get("face", default.face)))
+
+    @classmethod
+    def parse(cls, spec: str) -> PoseStyle:
+        """"threshold=0.3,hands=1,face=0" (any subset; the rest default) -> PoseStyle."""
+        fields = {}
+        for item in filter(None, (s.strip() for s in spec.split(","))):
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"pose style {spec!r}: expected key=value items, got {item!r}")
+            fields[key.strip()] = float(value) if key.strip() == "threshold" else value.strip().lower() in (
+                "1", "true", "yes")
+        return cls.from_dict(fields)
 
 
 def transform_keypoints(keypoints: np.ndarray, scale: tuple[float, float], offset: tuple[float, float]):

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from diffbody_jax.models.bodypart import BodyPartNet, BodyPartOutput, preprocess
-from diffbody_jax.models.vae import AutoencoderKL
+from diffbody_jax.models.vae import AutoencoderKL, latents_to_images
 
 Array = jax.Array
 DISTANCES = ("ce", "cosine", "l2")
@@ -116,8 +116,9 @@ def part_guidance_aux(net: BodyPartNet, variables: dict, vae_params: dict, i_reg
 
 
 def decode_to_unit_range(vae: AutoencoderKL, vae_params: dict, z: Array) -> Array:
-    """Scaled latents -> RGB in [0, 1] (not clipped, so the gradient survives at the range's edges)."""
-    return (vae.apply({"params": vae_params}, z, method=AutoencoderKL.decode_latents) + 1.0) * 0.5
+    """Scaled latents -> RGB in [0, 1]: `latents_to_images` without its clip, so the gradient survives at the
+    range's edges (the pipeline's decode clips; the guidance's loss sees the unclipped estimate)."""
+    return latents_to_images(vae, vae_params, z, clip=False)
 
 
 def make_part_guidance(vae: AutoencoderKL, net: BodyPartNet,

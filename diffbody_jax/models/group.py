@@ -30,6 +30,13 @@ class ModelGroup:
             return members[name]
         raise AttributeError(f"ModelGroup has no member {name!r}; members: {sorted(members)}")
 
+    # by value, as Flax modules are: a pipeline holding an equal group hashes equal, so jit reuses its program
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ModelGroup) and self.members == other.members
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted(self.members.items())))
+
     def dummy_inputs(self, batch: int = 1) -> dict:
         del batch
         return {}

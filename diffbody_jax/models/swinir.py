@@ -45,6 +45,7 @@ from diffbody_jax.models.layers import (
     layer_norm,
     remat_block,
 )
+from diffbody_jax.models.tiling import tiled_map
 from diffbody_jax.models.variables import ModelVariables
 
 UPSAMPLERS = ("", "pixelshuffle", "pixelshuffledirect", "nearest+conv")
@@ -415,6 +416,20 @@ class SwinIR(ModelVariables, SwinModule):
         return {"image": jnp.zeros((batch, size, size, self.config.in_chans), self.dtype)}
 
 
+def swinir_regress(module: SwinIR, variables: dict, image: Array, tiles: tuple[int, int] | None = None) -> Array:
+    """Stage 0's regression, the one convention training and restoring share: clip(SwinIR(image), 0, 1).
+
+    image: [B, H, W, C] in [0, 1]; variables: {"params": ...} (or a group's variables with the member's params
+    selected by the caller). tiles: (size, overlap) in pixels to run on overlapping tiles (`models.tiling`), whose
+    blend of clipped-after outputs equals the whole image's where tiles agree. Returns [B, H*scale, W*scale, C].
+    """
+    def run(x):
+        return module.apply(variables, x)
+
+    out = run(image) if tiles is None else tiled_map(run, image, tiles[0], tiles[1], float(module.config.scale))
+    return jnp.clip(out, 0.0, 1.0)
+
+
 def swinir_restore(module: SwinIR, params: dict, image: Array) -> Array:
     """Restore NHWC images in [0, 1] of any size: [B, H, W, C] -> [B, H*scale, W*scale, C], clipped to [0, 1].
 
@@ -423,5 +438,5 @@ def swinir_restore(module: SwinIR, params: dict, image: Array) -> Array:
     """
     single = image.ndim == 3
     x = image[None] if single else image
-    out = jnp.clip(module.apply({"params": params}, x), 0.0, 1.0)
+    out = swinir_regress(module, {"params": params}, x)
     return out[0] if single else out

@@ -305,3 +305,36 @@ def decode_latents_tiled(vae: AutoencoderKL, params: dict, z: Array, *, tile: in
     """`decode_latents` (scaled latents) through `decode_tiled`."""
     return decode_tiled(vae, params, z / vae.config.scaling_factor + (vae.config.shift_factor or 0.0), tile=tile,
                         overlap=overlap)
+
+
+# ------------------------------------------------------------------------------- images <-> latents
+def images_to_latents(vae: AutoencoderKL, params: dict, images: Array, tiles: tuple[int, int] | None = None) -> Array:
+    """The one map from images to the latents a diffusion model sees, called by every training loss and pipeline.
+
+    images: [B, H, W, C] RGB in [0, 1], H and W multiples of `vae.config.downsample_factor`. Returns the scaled
+    latents [B, H/f, W/f, latent_channels] of the posterior's mode (its mean): training and restoring encode
+    alike and deterministically; SD's own fine-tuning scripts draw a posterior sample instead, a difference of
+    about exp(logvar / 2) per latent, small for SD's VAE. tiles: (tile, overlap) in image pixels, for large
+    images (`encode_tiled`'s blend of posterior moments).
+    """
+    x = images.astype(jnp.float32) * 2.0 - 1.0
+    if tiles is None:
+        return vae.apply({"params": params}, x, method=AutoencoderKL.encode_latents)
+    return encode_latents_tiled(vae, params, x, tile=tiles[0], overlap=tiles[1])
+
+
+def latents_to_images(vae: AutoencoderKL, params: dict, z: Array, tiles: tuple[int, int] | None = None,
+                      clip: bool = True) -> Array:
+    """The inverse of `images_to_latents`: scaled latents [B, h, w, C] -> RGB [B, h*f, w*f, C] in [0, 1].
+
+    clip: clip to [0, 1] (what a restoration is); part-loss guidance passes False, since a clip would zero the
+    gradient at every pixel the x0 estimate overshoots, and early estimates overshoot widely. tiles: (tile, overlap)
+    in image pixels, multiples of the VAE factor.
+    """
+    if tiles is None:
+        image = vae.apply({"params": params}, z, method=AutoencoderKL.decode_latents)
+    else:
+        f = vae.config.downsample_factor
+        image = decode_latents_tiled(vae, params, z, tile=tiles[0] // f, overlap=tiles[1] // f)
+    image = (image.astype(jnp.float32) + 1.0) * 0.5
+    return jnp.clip(image, 0.0, 1.0) if clip else image

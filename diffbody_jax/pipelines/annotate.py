@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from diffbody_jax.data.pose import render_pose, transform_keypoints
+from diffbody_jax.data.pose import PoseStyle, transform_keypoints
 
 
-def pose_and_mask(annotator, i_reg: np.ndarray, inner: tuple[int, int, int, int], name: str | None = None):
-    """i_reg [H, W, 3] in [0, 1] (a bucket or a padded photo); inner = (top, left, h, w): the photo inside it.
+def pose_and_mask(annotator, i_reg: np.ndarray, inner: tuple[int, int, int, int], name: str | None = None,
+                  style: PoseStyle = PoseStyle()):
+    """i_reg [H, W, 3] in [0, 1] (a bucket or a padded photo); inner = (top, left, h, w): the photo inside it;
+    style: how the keypoints are drawn (the model's training style).
     Returns (pose [H, W, 3] float32 in [0, 1], mask [H, W, 1] float32 in [0, 1] (zeros without one), annotation)."""
     top, left, h, w = inner
     annotation = annotator(np.ascontiguousarray(i_reg[top: top + h, left: left + w]), name=name)
     keypoints, fmt = annotation.keypoints
     keypoints = transform_keypoints(keypoints, (1.0, 1.0), (-top, -left))
-    pose = render_pose(keypoints, fmt, i_reg.shape[:2]).astype(np.float32) / 255.0
+    pose = style.render(keypoints, fmt, i_reg.shape[:2])
     mask = np.zeros((*i_reg.shape[:2], 1), np.float32)
     if annotation.mask is not None:
         mask[top: top + h, left: left + w, 0] = np.clip(annotation.mask, 0.0, 1.0)

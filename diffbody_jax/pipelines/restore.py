@@ -4,12 +4,15 @@
     out = restorer.restore(key, degraded, pose, prompts)      # numpy: restored [B, H, W, 3] and the intermediates
     i_reg = restorer.regress(degraded)                         # SwinIR alone: what an annotator reads the pose from
 
-`Restorer` loads the models of one version (`pipelines.weights`), replicates their variables on a 1-D mesh over
-the local devices, and splits each batch over it (a batch is padded to a multiple of the device count with copies
-of its last image; the padding is dropped from the outputs). The pipeline is one jitted program, compiled once
-per (H, W, padded batch) and reused for every batch of that shape. Prompts are tokenised on the host and encoded
-by the version's text encoders once per batch (SD2.1's context for v1 and v2 stage 1; SDXL's prompt and pooled
-embeddings for stage 2, with size conditioning = the image's size, no crop).
+`Restorer` loads the models of one version (`pipelines.weights`) and builds its pipeline from the trained runs'
+contracts (`diffusion.contract`: noise schedule and prediction type, latent statistics, I_attn source, part loss,
+pose style, adapter and text settings), so each model is fed what it trained on; it replicates the variables on a
+1-D mesh over the local devices, and splits each batch over it (a batch is padded to a multiple of the device count,
+or to `pad_to`, with copies of its last image; the padding is dropped from the outputs). The pipeline is one jitted
+program, compiled once per (H, W, padded batch) and reused for every batch of that shape, and by a second Restorer
+of equal weights and settings (pipelines hash by value). Prompts are tokenised on the host and encoded by the
+pipeline's `encode_text` once per batch. Both pipelines take the same call arguments: the Restorer does not know
+which version it drives.
 
 Pose maps come from the caller: given keypoints, or an annotator on `regress`'s output (`pipelines.annotate`; the
 restore command does this by default). v1 without the body-part network's weights takes a person mask [B, H, W, 1]
@@ -22,34 +25,40 @@ Presets are the papers' settings: v1 DDPM with 50 steps (seed 000), v2 DDPM with
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 from collections.abc import Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from diffbody_jax.conditioning.prompts import load_tokenizer, sd21_prompt_embeds, sdxl_prompt_embeds, tokenize
+from diffbody_jax.conditioning.prompts import load_tokenizer, tokenize
 from diffbody_jax.data.pipeline import PAPER_BUCKETS
-from diffbody_jax.diffusion.part_guidance import PartLossConfig
+from diffbody_jax.data.pose import PoseStyle
+from diffbody_jax.diffusion.contract import Contract
 from diffbody_jax.diffusion.samplers import SamplerConfig
 from diffbody_jax.parallel.mesh import MeshConfig, make_mesh
 from diffbody_jax.parallel.sharding import batch_sharding
-from diffbody_jax.pipelines.prompts import DEFAULT_NEGATIVE_PROMPT
+from diffbody_jax.pipelines.prompts import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT
 from diffbody_jax.pipelines.tiles import TileConfig
 from diffbody_jax.pipelines.v1 import V1Pipeline
 from diffbody_jax.pipelines.v2 import V2Pipeline
-from diffbody_jax.pipelines.weights import load_schedule, load_v1_models, load_v2_models, tokenizer_folder
+from diffbody_jax.pipelines.weights import (
+    WeightsError,
+    component_present,
+    load_v1_models,
+    load_v2_models,
+    restore_contracts,
+    tokenizer_folder,
+)
 
 VERSIONS = ("v1", "v2")
 PRESET_STEPS = {"v1": 50, "v2": 200}  # DDPM steps of the papers' inference (v2: in each stage)
 FITS = ("bucket", "tile")
 SAMPLERS = {"ddpm": "ddpm", "ddim": "ddim", "dpmpp": "dpmpp_2m"}
 # the intermediates each version returns beside "restored" (what --save-intermediates writes)
-INTERMEDIATES = {"v1": ("i_reg", "attention"), "v2": ("i_ir", "i_res", "depth", "normal")}
+INTERMEDIATES = {"v1": V1Pipeline.intermediates, "v2": V2Pipeline.intermediates}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,47 +110,96 @@ class RestoreSettings:
             return ((self.size, self.size),)
         return tuple((h * self.size // 512, w * self.size // 512) for h, w in PAPER_BUCKETS)
 
-    def sampler_config(self, guidance: float = 0.0) -> SamplerConfig:
+    def sampler_config(self, guidance: float = 0.0, **window) -> SamplerConfig:
+        """window: guidance_start / guidance_end / guidance_schedule (a contract's `guidance_window`)."""
         return SamplerConfig(method=SAMPLERS[self.sampler], num_steps=self.num_steps, cfg_scale=self.cfg,
-                             guidance_scale=guidance)
+                             guidance_scale=guidance, **(window if guidance else {}))
+
+
+def _v1_pipeline(weights, s: RestoreSettings, contracts: dict[str, Contract], on_step, **kwargs):
+    """v1's pipeline and variables, built from its ControlNet's contract."""
+    c = contracts["v1"]
+    group, variables = load_v1_models(weights, **kwargs)
+    attention = "mask" if c.attention == "mask" else "model"  # a "manifest" map was the part network's, precomputed
+    if attention == "model" and "bodypart" not in group.members:
+        if not c.is_default:
+            raise WeightsError(f"{c.source}: the ControlNet trained on the part network's I_attn, and "
+                               f"{weights}/bodypart is missing (`diffbody convert bodypart-to-flax`)")
+        attention = "mask"
+    window = c.guidance_window() if c.part_loss is not None else {}
+    pipeline = V1Pipeline(group, c.schedule(), s.sampler_config(s.guidance, **window), c.part_loss_config(),
+                          s.colour, on_step=on_step, tiles=s.tiles, attention=attention)
+    return pipeline, variables
+
+
+def _v2_pipeline(weights, s: RestoreSettings, contracts: dict[str, Contract], on_step, **kwargs):
+    """v2's pipeline and variables, built from the stage-1 and stage-2 contracts."""
+    if s.guidance:
+        raise ValueError("part-loss guidance (--guidance) is v1's (seed 000, Algorithm 1); v2 has none")
+    c1, c2 = contracts["stage1"], contracts["stage2"]
+    stage1, stage2, variables = load_v2_models(weights, **kwargs)
+    pipeline = V2Pipeline(stage1, stage2, c1.schedule(), c2.schedule(), s.sampler_config(), s.sampler_config(),
+                          latent_stats=c1.stats(), colour=s.colour, on_step=on_step, tiles=s.tiles,
+                          uncond_image=c2.uncond_image, clip_fit=c2.clip_fit)
+    return pipeline, variables
+
+
+PIPELINES = {"v1": _v1_pipeline, "v2": _v2_pipeline}
+
+
+def restore_defaults(weights: str | os.PathLike, version: str) -> tuple[PoseStyle, str]:
+    """(pose style, default prompt) of `version` in a weights folder, from its contracts alone (no tensors read):
+    what the host side needs before the models load."""
+    contracts, _ = restore_contracts(weights, version)
+    first = next(iter(contracts.values()))
+    return first.pose(), first.fallback_prompt or DEFAULT_PROMPT
 
 
 class Restorer:
     def __init__(self, weights: str | os.PathLike, settings: RestoreSettings = RestoreSettings(),
                  devices: Sequence[jax.Device] | None = None, on_step: Callable[[int, int], None] | None = None,
                  annotator=None):
-        """annotator: where the callers (`cli.restore.run_jobs`) take pose maps and person masks from for photos
+        """annotator: where the callers (`pipelines.jobs.run_jobs`) take pose maps and person masks from for photos
         without given keypoints (`annotators.get_annotator`); None: black pose maps."""
         self.settings = s = settings
         self.annotator = annotator
         self.mesh = make_mesh(MeshConfig(), list(devices or jax.local_devices()))
+        self.contracts, self.notes = restore_contracts(weights, s.version)
         # tiles bound memory only if no attention matrix spans a whole tile: chunked is the same math in blocks
         kwargs = {"attention_backend": "chunked"} if s.fit == "tile" else {}
-        if s.version == "v1":
-            group, variables = load_v1_models(weights, **kwargs)
-            self.pipeline = V1Pipeline(group, load_schedule(weights, "sd21"), s.sampler_config(s.guidance),
-                                       PartLossConfig(), s.colour, on_step=on_step, tiles=s.tiles)
-        else:
-            if s.guidance:
-                raise ValueError("part-loss guidance (--guidance) is v1's (seed 000, Algorithm 1); v2 has none")
-            stage1, stage2, variables = load_v2_models(weights, **kwargs)
-            self.pipeline = V2Pipeline(stage1, stage2, load_schedule(weights, "sd21"), load_schedule(weights, "sdxl"),
-                                       s.sampler_config(), s.sampler_config(), colour=s.colour, on_step=on_step,
-                                       tiles=s.tiles)
-            group = stage1
+        self.pipeline, variables = PIPELINES[s.version](weights, s, self.contracts, on_step, **kwargs)
         self.factor = self.pipeline.factor
+        first = next(iter(self.contracts.values()))
+        self.pose_style = first.pose()  # how pose maps are drawn: as the model's training data drew them
+        self.default_prompt = first.fallback_prompt or DEFAULT_PROMPT
+        self.notes += self._contract_notes(first)
         if self.needs_mask and annotator is None:
-            raise ValueError(f"{weights}: no bodypart/ (the body-part network): v1 then takes I_attn from an "
-                             "annotator's person mask, and no annotator is set (install the annotators extra, or add "
-                             "the part network: `diffbody convert bodypart-to-flax`)")
-        self.tokenizers = {name: load_tokenizer(*tokenizer_folder(weights, name))
-                           for name in (("sd21",) if s.version == "v1" else ("sd21", "sdxl", "sdxl_2"))}
-        replicated = NamedSharding(self.mesh, P())
-        self.variables = jax.device_put(variables, replicated)
-        self._sd21 = jax.jit(functools.partial(sd21_prompt_embeds, group.text_encoder))
+            why = (f"{weights} has no bodypart/ (the body-part network)" if not component_present(weights, "bodypart")
+                   else f"{first.source}: the ControlNet trained with I_attn from person masks")
+            raise ValueError(f"{why}: v1 then takes I_attn from an annotator's person mask, and no annotator is set "
+                             "(install the annotators extra, or add the part network: `diffbody convert "
+                             "bodypart-to-flax`)")
+        self.tokenizers = {name: load_tokenizer(*tokenizer_folder(weights, name)) for name in self.pipeline.tokenizers}
+        self.variables = jax.device_put(variables, NamedSharding(self.mesh, P()))
+        self._text = jax.jit(self.pipeline.encode_text, static_argnums=2)
         self._regress = jax.jit(self.pipeline.regress)
-        if s.version == "v2":
-            self._sdxl = jax.jit(functools.partial(_sdxl_embeds, stage2.text_encoder, stage2.text_encoder_2))
+
+    def _contract_notes(self, c: Contract) -> list[str]:
+        s, notes = self.settings, []
+        if s.cfg != 1.0 and c.text is not None and not c.text.get("drop_prob"):
+            notes.append(f"--cfg {s.cfg:g}: {c.source} trained without empty captions (text.drop_prob 0): "
+                         "classifier-free guidance is outside what it learned")
+        return notes
+
+    def annotator_warning(self, spec: str | None) -> str | None:
+        """One line when poses come from an annotator other than the one the training run drew with."""
+        c = next(iter(self.contracts.values()))
+        if spec is None or c.pose_source != "annotator" or not c.annotator:
+            return None
+        if spec.split(":")[0] != str(c.annotator).split(":")[0]:
+            return (f"warning: pose maps from annotator {spec!r}; {c.source} trained on poses from "
+                    f"{c.annotator!r} (another keypoint style)")
+        return None
 
     @property
     def num_devices(self) -> int:
@@ -149,13 +207,14 @@ class Restorer:
 
     @property
     def needs_mask(self) -> bool:
-        """v1 without the body-part network: `restore` needs person masks for I_attn."""
-        return self.settings.version == "v1" and not self.pipeline.has_part_network
+        """I_attn from person masks (v1 without the part network, or trained on masks): `restore` needs masks."""
+        return self.pipeline.needs_mask
 
-    def _sharded(self, *arrays: np.ndarray):
-        """Each [B, ...] array padded to a multiple of the device count and split over the mesh."""
+    def _sharded(self, *arrays: np.ndarray, pad_to: int | None = None):
+        """Each [B, ...] array padded to `pad_to` (at least B) rounded up to a multiple of the device count, with
+        copies of its last row, and split over the mesh."""
         b = arrays[0].shape[0]
-        pad = -b % self.num_devices
+        pad = -max(b, pad_to or 0) % self.num_devices + max(0, (pad_to or 0) - b)
 
         def padded(x):
             x = np.asarray(x, np.float32)
@@ -169,55 +228,41 @@ class Restorer:
         _, (images,) = self._sharded(degraded)
         return np.asarray(self._regress(self.variables, images))[: len(degraded)]
 
-    def _text_params(self, name: str):
-        if self.settings.version == "v1":
-            return self.variables["params"]
-        return self.variables["stage1" if name == "sd21" else "stage2"]["params"]
-
     def conditioning(self, prompts: Sequence[str], size: tuple[int, int]) -> tuple:
-        """The text arguments of the version's pipeline call for `prompts` at image `size` (H, W)."""
+        """(text, uncond or None): the pipeline's text arguments for `prompts` at image `size` (H, W); with CFG the
+        negative prompt's in the same encoder call."""
         s = self.settings
         texts = list(prompts) + ([s.negative_prompt] * len(prompts) if s.cfg != 1.0 else [])
-        ids = tokenize(self.tokenizers["sd21"], texts)
-        context = self._sd21(self._text_params("sd21")["text_encoder"], ids)
-        context, uncond = (context, None) if s.cfg == 1.0 else jnp.split(context, 2)
-        if s.version == "v1":
-            return context, uncond
-        p = self._text_params("sdxl")
-        text = self._sdxl(p["text_encoder"], tokenize(self.tokenizers["sdxl"], texts), p["text_encoder_2"],
-                          tokenize(self.tokenizers["sdxl_2"], texts), jnp.asarray([*size, 0, 0, *size], jnp.float32))
-        uncond_xl = None
-        if s.cfg != 1.0:
-            text, uncond_xl = (type(text)(*(jnp.split(x, 2)[i] for x in text)) for i in (0, 1))
-        return context, text, uncond, uncond_xl
+        ids = {name: tokenize(tok, texts) for name, tok in self.tokenizers.items()}
+        text = self._text(self.variables, ids, tuple(size))
+        if s.cfg == 1.0:
+            return text, None
+        n = len(prompts)
+        return jax.tree.map(lambda x: x[:n], text), jax.tree.map(lambda x: x[n:], text)
 
     def restore(self, key: jax.Array, degraded: np.ndarray, pose: np.ndarray, prompts: Sequence[str],
-                mask: np.ndarray | None = None) -> dict:
+                mask: np.ndarray | None = None, i_reg: np.ndarray | None = None, pad_to: int | None = None) -> dict:
         """degraded, pose: [B, H, W, 3] float in [0, 1], H and W multiples of `factor`; prompts: B strings; mask
-        [B, H, W, 1]: person masks, needed when `needs_mask` (ignored otherwise).
-        Returns numpy arrays: restored [B, H, W, 3] and the version's intermediates (INTERMEDIATES)."""
+        [B, H, W, 1]: person masks, needed when `needs_mask` (ignored otherwise); i_reg: `regress(degraded)` when
+        the caller has it (SwinIR then runs once); pad_to: pad the batch to this size (one compile for every batch
+        of a bucket). Returns numpy arrays: restored [B, H, W, 3] and the version's intermediates (INTERMEDIATES)."""
         b, h, w, _ = degraded.shape
         if h % self.factor or w % self.factor:
             raise ValueError(f"restore: {h} x {w} is not a multiple of {self.factor} (fit the photo first)")
         if pose.shape != degraded.shape or len(prompts) != b:
             raise ValueError(f"restore: degraded {degraded.shape}, pose {pose.shape}, {len(prompts)} prompts")
         if self.needs_mask and (mask is None or mask.shape != (b, h, w, 1)):
-            raise ValueError(f"restore: the weights have no body-part network, so v1 needs person masks [{b}, {h}, "
-                             f"{w}, 1] for I_attn (an annotator gives them); got "
-                             f"{None if mask is None else mask.shape}")
-        pad, arrays = self._sharded(degraded, pose, *((mask,) if self.needs_mask else ()))
+            raise ValueError(f"restore: I_attn comes from person masks here, so v1 needs masks [{b}, {h}, {w}, 1] "
+                             f"(an annotator gives them); got {None if mask is None else mask.shape}")
+        if i_reg is not None and i_reg.shape != degraded.shape:
+            raise ValueError(f"restore: i_reg {i_reg.shape} does not match degraded {degraded.shape}")
+        extra = {"mask": mask} if self.needs_mask else {}
+        if i_reg is not None:
+            extra["i_reg"] = i_reg
+        pad, arrays = self._sharded(degraded, pose, *extra.values(), pad_to=pad_to)
         prompts = list(prompts) + [prompts[-1]] * pad
-        text = self.conditioning(prompts, (h, w))
-        if self.settings.version == "v1":
-            out = self.pipeline(self.variables, key, arrays[0], arrays[1], *text,
-                                mask=arrays[2] if self.needs_mask else None)
-        else:
-            context, text_xl, uncond, uncond_xl = text
-            out = self.pipeline(self.variables, key, *arrays, context, text_xl, uncond, uncond_xl)
-        keep = ("restored", *INTERMEDIATES[self.settings.version])
+        text, uncond = self.conditioning(prompts, (h, w))
+        out = self.pipeline(self.variables, key, arrays[0], arrays[1], text, uncond,
+                            **dict(zip(extra, arrays[2:], strict=True)))
+        keep = ("restored", *self.pipeline.intermediates)
         return {k: np.asarray(out[k])[:b] for k in keep}
-
-
-def _sdxl_embeds(encoder_1, encoder_2, params_1, ids_1, params_2, ids_2, size_row):
-    text = sdxl_prompt_embeds(encoder_1, params_1, ids_1, encoder_2, params_2, ids_2)
-    return text._replace(time_ids=jnp.broadcast_to(size_row, text.time_ids.shape))

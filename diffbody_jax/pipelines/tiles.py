@@ -88,3 +88,54 @@ def attention_on_small(net, variables, image: Array, factor: int, size: int) -> 
         return jnp.clip(jax.image.resize(x, (b, *hw, 1), "linear"), 0.0, 1.0)
 
     return BodyAttention(latent=resize(attn.latent, (h // factor, w // factor)), image=resize(attn.image, (h, w)))
+
+
+# ----------------------------------------------------------------------------------------- strategies
+# How a pipeline runs each stage over an image: whole, or on overlapping tiles. The pipelines call the strategy's
+# methods and never branch on tiling themselves.
+@dataclasses.dataclass(frozen=True)
+class WholeImage:
+    """Every stage sees the whole image (--fit bucket)."""
+
+    @property
+    def image_tiles(self) -> None:
+        """(size, overlap) in image pixels for `swinir_regress` / `images_to_latents` / `latents_to_images`."""
+        return None
+
+    def check(self, factor: int) -> None:
+        del factor
+
+    def eps(self, eps_fn: Callable, params, z: Array, t: Array, shared, spatial: Sequence[Array], factor: int,
+            image_factor: Sequence[int] | None = None):
+        """eps_fn(params, z, t, (shared, *spatial)) on the whole latent."""
+        del factor, image_factor
+        return eps_fn(params, z, t, (shared, *spatial))
+
+    def attention(self, net, variables, image: Array, factor: int) -> BodyAttention:
+        return body_attention_map(net, variables, image, factor)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiled:
+    """--fit tile: every stage on overlapping tiles of `config.size` pixels (MultiDiffusion over the latent)."""
+
+    config: TileConfig
+
+    @property
+    def image_tiles(self) -> tuple[int, int]:
+        return (self.config.size, self.config.overlap)
+
+    def check(self, factor: int) -> None:
+        self.config.check(factor)
+
+    def eps(self, eps_fn: Callable, params, z: Array, t: Array, shared, spatial: Sequence[Array], factor: int,
+            image_factor: Sequence[int] | None = None):
+        return latent_tiled_eps(eps_fn, params, z, t, shared, spatial, self.config, factor, image_factor)
+
+    def attention(self, net, variables, image: Array, factor: int) -> BodyAttention:
+        return attention_on_small(net, variables, image, factor, self.config.size)
+
+
+def tiling(tiles: TileConfig | None) -> WholeImage | Tiled:
+    """The strategy for an optional TileConfig."""
+    return WholeImage() if tiles is None else Tiled(tiles)

@@ -3,13 +3,21 @@ ControlNet on SD2.1 -> DDPM (or DDIM / DPM++) with optional part-loss guidance (
 
     group = build_model(load_config("v1_controlnet:variant=tiny").model)     # the members the v1 phase trains
     pipe = V1Pipeline(group, schedule, SamplerConfig(num_steps=50))        # the paper's preset: DDPM, 50 steps
-    out = pipe(variables, key, degraded, pose, context, uncond=None)       # {"restored", "i_reg", "attention", ...}
+    text = pipe.encode_text(variables, {"sd21": ids})                      # [B, 77, D]
+    out = pipe(variables, key, degraded, pose, text)                       # {"restored", "i_reg", "attention", ...}
 
-Every stage is a method of (variables, arrays) that jits alone: `regress`, `attention`, `condition`, `denoise`,
-`decode`; `__call__` runs them in one jitted program and returns the intermediates with the result. Images are
-NHWC RGB in [0, 1] with H and W multiples of the VAE factor (the fitting to buckets or tiles comes with the restore
-command); context is SD2.1's text conditioning [B, 77, D] (`conditioning.prompts.sd21_conditioning`).
-Colour correction toward I_reg (`pipelines.colour_fix`) is applied last when asked.
+The call protocol is the v2 pipeline's too (`pipelines.restore.Restorer` drives either without knowing which):
+`tokenizers` names the CLIP tokenizers `encode_text` reads, and `__call__(variables, key, degraded, pose, text,
+uncond=None, *, mask=None, i_reg=None)`; i_reg is a precomputed `regress(variables, degraded)` (the restore command
+annotates it on the host first, so SwinIR runs once per batch). Every stage is a method of (variables, arrays) that
+jits alone: `regress`, `attention`, `condition`, `denoise`, `decode`. Images are NHWC RGB in [0, 1] with H and W
+multiples of the VAE factor; tiling enters as a strategy (`pipelines.tiles.WholeImage` / `Tiled`). Colour
+correction toward I_reg (`pipelines.colour_fix`) is applied last when asked.
+
+Where I_attn comes from is the run's contract (`diffusion.contract`): "model" (the part network on I_reg, Eq. 3;
+a ControlNet trained on the manifest's precomputed maps is fed the same network's maps) or "mask" (the person
+mask the caller passes, `conditioning.body_priors.attention_from_mask`: what a ControlNet trained with
+diffusion.attention=mask saw).
 """
 
 from __future__ import annotations
@@ -20,23 +28,30 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from diffbody_jax.conditioning.body_priors import attention_from_mask, body_attention_map
+from diffbody_jax.conditioning.body_priors import attention_from_mask
+from diffbody_jax.conditioning.prompts import sd21_prompt_embeds
 from diffbody_jax.diffusion.part_guidance import PartLossConfig, make_part_guidance, part_guidance_aux
 from diffbody_jax.diffusion.samplers import SamplerConfig, make_sampler
 from diffbody_jax.diffusion.schedule import NoiseSchedule
-from diffbody_jax.models.tiling import tiled_map
-from diffbody_jax.models.vae import decode_latents_tiled, encode_latents_tiled
+from diffbody_jax.models.swinir import swinir_regress
+from diffbody_jax.models.vae import images_to_latents, latents_to_images
 from diffbody_jax.pipelines.colour_fix import colour_fix
-from diffbody_jax.pipelines.tiles import TileConfig, attention_on_small, latent_tiled_eps
+from diffbody_jax.pipelines.tiles import TileConfig, tiling
 
 Array = jax.Array
 V1_MEMBERS = ("unet", "controlnet", "vae", "swinir")  # and "bodypart" unless person masks stand in for I_attn
+RESTORE_ATTENTION = ("model", "mask")
 
 
 class V1Pipeline:
+    version = "v1"
+    tokenizers = ("sd21",)
+    intermediates = ("i_reg", "attention")
+
     def __init__(self, group, schedule: NoiseSchedule, sampler: SamplerConfig | None = None,
                  part_loss: PartLossConfig | None = None, colour: str = "none", on_step=None,
-                 tiles: TileConfig | None = None):
+                 tiles: TileConfig | None = None, attention: str | None = None):
+        """attention: "model" | "mask" (None: the part network when the group has one, else the mask)."""
         sampler, part_loss = sampler or SamplerConfig(), part_loss or PartLossConfig()
         if tiles is not None and sampler.guidance_scale:
             raise ValueError("part-loss guidance needs the whole decoded image at every step: not with tiles")
@@ -45,48 +60,65 @@ class V1Pipeline:
         missing = [m for m in V1_MEMBERS if m not in group.members]
         if missing:
             raise ValueError(f"V1Pipeline: the model group lacks {missing}")
+        attention = attention or ("model" if "bodypart" in group.members else "mask")
+        if attention not in RESTORE_ATTENTION:
+            raise ValueError(f"V1Pipeline: attention {attention!r}; expected one of {RESTORE_ATTENTION}")
+        if attention == "model" and "bodypart" not in group.members:
+            raise ValueError("V1Pipeline: I_attn from the part network, and the model group has none")
         self.group, self.schedule, self.sampler_config, self.colour = group, schedule, sampler, colour
-        self.factor = 2 ** (len(group.vae.config.block_out_channels) - 1)
-        self.tiles = tiles
-        if tiles is not None:
-            tiles.check(self.factor)
+        self.part_loss, self.attention_source, self.on_step = part_loss, attention, on_step
+        self.factor = group.vae.config.downsample_factor
+        self.tiles, self.tiling = tiles, tiling(tiles)
+        self.tiling.check(self.factor)
         guidance = make_part_guidance(group.vae, group.bodypart, part_loss) if sampler.guidance_scale else None
         # on_step(stage, step index): a progress bar's hook (None: nothing added to the program); v1 has one stage
         hook = None if on_step is None else (lambda i: on_step(1, i))
         self._sample = make_sampler(self._eps, schedule, sampler, guidance, hook)
 
-    # ------------------------------------------------------------------ stages
-    def regress(self, variables, degraded: Array) -> Array:
-        """I_reg = SwinIR(degraded), clipped to [0, 1] (Eq. 2); on overlapping tiles when tiled."""
-        def swinir(x):
-            return self.group.apply("swinir", variables, x)
+    # equal pipelines (same models, schedule and settings) are one static argument: jit reuses the program
+    def _key(self):
+        return (self.group, self.schedule, self.sampler_config, self.colour, self.part_loss, self.attention_source,
+                self.tiles, self.on_step)
 
-        out = swinir(degraded) if self.tiles is None else tiled_map(swinir, degraded, self.tiles.size,
-                                                                    self.tiles.overlap, 1.0)
-        return jnp.clip(out, 0.0, 1.0)
+    def __eq__(self, other) -> bool:
+        return type(other) is type(self) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
 
     @property
     def has_part_network(self) -> bool:
         return "bodypart" in self.group.members
 
+    @property
+    def needs_mask(self) -> bool:
+        """I_attn from the caller's person masks (`__call__`'s mask)."""
+        return self.attention_source == "mask"
+
+    # ------------------------------------------------------------------ stages
+    def encode_text(self, variables, ids: dict[str, Array], size: tuple[int, int] | None = None) -> Array:
+        """SD2.1's context [B, 77, D] of ids["sd21"] [B, 77] (size: unused, the v2 protocol's)."""
+        del size
+        return sd21_prompt_embeds(self.group.text_encoder, variables["params"]["text_encoder"], ids["sd21"])
+
+    def regress(self, variables, degraded: Array) -> Array:
+        """I_reg = clip(SwinIR(degraded), 0, 1) (Eq. 2, `swinir_regress`, as training regresses)."""
+        return swinir_regress(self.group.swinir, self.group.member_variables(variables, "swinir"), degraded,
+                              self.tiling.image_tiles)
+
     def attention(self, variables, i_reg: Array, mask: Array | None = None):
-        """I_attn: the part network's foreground on I_reg, at latent and image resolution (Eq. 3). Tiled: computed
-        on I_reg scaled to one tile's size (a smooth person mask; `pipelines.tiles.attention_on_small`). With a
-        person mask [B, H, W, 1] (an annotator's) and no part network: `attention_from_mask`, an approximation."""
-        if not self.has_part_network:
+        """I_attn at latent and image resolution: the part network's foreground on I_reg (Eq. 3; tiled: on I_reg
+        scaled to one tile, `pipelines.tiles.attention_on_small`), or `attention_from_mask` of the person mask
+        [B, H, W, 1] when the contract's source is "mask"."""
+        if self.attention_source == "mask":
             if mask is None:
-                raise ValueError("V1Pipeline: no body-part network and no person mask for I_attn")
+                raise ValueError("V1Pipeline: I_attn from person masks, and no mask was given")
             return attention_from_mask(mask, self.factor)
-        net, net_vars = self.group.bodypart, self.group.member_variables(variables, "bodypart")
-        if self.tiles is not None:
-            return attention_on_small(net, net_vars, i_reg, self.factor, self.tiles.size)
-        return body_attention_map(net, net_vars, i_reg, self.factor)
+        return self.tiling.attention(self.group.bodypart, self.group.member_variables(variables, "bodypart"), i_reg,
+                                     self.factor)
 
     def encode(self, variables, image: Array) -> Array:
-        if self.tiles is not None:
-            return encode_latents_tiled(self.group.vae, variables["params"]["vae"], image * 2.0 - 1.0,
-                                        tile=self.tiles.size, overlap=self.tiles.overlap)
-        return self.group.apply("vae", variables, image * 2.0 - 1.0, method="encode_latents")
+        return images_to_latents(self.group.vae, variables["params"]["vae"], image, self.tiling.image_tiles)
 
     def condition(self, variables, i_reg: Array, pose: Array, attention_latent: Array) -> Array:
         """The ControlNet's latent condition [E(I_reg), E(I_pose), I_attn]."""
@@ -94,9 +126,8 @@ class V1Pipeline:
         return jnp.concatenate([z_reg, self.encode(variables, pose), attention_latent.astype(z_reg.dtype)], -1)
 
     def _eps(self, params, z, t, cond):
-        if self.tiles is not None:  # MultiDiffusion: every latent tile denoised, the overlaps blended
-            return latent_tiled_eps(self._eps_whole, params, z, t, cond[0], cond[1:], self.tiles, self.factor)
-        return self._eps_whole(params, z, t, cond)
+        context, control = cond
+        return self.tiling.eps(self._eps_whole, params, z, t, context, [control], self.factor)
 
     def _eps_whole(self, params, z, t, cond):
         context, control = cond
@@ -120,26 +151,25 @@ class V1Pipeline:
         return self._sample(k_steps, z_t, (context, control), uncond_pair, aux=aux, params=params).sample
 
     def decode(self, variables, z: Array) -> Array:
-        if self.tiles is not None:
-            image = decode_latents_tiled(self.group.vae, variables["params"]["vae"], z,
-                                         tile=self.tiles.size // self.factor, overlap=self.tiles.overlap // self.factor)
-        else:
-            image = self.group.apply("vae", variables, z, method="decode_latents")
-        return jnp.clip((image + 1.0) * 0.5, 0.0, 1.0)
+        return latents_to_images(self.group.vae, variables["params"]["vae"], z, self.tiling.image_tiles)
 
     # ------------------------------------------------------------------ all of it
+    def check_size(self, height: int, width: int) -> None:
+        if height % self.factor or width % self.factor:
+            raise ValueError(f"V1Pipeline: {height} x {width} is not a multiple of the VAE factor {self.factor}")
+
     @functools.partial(jax.jit, static_argnums=0)
-    def __call__(self, variables, key: jax.Array, degraded: Array, pose: Array, context: Array,
-                 uncond: Array | None = None, mask: Array | None = None) -> dict[str, Any]:
-        """degraded, pose: [B, H, W, 3] in [0, 1]; context (and uncond for CFG): [B, 77, D]; mask [B, H, W, 1]: the
-        person mask that stands in for I_attn when the group has no body-part network (ignored when it has one).
-        Returns restored [B, H, W, 3] and the intermediates i_reg, attention (image resolution), z0."""
-        b, h, w, _ = degraded.shape
-        if h % self.factor or w % self.factor:
-            raise ValueError(f"V1Pipeline: {h} x {w} is not a multiple of the VAE factor {self.factor}")
-        i_reg = self.regress(variables, degraded)
+    def __call__(self, variables, key: jax.Array, degraded: Array, pose: Array, text: Array,
+                 uncond: Array | None = None, *, mask: Array | None = None,
+                 i_reg: Array | None = None) -> dict[str, Any]:
+        """degraded, pose: [B, H, W, 3] in [0, 1]; text (and uncond for CFG): `encode_text`'s [B, 77, D]; mask
+        [B, H, W, 1]: the person mask I_attn is made from when `needs_mask` (ignored otherwise); i_reg: a
+        precomputed `regress(variables, degraded)`. Returns restored [B, H, W, 3] and the intermediates i_reg,
+        attention (image resolution), z0."""
+        self.check_size(degraded.shape[1], degraded.shape[2])
+        i_reg = self.regress(variables, degraded) if i_reg is None else i_reg
         attn = self.attention(variables, i_reg, mask)
         control = self.condition(variables, i_reg, pose, attn.latent)
-        z0 = self.denoise(variables, key, control, context, uncond, i_reg)
+        z0 = self.denoise(variables, key, control, text, uncond, i_reg)
         restored = colour_fix(self.decode(variables, z0), i_reg, self.colour)
         return {"restored": restored, "i_reg": i_reg, "attention": attn.image, "z0": z0}

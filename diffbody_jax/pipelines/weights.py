@@ -16,6 +16,11 @@ or a training phase's export writes it.
                            `convert ip-adapter-to-flax`)
       image_encoder/       the adapter's CLIP vision tower (IP-Adapter's sdxl_models/image_encoder)
 
+Each trained component's folder holds its run's contract.json (`diffusion.contract`: schedule and prediction type,
+latent statistics, I_attn source, part loss, pose style, adapter and text settings); `restore_contracts` reads one per
+stage, falls back to the base pipeline's scheduler for a component without one (saying so), and refuses components
+restored together that disagree, naming both files.
+
 `check_weights(DIR)` reports each component (present, readable, its class and parameter count, or the problem)
 and what each version still needs; `load_v1_models` / `load_v2_models` build the pipelines' model groups.
 """
@@ -32,6 +37,14 @@ import jax
 import numpy as np
 
 from diffbody_jax.config import CONFIG_DIR
+from diffbody_jax.diffusion.contract import (
+    BASE_PIPELINE,
+    PHASE_COMPONENTS,
+    Contract,
+    default_contract,
+    disagreements,
+    read_contract,
+)
 from diffbody_jax.diffusion.schedule import NoiseSchedule
 from diffbody_jax.files import read_json
 from diffbody_jax.interop import flax_checkpoint
@@ -237,3 +250,57 @@ def load_v2_models(weights: str | os.PathLike, **module_kwargs) -> tuple[ModelGr
     v2["params"]["stage2"] = stage2_params(unet_vars["params"], cn_vars["params"], adapter_vars["params"])
     stage2 = ModelGroup(stage2=model, **rest.members)
     return stage1, stage2, {"stage1": v1, "stage2": v2}
+
+
+# ------------------------------------------------------------------------------------------ contracts
+# the diffusion components each stage of a version is restored with; the first one's contract is the stage's
+STAGE_COMPONENTS: dict[str, dict[str, tuple[str, ...]]] = {
+    "v1": {"v1": ("v1_controlnet",)},
+    "v2": {"stage1": ("stage1_controlnet", "joint_unet"), "stage2": ("stage2_controlnet", "colour_adapter")},
+}
+TRAINED_COMPONENTS = tuple(PHASE_COMPONENTS.values())
+
+
+def component_contract(weights: str | os.PathLike, name: str) -> Contract | None:
+    """The contract.json a training run exported beside component `name`, or None."""
+    path, sub = component_location(weights, name)
+    try:
+        return read_contract(path / sub if sub else path)
+    except ValueError as e:
+        raise WeightsError(str(e)) from e
+
+
+def _scheduler_dict(weights, pipeline: str) -> dict:
+    path = Path(weights) / pipeline / "scheduler" / "scheduler_config.json"
+    return read_json(path if path.exists() else DEFAULT_SCHEDULERS[pipeline])
+
+
+def restore_contracts(weights: str | os.PathLike, version: str) -> tuple[dict[str, Contract], list[str]]:
+    """({stage: contract}, notes) for `version`: per stage, the contract of its first component that has one
+    (every other one of the stage must agree on schedule, latent statistics and pose style, else WeightsError
+    naming both files); a stage whose components have none gets `default_contract` and a note."""
+    out, notes = {}, []
+    for stage, names in STAGE_COMPONENTS[version].items():
+        found = [(n, c) for n in names if (c := component_contract(weights, n)) is not None]
+        for (_, a), (_, b) in zip(found, found[1:], strict=False):
+            problems = disagreements(a, b)
+            if problems:
+                raise WeightsError(f"{weights}: {stage} components were trained apart and disagree:\n  "
+                                   + "\n  ".join(problems))
+        if found:
+            out[stage] = found[0][1]
+            for n in names:
+                if n not in dict(found):
+                    notes.append(f"{n}: no contract.json; restored with {found[0][1].source}'s")
+        else:
+            out[stage] = default_contract(names[0], _scheduler_dict(weights, BASE_PIPELINE[names[0]]),
+                                          component_present(weights, "bodypart"))
+            notes.append(f"{'/'.join(names)}: no contract.json (converted weights); restored with the "
+                         f"{BASE_PIPELINE[names[0]]} pipeline's scheduler and the default pose style")
+    stages = [c for c in out.values() if not c.is_default]
+    for a, b in zip(stages, stages[1:], strict=False):
+        problems = disagreements(a, b, ("pose_style",))
+        if problems:
+            raise WeightsError(f"{weights}: the stages were trained with different pose maps (one pose map feeds "
+                               "both):\n  " + "\n  ".join(problems))
+    return out, notes

@@ -15,13 +15,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
 from diffbody_jax.annotators import annotator_from_spec
-from diffbody_jax.data.pipeline import DataConfig
-from diffbody_jax.data.pose import render_pose
+from diffbody_jax.data.pose import PoseStyle
+from diffbody_jax.models.swinir import swinir_regress
 
 POSE_SOURCES = ("manifest", "annotator")
 
@@ -30,10 +29,8 @@ class AnnotatedPose:
     """Host hook: batch -> batch with `pose` drawn from `annotator` on `regress(batch[source])`."""
 
     def __init__(self, annotator, regress: Callable[[np.ndarray], np.ndarray] | None, *, source: str = "degraded",
-                 threshold: float = DataConfig.pose_threshold, hands: bool = DataConfig.pose_hands,
-                 face: bool = DataConfig.pose_face):
-        self.annotator, self.regress, self.source = annotator, regress, source
-        self.threshold, self.hands, self.face = threshold, hands, face
+                 style: PoseStyle = PoseStyle()):
+        self.annotator, self.regress, self.source, self.style = annotator, regress, source, style
         self.empty = 0  # images with no person so far (their pose map is black)
 
     def __call__(self, batch: dict) -> dict:
@@ -44,17 +41,17 @@ class AnnotatedPose:
         for image in images:
             annotation = self.annotator(image)
             self.empty += annotation.num_persons == 0
-            maps.append(render_pose(*annotation.keypoints, image.shape[:2], self.threshold, self.hands, self.face))
-        return {**batch, "pose": np.stack(maps).astype(np.float32) / 255.0}
+            maps.append(self.style.render(*annotation.keypoints, image.shape[:2]))
+        return {**batch, "pose": np.stack(maps)}
 
 
 def swinir_regressor(group, frozen_params) -> Callable[[np.ndarray], np.ndarray]:
-    """clip(SwinIR(x), 0, 1) jitted on this process's first local device (params copied there once)."""
+    """`swinir_regress` jitted on this process's first local device (params copied there once)."""
     params = jax.tree.map(np.asarray, multihost_utils.process_allgather(frozen_params["swinir"], tiled=True))
     device = jax.local_devices()[0]
     variables = jax.device_put({"params": params}, device)
     module = group.swinir
-    run = jax.jit(lambda v, x: jnp.clip(module.apply(v, x), 0.0, 1.0))
+    run = jax.jit(lambda v, x: swinir_regress(module, v, x))
     return lambda x: np.asarray(run(variables, jax.device_put(x, device)))
 
 
@@ -67,6 +64,12 @@ def annotated_pose_hook(config, group, frozen_params) -> AnnotatedPose | None:
         return None
     annotator = annotator_from_spec(config.data.get("annotator", "auto"))
     members = getattr(group, "members", {})
+    style = pose_style_from(config)
     if "swinir" in members and "swinir" in frozen_params:
-        return AnnotatedPose(annotator, swinir_regressor(group, frozen_params))
-    return AnnotatedPose(annotator, None, source="target")
+        return AnnotatedPose(annotator, swinir_regressor(group, frozen_params), style=style)
+    return AnnotatedPose(annotator, None, source="target", style=style)
+
+
+def pose_style_from(config) -> PoseStyle:
+    """config.data.pose_style (threshold, hands, face) as a `PoseStyle`."""
+    return PoseStyle.from_dict(dict(config.data.pose_style)) if "pose_style" in config.data else PoseStyle()

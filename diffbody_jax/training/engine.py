@@ -38,6 +38,7 @@ from diffbody_jax.config import load_config
 from diffbody_jax.data.degradations import degradation_from_config
 from diffbody_jax.data.manifest import MAP_FIELDS, read_manifest
 from diffbody_jax.data.pipeline import DataConfig, make_dataset
+from diffbody_jax.diffusion.contract import contract_from_config
 from diffbody_jax.interop.pretrained import init_from_pretrained_unet, load_weights_for, save_pretrained
 from diffbody_jax.models.stage2 import Stage2Model
 from diffbody_jax.models.unet import UNet2DConditionModel
@@ -50,7 +51,7 @@ from diffbody_jax.parallel.sharding import (
     param_partition_specs,
     tree_shardings,
 )
-from diffbody_jax.training.annotated_pose import annotated_pose_hook
+from diffbody_jax.training.annotated_pose import annotated_pose_hook, pose_style_from
 from diffbody_jax.training.cache import EncodedCache
 from diffbody_jax.training.checkpoint import Checkpoints
 from diffbody_jax.training.metric_writer import MetricWriter
@@ -236,14 +237,16 @@ def make_data_iterator(config, phase: Phase):
     processes = jax.process_count()
     if data.batch_size % processes:
         raise ValueError(f"data.batch_size={data.batch_size} (global) is not divisible by {processes} processes")
-    records = read_manifest(data.manifest, require=tuple(m for m in data.maps if m != "pose"))
     annotated = data.get("pose_source", "manifest") == "annotator"  # pose drawn by the host hook instead
+    # every line must give its pose map (a file or keypoints; [] = no person) before the run starts, not when the
+    # loader draws it hours in
+    records = read_manifest(data.manifest, require=tuple(m for m in data.maps if not (annotated and m == "pose")))
     if annotated and data.get("cache"):
         raise ValueError("data.pose_source=annotator draws pose maps each step, data.cache stores encoded ones: "
                          "use one of the two")
     data_config = DataConfig(batch_size=data.batch_size // processes, buckets=tuple(map(tuple, data.buckets)),
                              maps=tuple(m for m in data.maps if not (annotated and m == "pose")),
-                             random_crop=data.random_crop, shuffle=data.shuffle)
+                             random_crop=data.random_crop, shuffle=data.shuffle, pose_style=pose_style_from(config))
     degradation = degradation_from_config(load_config(f"degradation:kind={data.degradation}"))
     dataset = make_dataset(records, data_config, degradation, seed=int(config.train.seed),
                            num_workers=int(data.num_workers))
@@ -279,7 +282,8 @@ def _check_resumable(saved: dict | None, config, where: Path) -> None:
 
 
 def export_params(s: Setup, state: TrainState, config, workdir: Path) -> Path | None:
-    """The trained component, gathered to the host, written by `save_pretrained` (process 0)."""
+    """The trained component, gathered to the host, written by `save_pretrained` (process 0), with the run's
+    contract.json beside it (`diffusion.contract`: what restoring must feed the model)."""
     name = s.phase.export
     if name is None:
         return None
@@ -296,6 +300,7 @@ def export_params(s: Setup, state: TrainState, config, workdir: Path) -> Path | 
     folder = Path(config.train.export_dir or workdir / "export")
     if jax.process_index() == 0:
         save_pretrained(folder, module, params)
+        contract_from_config(config).write(folder)
     multihost_utils.sync_global_devices("export")
     return folder
 

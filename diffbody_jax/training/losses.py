@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from diffbody_jax.conditioning.body_priors import attention_from_mask, body_attention_map
 from diffbody_jax.conditioning.clip_image import colour_adapter_features
-from diffbody_jax.conditioning.prompts import sd21_prompt_embeds, sdxl_prompt_embeds
+from diffbody_jax.conditioning.prompts import sd21_prompt_embeds, sdxl_prompt_embeds, sdxl_time_ids
 from diffbody_jax.diffusion.losses import (
     body_attention_loss,
     diffusion_loss,
@@ -26,8 +26,9 @@ from diffbody_jax.diffusion.losses import (
 )
 from diffbody_jax.models.layers import Array
 from diffbody_jax.models.stage2 import Stage2Model
-from diffbody_jax.models.swinir import SwinIR
+from diffbody_jax.models.swinir import SwinIR, swinir_regress
 from diffbody_jax.models.unet import SDXLText
+from diffbody_jax.models.vae import images_to_latents
 
 STAGE2_PHASES = ("controlnet", "colour_adapter")
 
@@ -74,8 +75,13 @@ def stage2_loss(
 
 
 def _encode_image(group, variables, image: Array) -> Array:
-    """Scaled VAE latents of an image in [0, 1]."""
-    return group.apply("vae", variables, image * 2.0 - 1.0, method="encode_latents")
+    """Scaled VAE latents of an image in [0, 1] (`models.vae.images_to_latents`, as the pipelines encode)."""
+    return images_to_latents(group.vae, variables["params"]["vae"], image)
+
+
+def regress(group, variables, degraded: Array) -> Array:
+    """I_reg / I_ir of the group's frozen SwinIR (`models.swinir.swinir_regress`, as the pipelines regress)."""
+    return swinir_regress(group.swinir, group.member_variables(variables, "swinir"), degraded)
 
 
 def _cached(batch: Mapping[str, Any], field: str, compute):
@@ -132,8 +138,8 @@ def v1_controlnet_loss(
     """
     if attention not in V1_ATTENTION:
         raise ValueError(f"v1 attention source {attention!r}; expected one of {V1_ATTENTION}")
-    factor = 2 ** (len(group.vae.config.block_out_channels) - 1)
-    i_reg = jnp.clip(group.apply("swinir", variables, batch["degraded"]), 0.0, 1.0)
+    factor = group.vae.config.downsample_factor
+    i_reg = regress(group, variables, batch["degraded"])
     if attention == "model":
         i_attn = body_attention_map(group.bodypart, group.member_variables(variables, "bodypart"), i_reg,
                                     factor).latent
@@ -214,7 +220,7 @@ def stage1_loss(
         group.text_encoder, variables["params"]["text_encoder"], batch["input_ids"]))
     residuals = {}
     if "controlnet" in group.members:
-        i_ir = jnp.clip(group.apply("swinir", variables, batch["degraded"]), 0.0, 1.0)
+        i_ir = regress(group, variables, batch["degraded"])
         c_r = _encode_image(group, variables, i_ir)
         out = group.apply("controlnet", variables, z_t[list(branches).index("rgb")], t, context, c_r)
         residuals = dict(down_residuals=out.down, mid_residual=out.mid)
@@ -234,14 +240,14 @@ STAGE2_CACHED = ("latents", "prompt_embeds", "text_embeds")  # what `diffbody pr
 def stage2_cacheable(group, variables: Mapping[str, Any], batch: Mapping[str, Any]) -> dict[str, Array]:
     """The per-example encodings that do not change between epochs (given a fixed crop and caption): latents =
     E(target) [B, h, w, 4], prompt_embeds [B, 77, D] and pooled text_embeds [B, D_2] of SDXL's two encoders."""
-    latents = group.apply("vae", variables, batch["target"] * 2.0 - 1.0, method="encode_latents")
+    latents = _encode_image(group, variables, batch["target"])
     text = sdxl_prompt_embeds(group.text_encoder, variables["params"]["text_encoder"], batch["input_ids"],
                               group.text_encoder_2, variables["params"]["text_encoder_2"], batch["input_ids_2"])
     return {"latents": latents, "prompt_embeds": text.prompt_embeds, "text_embeds": text.text_embeds}
 
 
 def stage2_inputs(group, variables: Mapping[str, Any], batch: Mapping[str, Any], *, adapter_image: str | None = None,
-                  ) -> dict[str, Any]:
+                  clip_fit: str = "auto") -> dict[str, Any]:
     """The frozen encoders of stage 2, in the step: the pipeline's batch -> `stage2_loss`'s batch.
 
     group: a `ModelGroup` with stage2, vae, text_encoder, text_encoder_2, swinir (and image_encoder for the colour
@@ -261,10 +267,8 @@ def stage2_inputs(group, variables: Mapping[str, Any], batch: Mapping[str, Any],
     if len(out) < len(STAGE2_CACHED):
         out = {**stage2_cacheable(group, variables, batch), **out}
     b, h, w, _ = batch["degraded"].shape
-    crop = jnp.broadcast_to(jnp.asarray([h, w], jnp.float32), (b, 2))
-    out["time_ids"] = jnp.concatenate([batch["original_size"].astype(jnp.float32),
-                                       batch["crop_top_left"].astype(jnp.float32), crop], axis=-1)
-    i_ir = jnp.clip(group.apply("swinir", variables, batch["degraded"]), 0.0, 1.0)
+    out["time_ids"] = sdxl_time_ids(batch["original_size"], batch["crop_top_left"], (h, w), b)
+    i_ir = regress(group, variables, batch["degraded"])
     depth = batch["depth"]
     out["priors"] = {"ir": i_ir, "pose": batch["pose"], "normal": batch["normal"],
                      "depth": jnp.repeat(depth, 3, axis=-1) if depth.shape[-1] == 1 else depth}
@@ -273,12 +277,14 @@ def stage2_inputs(group, variables: Mapping[str, Any], batch: Mapping[str, Any],
             raise ValueError(f"colour adapter image {adapter_image!r}; expected one of {COLOUR_IMAGE_SOURCES}")
         image = i_ir if adapter_image == "ir" else batch["target"]
         out["image_features"] = colour_adapter_features(group.image_encoder, variables["params"]["image_encoder"],
-                                                        image)
+                                                        image, fit=clip_fit)
     return out
 
 
 def stage2_phase_loss(group, variables: Mapping[str, Any], batch: Mapping[str, Any], key: jax.Array,
-                      alphas_cumprod: Array, phase: str, *, adapter_image: str = "ir", **loss_kw):
+                      alphas_cumprod: Array, phase: str, *, adapter_image: str = "ir", clip_fit: str = "auto",
+                      **loss_kw):
     """Eq. 3 / Eq. 4 (`stage2_loss`) on the batch `stage2_inputs` makes from the pipeline's batch."""
-    inputs = stage2_inputs(group, variables, batch, adapter_image=adapter_image if phase == "colour_adapter" else None)
+    inputs = stage2_inputs(group, variables, batch, adapter_image=adapter_image if phase == "colour_adapter" else None,
+                           clip_fit=clip_fit)
     return stage2_loss(group.stage2, variables["params"]["stage2"], inputs, key, alphas_cumprod, phase, **loss_kw)

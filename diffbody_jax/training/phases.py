@@ -29,9 +29,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from diffbody_jax.config import CONFIG_DIR
-from diffbody_jax.diffusion.schedule import NoiseSchedule
-from diffbody_jax.files import read_json
+from diffbody_jax.diffusion.contract import contract_from_config
 from diffbody_jax.interop.ip_adapter import ColourAdapter, ColourAdapterConfig
 from diffbody_jax.models.ip_adapter import ip_adapter_of
 from diffbody_jax.models.registry import build_model
@@ -93,10 +91,10 @@ class Phase:
         return lambda variables, batch, key: loss(variables, self.prepare(variables, batch), key)
 
 
-def _sd_schedule(name: str) -> jnp.ndarray:
-    """alphas_cumprod of configs/diffusers/<name>/scheduler, as a jax array (indexed by traced timesteps)."""
-    scheduler = read_json(CONFIG_DIR / "diffusers" / name / "scheduler" / "scheduler_config.json")
-    return jnp.asarray(NoiseSchedule.from_dict(scheduler).alphas_cumprod())
+def _schedule(config) -> jnp.ndarray:
+    """alphas_cumprod of the run's contract (`diffusion.contract`: diffusion.scheduler with the trained prediction
+    type), as a jax array indexed by traced timesteps: the schedule restoring samples with is the same object."""
+    return jnp.asarray(contract_from_config(config).schedule().alphas_cumprod())
 
 
 def _v1_switches(config) -> dict:
@@ -105,7 +103,7 @@ def _v1_switches(config) -> dict:
     if field is not None and field not in config["data"]["maps"]:
         raise ValueError(f"diffusion.attention={d['attention']} reads the data's {field!r} map: add it to "
                          f"data.maps (now {list(config['data']['maps'])})")
-    return dict(alphas_cumprod=_sd_schedule(d["scheduler"]), prediction_type=d["prediction_type"],
+    return dict(alphas_cumprod=_schedule(config), prediction_type=d["prediction_type"],
                 weighting=d["weighting"], attention=d["attention"])
 
 
@@ -144,9 +142,10 @@ def _swinir_loss(module: SwinIR):
 
 def _stage2_switches(config) -> dict:
     diffusion = config["diffusion"]
-    return dict(alphas_cumprod=_sd_schedule(diffusion["scheduler"]), prediction_type=diffusion["prediction_type"],
+    adapter = config["adapter"] if "adapter" in config else {}
+    return dict(alphas_cumprod=_schedule(config), prediction_type=diffusion["prediction_type"],
                 noise_offset=float(diffusion["noise_offset"]), min_snr_gamma=diffusion["min_snr_gamma"],
-                adapter_image=config["adapter"]["image"] if "adapter" in config else "ir")
+                adapter_image=adapter.get("image", "ir"), clip_fit=adapter.get("clip_fit", "auto"))
 
 
 def _stage2_loss(group, *, phase: str, **switches):
@@ -191,7 +190,7 @@ def _stage1_switches(config) -> dict:
     d = config["diffusion"]
     joint = config["joint"]
     stats = {k: tuple(v) for k, v in joint["latent_stats"].items()} if joint["normalize_latents"] else None
-    return dict(alphas_cumprod=_sd_schedule(d["scheduler"]), prediction_type=d["prediction_type"],
+    return dict(alphas_cumprod=_schedule(config), prediction_type=d["prediction_type"],
                 branches=tuple(config["model"]["members"]["joint_unet"]["config"]["branches"]), latent_stats=stats)
 
 

@@ -15,6 +15,7 @@ from diffbody_jax.data.manifest import read_manifest
 from diffbody_jax.data.pipeline import DataConfig, ExampleLoader
 from diffbody_jax.files import write_json
 from diffbody_jax.parallel.sharding import batch_sharding, global_batch
+from diffbody_jax.training.annotated_pose import pose_style_from
 from diffbody_jax.training.cache import check_cacheable, fingerprint
 from diffbody_jax.training.engine import init_state, setup
 
@@ -27,9 +28,9 @@ def prepare_cache(config, out_dir: str | Path, mesh=None) -> Path:
     out = Path(out_dir)
     s = setup(config, mesh)
     variables = init_state(s, config).variables()
-    records = read_manifest(config.data.manifest, require=tuple(m for m in config.data.maps if m != "pose"))
+    records = read_manifest(config.data.manifest, require=tuple(config.data.maps))
     data = DataConfig(batch_size=1, buckets=tuple(map(tuple, config.data.buckets)), maps=tuple(config.data.maps),
-                      random_crop=False, shuffle=False)
+                      random_crop=False, shuffle=False, pose_style=pose_style_from(config))
     degradation = degradation_from_config(load_config(f"degradation:kind={config.data.degradation}"))
     loader = ExampleLoader(records, data, degradation, int(config.train.seed))
     host_hook = s.phase.host(config) if s.phase.host is not None else None
