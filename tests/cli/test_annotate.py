@@ -58,7 +58,7 @@ def test_annotate_manifest_fills_keypoints_and_masks_that_the_pipeline_reads(tmp
     filled = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["caption"] for r in filled] == [r["caption"] for r in rows]
     assert filled[1]["keypoints"] == hand_written  # kept without --replace
-    assert "keypoints" not in filled[4]
+    assert filled[4]["keypoints"] == []  # no person: an explicit empty list, which the data pipeline draws empty
     astronaut = np.asarray(filled[0]["keypoints"], np.float32)[0]
     mask = np.asarray(Image.open(out.parent / filled[0]["mask"]), np.float32) / 255.0
     assert mask.shape == (512, 512)
@@ -77,3 +77,8 @@ def test_annotate_manifest_fills_keypoints_and_masks_that_the_pipeline_reads(tmp
                           table1_mixture("blur2-noise20-down4-jpeg50"), seed=0, shard=ShardInfo())
     batch = next(iter(loader))
     assert batch["mask"].shape == (1, 64, 64, 1) and 0.1 < batch["mask"].mean() < 0.9
+    grey = [r for r in records if Path(r.image).stem == "grey"]
+    assert grey[0].keypoints.shape == (0, 17, 3)
+    loader = make_dataset(grey, DataConfig(batch_size=1, buckets=((64, 64),), maps=("pose",)),
+                          table1_mixture("blur2-noise20-down4-jpeg50"), seed=0, shard=ShardInfo())
+    assert next(iter(loader))["pose"].max() == 0  # the no-person line gives the empty pose map

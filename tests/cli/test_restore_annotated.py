@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from diffbody_jax.annotators import Annotation
-from diffbody_jax.cli.restore import Job, run_jobs
+from diffbody_jax.pipelines.jobs import Job, run_jobs
 from diffbody_jax.data.pose import render_pose
 from diffbody_jax.pipelines.fit import fit_to_bucket
 from diffbody_jax.pipelines.image_io import Photo
@@ -75,6 +75,11 @@ def test_without_the_part_network_the_person_mask_is_i_attn(weights, tmp_path, r
     partless = tmp_path / "w"
     shutil.copytree(weights, partless)
     shutil.rmtree(partless / "bodypart")
+    # the stand-in's contract says its ControlNet trained on the part network's I_attn: refused, naming both
+    with pytest.raises(ValueError, match="contract.json: the ControlNet trained on the part network's I_attn.*"
+                                         "bodypart is missing"):
+        Restorer(partless, SETTINGS, annotator=Recorder())
+    (partless / "v1_controlnet" / "contract.json").unlink()  # converted weights: no contract, I_attn from masks
     with pytest.raises(ValueError, match="no bodypart/.*no annotator is set"):
         Restorer(partless, SETTINGS)
     restorer = Restorer(partless, SETTINGS, annotator=Recorder())

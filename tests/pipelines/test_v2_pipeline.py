@@ -28,7 +28,7 @@ def test_one_program_equals_the_stages_chained(tmp_path, rng):
                     rng.normal(0, 1, (b, stage2.text_encoder_2.config.projection_dim)).astype(np.float32),
                     np.tile(np.float32([[s, s, 0, 0, s, s]]), (b, 1)))
     key = jax.random.key(3)
-    out = pipe(variables, key, degraded, pose, context, text)
+    out = pipe(variables, key, degraded, pose, (context, text))
     assert out["restored"].shape == degraded.shape and out["depth"].shape == (b, s, s, 1)
     assert np.isfinite(np.asarray(out["restored"])).all()
 
@@ -42,7 +42,7 @@ def test_one_program_equals_the_stages_chained(tmp_path, rng):
     for name, image in (("i_ir", i_ir), ("i_res", branches["i_res"]), ("normal", branches["normal"]),
                         ("restored", by_hand)):
         np.testing.assert_allclose(np.asarray(image), np.asarray(out[name]), atol=1e-5, err_msg=name)
-    np.testing.assert_array_equal(np.asarray(pipe(variables, key, degraded, pose, context, text)["restored"]),
+    np.testing.assert_array_equal(np.asarray(pipe(variables, key, degraded, pose, (context, text))["restored"]),
                                   np.asarray(out["restored"]))
     with pytest.raises(ValueError, match="multiple of the VAE factor 8"):
-        pipe(variables, key, degraded[:, :28, :28], pose[:, :28, :28], context, text)
+        pipe(variables, key, degraded[:, :28, :28], pose[:, :28, :28], (context, text))
