@@ -1,0 +1,157 @@
+"""Training and restoring build the same model inputs (diffbody_jax/diffusion/contract.py, issue 29).
+
+For each phase with a restore path, one batch is handed to the phase's loss and the same photo, pose and prompt to
+the pipeline; the arguments each reaches its model with are captured at the model boundary (flax's method
+interceptor, run eagerly) and compared (1e-6). The noisy latent and timestep differ by design (the loss draws them);
+so does everything docs/restoring.md lists under "training and restoring differ by design", which is compared by
+feeding both sides the same images and sizes. The groups have host-drawn random weights.
+"""
+
+import contextlib
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffbody_jax.conditioning.prompts import load_tokenizer, tokenize
+from diffbody_jax.config import load_config
+from diffbody_jax.diffusion.contract import contract_from_config
+from diffbody_jax.diffusion.samplers import SamplerConfig
+from diffbody_jax.models.controlnet import ControlNetModel
+from diffbody_jax.models.joint_unet import JointUNet
+from diffbody_jax.models.registry import build_model
+from diffbody_jax.models.unet import UNet2DConditionModel
+from diffbody_jax.models.variables import random_variables
+from diffbody_jax.pipelines.v1 import V1Pipeline
+from diffbody_jax.training.losses import stage1_loss, v1_controlnet_loss
+
+ATOL = 1e-6
+# the denoisers' outputs are not under test here (their parity with diffusers is tests/models'): zeros of their shape
+UNET_STUB = {UNet2DConditionModel: lambda args: jnp.zeros_like(args[0])}
+JOINT_STUB = {JointUNet: lambda args: jnp.zeros(args[0].shape[:-1] + (args[0].shape[-1] // 2,))}  # [z_k, c_p] -> eps_k
+PROMPT = "a woman in a red coat"
+
+
+@contextlib.contextmanager
+def captured(*classes, stub=()):
+    """{class name: (args, kwargs)} of the first call of each class's __call__, as host arrays: a debug callback
+    sends the traced arguments out of the compiled program (inside jit and the sampler's scan alike).
+    stub: {class: fn(args) -> output} run in place of those models (the last model of a chain: only its inputs are
+    under test, and not compiling it keeps the test within its time)."""
+    calls, stub = {}, dict(stub)
+
+    def interceptor(next_fun, args, kwargs, context):
+        name = type(context.module).__name__
+        if context.method_name == "__call__" and isinstance(context.module, classes):
+            arrays = [a for a in args if isinstance(a, jax.Array | np.ndarray)]
+            jax.debug.callback(lambda *xs, name=name: calls.setdefault(name, ([np.asarray(x) for x in xs], {})),
+                               *arrays)
+            if type(context.module) in stub:
+                return stub[type(context.module)](args)
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(interceptor):
+        yield calls
+
+
+def _variables(group, seed: int):
+    """Host-drawn random weights (`random_variables`: no init to compile); ControlNet outputs are not zero there,
+    so the condition reaches the model's output."""
+    return jax.tree.map(jnp.asarray, random_variables(group, seed))
+
+
+@pytest.fixture(scope="module")
+def v1_world():
+    config = load_config("v1_controlnet:variant=tiny")
+    group = build_model(config.model)
+    return config, group, _variables(group, 3)
+
+
+def _batch(rng, b=2, size=64):
+    degraded = rng.uniform(0, 1, (b, size, size, 3)).astype(np.float32)
+    target = rng.uniform(0, 1, (b, size, size, 3)).astype(np.float32)
+    pose = (rng.uniform(0, 1, (b, size, size, 3)) > 0.9).astype(np.float32)
+    mask = (rng.uniform(0, 1, (b, size, size, 1)) > 0.5).astype(np.float32)
+    ids = tokenize(load_tokenizer(None, "!"), [PROMPT] * b)
+    return {"degraded": degraded, "target": target, "pose": pose, "mask": mask, "input_ids": ids}
+
+
+@pytest.mark.parametrize("attention", ["model", "mask"])
+def test_v1_loss_and_pipeline_feed_the_controlnet_alike(v1_world, rng, attention):
+    config, group, variables = v1_world
+    batch = _batch(rng)
+    contract = contract_from_config(config)
+    alphas = jnp.asarray(contract.schedule().alphas_cumprod())
+    with captured(ControlNetModel, UNet2DConditionModel, stub=UNET_STUB) as train:
+        loss = jax.jit(lambda v, b, k: v1_controlnet_loss(group, v, b, k, alphas, attention=attention))
+        jax.block_until_ready(loss(variables, batch, jax.random.key(0)))
+    pipe = V1Pipeline(group, contract.schedule(), SamplerConfig(method="ddim", num_steps=1), attention=attention)
+    with captured(ControlNetModel, UNet2DConditionModel, stub=UNET_STUB) as restore:
+        text = jax.jit(pipe.encode_text)(variables, {"sd21": batch["input_ids"]})
+        jax.block_until_ready(pipe(variables, jax.random.key(1), batch["degraded"], batch["pose"], text,
+                                   mask=batch["mask"]))
+    jax.effects_barrier()
+    (z_train, _, context_train, cond_train), _ = train["ControlNetModel"]
+    (z_restore, _, context_restore, cond_restore), _ = restore["ControlNetModel"]
+    assert z_train.shape == z_restore.shape
+    np.testing.assert_allclose(np.asarray(cond_restore), np.asarray(cond_train), atol=ATOL)  # [E(I_reg), E(pose), I_attn]
+    np.testing.assert_allclose(np.asarray(context_restore), np.asarray(context_train), atol=ATOL)
+    # the attention channel is the source asked for: the two sources give different maps
+    assert cond_train.shape[-1] == 9
+
+
+@pytest.fixture(scope="module")
+def stage1_world():
+    group = build_model(load_config("stage1_controlnet:variant=tiny").model)
+    stage2 = build_model(load_config("colour_adapter:variant=tiny").model)
+    return group, _variables(group, 5), stage2, _variables(stage2, 7)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_stage1_loss_and_pipeline_feed_the_joint_unet_alike(stage1_world, rng, normalize):
+    from diffbody_jax.pipelines.v2 import V2Pipeline
+
+    group, variables, stage2, variables2 = stage1_world
+    config = load_config("stage1_controlnet:variant=tiny", [f"joint.normalize_latents={normalize}"])
+    contract = contract_from_config(config)
+    batch = _batch(rng)
+    batch["depth"] = rng.uniform(0, 1, (2, 64, 64, 1)).astype(np.float32)
+    batch["normal"] = rng.uniform(0, 1, (2, 64, 64, 3)).astype(np.float32)
+    branches = tuple(group.joint_unet.config.branches)
+    alphas = jnp.asarray(contract.schedule().alphas_cumprod())
+    with captured(ControlNetModel, JointUNet, stub=JOINT_STUB) as train:
+        loss = jax.jit(lambda v, b, k: stage1_loss(group, v, b, k, alphas, branches=branches,
+                                                   latent_stats=contract.stats()))
+        jax.block_until_ready(loss(variables, batch, jax.random.key(0)))
+    pipe = V2Pipeline(group, stage2, contract.schedule(), contract.schedule(), SamplerConfig(method="ddim", num_steps=1),
+                      SamplerConfig(method="ddim", num_steps=1), latent_stats=contract.stats())
+    both = {"stage1": variables, "stage2": variables2}
+    with captured(ControlNetModel, JointUNet, stub=JOINT_STUB) as restore:
+        context = jax.jit(pipe.encode_text, static_argnums=2)(both, {"sd21": batch["input_ids"], "sdxl": batch["input_ids"],
+                                          "sdxl_2": batch["input_ids"]}, (64, 64))[0]
+        jax.block_until_ready(jax.jit(pipe.run_stage1)(both, jax.random.key(1), batch["degraded"], batch["pose"],
+                                                       context))
+    jax.effects_barrier()
+    (_, _, ctx_t, c_r_t), _ = train["ControlNetModel"]
+    (_, _, ctx_r, c_r_r), _ = restore["ControlNetModel"]
+    np.testing.assert_allclose(np.asarray(c_r_r), np.asarray(c_r_t), atol=ATOL)  # E(I_ir)
+    np.testing.assert_allclose(np.asarray(ctx_r), np.asarray(ctx_t), atol=ATOL)
+    (x_t, *_), _ = train["JointUNet"]
+    (x_r, *_), _ = restore["JointUNet"]
+    n = len(branches)
+    pose_t = np.split(np.asarray(x_t), n, -1)  # each branch's [z_k, c_p]: the pose latent is channels 4:8
+    pose_r = np.split(np.asarray(x_r), n, -1)
+    for b in range(n):
+        np.testing.assert_allclose(pose_r[b][..., 4:], pose_t[b][..., 4:], atol=ATOL)
+    # independently: c_p is E(pose), moved to the RGB statistics by the paper's affine map in float64
+    from diffbody_jax.models.vae import images_to_latents
+
+    raw = np.asarray(images_to_latents(group.vae, variables["params"]["vae"], jnp.asarray(batch["pose"])),
+                     np.float64)
+    if normalize:
+        stats = config.joint.latent_stats  # the authors' numbers, as the config file gives them
+        (m, s), (m_rgb, s_rgb) = stats["pose"], stats["rgb"]
+        raw = (raw - m) / s * s_rgb + m_rgb
+    np.testing.assert_allclose(pose_r[0][..., 4:], raw, atol=1e-5)
