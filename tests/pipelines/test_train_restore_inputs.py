@@ -45,9 +45,16 @@ def captured(*classes, stub=()):
     def interceptor(next_fun, args, kwargs, context):
         name = type(context.module).__name__
         if context.method_name == "__call__" and isinstance(context.module, classes):
-            arrays = [a for a in args if isinstance(a, jax.Array | np.ndarray)]
-            jax.debug.callback(lambda *xs, name=name: calls.setdefault(name, ([np.asarray(x) for x in xs], {})),
-                               *arrays)
+            leaves, tree = jax.tree.flatten(args)
+            keep = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array | np.ndarray)]
+
+            def record(*xs, name=name, tree=tree, leaves=leaves, keep=keep):
+                values = list(leaves)
+                for i, x in zip(keep, xs, strict=True):
+                    values[i] = np.asarray(x)
+                calls.setdefault(name, (jax.tree.unflatten(tree, values), {}))
+
+            jax.debug.callback(record, *[leaves[i] for i in keep])
             if type(context.module) in stub:
                 return stub[type(context.module)](args)
         return next_fun(*args, **kwargs)
@@ -155,3 +162,51 @@ def test_stage1_loss_and_pipeline_feed_the_joint_unet_alike(stage1_world, rng, n
         (m, s), (m_rgb, s_rgb) = stats["pose"], stats["rgb"]
         raw = (raw - m) / s * s_rgb + m_rgb
     np.testing.assert_allclose(pose_r[0][..., 4:], raw, atol=1e-5)
+
+
+def test_stage2_loss_and_pipeline_feed_the_stage2_model_alike(stage1_world, rng):
+    """The colour-adapter phase against stage 2 of the pipeline. By design the pipeline's adapter image is I_res and
+    its priors come from stage 1, while training shows I_ir (config adapter.image) and the data's maps, and SDXL's
+    time_ids of a training crop name the photo's size and the crop's place: here both sides get the same images
+    (I_res := I_ir, stage 1's depth and normal := the batch's) and an uncropped photo of the bucket's size."""
+    from diffbody_jax.models.stage2 import Stage2Model
+    from diffbody_jax.pipelines.v2 import V2Pipeline
+    from diffbody_jax.training.losses import regress, stage2_phase_loss
+
+    group1, variables1, group2, variables2 = stage1_world
+    config = load_config("colour_adapter:variant=tiny")
+    contract = contract_from_config(config)
+    b, size = 2, 64
+    batch = _batch(rng, b, size)
+    batch["input_ids"] = tokenize(load_tokenizer(None, "<|endoftext|>"), [PROMPT] * b)
+    batch["input_ids_2"] = tokenize(load_tokenizer(None, "!"), [PROMPT] * b)
+    batch["depth"] = rng.uniform(0, 1, (b, size, size, 1)).astype(np.float32)
+    batch["normal"] = rng.uniform(0, 1, (b, size, size, 3)).astype(np.float32)
+    batch["original_size"] = np.full((b, 2), size, np.int32)
+    batch["crop_top_left"] = np.zeros((b, 2), np.int32)
+    alphas = jnp.asarray(contract.schedule().alphas_cumprod())
+    stub = {Stage2Model: lambda args: jnp.zeros_like(args[0])}
+    with captured(Stage2Model, stub=stub) as train:
+        loss = jax.jit(lambda v, bt, k: stage2_phase_loss(group2, v, bt, k, alphas, "colour_adapter",
+                                                          adapter_image=contract.adapter["image"],
+                                                          clip_fit=contract.clip_fit))
+        jax.block_until_ready(loss(variables2, batch, jax.random.key(0)))
+    pipe = V2Pipeline(group1, group2, contract.schedule(), contract.schedule(), SamplerConfig(method="ddim", num_steps=1),
+                      SamplerConfig(method="ddim", num_steps=1), clip_fit=contract.clip_fit)
+    both = {"stage1": variables1, "stage2": variables2}
+    i_ir = jax.jit(lambda v, x: regress(group2, v, x))(variables2, batch["degraded"])
+    first = {"i_ir": i_ir, "i_res": i_ir, "depth": batch["depth"], "normal": batch["normal"]}
+    with captured(Stage2Model, stub=stub) as restore:
+        ids = {"sd21": batch["input_ids"], "sdxl": batch["input_ids"], "sdxl_2": batch["input_ids_2"]}
+        _, text = jax.jit(pipe.encode_text, static_argnums=2)(both, ids, (size, size))
+        jax.block_until_ready(jax.jit(pipe.run_stage2)(both, jax.random.key(1), first, batch["pose"], text))
+    jax.effects_barrier()
+    (_, _, text_t, priors_t, image_t), _ = train["Stage2Model"]
+    (_, _, text_r, priors_r, image_r), _ = restore["Stage2Model"]
+    for field in ("prompt_embeds", "text_embeds", "time_ids"):
+        np.testing.assert_allclose(getattr(text_r, field), getattr(text_t, field), atol=ATOL, err_msg=field)
+    np.testing.assert_array_equal(text_r.time_ids, np.tile(np.float32([[size, size, 0, 0, size, size]]), (b, 1)))
+    assert sorted(priors_r) == sorted(priors_t) == ["depth", "ir", "normal", "pose"]
+    for name in priors_t:
+        np.testing.assert_allclose(priors_r[name], priors_t[name], atol=ATOL, err_msg=name)
+    np.testing.assert_allclose(image_r, image_t, atol=ATOL)
