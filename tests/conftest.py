@@ -106,3 +106,12 @@ def pytest_make_collect_report(collector):
         report.longrepr = (f"{collector.nodeid}: module skipped under CI=true (every reference package is "
                            f"installed there): {_skip_reason(report)}")
 
+
+
+@pytest.fixture(scope="session")
+def stand_in_weights(tmp_path_factory):
+    """The tiny stand-in weights folder of both versions (`pipelines.stand_in`), with its components' contracts:
+    written once per pytest worker and shared. Tests that change it work on a copy."""
+    from diffbody_jax.pipelines.stand_in import write_stand_in_weights
+
+    return write_stand_in_weights(tmp_path_factory.mktemp("stand-in") / "w", seed=3)

@@ -174,7 +174,16 @@ def weights_main(argv) -> int:
     check.add_argument("--configs-only", action="store_true", help="read configs, not tensors (fast)")
     args = p.parse_args(argv)
 
-    from diffbody_jax.pipelines.weights import COMPONENTS, OPTIONAL, WeightsError, check_weights
+    from diffbody_jax.diffusion.contract import BASE_PIPELINE
+    from diffbody_jax.pipelines.weights import (
+        COMPONENTS,
+        OPTIONAL,
+        TRAINED_COMPONENTS,
+        WeightsError,
+        check_weights,
+        component_contract,
+        restore_contracts,
+    )
 
     try:
         reports, needs = check_weights(args.folder, load=not args.configs_only)
@@ -189,11 +198,26 @@ def weights_main(argv) -> int:
         else:
             state = f"ok  {r.class_name}, {r.num_params:,} params" if r.class_name else "present"
         print(f"{r.name:<22} {state}")
+        if r.present and r.name in TRAINED_COMPONENTS:
+            try:
+                contract = component_contract(args.folder, r.name)
+                if contract is not None or r.name in BASE_PIPELINE:
+                    print(f"{'':<22} contract: " + (contract.describe() if contract else
+                          "none (converted weights: restored with the base pipeline's scheduler and defaults)"))
+            except WeightsError as e:
+                print(f"{'':<22} contract: BROKEN: {e}")
+                r.problem = r.problem or str(e)
     ok = {r.name for r in reports if r.present and not r.problem}
+    refused = False
     for version, missing in needs.items():
         absent = [n for n in OPTIONAL[version] if n not in ok]
-        print(f"{version}: " + ("ready" if not missing else "needs " + ", ".join(
-            f"{n} ({COMPONENTS[n].source})" for n in missing))
-            + "".join(f"; without {n}: I_attn from the annotator's person mask, no part-loss guidance"
-                      for n in absent if n == "bodypart"))
-    return 1 if any(r.problem for r in reports) else 0
+        state = "ready" if not missing else "needs " + ", ".join(f"{n} ({COMPONENTS[n].source})" for n in missing)
+        if not missing:
+            try:
+                restore_contracts(args.folder, version)
+            except WeightsError as e:
+                state, refused = f"REFUSED: {e}", True
+        print(f"{version}: {state}" + "".join(
+            f"; without {n}: I_attn from the annotator's person mask, no part-loss guidance"
+            for n in absent if n == "bodypart"))
+    return 1 if refused or any(r.problem for r in reports) else 0

@@ -10,12 +10,11 @@ import pytest
 from PIL import Image
 
 from diffbody_jax.cli.main import main
-from diffbody_jax.pipelines.stand_in import write_stand_in_weights
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    return write_stand_in_weights(tmp_path_factory.mktemp("weights") / "w", seed=3)
+@pytest.fixture
+def weights(stand_in_weights):
+    return stand_in_weights
 
 
 def _photo(rng, h=72, w=64):  # every good photo falls in the 64 x 64 bucket: one compile

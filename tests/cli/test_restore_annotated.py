@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from diffbody_jax.annotators import Annotation
-from diffbody_jax.pipelines.jobs import Job, run_jobs
 from diffbody_jax.data.pose import render_pose
 from diffbody_jax.pipelines.fit import fit_to_bucket
 from diffbody_jax.pipelines.image_io import Photo
+from diffbody_jax.pipelines.jobs import Job, run_jobs
 from diffbody_jax.pipelines.restore import Restorer, RestoreSettings
 from diffbody_jax.pipelines.stand_in import write_stand_in_weights
 
