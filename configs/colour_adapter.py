@@ -4,7 +4,7 @@ IP-Adapter-Plus-XL's weights on CLIP ViT-H/14 features, the SDXL UNet and the tr
   python -c "from diffbody_jax.config import load_config as c; print(c('colour_adapter:variant=tiny').phase)"
 
 Variants (configs/stage2_controlnet.py's group plus the CLIP image encoder):
-  paper  200,000 steps, batch 64, Adam lr 1e-4 (Sec. 4.3). Sources:
+  paper  200,000 steps, batch 64, Adam lr 1e-4 (Sec. 4.2). Sources:
            --config.train.init_from="stage2/unet=SDXL/unet,stage2/controlnet=RUNS/stage2_controlnet,
              stage2=IPA,image_encoder=IPA_ENCODER,vae=SDXL/vae,text_encoder=SDXL/text_encoder,
              text_encoder_2=SDXL/text_encoder_2,swinir=RUNS/swinir"

@@ -6,7 +6,9 @@ normal trained, with SDXL's VAE, both text encoders and the stage-0 SwinIR froze
 Variants:
   paper  configs/stage2.py:sdxl (SDXL-base UNet with the colour adapter's kernels, off in this phase; the
          diffbody-v2-stage2 ControlNet), SDXL-base's VAE and text encoders, DiffBIR's SwinIR; the paper's numbers
-         (Sec. 4.3): 100,000 steps, batch 32 with 2 accumulation steps, Adam lr 1e-5, the five buckets. Sources:
+         (Sec. 4.2): 100,000 steps, "a batch size of 32 and gradient accumulation of 2", which we read as 32 per
+         micro-step and two accumulated, an effective batch of 64 (data.batch_size is the global batch of one
+         optimizer step, train.grad_accum splits it into micro-steps); Adam lr 1e-5, the five buckets. Sources:
            --config.train.init_from="stage2/unet=SDXL/unet,stage2/controlnet=CN,vae=SDXL/vae,
              text_encoder=SDXL/text_encoder,text_encoder_2=SDXL/text_encoder_2,swinir=RUNS/swinir"
          (SDXL a stable-diffusion-xl-base-1.0 folder; CN `diffbody convert init-from-controlnet`'s output, or
@@ -81,7 +83,7 @@ def get_config(arg=None):
     if tiny:
         tiny_training_sections(config, maps)
     else:
-        training_sections(config, steps=100_000, batch_size=32, learning_rate=1e-5,
+        training_sections(config, steps=100_000, batch_size=64, learning_rate=1e-5,
                           **{"data.maps": maps, "train.grad_accum": 2})
     config.lock()
     return config

@@ -26,7 +26,8 @@ def main(argv) -> int:
     p.add_argument("gt", nargs="+", help="ground-truth image files or folders")
     p.add_argument("--out", required=True)
     p.add_argument("--mixtures", default="all", help="all, or Table-1 mixture names separated by commas")
-    p.add_argument("--save-images", action="store_true", help="also write each mixture's degraded and restored PNGs")
+    p.add_argument("--save-images", action="store_true",
+                   help="also write each mixture's reference, degraded and restored PNGs")
     p.add_argument("--quiet", action="store_true")
     add_restore_args(p)
     args = p.parse_args(argv)
@@ -74,7 +75,7 @@ def main(argv) -> int:
 
     def save(mixture, job, images):
         if args.save_images:
-            for name in ("degraded", "restored"):
+            for name in ("reference", "degraded", "restored"):
                 write_png(out / mixture / name / f"{job.photo.path.stem}.png", images[name], overwrite=True)
 
     def report(mixture, mean):

@@ -37,16 +37,23 @@ def add_restore_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help=f"sampling steps (default: the papers' {PRESET_STEPS})")
     p.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddpm")
     p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1: off)")
-    p.add_argument("--guidance", type=float, default=0.0, help="v1 part-loss guidance scale (0: off)")
+    p.add_argument("--guidance", type=float, default=0.0,
+                   help="v1 part-loss guidance scale s of Algorithm 1 (0: off; the paper gives no value: tune it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=1, help="images per jitted call (split over the local devices)")
     p.add_argument("--size", type=int, default=512,
-                   help="side of the square bucket, or of a tile with --fit tile (multiple of 64)")
+                   help="side of the square bucket, or of a tile with --fit tile (multiple of 64). v1 trains on "
+                        "1024x512 crops only: its other buckets are outside what it trained on")
     p.add_argument("--fit", choices=FITS, default="bucket",
-                   help="bucket: scale into the nearest bucket and back; tile: the photo's own size, on tiles")
+                   help="bucket: scale into the nearest bucket and back; tile: the photo's own size, on tiles "
+                        "(the ControlNets then see per-tile encodings of I_reg and the pose, which training never "
+                        "showed them)")
     p.add_argument("--colour", choices=("none", "adain", "wavelet"), default="none")
     p.add_argument("--keypoints", help="a manifest (JSONL) with keypoints for the inputs, matched by file name")
     p.add_argument("--poses", help="a folder of pose maps named like the inputs")
+    p.add_argument("--recaption", metavar="DIR",
+                   help="v2: condition stage 2 on a caption of I_res by this local transformers image-to-text folder "
+                        "(BLIP; the paper's p' = LLaVA(I_res)); stage 1 and stage 2 then run as two programs")
     p.add_argument("--annotator", default="auto",
                    help="pose for photos without keypoints: auto | none | mediapipe | onnx-dwpose:det=FILE,pose=FILE")
 
@@ -143,8 +150,13 @@ def restore_main(argv) -> int:
         return fail("no image to restore" + (f" ({len(problems)} skipped)" if problems else ""))
     bars = ProgressBars(len(jobs), settings.num_steps, enabled=not args.quiet)
     try:
-        restorer = Restorer(args.weights, settings, on_step=bars.on_step, annotator=annotator)
-    except (WeightsError, ValueError) as e:
+        captioner = None
+        if args.recaption:
+            from diffbody_jax.annotators.caption import Captioner
+
+            captioner = Captioner(args.recaption)
+        restorer = Restorer(args.weights, settings, on_step=bars.on_step, annotator=annotator, captioner=captioner)
+    except (WeightsError, ValueError, AnnotatorError) as e:
         bars.close()
         return fail(str(e))
     for line in restorer.notes:

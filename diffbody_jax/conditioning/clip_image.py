@@ -72,9 +72,10 @@ def colour_adapter_features(vision, params, images: jax.Array, size: int | None 
     vision: a `CLIPVisionModel` (ViT-H/14 for IP-Adapter-Plus-XL); params: its params; images: [B, H, W, 3]
     uint8 or float in [0, 1]. fit: "auto" (default: tall and wide images, e.g. 2:1 full-body crops, are padded to
     a square so that head and feet stay in view), "pad" or "center_crop". Returns [B, 1 + P, hidden]
-    (257 x 1280 for ViT-H/14 at 224). The unconditional
-    features for classifier-free guidance are, as in diffusers, those of an all-zero *normalised* input:
-    `vision.apply({"params": params}, jnp.zeros_like(pixels))["hidden_states"][-2]`.
+    (257 x 1280 for ViT-H/14 at 224). What classifier-free guidance's unconditional pass feeds the adapter is
+    the run's contract's `adapter.uncond_image`: "keep" (default: these same features; our training never drops
+    the image, so CFG guides the text alone) or "zeros" (the features of an all-zero image in [0, 1], through this
+    same function: diffusers' IP-Adapter choice); `pipelines.v2.V2Pipeline.uncond_features`.
     """
     size = size or vision.config.image_size
     pixels = clip_preprocess(images, size=size, crop=size, fit=fit)

@@ -64,17 +64,18 @@ def evaluate(restorer, photos: Sequence[Photo], prompts: Sequence[str], poses: P
              seed: int, batch: int, on_image: Callable[[str, Job, dict], None] | None = None,
              on_mixture: Callable[[str, dict], None] | None = None) -> dict:
     """{"mean": {mixture: {degraded|swinir|restored: {metric: value}}}, "per_photo": {mixture: {name: ...}}}.
-    on_image(mixture, job, images) sees each photo's degraded / swinir / restored arrays (to save them)."""
+    on_image(mixture, job, images) sees each photo's reference / degraded / swinir / restored arrays (to save them)."""
     intermediate = restorer.pipeline.intermediates[0]  # I_reg (v1) / I_ir (v2): SwinIR's output
     per_photo, means = {}, {}
     for m_index, mixture in enumerate(mixtures):
         jobs, references = evaluation_jobs(photos, mixture, seed, restorer.settings, prompts, poses, m_index)
         rows, reference_by_job = {}, {id(j): r for j, r in zip(jobs, references, strict=True)}
         for job, outputs in run_jobs(restorer, jobs, batch, seed):
+            reference = reference_by_job[id(job)]
             images = {"degraded": job.photo.pixels, "swinir": outputs[intermediate], "restored": outputs["restored"]}
-            rows[job.photo.path.name] = score(images, reference_by_job[id(job)])
+            rows[job.photo.path.name] = score(images, reference)
             if on_image is not None:
-                on_image(mixture, job, images)
+                on_image(mixture, job, {**images, "reference": reference})
         per_photo[mixture] = rows
         means[mixture] = {what: {k: float(np.mean([r[what][k] for r in rows.values()])) for k in METRICS}
                           for what in SCORED}

@@ -317,7 +317,7 @@ def images_to_latents(vae: AutoencoderKL, params: dict, images: Array, tiles: tu
     about exp(logvar / 2) per latent, small for SD's VAE. tiles: (tile, overlap) in image pixels, for large
     images (`encode_tiled`'s blend of posterior moments).
     """
-    x = images.astype(jnp.float32) * 2.0 - 1.0
+    x = images * 2.0 - 1.0
     if tiles is None:
         return vae.apply({"params": params}, x, method=AutoencoderKL.encode_latents)
     return encode_latents_tiled(vae, params, x, tile=tiles[0], overlap=tiles[1])
@@ -336,5 +336,5 @@ def latents_to_images(vae: AutoencoderKL, params: dict, z: Array, tiles: tuple[i
     else:
         f = vae.config.downsample_factor
         image = decode_latents_tiled(vae, params, z, tile=tiles[0] // f, overlap=tiles[1] // f)
-    image = (image.astype(jnp.float32) + 1.0) * 0.5
+    image = (image + 1.0) * 0.5
     return jnp.clip(image, 0.0, 1.0) if clip else image

@@ -162,7 +162,7 @@ def run_jobs(restorer, jobs: Sequence[Job], batch: int, seed: int,
             if batch_done is not None:
                 batch_done(len(chunk))
             for i, job in enumerate(chunk):
-                yield job, {k: job.fitted.unfit(v[i]) for k, v in out.items()}
+                yield job, {k: v[i] if k == "caption" else job.fitted.unfit(v[i]) for k, v in out.items()}
 
 
 def _side_by_side(*images: np.ndarray) -> np.ndarray:
@@ -186,5 +186,7 @@ def write_outputs(job: Job, outputs: dict, out: Path, overwrite: bool, intermedi
     if intermediates:
         (out / "intermediates").mkdir(exist_ok=True)
         for name, image in outputs.items():
-            if name != "restored":
+            if name == "caption":  # stage 2's prompt, re-captioned from I_res
+                (out / "intermediates" / f"{job.out.stem}_caption.txt").write_text(image + "\n")
+            elif name != "restored":
                 write_png(out / "intermediates" / f"{job.out.stem}_{name}.png", _as_rgb(image), overwrite=True)

@@ -158,11 +158,13 @@ def restore_defaults(weights: str | os.PathLike, version: str) -> tuple[PoseStyl
 class Restorer:
     def __init__(self, weights: str | os.PathLike, settings: RestoreSettings = RestoreSettings(),
                  devices: Sequence[jax.Device] | None = None, on_step: Callable[[int, int], None] | None = None,
-                 annotator=None):
+                 annotator=None, captioner: Callable[[np.ndarray], str] | None = None):
         """annotator: where the callers (`pipelines.jobs.run_jobs`) take pose maps and person masks from for photos
-        without given keypoints (`annotators.get_annotator`); None: black pose maps."""
+        without given keypoints (`annotators.get_annotator`); None: black pose maps. captioner: image [H, W, 3] in
+        [0, 1] -> caption (`annotators.caption.Captioner` on a local folder): v2's stage 2 is then conditioned on
+        the caption of I_res, the paper's p' = LLaVA(I_res), and runs as a second program after stage 1."""
         self.settings = s = settings
-        self.annotator = annotator
+        self.annotator, self.captioner = annotator, captioner
         self.mesh = make_mesh(MeshConfig(), list(devices or jax.local_devices()))
         self.contracts, self.notes = restore_contracts(weights, s.version)
         # tiles bound memory only if no attention matrix spans a whole tile: chunked is the same math in blocks
@@ -183,6 +185,11 @@ class Restorer:
         self.variables = jax.device_put(variables, NamedSharding(self.mesh, P()))
         self._text = jax.jit(self.pipeline.encode_text, static_argnums=2)
         self._regress = jax.jit(self.pipeline.regress)
+        if captioner is not None:
+            if not hasattr(self.pipeline, "run_stage2"):
+                raise ValueError(f"a captioner re-captions I_res for v2's stage 2; {s.version} has no second stage")
+            self._stage1 = jax.jit(self.pipeline.run_stage1)
+            self._stage2 = jax.jit(self.pipeline.run_stage2)
 
     def _contract_notes(self, c: Contract) -> list[str]:
         s, notes = self.settings, []
@@ -262,7 +269,21 @@ class Restorer:
         pad, arrays = self._sharded(degraded, pose, *extra.values(), pad_to=pad_to)
         prompts = list(prompts) + [prompts[-1]] * pad
         text, uncond = self.conditioning(prompts, (h, w))
-        out = self.pipeline(self.variables, key, arrays[0], arrays[1], text, uncond,
-                            **dict(zip(extra, arrays[2:], strict=True)))
-        keep = ("restored", *self.pipeline.intermediates)
-        return {k: np.asarray(out[k])[:b] for k in keep}
+        named = dict(zip(extra, arrays[2:], strict=True))
+        if self.captioner is None:
+            out = self.pipeline(self.variables, key, arrays[0], arrays[1], text, uncond, **named)
+        else:
+            out = self._recaptioned(key, arrays[0], arrays[1], text, uncond, named.get("i_reg"), (h, w))
+        keep = ("restored", *self.pipeline.intermediates, *(("caption",) if self.captioner is not None else ()))
+        return {k: (list(out[k]) if k == "caption" else np.asarray(out[k]))[:b] for k in keep}
+
+    def _recaptioned(self, key, degraded, pose, text, uncond, i_reg, size) -> dict:
+        """v2 as two programs: stage 1; I_res captioned on the host; stage 2 on the caption's SDXL text (the keys
+        split as the one program splits them, so a captioner that returns the prompt gives the same images)."""
+        k1, k2 = jax.random.split(key)
+        first = self._stage1(self.variables, k1, degraded, pose, text[0], None if uncond is None else uncond[0],
+                             i_reg)
+        captions = [self.captioner(np.asarray(image)) for image in np.asarray(first["i_res"])]
+        recaptioned, _ = self.conditioning(captions, size)
+        second = self._stage2(self.variables, k2, first, pose, recaptioned[1], None if uncond is None else uncond[1])
+        return {**{k: v for k, v in first.items() if k != "z1"}, **second, "caption": captions}

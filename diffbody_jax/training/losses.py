@@ -58,13 +58,14 @@ def stage2_loss(
 
     batch: latents [B, H, W, 4] (VAE latents of the HQ image, scaled), prompt_embeds, text_embeds, time_ids,
     priors {name: [B, 8H, 8W, C_i]}, optional prior_mask [B, P]; "colour_adapter" also image_features
-    [B, T, D_clip] (CLIP of I_res). Returns (loss, {"loss", "t_mean"}). Differentiate it with respect to
+    [B, T, D_clip] (CLIP of the adapter's image: I_ir or the target in training, config adapter.image; I_res when
+    restoring). Returns (loss, {"loss", "t_mean"}). Differentiate it with respect to
     `training.phases.STAGE2_SUBSETS[phase]` (see `training.trainable.partition`).
     """
     if phase not in STAGE2_PHASES:
         raise ValueError(f"stage2_loss: phase {phase!r}; expected one of {STAGE2_PHASES}")
     if phase == "colour_adapter" and batch.get("image_features") is None:
-        raise ValueError("stage2_loss: the colour_adapter phase needs batch['image_features'] (CLIP of I_res)")
+        raise ValueError("stage2_loss: the colour_adapter phase needs batch['image_features'] (CLIP features)")
     x0 = batch["latents"]
     t, eps, z_t = noising(key, x0, alphas_cumprod, noise_offset)
     text = SDXLText(batch["prompt_embeds"], batch["text_embeds"], batch["time_ids"])

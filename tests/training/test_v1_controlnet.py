@@ -43,13 +43,17 @@ def test_the_loss_overfits_one_batch_through_the_controlnet_alone(rng):
 
 def test_the_phase_starts_from_a_stage0_export_and_exports_its_controlnet(tmp_path):
     """The hand-off without training: init_state places the stage-0 export into the frozen SwinIR member, and
-    export_params writes the ControlNet member (the engine's own export path)."""
+    export_params writes the ControlNet member (the engine's own export path) with the run's contract beside it."""
+    from diffbody_jax.diffusion.contract import read_contract
     from diffbody_jax.training.engine import export_params, init_state
 
     swinir = build_model(load_config("swinir:variant=tiny-diffbir").model)
     swinir_params = swinir.init_params(jax.random.key(11))
     save_pretrained(tmp_path / "stage0" / "export", swinir, swinir_params)
-    config = load_config("v1_controlnet:variant=tiny", [f"train.init_from=swinir={tmp_path / 'stage0'}"])
+    config = load_config("v1_controlnet:variant=tiny", [f"train.init_from=swinir={tmp_path / 'stage0'}",
+                                                         "diffusion.prediction_type='v_prediction'",
+                                                         "data.pose_style={'threshold': 0.4, 'hands': False, "
+                                                         "'face': False}"])
     s = setup(config)
     state = init_state(s, config)
     for a, b in zip(jax.tree.leaves(swinir_params), jax.tree.leaves(state.frozen["swinir"]), strict=True):
@@ -59,6 +63,10 @@ def test_the_phase_starts_from_a_stage0_export_and_exports_its_controlnet(tmp_pa
     assert type(module).__name__ == "ControlNetModel" and module.config.conditioning_channels == 9
     for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(state.params["controlnet"]), strict=True):
         np.testing.assert_array_equal(a, np.asarray(b))
+    contract = read_contract(folder)  # what restoring will feed this ControlNet
+    assert contract.phase == "v1_controlnet" and contract.schedule().prediction_type == "v_prediction"
+    assert (contract.attention, contract.pose().threshold, contract.pose().hands) == ("model", 0.4, False)
+    assert contract.buckets == ((64, 64),) and contract.text["fallback"] == config.text.fallback
 
 
 @pytest.mark.slow  # ~2 minutes on 2 cold cores (the six-member step compiles); the hand-off above runs by default
