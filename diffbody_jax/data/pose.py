@@ -169,15 +169,10 @@ class PoseStyle:
 
     @classmethod
     def parse(cls, spec: str) -> PoseStyle:
-        """"threshold=0.3,hands=1,face=0" (any subset; the rest default) -> PoseStyle."""
-        fields = {}
-        for item in filter(None, (s.strip() for s in spec.split(","))):
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise ValueError(f"pose style {spec!r}: expected key=value items, got {item!r}")
-            fields[key.strip()] = float(value) if key.strip() == "threshold" else value.strip().lower() in (
-                "1", "true", "yes")
-        return cls.from_dict(fields)
+        """"threshold=0.3,hands=1,face=0" (any subset; the rest default) -> PoseStyle (config.parse_arg's syntax)."""
+        from diffbody_jax.config import parse_arg
+
+        return cls.from_dict(parse_arg(spec, **cls().to_dict()))
 
 
 def transform_keypoints(keypoints: np.ndarray, scale: tuple[float, float], offset: tuple[float, float]):

@@ -25,6 +25,7 @@ Presets are the papers' settings: v1 DDPM with 50 steps (seed 000), v2 DDPM with
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Callable, Sequence
 
@@ -147,6 +148,28 @@ def _v2_pipeline(weights, s: RestoreSettings, contracts: dict[str, Contract], on
 PIPELINES = {"v1": _v1_pipeline, "v2": _v2_pipeline}
 
 
+# The pipeline is a static argument (pipelines hash by value): a second Restorer of equal weights and settings reuses
+# these programs, as it reuses the pipeline's own jitted __call__.
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _encode_text(pipeline, variables, ids, size):
+    return pipeline.encode_text(variables, ids, size)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _regress(pipeline, variables, degraded):
+    return pipeline.regress(variables, degraded)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _run_stage1(pipeline, *args):
+    return pipeline.run_stage1(*args)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _run_stage2(pipeline, *args):
+    return pipeline.run_stage2(*args)
+
+
 def restore_defaults(weights: str | os.PathLike, version: str) -> tuple[PoseStyle, str]:
     """(pose style, default prompt) of `version` in a weights folder, from its contracts alone (no tensors read):
     what the host side needs before the models load."""
@@ -183,13 +206,8 @@ class Restorer:
                              "bodypart-to-flax`)")
         self.tokenizers = {name: load_tokenizer(*tokenizer_folder(weights, name)) for name in self.pipeline.tokenizers}
         self.variables = jax.device_put(variables, NamedSharding(self.mesh, P()))
-        self._text = jax.jit(self.pipeline.encode_text, static_argnums=2)
-        self._regress = jax.jit(self.pipeline.regress)
-        if captioner is not None:
-            if not hasattr(self.pipeline, "run_stage2"):
-                raise ValueError(f"a captioner re-captions I_res for v2's stage 2; {s.version} has no second stage")
-            self._stage1 = jax.jit(self.pipeline.run_stage1)
-            self._stage2 = jax.jit(self.pipeline.run_stage2)
+        if captioner is not None and not hasattr(self.pipeline, "run_stage2"):
+            raise ValueError(f"a captioner re-captions I_res for v2's stage 2; {s.version} has no second stage")
 
     def _contract_notes(self, c: Contract) -> list[str]:
         s, notes = self.settings, []
@@ -233,16 +251,17 @@ class Restorer:
     def regress(self, degraded: np.ndarray) -> np.ndarray:
         """The version's SwinIR stage alone (I_reg of v1, I_ir of v2): [B, H, W, 3] in [0, 1], numpy."""
         _, (images,) = self._sharded(degraded)
-        return np.asarray(self._regress(self.variables, images))[: len(degraded)]
+        return np.asarray(_regress(self.pipeline, self.variables, images))[: len(degraded)]
 
-    def conditioning(self, prompts: Sequence[str], size: tuple[int, int]) -> tuple:
-        """(text, uncond or None): the pipeline's text arguments for `prompts` at image `size` (H, W); with CFG the
-        negative prompt's in the same encoder call."""
+    def conditioning(self, prompts: Sequence[str], size: tuple[int, int], negative: bool = True) -> tuple:
+        """(text, uncond or None): the pipeline's text arguments for `prompts` at image `size` (H, W); with CFG (and
+        `negative`) the negative prompt's in the same encoder call."""
         s = self.settings
-        texts = list(prompts) + ([s.negative_prompt] * len(prompts) if s.cfg != 1.0 else [])
+        cfg = s.cfg != 1.0 and negative
+        texts = list(prompts) + ([s.negative_prompt] * len(prompts) if cfg else [])
         ids = {name: tokenize(tok, texts) for name, tok in self.tokenizers.items()}
-        text = self._text(self.variables, ids, tuple(size))
-        if s.cfg == 1.0:
+        text = _encode_text(self.pipeline, self.variables, ids, tuple(size))
+        if not cfg:
             return text, None
         n = len(prompts)
         return jax.tree.map(lambda x: x[:n], text), jax.tree.map(lambda x: x[n:], text)
@@ -281,9 +300,10 @@ class Restorer:
         """v2 as two programs: stage 1; I_res captioned on the host; stage 2 on the caption's SDXL text (the keys
         split as the one program splits them, so a captioner that returns the prompt gives the same images)."""
         k1, k2 = jax.random.split(key)
-        first = self._stage1(self.variables, k1, degraded, pose, text[0], None if uncond is None else uncond[0],
-                             i_reg)
+        first = _run_stage1(self.pipeline, self.variables, k1, degraded, pose, text[0],
+                            None if uncond is None else uncond[0], i_reg)
         captions = [self.captioner(np.asarray(image)) for image in np.asarray(first["i_res"])]
-        recaptioned, _ = self.conditioning(captions, size)
-        second = self._stage2(self.variables, k2, first, pose, recaptioned[1], None if uncond is None else uncond[1])
+        recaptioned, _ = self.conditioning(captions, size, negative=False)  # the negative prompt's is `uncond`
+        second = _run_stage2(self.pipeline, self.variables, k2, first, pose, recaptioned[1],
+                             None if uncond is None else uncond[1])
         return {**{k: v for k, v in first.items() if k != "z1"}, **second, "caption": captions}

@@ -192,11 +192,14 @@ def require(weights: str | os.PathLike, version: str) -> None:
         raise WeightsError(f"{weights}: {version} needs {len(missing)} more component(s):\n" + "\n".join(lines))
 
 
-def load_schedule(weights: str | os.PathLike, pipeline: str) -> NoiseSchedule:
+def scheduler_path(weights: str | os.PathLike, pipeline: str) -> Path:
     """The pipeline folder's scheduler/scheduler_config.json, else the one bundled in configs/diffusers."""
     path = Path(weights) / pipeline / "scheduler" / "scheduler_config.json"
-    if not path.exists():
-        path = DEFAULT_SCHEDULERS[pipeline]
+    return path if path.exists() else DEFAULT_SCHEDULERS[pipeline]
+
+
+def load_schedule(weights: str | os.PathLike, pipeline: str) -> NoiseSchedule:
+    path = scheduler_path(weights, pipeline)
     return NoiseSchedule.from_dict(read_json(path), str(path))
 
 
@@ -270,11 +273,6 @@ def component_contract(weights: str | os.PathLike, name: str) -> Contract | None
         raise WeightsError(str(e)) from e
 
 
-def _scheduler_dict(weights, pipeline: str) -> dict:
-    path = Path(weights) / pipeline / "scheduler" / "scheduler_config.json"
-    return read_json(path if path.exists() else DEFAULT_SCHEDULERS[pipeline])
-
-
 def restore_contracts(weights: str | os.PathLike, version: str) -> tuple[dict[str, Contract], list[str]]:
     """({stage: contract}, notes) for `version`: per stage, the contract of its first component that has one
     (every other one of the stage must agree on schedule, latent statistics and pose style, else WeightsError
@@ -293,7 +291,7 @@ def restore_contracts(weights: str | os.PathLike, version: str) -> tuple[dict[st
                 if n not in dict(found):
                     notes.append(f"{n}: no contract.json; restored with {found[0][1].source}'s")
         else:
-            out[stage] = default_contract(names[0], _scheduler_dict(weights, BASE_PIPELINE[names[0]]),
+            out[stage] = default_contract(names[0], read_json(scheduler_path(weights, BASE_PIPELINE[names[0]])),
                                           component_present(weights, "bodypart"))
             notes.append(f"{'/'.join(names)}: no contract.json (converted weights); restored with the "
                          f"{BASE_PIPELINE[names[0]]} pipeline's scheduler and the default pose style")
