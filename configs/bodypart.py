@@ -1,4 +1,5 @@
-"""The body-part network (BPBreID on HRNet-W32) and part-loss guidance of DiffBody v1.
+"""The body-part network (BPBreID on HRNet-W32) of DiffBody v1: its attention map I_attn and the part features of
+part-loss guidance (whose settings are v1's: configs/v1_controlnet.py, section guidance).
 
   diffbody convert bodypart-to-flax --src bpbreid-tiny.pth.tar --config configs/bodypart.py:variant=tiny \
       --dst ckpt/bodypart
@@ -25,13 +26,6 @@ def get_config(arg=None):
         # Fields of BodyPartConfig to override; the checkpoint's own head (parts, width, identities) is read
         # from the file when converting.
         overrides=ml_collections.ConfigDict(dict(input_size=(384, 128) if arg["variant"] == "bpbreid" else (64, 32))),
-    ))
-    config.diffusion = ml_collections.ConfigDict(dict(
-        # Eq. 6: the distance between part features and how parts are weighted (diffusion/part_guidance.py).
-        part_loss=dict(distance="ce", temperature=1.0, visibility="none"),
-        # Algorithm 1's gradient scale s and window, in SamplerConfig's terms. The paper gives no value for s:
-        # it depends on the loss and latent scales, so tune it on a few validation images.
-        guidance=dict(scale=1.0, start=1.0, end=0.0, schedule="constant"),
     ))
     config.lock()
     return config

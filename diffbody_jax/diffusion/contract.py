@@ -63,6 +63,9 @@ MEMBER_COMPONENTS = {
     ("v1_controlnet", "vae"): "sd21/vae",
     ("v1_controlnet", "text_encoder"): "sd21/text_encoder",
     ("v1_controlnet", "controlnet"): "v1_controlnet",
+    ("stage1_controlnet", "swinir"): "swinir",  # v1 and v2 share SwinIR and SD2.1's VAE and text encoder
+    ("stage1_controlnet", "vae"): "sd21/vae",
+    ("stage1_controlnet", "text_encoder"): "sd21/text_encoder",
     ("stage1_controlnet", "joint_unet"): "joint_unet",
     ("stage1_controlnet", "controlnet"): "stage1_controlnet",
     ("colour_adapter", "vae"): "sdxl/vae",

@@ -35,7 +35,7 @@ def write_stand_in_weights(weights: str | os.PathLike, seed: int = 0, skip: tupl
     weights = Path(weights)
     phases = (("v1_controlnet", v1_variant),) * ("v1" in versions) + (
         (("stage1_controlnet", "tiny"), ("colour_adapter", "tiny")) if "v2" in versions else ())
-    overrides = overrides or {}
+    overrides, written = overrides or {}, set()
     for n, (phase, variant) in enumerate(phases):
         config = load_config(f"{phase}:variant={variant}")
         group = build_model(config.model)
@@ -49,7 +49,8 @@ def write_stand_in_weights(weights: str | os.PathLike, seed: int = 0, skip: tupl
                 adapter = ColourAdapter(ColourAdapterConfig(module.unet.config, module.image_proj.config))
                 adapter_params = {"image_proj": params["image_proj"], "ip_adapter": ip_adapter_of(params["unet"])}
                 write_component(weights, "colour_adapter", adapter, {"params": adapter_params})
-            elif component is not None and component not in skip:
+            elif component is not None and component not in {*skip, *written}:
+                written.add(component)
                 write_component(weights, component, module, random_variables(module, seed + 100 * n + m))
     if contracts:
         for phase, variant, parent in _contract_phases(phases):

@@ -19,7 +19,7 @@ from diffbody_jax.diffusion.samplers import step_noise
 from diffbody_jax.models.unet import UNet2DConditionModel
 from diffbody_jax.pipelines.restore import Restorer, RestoreSettings
 from diffbody_jax.pipelines.stand_in import write_stand_in_weights
-from diffbody_jax.pipelines.weights import WeightsError, restore_contracts
+from diffbody_jax.pipelines.weights import WeightsError, restore_contracts, scheduler_path
 from tests.torch_ref import needs_torch, optional
 
 torch = optional("torch")
@@ -37,11 +37,16 @@ def _spy_eps_torch(z, t):
 
 
 @needs_torch
-def test_restore_samples_with_the_trained_schedule(tmp_path, rng, monkeypatch):
-    prediction_type = "v_prediction"  # SD2.1-base's scheduler is epsilon: the base would fail this
-    # a v1 ControlNet trained on SD2.1-768's scheduler with this prediction type: restore must not use the base's
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "epsilon"])
+def test_restore_samples_with_the_trained_schedule(prediction_type, tmp_path, rng, monkeypatch):
+    # a v1 ControlNet trained with this prediction type; the folder's base scheduler (sd21/scheduler) says the
+    # other one, so a restore that read the base instead of the run's contract would fail
     overrides = {"v1_controlnet": ["diffusion.scheduler='sd21-768v'", f"diffusion.prediction_type='{prediction_type}'"]}
     weights = write_stand_in_weights(tmp_path / "w", seed=1, versions=("v1",), overrides=overrides)
+    base = weights / "sd21" / "scheduler" / "scheduler_config.json"
+    base.parent.mkdir()
+    other = {"v_prediction": "epsilon", "epsilon": "v_prediction"}[prediction_type]
+    base.write_text(json.dumps({**json.loads(scheduler_path(weights, "sd21").read_text()), "prediction_type": other}))
     contract = read_contract(weights / "v1_controlnet")
     seen = []
 
