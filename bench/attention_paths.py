@@ -3,7 +3,7 @@
     python bench/attention_paths.py              # ~1 minute on 2 cores
 
 For each (batch, queries, keys, heads, head dim): the einsum form (q.k and p.v as "btnd,bsnd->bnts" einsums, what
-other backends run), `models.layers.einsum_attention` on this machine (head-major matmuls; the key-blocked online
+other backends run), `models.attention.einsum_attention` on this machine (head-major matmuls; the key-blocked online
 softmax from CPU_BLOCKED_MIN_KEYS keys), and torch.nn.functional.scaled_dot_product_attention, fp32, median of
 --repeats calls; ratios are torch / ours. CPU_KEY_BLOCK and CPU_BLOCKED_MIN_KEYS in models/layers.py come from here.
 """
@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 
 from common import load_report, median_time  # noqa: E402
 
-from diffbody_jax.models.layers import einsum_attention  # noqa: E402
+from diffbody_jax.models.attention import einsum_attention  # noqa: E402
 
 SHAPES = [  # (batch, queries, keys, heads, head dim): self- and cross-attention of mid-sd21 and sd21-base
     (1, 4096, 4096, 2, 64), (1, 4096, 4096, 5, 64), (2, 1024, 1024, 5, 64), (1, 1024, 1024, 10, 64),

@@ -233,6 +233,8 @@ def training_sections(config, *, steps: int, batch_size: int, learning_rate: flo
     config.mesh = ml_collections.ConfigDict(dict(
         data=-1, fsdp=1, tensor=1,  # device mesh axes; -1: the devices left over
         fsdp_min_size=2**18,  # params with at least this many elements are split over fsdp
+        # {logical axis: mesh axes} over parallel.sharding.LOGICAL_RULES (None: that table as it is)
+        logical_rules=None,
     ))
     config.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep=3, async_save=True))
     return apply_overrides(config, [f"{k}={v!r}" for k, v in fields.items()])

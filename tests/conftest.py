@@ -17,8 +17,10 @@ from __future__ import annotations
 import os
 import random
 import secrets
+import shutil
 import tempfile
 import zlib
+from pathlib import Path
 
 CACHE_DIR = os.path.join(tempfile.gettempdir(), f"diffbody-jax-cache-{os.getuid()}")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", CACHE_DIR)
@@ -108,10 +110,29 @@ def pytest_make_collect_report(collector):
 
 
 
+def shared_folder(tmp_path_factory, name: str, build) -> Path:
+    """A folder `build(folder)` writes once per test run, shared by every pytest-xdist worker: the first worker to
+    ask builds it under a file lock in the run's common temp folder, the others wait and read it. Read-only for
+    the tests (a test that changes it works on a copy)."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder, done = root / f"shared-{name}", root / f"shared-{name}.done"
+    with FileLock(str(root / f"shared-{name}.lock")):
+        if not done.exists():
+            if folder.exists():  # a worker died half-way: start again
+                shutil.rmtree(folder)
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def stand_in_weights(tmp_path_factory):
     """The tiny stand-in weights folder of both versions (`pipelines.stand_in`), with its components' contracts:
-    written once per pytest worker and shared. Tests that change it work on a copy."""
+    written once per test run and shared by the workers. Tests that change it work on a copy."""
     from diffbody_jax.pipelines.stand_in import write_stand_in_weights
 
-    return write_stand_in_weights(tmp_path_factory.mktemp("stand-in") / "w", seed=3)
+    return shared_folder(tmp_path_factory, "stand-in", lambda out: write_stand_in_weights(out / "w", seed=3)) / "w"

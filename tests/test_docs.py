@@ -3,8 +3,12 @@
 The blocks run in a scratch folder that holds a *tiny* stand-in for each checkpoint the docs name
 (`stable-diffusion-2-1-base/` with a random tiny UNet, VAE and CLIP text encoder, the real tokenizer and
 scheduler configs), so the documented commands and calls work as written, without weights or network.
-Python blocks of one file share a namespace; bash blocks run with `bash -euo pipefail`. Blocks fenced
-```text (set-up commands that install packages) are not run.
+Python blocks of one file share a namespace. A bash block of plain `diffbody ...` commands (and `cat FILE`) runs
+in this process through `cli.main.main`, as the console script would call it (the script itself and
+`python -m diffbody_jax.cli.main` are run in their own processes by tests/cli/test_main.py), so the documented
+commands share one interpreter and its compiled programs; any other bash block runs with `bash -euo pipefail`.
+Blocks fenced ```text (set-up commands that install packages) are not run. README.md stays a short guide: at most
+250 lines.
 """
 
 import ast
@@ -12,12 +16,14 @@ import json
 import os
 import pathlib
 import re
+import shlex
 import shutil
 import subprocess
 import sys
 
 import pytest
 
+from tests.conftest import shared_folder
 from tests.torch_ref import REPO, randomize_, unet_diffusers_config, vae_diffusers_config
 
 DOCS = ["README.md", *sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md")), "bench/README.md"]
@@ -34,13 +40,20 @@ def _env() -> dict[str, str]:
             "PATH": f"{pathlib.Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "JAX_PLATFORMS": "cpu"}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def world(tmp_path_factory):
-    """A folder with tiny stand-ins for the checkpoints the docs name."""
-    torch = pytest.importorskip("torch")
-    diffusers = pytest.importorskip("diffusers")
-    transformers = pytest.importorskip("transformers")
-    root = tmp_path_factory.mktemp("docs-world")
+    """A folder with tiny stand-ins for the checkpoints the docs name, written once per run (all workers share it)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    return shared_folder(tmp_path_factory, "docs-world", _write_world)
+
+
+def _write_world(root: pathlib.Path) -> None:
+    import diffusers
+    import torch
+    import transformers
+
     sd = root / "stable-diffusion-2-1-base"
     real = REPO / "configs/diffusers/sd21-base"
     torch.manual_seed(0)
@@ -64,7 +77,6 @@ def world(tmp_path_factory):
     _tiny_files(root)
     _demo_folder(root / "demo")
     (root / "bench").symlink_to(REPO / "bench")  # README's commands run from the project root
-    return root
 
 
 def _demo_folder(out: pathlib.Path) -> None:
@@ -112,13 +124,64 @@ def _tiny_files(root: pathlib.Path) -> None:
 SLOW_DOCS = ("docs/weights.md", "bench/README.md")
 
 
+SHELL_SYNTAX = re.compile(r"[|&;<>$`*?]")
+
+
+def plain_commands(code: str) -> list[list[str]] | None:
+    """The argv of each command of a bash block when every one is a plain `diffbody ...`, `cat FILE` or
+    `python -c CODE` call (continuation lines joined, comments dropped); None when the block needs a shell."""
+    commands = []
+    for line in code.replace("\\\n", " ").splitlines():
+        argv = shlex.split(line, comments=True)
+        if not argv:
+            continue
+        if argv[0] not in ("diffbody", "cat", "python") or (argv[0] == "python" and argv[1:2] != ["-c"]):
+            return None
+        if argv[0] != "python" and any(SHELL_SYNTAX.search(a) for a in argv):
+            return None
+        commands.append(argv)
+    return commands
+
+
+def run_in_process(argv: list[str], where: str) -> None:
+    from diffbody_jax.cli.main import main
+
+    if argv[0] == "cat":
+        for name in argv[1:]:
+            print(pathlib.Path(name).read_text())
+        return
+    if argv[0] == "python":
+        exec(compile(argv[2], where, "exec"), {"__name__": "__main__"})  # noqa: S102
+        return
+    try:
+        code = main(argv[1:])
+    except SystemExit as e:  # argparse's usage errors
+        code = e.code
+    assert code == 0, f"{where}: `{shlex.join(argv)}` exited {code}"
+
+
+def run_block(code: str, where: str, cwd: pathlib.Path, timeout: int) -> None:
+    commands = plain_commands(code)
+    if commands is not None:
+        for argv in commands:
+            run_in_process(argv, where)
+        return
+    out = subprocess.run(["bash", "-euo", "pipefail", "-c", code], cwd=cwd, env=_env(), capture_output=True,
+                         text=True, timeout=timeout)
+    assert out.returncode == 0, f"{where} failed:\n{code}\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
+
+
+def test_readme_is_a_short_guide():
+    lines = (REPO / "README.md").read_text().splitlines()
+    assert len(lines) <= 250, f"README.md has {len(lines)} lines: move detail to docs/"
+
+
 @pytest.mark.parametrize("doc", [pytest.param(d, marks=pytest.mark.slow) if d in SLOW_DOCS else d for d in DOCS])
 def test_code_blocks_run(doc, world, monkeypatch, tmp_path):
     blocks = code_blocks(doc)
     for item in world.iterdir():  # each page gets its own folder: the stand-ins linked, its outputs its own
         (tmp_path / item.name).symlink_to(item)
     monkeypatch.chdir(tmp_path)
-    env = _env()
     namespace: dict = {"__name__": f"doc:{doc}"}
     for i, (lang, code) in enumerate(blocks):
         where = f"{doc}, block {i + 1} ({lang})"
@@ -128,9 +191,7 @@ def test_code_blocks_run(doc, world, monkeypatch, tmp_path):
             except Exception as e:
                 raise AssertionError(f"{where} failed: {type(e).__name__}: {e}\n{code}") from e
         else:
-            out = subprocess.run(["bash", "-euo", "pipefail", "-c", code], cwd=tmp_path, env=env, capture_output=True,
-                                 text=True, timeout=900)
-            assert out.returncode == 0, f"{where} failed:\n{code}\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
+            run_block(code, where, tmp_path, timeout=900)
 
 
 def config_commands(path: pathlib.Path) -> list[str]:
@@ -152,14 +213,12 @@ def config_commands(path: pathlib.Path) -> list[str]:
 
 
 @pytest.mark.parametrize("config_file", sorted(p.name for p in (REPO / "configs").glob("*.py")))
-def test_config_docstring_commands_run_as_written(config_file, world, tmp_path):
+def test_config_docstring_commands_run_as_written(config_file, world, tmp_path, monkeypatch):
     commands = config_commands(REPO / "configs" / config_file)
     assert commands, f"configs/{config_file}: no usage command in its docstring"
     for item in world.iterdir():
         (tmp_path / item.name).symlink_to(item)
     (tmp_path / "configs").symlink_to(REPO / "configs")
-    env = _env()
+    monkeypatch.chdir(tmp_path)
     for command in commands:
-        out = subprocess.run(["bash", "-euo", "pipefail", "-c", command], cwd=tmp_path, env=env, capture_output=True,
-                             text=True, timeout=600)
-        assert out.returncode == 0, f"configs/{config_file}: {command}\n{out.stdout[-1500:]}\n{out.stderr[-2500:]}"
+        run_block(command, f"configs/{config_file}", tmp_path, timeout=600)

@@ -9,13 +9,16 @@ manifest with all of them.
 """
 
 from diffbody_jax.annotators.annotate import (
+    BACKENDS,
+    NO_ANNOTATOR,
     annotate,
     annotator_from_spec,
     default_annotator,
     get_annotator,
     parse_spec,
+    resolve_backend,
 )
-from diffbody_jax.annotators.base import BACKENDS, Annotation, AnnotatorError
+from diffbody_jax.annotators.base import Annotation, AnnotatorError
 
-__all__ = ["BACKENDS", "Annotation", "AnnotatorError", "annotate", "annotator_from_spec", "default_annotator",
-           "get_annotator", "parse_spec"]
+__all__ = ["BACKENDS", "NO_ANNOTATOR", "Annotation", "AnnotatorError", "annotate", "annotator_from_spec",
+           "default_annotator", "get_annotator", "parse_spec", "resolve_backend"]

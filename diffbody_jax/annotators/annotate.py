@@ -1,33 +1,50 @@
-"""`annotate(image) -> Annotation` over the registered backends (`base.BACKENDS`)."""
+"""`annotate(image) -> Annotation` over the backends of `BACKENDS`."""
 
 from __future__ import annotations
 
+import importlib
 import warnings
 
 import numpy as np
 
-import diffbody_jax.annotators.keypoints_file  # noqa: F401  (registers "keypoints-file")
-import diffbody_jax.annotators.onnx_dwpose  # noqa: F401  (registers "onnx-dwpose")
-from diffbody_jax.annotators.base import BACKENDS, Annotation, Annotator, AnnotatorError
-from diffbody_jax.annotators.mediapipe_pose import available
+from diffbody_jax.annotators.base import Annotation, Annotator, AnnotatorError
+
+# backend -> "module:factory"; a backend's module (and mediapipe or onnxruntime with it) is imported on first use
+BACKENDS = {
+    "keypoints-file": "diffbody_jax.annotators.keypoints_file:keypoints_file_annotator",
+    "mediapipe": "diffbody_jax.annotators.mediapipe_pose:mediapipe_annotator",
+    "onnx-dwpose": "diffbody_jax.annotators.onnx_dwpose:onnx_dwpose_annotator",
+}
+NO_ANNOTATOR = ("no annotator model is installed; install the extra (pip install 'diffbody_jax[annotators]') or give "
+                "keypoints")
+
+
+def resolve_backend(backend: str) -> str | None:
+    """The one reading of "auto": mediapipe when the annotators extra is installed, else None (no annotator);
+    "none" is None; any other name is returned as it is."""
+    if backend == "none":
+        return None
+    if backend == "auto":
+        from diffbody_jax.annotators.mediapipe_pose import available
+
+        return "mediapipe" if available() else None
+    return backend
 
 
 def get_annotator(backend: str = "auto", **options) -> Annotator:
-    """A callable image -> Annotation for `backend` ("auto": mediapipe when its extra is installed)."""
-    if backend == "auto":
-        backend = "mediapipe" if available() else None
-        if backend is None:
-            raise AnnotatorError("annotator 'auto': no annotator model is installed; install the extra "
-                                 "(pip install 'diffbody_jax[annotators]') or give keypoints (backend "
-                                 "'keypoints-file')")
-    if backend not in BACKENDS:
-        raise AnnotatorError(f"annotator {backend!r} unknown; known: {sorted(BACKENDS)}")
-    return BACKENDS[backend](**options)
+    """A callable image -> Annotation for `backend` ("auto": `resolve_backend`)."""
+    name = resolve_backend(backend)
+    if name is None:
+        raise AnnotatorError(f"annotator {backend!r}: {NO_ANNOTATOR} (backend 'keypoints-file')")
+    if name not in BACKENDS:
+        raise AnnotatorError(f"annotator {name!r} unknown; known: {sorted(BACKENDS)}")
+    module, factory = BACKENDS[name].split(":")
+    return getattr(importlib.import_module(module), factory)(**options)
 
 
 def default_annotator() -> Annotator | None:
-    """mediapipe's annotator when the annotators extra is installed, else None (callers fall back and say so)."""
-    return get_annotator("mediapipe") if available() else None
+    """The "auto" annotator, or None when none is installed (callers fall back and say so)."""
+    return None if resolve_backend("auto") is None else get_annotator("auto")
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, str]]:

@@ -81,11 +81,3 @@ class Annotation:
 
 
 Annotator = Callable[..., Annotation]
-BACKENDS: dict[str, Callable[..., Annotator]] = {}
-
-
-def register(name: str):
-    def wrap(factory):
-        BACKENDS[name] = factory
-        return factory
-    return wrap

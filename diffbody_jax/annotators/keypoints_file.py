@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffbody_jax.annotators.base import Annotation, AnnotatorError, register
+from diffbody_jax.annotators.base import Annotation, AnnotatorError
 from diffbody_jax.data.pose import as_persons
 
 FORMATS_WITH_BODY = ("coco17", "wholebody133")
@@ -44,7 +44,6 @@ def read_keypoints(path: str | os.PathLike) -> dict[str, tuple[np.ndarray, str]]
     return table
 
 
-@register("keypoints-file")
 def keypoints_file_annotator(keypoints: str | os.PathLike):
     table = read_keypoints(keypoints)
 

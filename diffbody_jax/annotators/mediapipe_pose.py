@@ -35,7 +35,7 @@ import warnings
 
 import numpy as np
 
-from diffbody_jax.annotators.base import Annotation, AnnotatorError, as_uint8, register
+from diffbody_jax.annotators.base import Annotation, AnnotatorError, as_uint8
 
 BLAZEPOSE_TO_COCO17 = (0, 2, 5, 7, 8, 11, 12, 13, 14, 15, 16, 23, 24, 25, 26, 27, 28)
 COCO_WRISTS = (9, 10)  # left, right
@@ -79,7 +79,6 @@ def assign_hands(hands: list[np.ndarray], body: np.ndarray) -> np.ndarray:
     return out
 
 
-@register("mediapipe")
 def mediapipe_annotator(model_complexity: int = 1, min_confidence: float = 0.5, hands: bool = False):
     if not available():
         raise AnnotatorError(f"annotator 'mediapipe': mediapipe is not installed; {EXTRA}")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffbody_jax.annotators.base import Annotation, AnnotatorError, as_uint8, register
+from diffbody_jax.annotators.base import Annotation, AnnotatorError, as_uint8
 
 EXTRA = "pip install 'diffbody_jax[annotators]' and pip install --no-deps rtmlib==0.0.16 (README: set-up)"
 DEFAULT_DET_SIZE = (640, 640)  # (H, W): DWPose's YOLOX-L
@@ -43,7 +43,6 @@ def _as_bgr_uint8(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(as_uint8(image)[..., 2::-1])
 
 
-@register("onnx-dwpose")
 def onnx_dwpose_annotator(det: str | os.PathLike | None = None, pose: str | os.PathLike | None = None,
                           score_threshold: float = 0.7, nms_threshold: float = 0.45, device: str = "cpu"):
     for name, path in (("det", det), ("pose", pose)):

@@ -17,13 +17,14 @@ directory.
 
 from __future__ import annotations
 
+import importlib
 import sys
 
-from diffbody_jax.cli import annotate, convert, data, demo, evaluate, prepare, restore, train
-
-COMMANDS = {"convert": convert.main, "data": data.main, "prepare": prepare.main, "train": train.main,
-            "restore": restore.restore_main, "weights": restore.weights_main, "eval": evaluate.main,
-            "demo": demo.main, "annotate": annotate.main}
+# command -> (module under diffbody_jax.cli, function): a command's module (and jax with it) is imported only when
+# that command runs, so `diffbody --help` and a usage error answer at once
+COMMANDS = {"convert": ("convert", "main"), "data": ("data", "main"), "prepare": ("prepare", "main"),
+            "train": ("train", "main"), "restore": ("restore", "restore_main"), "weights": ("restore", "weights_main"),
+            "eval": ("evaluate", "main"), "demo": ("demo", "main"), "annotate": ("annotate", "main")}
 
 
 def _usage() -> str:
@@ -38,7 +39,8 @@ def main(argv=None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command in COMMANDS:
-        return COMMANDS[command](rest)
+        module, function = COMMANDS[command]
+        return getattr(importlib.import_module(f"diffbody_jax.cli.{module}"), function)(rest)
     print(f"diffbody: unknown command {command!r}\n{_usage()}", file=sys.stderr)
     return 2
 

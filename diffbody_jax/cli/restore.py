@@ -60,14 +60,11 @@ def add_restore_args(p: argparse.ArgumentParser) -> None:
 
 def annotator_from(spec: str):
     """(annotator or None, note or None) for --annotator; "auto" without an installed annotator is None + a note."""
-    from diffbody_jax.annotators import annotator_from_spec
-    from diffbody_jax.annotators.mediapipe_pose import available
+    from diffbody_jax.annotators import annotator_from_spec, parse_spec, resolve_backend
 
-    if spec == "none":
-        return None, None
-    if spec == "auto" and not available():
-        return None, ("no annotator installed (the annotators extra): photos without --keypoints / --poses get "
-                      "black pose maps")
+    if resolve_backend(parse_spec(spec)[0]) is None:
+        return None, (None if spec == "none" else "no annotator installed (the annotators extra): photos without "
+                      "--keypoints / --poses get black pose maps")
     return annotator_from_spec(spec), None
 
 

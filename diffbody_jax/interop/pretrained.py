@@ -36,10 +36,35 @@ from diffbody_jax.models.controlnet import (
     controlnet_from_joint_unet,
     controlnet_from_unet,
 )
+from diffbody_jax.models.ip_adapter import is_ip_kernel_path
 from diffbody_jax.models.joint_unet import JointUNet, JointUNetConfig, joint_unet_from_unet
+from diffbody_jax.models.stage2 import Stage2Model, adapter_paths, is_adapter_path
 from diffbody_jax.models.swinir import SwinIR, SwinIRConfig
 from diffbody_jax.models.unet import UNet2DConditionModel, UNetConfig
 from diffbody_jax.models.vae import AutoencoderKL, VAEConfig
+
+
+def _nothing(path: str) -> bool:
+    return False
+
+
+def _keep(member, flat: dict) -> tuple[dict, Callable[[str], bool]]:
+    """A file that is exactly the member's model."""
+    return flat, _nothing
+
+
+def _adapter_fills(member, flat: dict) -> tuple[dict, Callable[[str], bool]]:
+    """A colour adapter file in a Stage2Model: its Resampler and the UNet's to_k_ip / to_v_ip; the rest untouched."""
+    if isinstance(member, Stage2Model):
+        return adapter_paths(flat), lambda path: not is_adapter_path(path)
+    return flat, _nothing
+
+
+def _unet_fills(member, flat: dict) -> tuple[dict, Callable[[str], bool]]:
+    """A plain UNet file in a UNet built with the colour adapter's kernels: those keep their fresh values."""
+    if getattr(member, "ip_adapter", False) and not any(is_ip_kernel_path(k) for k in flat):
+        return flat, is_ip_kernel_path
+    return flat, _nothing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +87,9 @@ class Family:
     # dict after reading (from_torch) and before writing (to_torch)
     from_torch: Callable[[dict, str], dict] = lambda sd, source: sd  # noqa: E731
     to_torch: Callable[[dict], dict] = lambda sd: sd  # noqa: E731
+    # how this family's file fills a member that is more than the file's model: (member, flat params) -> (flat params
+    # keyed by the member's paths, predicate true on the member's paths the file leaves as they are)
+    fills: Callable[[Any, dict], tuple[dict, Callable[[str], bool]]] = _keep
 
     def shapes(self, module) -> dict:
         return module.variable_shapes() if self.variables else module.param_shapes()
@@ -83,6 +111,7 @@ def _diffusers_family(class_name: str, component: str) -> Callable[[], Family]:
             lambda cfg, **kw: module_cls(cfg, **kw),
             table,
             component,
+            fills=_unet_fills if class_name == "UNet2DConditionModel" else _keep,
         )
 
     return make
@@ -138,7 +167,7 @@ def _colour_adapter_family() -> Family:
         "IPAdapterPlus", ColourAdapterConfig.from_dict,
         lambda cfg, **kw: ColourAdapter(cfg, tuple(sorted(kw.items()))),
         lambda cfg: adapter_table(cfg.unet, "original"), "colour_adapter", "ip_adapter.safetensors",
-        from_torch=split_kv, to_torch=fuse_kv,
+        from_torch=split_kv, to_torch=fuse_kv, fills=_adapter_fills,
     )
 
 
@@ -259,10 +288,15 @@ def init_from_pretrained_unet(path: str | os.PathLike, module, rng: jax.Array, *
     return params, copied, str(path)
 
 
-def load_weights_for(path: str | os.PathLike, module, param_dtype: Any = np.float32) -> dict:
-    """The variables {"params"[, "batch_stats"]} of an already built `module`, from any file or folder we read:
-    a diffusers or converted folder (`load_pretrained`), or an original checkpoint file: SwinIR (KAIR `.pth`,
-    DiffBIR `.ckpt`) or BPBreID (torchreid `.pth.tar`). Shapes are checked against `module` by the caller."""
+def load_weights_for(path: str | os.PathLike, module, param_dtype: Any = np.float32
+                     ) -> tuple[dict, Callable[[str], bool]]:
+    """What a file or folder holds for an already built `module`: (variables {"params"[, "batch_stats"]}, each
+    collection a flat dict keyed by the module's own "/"-joined paths; a predicate true on the module's paths the
+    file leaves as they are: its family's `fills`, e.g. a colour adapter in a Stage2Model). From a diffusers or
+    converted folder (`load_pretrained`), or an original checkpoint file: SwinIR (KAIR `.pth`, DiffBIR `.ckpt`) or
+    BPBreID (torchreid `.pth.tar`). Shapes are checked against `module` by the caller."""
+    from flax import traverse_util
+
     from diffbody_jax.interop.bodypart import load_bodypart
     from diffbody_jax.interop.swinir import load_swinir
 
@@ -273,11 +307,19 @@ def load_weights_for(path: str | os.PathLike, module, param_dtype: Any = np.floa
             name = family_for_module(module).component
             subfolder = name if (path / name).is_dir() else None
         loaded_module, loaded = load_pretrained(path, subfolder=subfolder, param_dtype=param_dtype)
-        # a colour adapter folder fills part of a composed stage-2 model: the caller places it
-        return dict(loaded) if family_for_module(loaded_module).variables else {"params": loaded}
-    if isinstance(module, SwinIR):
-        return {"params": load_swinir(path, module.config, param_dtype)}
-    if isinstance(module, BodyPartNet):
-        return dict(load_bodypart(path, module.config, param_dtype)[1])
-    raise ValueError(f"{path}: a single checkpoint file is read for SwinIR and BPBreID only; for "
-                     f"{type(module).__name__} give a diffusers or converted folder")
+        family = family_for_module(loaded_module)
+        variables = dict(loaded) if family.variables else {"params": loaded}
+        fills = family.fills
+    elif isinstance(module, SwinIR):
+        variables, fills = {"params": load_swinir(path, module.config, param_dtype)}, _keep
+    elif isinstance(module, BodyPartNet):
+        variables, fills = dict(load_bodypart(path, module.config, param_dtype)[1]), _keep
+    else:
+        raise ValueError(f"{path}: a single checkpoint file is read for SwinIR and BPBreID only; for "
+                         f"{type(module).__name__} give a diffusers or converted folder")
+    untouched = _nothing
+    flat = {}
+    for collection, tree in variables.items():
+        flat[collection], leaves = fills(module, traverse_util.flatten_dict(tree, sep="/"))
+        untouched = leaves if collection == "params" else untouched
+    return flat, untouched

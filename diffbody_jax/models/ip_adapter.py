@@ -31,6 +31,11 @@ from diffbody_jax.models.variables import ModelVariables
 IP_KERNELS = ("to_k_ip", "to_v_ip")
 
 
+def is_ip_kernel_path(path: str) -> bool:
+    """Whether a flat UNet param path ("down_blocks_1/.../attn2/to_k_ip/kernel") is an adapter kernel."""
+    return any(f"/{name}/" in f"/{path}" for name in IP_KERNELS)
+
+
 @dataclasses.dataclass(frozen=True)
 class ResamplerConfig:
     """The Perceiver Resampler; field names of diffusers' `IPAdapterPlusImageProjection`.

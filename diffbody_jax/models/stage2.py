@@ -24,7 +24,13 @@ import jax.numpy as jnp
 
 from diffbody_jax.config import runtime_kwargs
 from diffbody_jax.models.controlnet import ControlNetConfig, ControlNetModel
-from diffbody_jax.models.ip_adapter import Resampler, ResamplerConfig, with_ip_adapter
+from diffbody_jax.models.ip_adapter import (
+    Resampler,
+    ResamplerConfig,
+    ip_adapter_of,
+    is_ip_kernel_path,
+    with_ip_adapter,
+)
 from diffbody_jax.models.layers import Array
 from diffbody_jax.models.unet import SDXLText, UNet2DConditionModel, UNetConfig
 from diffbody_jax.models.variables import ModelVariables
@@ -87,6 +93,26 @@ def stage2_params(unet_params: Mapping, controlnet_params: Mapping, adapter: Map
     adapter's ({"image_proj", "ip_adapter"}, as `diffbody_jax.interop.ip_adapter` imports IP-Adapter-Plus-XL)."""
     return {"unet": with_ip_adapter(unet_params, adapter), "controlnet": dict(controlnet_params),
             "image_proj": dict(adapter["image_proj"])}
+
+
+# The colour adapter <-> Stage2Model mapping, both ways: the adapter's {"image_proj", "ip_adapter"} is the model's
+# image_proj subtree and the UNet's to_k_ip / to_v_ip kernels (the engine's init from an adapter file, the
+# colour_adapter phase's export and the stand-in weights use these two functions).
+def adapter_params(params: Mapping) -> dict:
+    """The colour adapter's params {"image_proj", "ip_adapter"} of a Stage2Model's params (selected, not copied)."""
+    return {"image_proj": params["image_proj"], "ip_adapter": ip_adapter_of(params["unet"])}
+
+
+def adapter_paths(adapter_flat: Mapping[str, Any]) -> dict[str, Any]:
+    """A colour adapter's flat params ("image_proj/...", "ip_adapter/...") keyed by the Stage2Model param paths
+    they fill ("image_proj/...", "unet/..."); `is_adapter_path` is true exactly on those."""
+    return {("unet/" + k.removeprefix("ip_adapter/")) if k.startswith("ip_adapter/") else k: v
+            for k, v in adapter_flat.items()}
+
+
+def is_adapter_path(path: str) -> bool:
+    """Whether a flat Stage2Model param path ("unet/.../attn2/to_k_ip/kernel") belongs to the colour adapter."""
+    return path.startswith("image_proj/") or is_ip_kernel_path(path)
 
 
 def build_stage2(model_config) -> Stage2Model:

@@ -34,12 +34,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffbody_jax.config import dataclass_from_dict, dataclass_to_dict
+from diffbody_jax.models.attention import attention_backend
 from diffbody_jax.models.layers import (
     MLP,
     Array,
     Dtype,
     Precision,
-    attention_backend,
     conv,
     dense,
     layer_norm,
@@ -217,7 +217,7 @@ class SwinModule(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     precision: Precision = None
-    attention_backend: str = "einsum"  # a name of layers.attention_backend: the window attention runs on it
+    attention_backend: str = "einsum"  # a name of models.attention's registry: the window attention runs on it
 
     def kw(self) -> dict[str, Any]:
         return dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,

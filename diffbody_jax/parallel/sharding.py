@@ -53,7 +53,21 @@ class ShardingRules:
 
     @classmethod
     def from_config(cls, section) -> ShardingRules:
-        return cls(fsdp_min_size=int(section["fsdp_min_size"]))
+        """A config's `mesh` section: fsdp_min_size, and logical_rules ({logical axis: mesh axis, list of axes or
+        None}) merged over LOGICAL_RULES (None or {}: the table as it is), e.g.
+        --config.mesh.logical_rules="{'heads': None}" to keep attention heads whole on a tensor axis."""
+        overrides = dict(section.get("logical_rules") or {})
+        known = dict(LOGICAL_RULES)
+        unknown = sorted(set(overrides) - set(known))
+        if unknown:
+            raise ValueError(f"config mesh.logical_rules: unknown logical axes {unknown}; known: {sorted(known)}")
+        mesh_axes = {"data", "fsdp", "tensor"}
+        for name, axes in overrides.items():
+            listed = [axes] if isinstance(axes, str) else list(axes or [])
+            if set(listed) - mesh_axes:
+                raise ValueError(f"config mesh.logical_rules[{name!r}] = {axes!r}: mesh axes are {sorted(mesh_axes)}")
+            known[name] = tuple(listed) if len(listed) > 1 else (listed[0] if listed else None)
+        return cls(logical=tuple(known.items()), fsdp_min_size=int(section["fsdp_min_size"]))
 
 
 def _axis_size(mesh: Mesh, axes) -> int:

@@ -17,8 +17,9 @@ from diffbody_jax.conditioning.prompts import open_clip_bpe_path, write_clip_tok
 from diffbody_jax.config import load_config
 from diffbody_jax.diffusion.contract import MEMBER_COMPONENTS, PHASE_COMPONENTS, contract_from_config
 from diffbody_jax.interop.ip_adapter import ColourAdapter, ColourAdapterConfig
-from diffbody_jax.models.ip_adapter import ip_adapter_of, without_ip_adapter
+from diffbody_jax.models.ip_adapter import without_ip_adapter
 from diffbody_jax.models.registry import build_model
+from diffbody_jax.models.stage2 import adapter_params
 from diffbody_jax.models.variables import random_variables
 from diffbody_jax.pipelines.weights import TOKENIZERS, component_location, write_component
 
@@ -47,8 +48,7 @@ def write_stand_in_weights(weights: str | os.PathLike, seed: int = 0, skip: tupl
                                 {"params": without_ip_adapter(params["unet"])})
                 write_component(weights, "stage2_controlnet", module.controlnet, {"params": params["controlnet"]})
                 adapter = ColourAdapter(ColourAdapterConfig(module.unet.config, module.image_proj.config))
-                adapter_params = {"image_proj": params["image_proj"], "ip_adapter": ip_adapter_of(params["unet"])}
-                write_component(weights, "colour_adapter", adapter, {"params": adapter_params})
+                write_component(weights, "colour_adapter", adapter, {"params": adapter_params(params)})
             elif component is not None and component not in {*skip, *written}:
                 written.add(component)
                 write_component(weights, component, module, random_variables(module, seed + 100 * n + m))

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,22 +30,21 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
-from flax import traverse_util
+import optax
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
 from diffbody_jax.config import load_config
 from diffbody_jax.data.degradations import degradation_from_config
 from diffbody_jax.data.manifest import MAP_FIELDS, read_manifest
 from diffbody_jax.data.pipeline import DataConfig, make_dataset
 from diffbody_jax.diffusion.contract import contract_from_config
-from diffbody_jax.interop.pretrained import init_from_pretrained_unet, load_weights_for, save_pretrained
-from diffbody_jax.models.stage2 import Stage2Model
-from diffbody_jax.models.unet import UNet2DConditionModel
+from diffbody_jax.interop.pretrained import save_pretrained
+from diffbody_jax.models.registry import build_model
 from diffbody_jax.parallel.mesh import MeshConfig, make_mesh
 from diffbody_jax.parallel.sharding import (
     ShardingRules,
     global_batch,
-    host_to_sharded,
     logical_rules,
     param_partition_specs,
     tree_shardings,
@@ -54,12 +52,13 @@ from diffbody_jax.parallel.sharding import (
 from diffbody_jax.training.annotated_pose import annotated_pose_hook, pose_style_from
 from diffbody_jax.training.cache import EncodedCache
 from diffbody_jax.training.checkpoint import Checkpoints
+from diffbody_jax.training.init_from import init_sources, load_into
 from diffbody_jax.training.metric_writer import MetricWriter
 from diffbody_jax.training.optimizer import make_optimizer
 from diffbody_jax.training.phases import Phase, get_phase
 from diffbody_jax.training.state import TrainState, create_train_state
 from diffbody_jax.training.step import PASSED_THROUGH, jit_train_step, make_train_step
-from diffbody_jax.training.trainable import merge, partition
+from diffbody_jax.training.trainable import TrainableSubset, merge, partition
 
 log = logging.getLogger(__name__)
 
@@ -77,138 +76,53 @@ class TrainResult:
 
 
 # ------------------------------------------------------------------------------------------------ the model
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Setup:
-    """The pieces of a run that do not depend on the data: module, mesh, shardings, optimizer."""
+    """The pieces of a run that do not depend on the data: phase, module and its loss, mesh, shardings, optimizer."""
 
     phase: Phase
-    subset: Any  # the phase's TrainableSubset under this config
-    module: Any
-    mesh: Any
+    subset: TrainableSubset  # the phase's trainable params under this config
+    module: nn.Module
+    loss_fn: Callable  # fn(variables, batch, key) -> (loss, metrics)
+    mesh: Mesh
     rules: ShardingRules
-    tx: Any
-    schedule: Callable
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    ema: bool  # train.ema_decay > 0
     abstract_variables: Any  # unboxed ShapeDtypeStructs
     variable_shardings: Any
     param_specs: Any
     abstract_state: TrainState
     state_shardings: TrainState
 
-    def make_state(self, variables, rng, ema: bool) -> TrainState:
-        trainable, frozen = partition(variables["params"], self.subset)
-        model_state = {k: v for k, v in variables.items() if k != "params"}
-        return create_train_state(trainable, frozen, model_state, self.tx, rng, ema)
+    def make_state(self, variables, rng) -> TrainState:
+        return make_state(self.subset, self.tx, variables, rng, self.ema)
+
+
+def make_state(subset: TrainableSubset, tx, variables, rng, ema: bool) -> TrainState:
+    """A train state from a model's variables: params split into the trainable subset and the frozen rest."""
+    trainable, frozen = partition(variables["params"], subset)
+    model_state = {k: v for k, v in variables.items() if k != "params"}
+    return create_train_state(trainable, frozen, model_state, tx, rng, ema)
 
 
 def setup(config, mesh=None) -> Setup:
     phase = get_phase(config.phase)
-    module = phase.build(config.model)
+    module = build_model(config.model)
+    loss_fn = phase.loss_fn(module, config)  # refuses a config or model the phase cannot train, before any init
     mesh = mesh or make_mesh(MeshConfig.from_config(config.mesh))
     rules = ShardingRules.from_config(config.mesh)
     tx, schedule = make_optimizer(config.optim, int(config.train.steps))
+    subset = phase.trainable(config)
     boxed = module.abstract_variables()
     specs = param_partition_specs(boxed["params"], mesh, rules)
     abstract = nn.unbox(boxed)
     ema = float(config.train.ema_decay) > 0
-    partial = Setup(phase, phase.trainable(config), module, mesh, rules, tx, schedule, abstract, None, specs, None,
-                    None)
-    abstract_state = jax.eval_shape(lambda v, r: partial.make_state(v, r, ema), abstract,
+    abstract_state = jax.eval_shape(lambda v, r: make_state(subset, tx, v, r, ema), abstract,
                                     jax.ShapeDtypeStruct((2,), np.uint32))
-    return dataclasses.replace(partial, variable_shardings=tree_shardings(abstract, specs, mesh, rules),
-                               abstract_state=abstract_state,
-                               state_shardings=tree_shardings(abstract_state, specs, mesh, rules))
-
-
-def _init_sources(spec: str) -> list[tuple[str, str]]:
-    """"unet=path,controlnet=unet:path" or "path" -> [(subtree, path)]; a run's workdir means its export/ folder."""
-    out = []
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        subtree, sep, path = item.partition("=")
-        subtree, path = (subtree, path) if sep else ("", item)
-        bare = path.removeprefix("unet:")
-        if (Path(bare) / "export").is_dir() and not (Path(bare) / "config.json").exists():
-            path = path[: len(path) - len(bare)] + str(Path(bare) / "export")
-        out.append((subtree, path))
-    return out
-
-
-def _subtree(tree, subtree: str, what: str):
-    for part in filter(None, subtree.split("/")):
-        if not isinstance(tree, dict) or part not in tree:
-            raise ValueError(f"train.init_from: the model's {what} have no subtree {subtree!r}; "
-                             f"top level: {sorted(tree) if isinstance(tree, dict) else '(a leaf)'}")
-        tree = tree[part]
-    return tree
-
-
-def _replace(tree: dict, subtree: str, value) -> dict:
-    if not subtree:
-        return value
-    head, _, rest = subtree.partition("/")
-    return {**tree, head: _replace(tree[head], rest, value)}
-
-
-def _check_fits(target, loaded, where: str) -> None:
-    want = {jax.tree_util.keystr(p): (tuple(x.shape), str(x.dtype)) for p, x in
-            jax.tree_util.tree_flatten_with_path(target)[0]}
-    got = {jax.tree_util.keystr(p): (tuple(np.shape(x)), str(np.asarray(x).dtype)) for p, x in
-           jax.tree_util.tree_flatten_with_path(loaded)[0]}
-    if want != got:
-        diff = sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))[:5]
-        raise ValueError(f"train.init_from {where}: " + "; ".join(
-            f"{k}: model {want.get(k)}, file {got.get(k)}" for k in diff))
-
-
-def _covered(member, target: dict, loaded: dict) -> tuple[dict, dict]:
-    """(flat loaded leaves placed at the target's paths, flat target leaves the source may leave untouched).
-
-    Two sources fill only part of a member: a plain UNet into a UNet built with the colour adapter's to_k_ip /
-    to_v_ip (those keep their fresh values), and a colour adapter (IP-Adapter-Plus-XL, converted: {"image_proj",
-    "ip_adapter"}) into a `Stage2Model` (its Resampler and the UNet's adapter kernels; the rest untouched)."""
-    flat_target = traverse_util.flatten_dict(target, sep="/")
-    flat = traverse_util.flatten_dict(loaded, sep="/")
-    if isinstance(member, Stage2Model) and set(loaded) == {"image_proj", "ip_adapter"}:
-        flat = {("image_proj/" + k[len("image_proj/"):]) if k.startswith("image_proj/")
-                else "unet/" + k[len("ip_adapter/"):]: v for k, v in flat.items()}
-        optional = {k: v for k, v in flat_target.items() if not (k.startswith("image_proj/") or _IP_KERNEL.search(k))}
-        return flat, optional
-    if isinstance(member, UNet2DConditionModel) and member.ip_adapter and not any(_IP_KERNEL.search(k) for k in flat):
-        return flat, {k: v for k, v in flat_target.items() if _IP_KERNEL.search(k)}
-    return flat, {}
-
-
-_IP_KERNEL = re.compile(r"/to_[kv]_ip/")
-
-
-def _load_into(variables: dict, shardings: dict, subtree: str, path: str, module, rng) -> dict:
-    """Place one init source: `path` (`load_weights_for`: a diffusers or converted folder, with BatchNorm statistics
-    where the model has them, or an original SwinIR / BPBreID checkpoint file) or `unet:path` (a ControlNet or
-    joint UNet started from that UNet's weights)."""
-    member = module
-    for part in filter(None, subtree.split("/")):
-        member = getattr(member, part)
-    if not Path(path.removeprefix("unet:")).exists():
-        raise FileNotFoundError(f"config train.init_from: {subtree or '(all params)'} = {path}: no such file or "
-                                "folder")
-    if path.startswith("unet:"):
-        loaded, _, _ = init_from_pretrained_unet(path.removeprefix("unet:"), member, rng)
-        loaded = {"params": loaded}
-    else:
-        loaded = load_weights_for(path, member)
-    out = dict(variables)
-    for collection, tree in loaded.items():
-        if collection not in variables:
-            raise ValueError(f"train.init_from {path}: holds {collection!r}, which the model has none of")
-        target = _subtree(variables[collection], subtree, collection)
-        flat, untouched = _covered(member, target, tree)
-        flat_target = traverse_util.flatten_dict(target, sep="/")
-        where = f"{path} does not fit {collection} {subtree or '(all)'!r}"
-        _check_fits({k: v for k, v in flat_target.items() if k not in untouched}, flat, where)
-        shard = traverse_util.flatten_dict(_subtree(shardings[collection], subtree, collection), sep="/")
-        placed = host_to_sharded(flat, {k: shard[k] for k in flat})
-        merged = traverse_util.unflatten_dict({**flat_target, **placed}, sep="/")
-        out[collection] = _replace(variables[collection], subtree, merged)
-    return out
+    return Setup(phase, subset, module, loss_fn, mesh, rules, tx, schedule, ema, abstract,
+                 tree_shardings(abstract, specs, mesh, rules), specs, abstract_state,
+                 tree_shardings(abstract_state, specs, mesh, rules))
 
 
 def init_state(s: Setup, config) -> TrainState:
@@ -218,12 +132,11 @@ def init_state(s: Setup, config) -> TrainState:
     init = jax.jit(lambda k: nn.unbox(s.module.init(k, **s.module.dummy_inputs())),
                    out_shardings=s.variable_shardings)
     variables = init(init_key)
-    for index, (subtree, path) in enumerate(_init_sources(config.train.init_from)):
+    for index, (subtree, path) in enumerate(init_sources(config.train.init_from)):
         log.info("init %s from %s", subtree or "all params", path)
-        variables = _load_into(variables, s.variable_shardings, subtree, path, s.module,
+        variables = load_into(variables, s.variable_shardings, subtree, path, s.module,
                                jax.random.fold_in(init_key, index))
-    ema = float(config.train.ema_decay) > 0
-    make = jax.jit(lambda v, r: s.make_state(v, r, ema), out_shardings=s.state_shardings, donate_argnums=0)
+    make = jax.jit(s.make_state, out_shardings=s.state_shardings, donate_argnums=0)
     return make(variables, state_key)
 
 
@@ -330,7 +243,7 @@ def train(config, workdir: str | Path, *, batch_hook: Callable[[int, dict], dict
              sum(x.size for x in jax.tree.leaves(state.frozen)))
 
     step_fn = jit_train_step(
-        make_train_step(s.phase.loss_fn(s.module, config), s.tx, s.schedule,
+        make_train_step(s.loss_fn, s.tx, s.schedule,
                         grad_accum=int(config.train.grad_accum), ema_decay=float(config.train.ema_decay)),
         s.state_shardings, s.mesh)
     host_hook = s.phase.host(config) if s.phase.host is not None else None

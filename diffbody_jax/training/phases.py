@@ -1,15 +1,13 @@
 """Training phases: what each one builds, trains and minimises, as data the training engine reads.
 
-A `Phase` is
-  build(model_config) -> module       the Flax module of a config's `model` section (`models.registry`),
+A `Phase` is data; its module is the config's `model` section built by `models.registry.build_model`:
   subset                              the trainable params (a `TrainableSubset`, or a function of the config that
                                       returns one; the rest is frozen),
   inputs                              the batch fields its loss reads (taken from the data pipeline's batches),
-  switches(config) -> dict            the loss's settings read from the config (prediction type, min-SNR, ...),
-  loss(module, **switches) -> fn      a loss factory: fn(variables, batch, key) -> (loss, metrics), `variables`
-                                      = {"params": trainable + frozen, other collections},
-  prepare(variables, batch)           the pipeline's batch -> the loss's batch, inside the jitted step (encoders
-                                      that run outside the trained model go here; identity where it fits),
+  make_loss(module, config) -> fn     fn(variables, batch, key) -> (loss, metrics), `variables` = {"params":
+                                      trainable + frozen, other collections}; it reads its settings from the config
+                                      (prediction type, min-SNR, ...) and refuses, naming the field or variant, a
+                                      config or model the phase cannot train (the engine calls it before any init),
   host(config) -> fn(batch) -> batch  on the host, before the batch becomes global arrays (tokenising captions),
   cache(module, variables, batch)     the frozen encodings `diffbody prepare` may store once (None: no cache),
   export                              the param subtree written to the PyTorch layout at the end ("" = all), or
@@ -31,8 +29,7 @@ import jax.numpy as jnp
 
 from diffbody_jax.diffusion.contract import contract_from_config
 from diffbody_jax.interop.ip_adapter import ColourAdapter, ColourAdapterConfig
-from diffbody_jax.models.ip_adapter import ip_adapter_of
-from diffbody_jax.models.registry import build_model
+from diffbody_jax.models.stage2 import adapter_params
 from diffbody_jax.models.swinir import SwinIR
 from diffbody_jax.training.losses import (
     stage1_cacheable,
@@ -58,25 +55,12 @@ def _in_member(subset: TrainableSubset, member: str) -> TrainableSubset:
     return TrainableSubset(subset.name, tuple(f"^{member}/" + p.removeprefix("^") for p in subset.patterns))
 
 
-def _identity(variables: Mapping, batch: Mapping[str, Any]) -> Mapping[str, Any]:
-    del variables
-    return batch
-
-
-def _no_switches(config) -> dict:
-    del config
-    return {}
-
-
 @dataclasses.dataclass(frozen=True)
 class Phase:
     name: str
-    build: Callable[[Any], Any]
     subset: TrainableSubset | Callable[[Any], TrainableSubset]
     inputs: tuple[str, ...]
-    loss: Callable[..., Callable]
-    switches: Callable[[Any], dict] = _no_switches
-    prepare: Callable[[Mapping, Mapping[str, Any]], Mapping[str, Any]] = _identity
+    make_loss: Callable[[Any, Any], Callable]
     export: str | Callable[[Any, Any], tuple[Any, Any]] | None = ""
     host: Callable[[Any], Callable[[dict], dict]] | None = None
     cache: Callable[[Any, Mapping, Mapping[str, Any]], dict] | None = None
@@ -87,8 +71,7 @@ class Phase:
 
     def loss_fn(self, module, config) -> Callable:
         """fn(variables, batch, key) -> (loss, metrics) of this phase for `module` under `config`."""
-        loss = self.loss(module, **self.switches(config))
-        return lambda variables, batch, key: loss(variables, self.prepare(variables, batch), key)
+        return self.make_loss(module, config)
 
 
 def _schedule(config) -> jnp.ndarray:
@@ -97,7 +80,8 @@ def _schedule(config) -> jnp.ndarray:
     return jnp.asarray(contract_from_config(config).schedule().alphas_cumprod())
 
 
-def _v1_switches(config) -> dict:
+def v1_switches(config) -> dict:
+    """The v1 loss's settings from the config; refuses an I_attn source whose map the data does not load."""
     d = config["diffusion"]
     field = {"manifest": "attention", "mask": "mask"}.get(d["attention"])
     if field is not None and field not in config["data"]["maps"]:
@@ -107,8 +91,8 @@ def _v1_switches(config) -> dict:
                 weighting=d["weighting"], attention=d["attention"])
 
 
-def _v1_loss(group, **switches):
-    return lambda variables, batch, key: v1_controlnet_loss(group, variables, batch, key, **switches)
+def _v1_loss(group, config) -> Callable:
+    return functools.partial(v1_controlnet_loss, group, **v1_switches(config))
 
 
 def caption_tokens(config) -> Callable[[dict], dict]:
@@ -132,7 +116,15 @@ def caption_tokens(config) -> Callable[[dict], dict]:
     return fn
 
 
-def _swinir_loss(module: SwinIR):
+def _swinir_loss(module: SwinIR, config) -> Callable:
+    """Stage 0's L2 loss. SwinIR regresses the clean photo at the degraded input's size (the data pipeline upsamples
+    the degraded image back to it), so a super-resolving variant is refused here, before anything compiles."""
+    if module.config.scale != 1:
+        raise ValueError(f"the swinir phase regresses the clean image at the input's size, but model variant "
+                         f"{config.model.get('variant')!r} outputs {module.config.scale}x its input (upscale="
+                         f"{module.config.upscale}, unshuffle_scale={module.config.unshuffle_scale}); use a variant "
+                         "that keeps the size (diffbir, tiny-diffbir) or set model.swinir.unshuffle_scale to upscale")
+
     def fn(variables, batch, key):
         loss = swinir_l2_loss(module, variables["params"], batch["degraded"], batch["target"], rng=key)
         return loss, {}
@@ -140,7 +132,7 @@ def _swinir_loss(module: SwinIR):
     return fn
 
 
-def _stage2_switches(config) -> dict:
+def stage2_switches(config) -> dict:
     diffusion = config["diffusion"]
     adapter = config["adapter"] if "adapter" in config else {}
     return dict(alphas_cumprod=_schedule(config), prediction_type=diffusion["prediction_type"],
@@ -148,8 +140,8 @@ def _stage2_switches(config) -> dict:
                 adapter_image=adapter.get("image", "ir"), clip_fit=adapter.get("clip_fit", "auto"))
 
 
-def _stage2_loss(group, *, phase: str, **switches):
-    return lambda variables, batch, key: stage2_phase_loss(group, variables, batch, key, phase=phase, **switches)
+def _stage2_loss(phase: str) -> Callable:
+    return lambda group, config: functools.partial(stage2_phase_loss, group, phase=phase, **stage2_switches(config))
 
 
 def colour_adapter_export(group, params):
@@ -157,7 +149,7 @@ def colour_adapter_export(group, params):
     Resampler and the UNet's to_k_ip / to_v_ip, nothing else (params may be device arrays: selected, not copied)."""
     model, params = group.stage2, params["stage2"]
     adapter = ColourAdapter(ColourAdapterConfig(model.unet.config, model.image_proj.config))
-    return adapter, {"image_proj": params["image_proj"], "ip_adapter": ip_adapter_of(params["unet"])}
+    return adapter, adapter_params(params)
 
 
 JOINT_UNET_TRAINABLE = ("sd_branch", "all")
@@ -186,7 +178,7 @@ def joint_unet_subset(config) -> TrainableSubset:
                            (rf"^joint_unet/(?!fusion_logits$)(?![a-z_]+_branch_(?!{rgb}[_/])\d+[_/])",))
 
 
-def _stage1_switches(config) -> dict:
+def stage1_switches(config) -> dict:
     d = config["diffusion"]
     joint = config["joint"]
     stats = {k: tuple(v) for k, v in joint["latent_stats"].items()} if joint["normalize_latents"] else None
@@ -194,29 +186,26 @@ def _stage1_switches(config) -> dict:
                 branches=tuple(config["model"]["members"]["joint_unet"]["config"]["branches"]), latent_stats=stats)
 
 
-def _stage1_loss(group, **switches):
-    return lambda variables, batch, key: stage1_loss(group, variables, batch, key, **switches)
+def _stage1_loss(group, config) -> Callable:
+    return functools.partial(stage1_loss, group, **stage1_switches(config))
 
 
 STAGE1_INPUTS = ("target", "pose", "depth", "normal", "input_ids")
 
-PHASES: dict[str, Phase] = {
-    "swinir": Phase("swinir", build_model, TrainableSubset("swinir", (r".",)), ("degraded", "target"), _swinir_loss),
-    "stage2_controlnet": Phase("stage2_controlnet", build_model, _in_member(STAGE2_SUBSETS["controlnet"], "stage2"),
-                               STAGE2_INPUTS, functools.partial(_stage2_loss, phase="controlnet"), _stage2_switches,
-                               export="stage2/controlnet", host=caption_tokens, cache=stage2_cacheable),
-    "colour_adapter": Phase("colour_adapter", build_model, _in_member(STAGE2_SUBSETS["colour_adapter"], "stage2"),
-                            STAGE2_INPUTS, functools.partial(_stage2_loss, phase="colour_adapter"), _stage2_switches,
-                            export=colour_adapter_export, host=caption_tokens, cache=stage2_cacheable),
-    "v1_controlnet": Phase("v1_controlnet", build_model, TrainableSubset("controlnet", (r"^controlnet/",)),
-                           ("degraded", "target", "pose", "input_ids"), _v1_loss, _v1_switches,
-                           export="controlnet", host=caption_tokens, cache=v1_cacheable),
-    "stage1_joint_unet": Phase("stage1_joint_unet", build_model, joint_unet_subset, STAGE1_INPUTS, _stage1_loss,
-                               _stage1_switches, export="joint_unet", host=caption_tokens, cache=stage1_cacheable),
-    "stage1_controlnet": Phase("stage1_controlnet", build_model, TrainableSubset("controlnet", (r"^controlnet/",)),
-                               STAGE1_INPUTS + ("degraded",), _stage1_loss, _stage1_switches, export="controlnet",
-                               host=caption_tokens, cache=stage1_cacheable),
-}
+PHASES: dict[str, Phase] = {p.name: p for p in (
+    Phase("swinir", TrainableSubset("swinir", (r".",)), ("degraded", "target"), _swinir_loss),
+    Phase("v1_controlnet", TrainableSubset("controlnet", (r"^controlnet/",)),
+          ("degraded", "target", "pose", "input_ids"), _v1_loss, export="controlnet", host=caption_tokens,
+          cache=v1_cacheable),
+    Phase("stage1_joint_unet", joint_unet_subset, STAGE1_INPUTS, _stage1_loss, export="joint_unet",
+          host=caption_tokens, cache=stage1_cacheable),
+    Phase("stage1_controlnet", TrainableSubset("controlnet", (r"^controlnet/",)), STAGE1_INPUTS + ("degraded",),
+          _stage1_loss, export="controlnet", host=caption_tokens, cache=stage1_cacheable),
+    Phase("stage2_controlnet", _in_member(STAGE2_SUBSETS["controlnet"], "stage2"), STAGE2_INPUTS,
+          _stage2_loss("controlnet"), export="stage2/controlnet", host=caption_tokens, cache=stage2_cacheable),
+    Phase("colour_adapter", _in_member(STAGE2_SUBSETS["colour_adapter"], "stage2"), STAGE2_INPUTS,
+          _stage2_loss("colour_adapter"), export=colour_adapter_export, host=caption_tokens, cache=stage2_cacheable),
+)}
 
 
 def get_phase(name: str) -> Phase:

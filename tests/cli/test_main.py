@@ -1,5 +1,7 @@
 """The `diffbody` command: subcommands, usage errors with exit 2, configs by name from any directory."""
 
+import os
+import pathlib
 import subprocess
 import sys
 
@@ -30,3 +32,14 @@ def test_runs_from_any_directory_with_config_names(tmp_path):
     # the config was found (the error is about the missing UNet folder, not the config)
     assert out.returncode == 2, out.stderr
     assert "missing" in out.stderr and "config file" not in out.stderr
+
+
+def test_the_console_script_runs_a_command_in_its_own_process(tmp_path):
+    """The installed `diffbody` entry point (other tests call cli.main.main in-process, as README's commands run)."""
+    script = pathlib.Path(sys.executable).parent / "diffbody"
+    out = subprocess.run([str(script), "data", "sample-set", "--out", str(tmp_path / "s")], capture_output=True,
+                         text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "s" / "manifest.jsonl").is_file()
+    out = subprocess.run([str(script), "frobnicate"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "unknown command 'frobnicate'" in out.stderr

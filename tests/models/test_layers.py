@@ -9,7 +9,7 @@ import pytest
 
 from diffbody_jax.interop.layers import attention_rules, resnet_rules, transformer2d_rules
 from diffbody_jax.interop.mapping import MappingTable, torch_to_flax
-from diffbody_jax.models import layers
+from diffbody_jax.models import attention, layers
 from tests.torch_ref import nchw_to_nhwc, needs_torch, nhwc_to_nchw, optional, randomize_, state_dict_numpy
 
 torch = optional("torch")
@@ -134,16 +134,16 @@ def test_group_norm_names_bad_channel_count():
 
 def test_attention_backend_registry(rng, monkeypatch):
     with pytest.raises(ValueError, match="unknown attention backend 'nope'.*registered"):
-        layers.attention_backend("nope")
+        attention.attention_backend("nope")
     calls = []
 
     def traced(q, k, v, *, is_causal=False, bias=None):
         calls.append(q.shape)
-        return layers.attention_backend("einsum")(q, k, v, is_causal=is_causal, bias=bias)
+        return attention.attention_backend("einsum")(q, k, v, is_causal=is_causal, bias=bias)
 
     # the registry is restored after this test: no backend leaks into the others
-    monkeypatch.setattr(layers, "_ATTENTION_BACKENDS", dict(layers._ATTENTION_BACKENDS))
-    layers.register_attention_backend("test-traced", traced)
+    monkeypatch.setattr(attention, "_ATTENTION_BACKENDS", dict(attention._ATTENTION_BACKENDS))
+    attention.register_attention_backend("test-traced", traced)
     x = jnp.asarray(rng.standard_normal((1, 6, 8)), jnp.float32)
     attn = layers.Attention(2, 4, 8, backend="test-traced")
     params = attn.init(jax.random.key(0), x)
@@ -154,8 +154,8 @@ def test_attention_backend_registry(rng, monkeypatch):
 @pytest.mark.parametrize("backend", ["xla", "auto"])
 def test_causal_einsum_matches_jax(backend, rng):
     q, k, v = (jnp.asarray(rng.standard_normal((2, 9, 3, 8)), jnp.float32) for _ in range(3))
-    got = layers.einsum_attention(q, k, v, is_causal=True)
-    want = layers.attention_backend(backend)(q, k, v, is_causal=True)
+    got = attention.einsum_attention(q, k, v, is_causal=True)
+    want = attention.attention_backend(backend)(q, k, v, is_causal=True)
     assert np.abs(np.asarray(got) - np.asarray(want)).max() <= 1e-5
     # the first query sees only the first key
     np.testing.assert_allclose(np.asarray(got)[:, 0], np.asarray(v)[:, 0], atol=1e-6)
@@ -176,9 +176,9 @@ def test_chunked_attention_matches_einsum_with_gradients(rng):
     def loss(fn, q, k, v):
         return jnp.sum(jnp.sin(fn(q, k, v)))
 
-    chunked = lambda q, k, v: layers.chunked_attention(q, k, v, chunk=16)  # noqa: E731
+    chunked = lambda q, k, v: attention.chunked_attention(q, k, v, chunk=16)  # noqa: E731
     got = chunked(q, k, v)
-    want = layers.einsum_attention(q, k, v)
+    want = attention.einsum_attention(q, k, v)
     assert got.shape == want.shape and np.abs(np.asarray(got) - np.asarray(want)).max() <= 1e-5
     g_got = jax.grad(lambda *a: loss(chunked, *a), argnums=(0, 1, 2))(q, k, v)
     g_want = jax.grad(lambda *a: loss(layers.einsum_attention, *a), argnums=(0, 1, 2))(q, k, v)
@@ -196,9 +196,9 @@ def test_backends_take_an_additive_bias(backend, rng):
     logits = np.einsum("btnd,bsnd->bnts", q.astype(np.float64), k) / np.sqrt(d) + bias
     p = np.exp(logits - logits.max(-1, keepdims=True))
     want = np.einsum("bnts,bsnd->btnd", p / p.sum(-1, keepdims=True), v)
-    fn = layers.attention_backend(backend)
+    fn = attention.attention_backend(backend)
     if backend == "chunked":
-        fn = functools.partial(layers.chunked_attention, chunk=4)
+        fn = functools.partial(attention.chunked_attention, chunk=4)
     got = np.asarray(fn(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), bias=jnp.asarray(bias)))
     assert np.abs(got - want).max() <= 1e-5
 
@@ -244,9 +244,9 @@ def test_key_blocked_attention_matches_float64_softmax(keys, rng, monkeypatch):
     q = rng.standard_normal((2, 70, 3, 16)).astype(np.float32)
     k, v = (rng.standard_normal((2, keys, 3, 16)).astype(np.float32) for _ in range(2))
     calls = []
-    blocked = layers._key_blocked_attention
+    blocked = attention._key_blocked_attention
     monkeypatch.setattr(layers, "_key_blocked_attention", lambda *a: calls.append(1) or blocked(*a))
-    got = np.asarray(layers.einsum_attention(q, k, v))
+    got = np.asarray(attention.einsum_attention(q, k, v))
     assert calls == ([1] if jax.default_backend() == "cpu" else [])
     logits = np.einsum("btnd,bsnd->bnts", q.astype(np.float64), k.astype(np.float64)) / 4.0
     p = np.exp(logits - logits.max(-1, keepdims=True))
@@ -254,10 +254,10 @@ def test_key_blocked_attention_matches_float64_softmax(keys, rng, monkeypatch):
     np.testing.assert_allclose(got, want, atol=1e-5)
 
     w = rng.standard_normal(q.shape).astype(np.float32)
-    ours = jax.grad(lambda *a: (layers.einsum_attention(*a) * w).sum(), argnums=(0, 1, 2))(q, k, v)
+    ours = jax.grad(lambda *a: (attention.einsum_attention(*a) * w).sum(), argnums=(0, 1, 2))(q, k, v)
     ref = jax.grad(lambda *a: (jax.nn.dot_product_attention(*a, implementation="xla") * w).sum(),
                    argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(ours, ref, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)
-    half = layers.einsum_attention(*(jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)))
+    half = attention.einsum_attention(*(jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)))
     assert half.dtype == jnp.bfloat16 and np.abs(np.asarray(half, np.float32) - want).max() < 0.05

@@ -64,12 +64,11 @@ def test_the_config_switch_builds_the_hook_and_refuses_bad_values():
 
 
 def test_attention_from_a_map_needs_the_map_in_data_maps():
-    from diffbody_jax.training.phases import get_phase
+    from diffbody_jax.training.phases import v1_switches
 
-    phase = get_phase("v1_controlnet")
     with pytest.raises(ValueError, match="diffusion.attention=mask reads the data's 'mask' map: add it to data.maps"):
-        phase.switches(load_config("v1_controlnet:variant=tiny", ["diffusion.attention='mask'"]))
-    switches = phase.switches(load_config("v1_controlnet:variant=tiny", ["diffusion.attention='mask'",
+        v1_switches(load_config("v1_controlnet:variant=tiny", ["diffusion.attention='mask'"]))
+    switches = v1_switches(load_config("v1_controlnet:variant=tiny", ["diffusion.attention='mask'",
                                                                          "data.maps=['pose', 'mask']"]))
     assert switches["attention"] == "mask"
 

@@ -55,7 +55,8 @@ def test_a_run_logs_exports_its_ema_and_a_new_run_starts_from_it(manifest, tmp_p
     for x, y in zip(jax.tree.leaves(started.params), jax.tree.leaves(a.ema), strict=True):
         np.testing.assert_array_equal(np.asarray(x), y)
     with pytest.raises(ValueError, match="different model"):
-        train(load_config("swinir:variant=tiny", [f"data.manifest={manifest}", "train.steps=8"]),
+        train(load_config("swinir:variant=tiny-diffbir", [f"data.manifest={manifest}", "train.steps=8",
+                                                          "model.swinir.embed_dim=12"]),
               tmp_path / "straight")
 
 

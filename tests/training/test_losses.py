@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from diffbody_jax.config import load_config
+from diffbody_jax.models.registry import build_model
 from diffbody_jax.models.swinir import SwinIR, SwinIRConfig
 from diffbody_jax.training.losses import swinir_l2_loss
 from diffbody_jax.training.phases import PHASES, get_phase
@@ -35,15 +36,18 @@ def test_phase_registry_builds_and_trains_only_its_subset(rng):
     assert set(PHASES) == {"swinir", "v1_controlnet", "stage1_joint_unet", "stage1_controlnet", "stage2_controlnet",
                            "colour_adapter"}
     phase = get_phase("swinir")
-    config = load_config(f"{REPO}/configs/swinir.py:variant=tiny")
-    module = phase.build(config.model)
+    config = load_config(f"{REPO}/configs/swinir.py:variant=tiny-diffbir")
+    module = build_model(config.model)
     params = module.init_params(jax.random.key(0))
     assert phase.subset.count(params)[0] == phase.subset.count(params)[1]  # stage 0 trains all of SwinIR
     x = jnp.asarray(rng.uniform(0, 1, (1, 16, 16, 3)), jnp.float32)
-    s = module.config.upscale
-    batch = {"degraded": x, "target": jax.image.resize(x, (1, 16 * s, 16 * s, 3), "linear")}
+    batch = {"degraded": x, "target": jnp.asarray(rng.uniform(0, 1, (1, 16, 16, 3)), jnp.float32)}
     loss, _ = phase.loss_fn(module, config)({"params": params}, batch, jax.random.key(1))
     assert np.isfinite(float(loss))
     assert float(loss) == float(swinir_l2_loss(module, params, batch["degraded"], batch["target"], jax.random.key(1)))
+    # a super-resolving variant cannot regress at the input's size: refused before anything is traced
+    x2 = load_config(f"{REPO}/configs/swinir.py:variant=tiny")
+    with pytest.raises(ValueError, match="model variant 'tiny' outputs 2x its input"):
+        phase.loss_fn(build_model(x2.model), x2)
     with pytest.raises(ValueError, match="unknown training phase 'stage9'"):
         get_phase("stage9")

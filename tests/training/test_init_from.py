@@ -13,7 +13,7 @@ from diffbody_jax.models.group import ModelGroup
 from diffbody_jax.models.registry import build_model
 from diffbody_jax.parallel.mesh import MeshConfig, make_mesh
 from diffbody_jax.parallel.sharding import param_partition_specs, tree_shardings
-from diffbody_jax.training.engine import _init_sources, _load_into
+from diffbody_jax.training.init_from import init_sources, load_into
 
 
 @pytest.fixture(scope="module")
@@ -24,19 +24,23 @@ def group():
 
 
 def _variables(group):
+    """Host-drawn stand-in variables of the group (nothing compiles) and their one-device shardings."""
+    from diffbody_jax.models.variables import random_variables
+
     boxed = group.abstract_variables()
     mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
     shardings = tree_shardings(nn.unbox(boxed), param_partition_specs(boxed["params"], mesh), mesh)
-    return nn.unbox(group.init(jax.random.key(0))), shardings
+    return random_variables(group, 0), shardings
 
 
 def test_group_variables_are_keyed_by_member_and_match_their_shapes(group):
-    variables, _ = _variables(group)
-    assert set(variables["params"]) == {"unet", "controlnet", "bodypart"}
-    assert set(variables["batch_stats"]) == {"bodypart"}
+    initialised = jax.eval_shape(lambda k: nn.unbox(group.init(k)), jax.random.key(0))  # the init's tree, traced
+    assert set(initialised["params"]) == {"unet", "controlnet", "bodypart"}
+    assert set(initialised["batch_stats"]) == {"bodypart"}
     abstract = nn.unbox(group.abstract_variables())
-    assert jax.tree.map(lambda x: x.shape, abstract) == jax.tree.map(lambda x: x.shape, variables)
-    out = group.apply("unet", variables, **group.unet.dummy_inputs())
+    assert jax.tree.map(lambda x: x.shape, abstract) == jax.tree.map(lambda x: x.shape, initialised)
+    variables, _ = _variables(group)
+    out = jax.jit(lambda v: group.apply("unet", v, **group.unet.dummy_inputs()))(variables)
     assert out.shape == group.unet.dummy_inputs()["sample"].shape
     with pytest.raises(AttributeError, match="no member 'vae'"):
         _ = group.vae
@@ -44,16 +48,18 @@ def test_group_variables_are_keyed_by_member_and_match_their_shapes(group):
 
 def test_init_sources_fill_params_and_batch_stats(group, tmp_path, rng):
     variables, shardings = _variables(group)
-    unet_params = group.unet.init_params(jax.random.key(7))
+    from diffbody_jax.models.variables import random_variables
+
+    unet_params = random_variables(group.unet, 7)["params"]
     save_pretrained(tmp_path / "unet", group.unet, unet_params)
-    part = group.bodypart.init_variables(jax.random.key(8))
+    part = random_variables(group.bodypart, 8)
     part = jax.tree.map(lambda x: x + rng.uniform(0.1, 1.0, np.shape(x)).astype(np.float32), part)  # not the init
     save_pretrained(tmp_path / "bodypart", group.bodypart, part)
 
-    sources = _init_sources(f"unet={tmp_path / 'unet'},controlnet=unet:{tmp_path / 'unet'},"
+    sources = init_sources(f"unet={tmp_path / 'unet'},controlnet=unet:{tmp_path / 'unet'},"
                             f"bodypart={tmp_path / 'bodypart'}")
     for index, (subtree, path) in enumerate(sources):
-        variables = _load_into(variables, shardings, subtree, path, group, jax.random.PRNGKey(index))
+        variables = load_into(variables, shardings, subtree, path, group, jax.random.PRNGKey(index))
     for a, b in zip(jax.tree.leaves(unet_params), jax.tree.leaves(variables["params"]["unet"]), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     for collection in ("params", "batch_stats"):
@@ -68,9 +74,9 @@ def test_init_sources_fill_params_and_batch_stats(group, tmp_path, rng):
                for a, b in zip(first, jax.tree.leaves(cn["down_blocks_0"]), strict=True))
 
     with pytest.raises(FileNotFoundError, match=r"train.init_from: unet = .*nothere: no such file"):
-        _load_into(variables, shardings, "unet", str(tmp_path / "nothere"), group, jax.random.PRNGKey(0))
+        load_into(variables, shardings, "unet", str(tmp_path / "nothere"), group, jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="does not fit params 'controlnet'"):
-        _load_into(variables, shardings, "controlnet", str(tmp_path / "unet"), group, jax.random.PRNGKey(0))
+        load_into(variables, shardings, "controlnet", str(tmp_path / "unet"), group, jax.random.PRNGKey(0))
 
 
 def test_the_swinir_phase_starts_from_an_original_kair_checkpoint(tmp_path):
@@ -107,3 +113,42 @@ def test_a_group_section_builds_its_members_by_name():
     assert group.vae.dtype == np.dtype("bfloat16")  # each member keeps its own run-time fields
     with pytest.raises(ValueError, match="model.name='nope'"):
         build_model(model_section(name="group", members={"x": model_section(name="nope")}))
+
+
+def test_partial_sources_fill_their_paths_and_leave_the_rest(tmp_path):
+    """A colour adapter file (IP-Adapter-Plus layout) fills a Stage2Model's Resampler and to_k_ip / to_v_ip only; a
+    plain UNet file fills an adapter UNet but its to_k_ip / to_v_ip. Host-drawn weights: nothing compiles."""
+    from diffbody_jax.interop.ip_adapter import ColourAdapter, ColourAdapterConfig
+    from diffbody_jax.models.ip_adapter import IP_KERNELS, without_ip_adapter
+    from diffbody_jax.models.stage2 import adapter_params
+    from diffbody_jax.models.variables import random_variables
+
+    stage2 = build_model(load_config("stage2:variant=tiny").model)
+    group = ModelGroup(stage2=stage2)
+    mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
+    boxed = group.abstract_variables()
+    shardings = tree_shardings(nn.unbox(boxed), param_partition_specs(boxed["params"], mesh), mesh)
+    fresh = {"params": {"stage2": random_variables(stage2, 1)["params"]}}
+    other = random_variables(stage2, 2)["params"]  # what the files hold
+    adapter = ColourAdapter(ColourAdapterConfig(stage2.unet.config, stage2.image_proj.config))
+    save_pretrained(tmp_path / "adapter", adapter, adapter_params(other))
+    save_pretrained(tmp_path / "unet", stage2.unet.clone(ip_adapter=False), without_ip_adapter(other["unet"]))
+
+    def flat(tree):
+        return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+    def is_adapter(path):
+        return path.startswith("['image_proj']") or any(f"['{k}']" in path for k in IP_KERNELS)
+
+    placed = flat(load_into(fresh, shardings, "stage2", str(tmp_path / "adapter"), group,
+                            jax.random.key(0))["params"]["stage2"])
+    want_file, want_fresh = flat(other), flat(fresh["params"]["stage2"])
+    assert sum(map(is_adapter, placed)) > 0
+    for path, value in placed.items():
+        np.testing.assert_array_equal(value, (want_file if is_adapter(path) else want_fresh)[path], err_msg=path)
+
+    placed = flat(load_into(fresh, shardings, "stage2/unet", str(tmp_path / "unet"), group,
+                            jax.random.key(0))["params"]["stage2"])
+    for path, value in placed.items():
+        from_file = path.startswith("['unet']") and not is_adapter(path)
+        np.testing.assert_array_equal(value, (want_file if from_file else want_fresh)[path], err_msg=path)

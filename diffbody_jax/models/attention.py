@@ -1,0 +1,149 @@
+"""Attention kernels and their registry: the extension point for hardware kernels.
+
+q, k, v: [B, T, N, D] -> [B, T, N, D]. A backend is any function of that signature, chosen by name through a
+module's `attention_backend` field (configs: `model.attention_backend`):
+  "einsum"        the default: plain XLA ops, fastest on CPU and a safe choice everywhere
+  "chunked"       einsum over blocks of 1024 queries with remat: bounded memory for very long sequences
+  "xla", "cudnn"  `jax.nn.dot_product_attention` with that implementation (cudnn: GPU, bf16/fp16)
+  "auto"          `jax.nn.dot_product_attention` choosing for itself
+A TPU Pallas splash-attention kernel (or any other) plugs in with `register_attention_backend("splash", fn)`.
+The `Attention` layer around them (projections, heads) is in models/layers.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+AttentionFn = Callable[..., Array]  # (q, k, v, *, is_causal: bool, bias: Array | None) -> out
+
+
+# XLA:CPU runs attention fastest with the heads moved ahead of the sequence axes (plain batched matmuls: 1.2-2x
+# the einsum below on the UNets' shapes) and, over long key sequences, as the online softmax over blocks of keys of
+# flash attention, which keeps each block's logits in cache ([1, 4096, 5, 64]: 373 -> 116 ms, torch's SDPA 115 ms;
+# bench/attention_paths.py). Same math, float32 logits; other backends (GPU, TPU) keep the einsum form.
+CPU_KEY_BLOCK = 256
+CPU_BLOCKED_MIN_KEYS = 1024
+
+
+def _logits(q: Array, k: Array, acc) -> Array:
+    """[B, N, T, S] float32 (or wider) q.k / sqrt(D) from head-major q [B, N, T, D] and k [B, N, S, D]."""
+    return jnp.matmul(q, k.swapaxes(-1, -2), preferred_element_type=acc) * (q.shape[-1] ** -0.5)
+
+
+def _key_blocked_attention(q: Array, k: Array, v: Array, block: int) -> Array:
+    """Softmax(q k^T / sqrt(D)) v as a running softmax over blocks of `block` keys (flash attention's recurrence):
+    per block, m' = max(m, rowmax), l' = l e^(m - m') + sum e^(s - m'), acc' = acc e^(m - m') + e^(s - m') v;
+    out = acc / l. Keys are padded to a whole block with logits at the float minimum (weight 0)."""
+    b, t, n, d = q.shape
+    s = k.shape[1]
+    acc = jnp.promote_types(q.dtype, jnp.float32)
+    pad = (-s) % block
+    qh = q.transpose(0, 2, 1, 3)
+
+    def blocks(x):  # [B, S, N, D] -> [S / block, B, N, block, D]
+        x = jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+        return x.reshape(b, n, -1, block, d).transpose(2, 0, 1, 3, 4)
+
+    valid = (jnp.arange(s + pad) < s).reshape(-1, block)
+
+    def step(carry, xs):
+        m, l, out = carry
+        kb, vb, keep = xs
+        logits = jnp.where(keep, _logits(qh, kb, acc), jnp.finfo(acc).min)
+        m_new = jnp.maximum(m, logits.max(-1))
+        p = jnp.exp(logits - m_new[..., None])
+        scale = jnp.exp(m - m_new)
+        l = l * scale + p.sum(-1)
+        out = out * scale[..., None] + jnp.matmul(p.astype(v.dtype), vb, preferred_element_type=acc)
+        return (m_new, l, out), None
+
+    init = (jnp.full((b, n, t), -jnp.inf, acc), jnp.zeros((b, n, t), acc), jnp.zeros((b, n, t, d), acc))
+    (_, l, out), _ = jax.lax.scan(step, init, (blocks(k), blocks(v), valid))
+    return (out / l[..., None]).astype(v.dtype).transpose(0, 2, 1, 3)
+
+
+def einsum_attention(q: Array, k: Array, v: Array, *, is_causal: bool = False, bias: Array | None = None) -> Array:
+    """Softmax(q k^T / sqrt(D) + bias) v with float32 logits, as plain XLA ops. q [B, T, N, D], k and v
+    [B, S, N, D]; bias: additive, broadcastable to [B, N, T, S] (SwinIR's relative position bias and shifted-window
+    mask). On XLA:CPU in head-major form, and key-blocked for S >= CPU_BLOCKED_MIN_KEYS without bias (above).
+
+    The same math as `jax.nn.dot_product_attention(implementation="xla")`, without its grouped-query
+    reshape to 5-D, whose transposes make it 2.2x slower on XLA:CPU ([2, 1024, 2, 64]: 25.8 vs 11.7 ms).
+    """
+    acc = jnp.promote_types(q.dtype, jnp.float32)
+    cpu = jax.default_backend() == "cpu"
+    if cpu and bias is None and not is_causal and k.shape[1] >= CPU_BLOCKED_MIN_KEYS:
+        return _key_blocked_attention(q, k, v, CPU_KEY_BLOCK)
+    if cpu:
+        logits = _logits(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), acc)
+    else:
+        logits = jnp.einsum("btnd,bsnd->bnts", q, k, preferred_element_type=acc) * (q.shape[-1] ** -0.5)
+    if bias is not None:
+        logits = logits + bias.astype(acc)
+    if is_causal:
+        t, s = logits.shape[-2:]
+        keep = jnp.tril(jnp.ones((t, s), bool), k=s - t)
+        logits = jnp.where(keep, logits, jnp.finfo(acc).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    if cpu:
+        return jnp.matmul(probs, v.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
+    return jnp.einsum("bnts,bsnd->btnd", probs, v)
+
+
+def chunked_attention(q: Array, k: Array, v: Array, *, is_causal: bool = False, bias: Array | None = None,
+                      chunk: int = 1024) -> Array:
+    """`einsum_attention` over blocks of `chunk` queries, each block rematerialised in the backward pass, so
+    the [T, S] matrix never exists whole: memory O(chunk * S) instead of O(T * S). For attention over
+    large latents (the VAE's mid block on a 256 x 256 latent: a 16 GiB matrix per head in float32)."""
+    b, t, n, d = q.shape
+    if is_causal or t <= chunk:
+        return einsum_attention(q, k, v, is_causal=is_causal, bias=bias)
+    pad = (-t) % chunk
+    blocks = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, -1, chunk, n, d).swapaxes(0, 1)
+    if bias is None:
+        out = jax.lax.map(jax.checkpoint(lambda qb: einsum_attention(qb, k, v)), blocks)
+    else:  # the bias's query axis is cut into the same blocks
+        full = jnp.broadcast_to(bias, (bias.shape[0], bias.shape[1], t, k.shape[1]))
+        full = jnp.pad(full, ((0, 0), (0, 0), (0, pad), (0, 0)))
+        bias_blocks = full.reshape(full.shape[0], full.shape[1], -1, chunk, full.shape[-1]).transpose(2, 0, 1, 3, 4)
+        out = jax.lax.map(jax.checkpoint(lambda a: einsum_attention(a[0], k, v, bias=a[1])), (blocks, bias_blocks))
+    return out.swapaxes(0, 1).reshape(b, t + pad, n, d)[:, :t]
+
+
+def _jax_attention(implementation):
+    def fn(q, k, v, *, is_causal=False, bias=None):
+        if bias is not None:
+            bias = jnp.broadcast_to(bias, (q.shape[0], q.shape[2], q.shape[1], k.shape[1])).astype(q.dtype)
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, is_causal=is_causal, implementation=implementation)
+
+    return fn
+
+
+_ATTENTION_BACKENDS: dict[str, AttentionFn] = {
+    "einsum": einsum_attention,
+    "chunked": chunked_attention,
+    "xla": _jax_attention("xla"),
+    "cudnn": _jax_attention("cudnn"),
+    "auto": _jax_attention(None),
+}
+
+
+def register_attention_backend(name: str, fn: AttentionFn) -> None:
+    """Make `fn(q, k, v, *, is_causal=False, bias=None)` ([B, T, N, D] each, softmax scale D**-0.5, bias additive
+    and broadcastable to [B, N, T, S]) selectable by name."""
+    _ATTENTION_BACKENDS[name] = fn
+
+
+def attention_backend(name: str) -> AttentionFn:
+    try:
+        return _ATTENTION_BACKENDS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown attention backend {name!r}; registered: {sorted(_ATTENTION_BACKENDS)} "
+            "(add one with diffbody_jax.models.attention.register_attention_backend)"
+        ) from None
