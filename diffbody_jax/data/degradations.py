@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import cv2
+import ml_collections
 import numpy as np
 from scipy import special
 
@@ -369,6 +370,21 @@ class RealESRGANDegradation:
             out = resize_and_sinc(jpeg(out, quality))
         out = quantize(out)
         return Degraded(out, upsample(out, (h, w)))
+
+
+def degradation_config(config):
+    """The `configs/degradation.py` config of a training config's data.degradation (a kind: real-esrgan or a
+    mixture name), reduced to that kind: what the run degrades its inputs with, saved with its checkpoints."""
+    from diffbody_jax.config import load_config
+
+    kind = config["data"]["degradation"]
+    full = load_config(f"degradation:kind={kind}")
+    if kind == "real-esrgan":
+        return ml_collections.ConfigDict({"kind": kind, "real_esrgan": full.real_esrgan.to_dict()})
+    if kind not in full.mixtures:
+        raise ValueError(f"config data.degradation={kind!r}: neither real-esrgan nor a mixture of "
+                         f"configs/degradation.py ({sorted(full.mixtures)})")
+    return ml_collections.ConfigDict({"kind": kind, "mixtures": {kind: full.mixtures[kind].to_dict()}})
 
 
 def degradation_from_config(config) -> FixedMixture | RealESRGANDegradation:

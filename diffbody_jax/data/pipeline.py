@@ -59,6 +59,17 @@ class DataConfig:
     num_epochs: int | None = None  # None: repeat forever
     pose_style: PoseStyle = PoseStyle()  # how keypoints become pose maps (the run's contract carries it)
 
+    @classmethod
+    def from_config(cls, config, **overrides) -> DataConfig:
+        """A training config's `data` section (batch_size, buckets, maps, random_crop, shuffle, pose_style), read the
+        same way by the engine and `diffbody prepare`; `overrides` replace fields (the per-host batch size, no crop
+        or shuffle for a cache, the maps an annotator draws itself)."""
+        data = config["data"]
+        fields = dict(batch_size=int(data["batch_size"]), buckets=tuple(tuple(b) for b in data["buckets"]),
+                      maps=tuple(data["maps"]), random_crop=bool(data["random_crop"]), shuffle=bool(data["shuffle"]),
+                      pose_style=PoseStyle.from_dict(dict(data["pose_style"])) if "pose_style" in data else PoseStyle())
+        return cls(**{**fields, **overrides})
+
     def __post_init__(self):
         bad = sorted(set(self.maps) - set(MAP_FIELDS))
         if bad:

@@ -26,7 +26,6 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from diffbody_jax.files import read_json
 from diffbody_jax.training.state import TrainState
 
 ARRAY_ITEMS = ("params", "opt_state", "ema", "model_state")
@@ -95,9 +94,10 @@ class Checkpoints:
 
     # ---------------------------------------------------------------------------------------- restoring
     def saved_config(self, step: int) -> dict | None:
-        """The config a checkpoint was saved with (read as the JSON file orbax's JsonSave wrote)."""
-        path = Path(self.manager.directory) / str(step) / "config" / "metadata"
-        return read_json(path) if path.is_file() else None
+        """The config a checkpoint was saved with (its "config" item, through orbax's own restore), or None."""
+        if "config" not in set(self.manager.item_metadata(step).keys()):
+            return None
+        return dict(self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"])
 
     def restore(self, step: int, abstract: TrainState, shardings: TrainState, data_iterator=None) -> TrainState:
         """The state saved at `step`, each array placed in its sharding as it is read (never whole on one device).

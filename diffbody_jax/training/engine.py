@@ -34,8 +34,7 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from diffbody_jax.config import load_config
-from diffbody_jax.data.degradations import degradation_from_config
+from diffbody_jax.data.degradations import degradation_config, degradation_from_config
 from diffbody_jax.data.manifest import MAP_FIELDS, read_manifest
 from diffbody_jax.data.pipeline import DataConfig, make_dataset
 from diffbody_jax.diffusion.contract import contract_from_config
@@ -49,7 +48,7 @@ from diffbody_jax.parallel.sharding import (
     param_partition_specs,
     tree_shardings,
 )
-from diffbody_jax.training.annotated_pose import annotated_pose_hook, pose_style_from
+from diffbody_jax.training.annotated_pose import annotated_pose_hook
 from diffbody_jax.training.cache import EncodedCache
 from diffbody_jax.training.checkpoint import Checkpoints
 from diffbody_jax.training.init_from import init_sources, load_into
@@ -157,10 +156,9 @@ def make_data_iterator(config, phase: Phase):
     if annotated and data.get("cache"):
         raise ValueError("data.pose_source=annotator draws pose maps each step, data.cache stores encoded ones: "
                          "use one of the two")
-    data_config = DataConfig(batch_size=data.batch_size // processes, buckets=tuple(map(tuple, data.buckets)),
-                             maps=tuple(m for m in data.maps if not (annotated and m == "pose")),
-                             random_crop=data.random_crop, shuffle=data.shuffle, pose_style=pose_style_from(config))
-    degradation = degradation_from_config(load_config(f"degradation:kind={data.degradation}"))
+    data_config = DataConfig.from_config(config, batch_size=data.batch_size // processes,
+                                         maps=tuple(m for m in data.maps if not (annotated and m == "pose")))
+    degradation = degradation_from_config(degradation_config(config))
     dataset = make_dataset(records, data_config, degradation, seed=int(config.train.seed),
                            num_workers=int(data.num_workers))
     return iter(dataset)
@@ -181,7 +179,11 @@ def _loss_inputs(host_batch: dict, phase: Phase, cached: tuple[str, ...] = (),
 
 # ------------------------------------------------------------------------------------------------ the run
 def _config_json(config) -> dict:
-    return json.loads(config.to_json_best_effort())
+    """The config saved with each checkpoint, with the degradation's definition (its ops or ranges, not only the
+    name data.degradation) under data.degradation_definition, so a run records exactly what degraded its inputs."""
+    out = json.loads(config.to_json_best_effort())
+    out["data"]["degradation_definition"] = json.loads(degradation_config(config).to_json_best_effort())
+    return out
 
 
 def _check_resumable(saved: dict | None, config, where: Path) -> None:

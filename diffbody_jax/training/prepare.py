@@ -9,13 +9,11 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from diffbody_jax.config import load_config
-from diffbody_jax.data.degradations import degradation_from_config
+from diffbody_jax.data.degradations import degradation_config, degradation_from_config
 from diffbody_jax.data.manifest import read_manifest
 from diffbody_jax.data.pipeline import DataConfig, ExampleLoader
 from diffbody_jax.files import write_json
 from diffbody_jax.parallel.sharding import batch_sharding, global_batch
-from diffbody_jax.training.annotated_pose import pose_style_from
 from diffbody_jax.training.cache import check_cacheable, fingerprint
 from diffbody_jax.training.engine import init_state, setup
 
@@ -29,9 +27,8 @@ def prepare_cache(config, out_dir: str | Path, mesh=None) -> Path:
     s = setup(config, mesh)
     variables = init_state(s, config).variables()
     records = read_manifest(config.data.manifest, require=tuple(config.data.maps))
-    data = DataConfig(batch_size=1, buckets=tuple(map(tuple, config.data.buckets)), maps=tuple(config.data.maps),
-                      random_crop=False, shuffle=False, pose_style=pose_style_from(config))
-    degradation = degradation_from_config(load_config(f"degradation:kind={config.data.degradation}"))
+    data = DataConfig.from_config(config, batch_size=1, random_crop=False, shuffle=False)
+    degradation = degradation_from_config(degradation_config(config))
     loader = ExampleLoader(records, data, degradation, int(config.train.seed))
     host_hook = s.phase.host(config) if s.phase.host is not None else None
     rows = batch_sharding(s.mesh)  # batch-major outputs split like the batch (a prefix spec: other axes replicated)

@@ -6,8 +6,10 @@ import json
 import jax
 import numpy as np
 import pytest
+from ml_collections import ConfigDict
 
 from diffbody_jax.config import load_config
+from diffbody_jax.data.degradations import degradation_from_config
 from diffbody_jax.data.sample_set import write_sample_set
 from diffbody_jax.interop.pretrained import load_pretrained
 from diffbody_jax.training.checkpoint import Checkpoints
@@ -46,6 +48,13 @@ def test_a_run_logs_exports_its_ema_and_a_new_run_starts_from_it(manifest, tmp_p
     assert {"loss", "grad_norm", "learning_rate", "step_time_s", "examples_per_s",
             "examples_per_s_per_device"} <= set(rows[0])
     assert list((tmp_path / "straight" / "tensorboard").glob("events.out.tfevents.*"))
+    # the saved config (read back through orbax) carries the degradation's ops, not only its name
+    definition = Checkpoints(tmp_path / "straight", 1, 5).saved_config(6)["data"]["degradation_definition"]
+    assert definition["kind"] == "blur2-noise40"
+    ops = definition["mixtures"]["blur2-noise40"]["ops"]
+    assert [(op["kind"], op["sigma"]) for op in ops] == [("blur", 2.0), ("noise", 40.0)]
+    assert degradation_from_config(load_config("degradation:kind=blur2-noise40")).ops == tuple(
+        degradation_from_config(ConfigDict(definition)).ops)  # the saved definition rebuilds the same ops
     # the export is the EMA, in the PyTorch layout, and a new run can start from it
     module, exported = load_pretrained(straight.export)
     for x, y in zip(jax.tree.leaves(exported), jax.tree.leaves(a.ema), strict=True):
@@ -81,3 +90,4 @@ def test_config_errors_name_the_field(manifest, tmp_path):
         train(_config(manifest, "optim.schedule=cosine"), tmp_path)
     with pytest.raises(ValueError, match="mesh .* needs 2 devices; there are 1"):
         train(_config(manifest, "mesh.data=2"), tmp_path)
+

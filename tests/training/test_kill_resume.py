@@ -20,8 +20,8 @@ from diffbody_jax.training.checkpoint import Checkpoints
 from diffbody_jax.training.engine import setup, train
 from tests.torch_ref import REPO
 
-STEPS = 20
-FIRST_TARGET = 12  # the killed run's train.steps; the rerun asks for STEPS
+STEPS = 8  # enough to resume mid-way and run past the first target; each step checkpoints
+FIRST_TARGET = 6  # the killed run's train.steps; the rerun asks for STEPS
 
 
 def _overrides(manifest, steps=STEPS):
