@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import flax.linen as nn
 import jax
 
 
@@ -37,10 +38,6 @@ class ModelGroup:
     def __hash__(self) -> int:
         return hash(tuple(sorted(self.members.items())))
 
-    def dummy_inputs(self, batch: int = 1) -> dict:
-        del batch
-        return {}
-
     def init(self, rng: jax.Array) -> dict[str, Any]:
         """Every member's variables (boxed, as `Module.init` returns them), keyed by collection, then member."""
         out: dict[str, dict] = {}
@@ -48,6 +45,10 @@ class ModelGroup:
             for collection, tree in module.init(key, **module.dummy_inputs()).items():
                 out.setdefault(collection, {})[name] = tree
         return out
+
+    def init_variables(self, rng: jax.Array) -> dict[str, Any]:
+        """Every member's fresh variables, unboxed, as `ModelVariables.init_variables` gives a single module's."""
+        return nn.unbox(self.init(rng))
 
     def abstract_variables(self, batch: int = 1) -> dict[str, Any]:
         del batch

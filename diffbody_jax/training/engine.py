@@ -128,8 +128,7 @@ def init_state(s: Setup, config) -> TrainState:
     """A fresh state, created in its shardings: random init (train.seed), then the train.init_from folders."""
     key = jax.random.PRNGKey(int(config.train.seed))
     init_key, state_key = jax.random.split(key)
-    init = jax.jit(lambda k: nn.unbox(s.module.init(k, **s.module.dummy_inputs())),
-                   out_shardings=s.variable_shardings)
+    init = jax.jit(s.module.init_variables, out_shardings=s.variable_shardings)
     variables = init(init_key)
     for index, (subtree, path) in enumerate(init_sources(config.train.init_from)):
         log.info("init %s from %s", subtree or "all params", path)

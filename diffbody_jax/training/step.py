@@ -2,7 +2,7 @@
 
     step = make_train_step(loss_fn, tx, schedule, grad_accum=2, ema_decay=0.9999)
     state, metrics = step(state, batch)                            # plain call, as in Flax's examples
-    step = jit_train_step(step, state_shardings, batch, mesh)      # sharded, state buffers donated
+    step = jit_train_step(step, state_shardings, mesh)      # sharded, state buffers donated
 
 loss_fn(variables, batch, key) -> (loss, metrics): `variables` is {"params": trainable + frozen, ...}.
 
@@ -93,19 +93,7 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedul
 
 def jit_train_step(train_step: Callable, state_shardings: Any, mesh) -> Callable:
     """`train_step` jitted over `mesh`: the state in and out in `state_shardings` (its buffers donated), every
-    batch field split over (data, fsdp), the metrics replicated."""
-    replicated = NamedSharding(mesh, P())
-
-    def batch_shardings(batch):
-        return {k: batch_sharding(mesh, v.ndim) for k, v in batch.items()}
-
-    cache: dict[tuple, Callable] = {}
-
-    def call(state, batch):
-        signature = tuple(sorted((k, v.ndim) for k, v in batch.items()))
-        if signature not in cache:
-            cache[signature] = jax.jit(train_step, in_shardings=(state_shardings, batch_shardings(batch)),
-                                       out_shardings=(state_shardings, replicated), donate_argnums=0)
-        return cache[signature](state, batch)
-
-    return call
+    batch field split over (data, fsdp) on its first axis (one sharding as a prefix of the whole batch, whatever
+    fields and ranks it has), the metrics replicated."""
+    return jax.jit(train_step, in_shardings=(state_shardings, batch_sharding(mesh)),
+                   out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=0)
