@@ -181,7 +181,7 @@ def test_chunked_attention_matches_einsum_with_gradients(rng):
     want = attention.einsum_attention(q, k, v)
     assert got.shape == want.shape and np.abs(np.asarray(got) - np.asarray(want)).max() <= 1e-5
     g_got = jax.grad(lambda *a: loss(chunked, *a), argnums=(0, 1, 2))(q, k, v)
-    g_want = jax.grad(lambda *a: loss(layers.einsum_attention, *a), argnums=(0, 1, 2))(q, k, v)
+    g_want = jax.grad(lambda *a: loss(attention.einsum_attention, *a), argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(g_got, g_want, strict=True):
         assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-5
 
@@ -245,7 +245,7 @@ def test_key_blocked_attention_matches_float64_softmax(keys, rng, monkeypatch):
     k, v = (rng.standard_normal((2, keys, 3, 16)).astype(np.float32) for _ in range(2))
     calls = []
     blocked = attention._key_blocked_attention
-    monkeypatch.setattr(layers, "_key_blocked_attention", lambda *a: calls.append(1) or blocked(*a))
+    monkeypatch.setattr(attention, "_key_blocked_attention", lambda *a: calls.append(1) or blocked(*a))
     got = np.asarray(attention.einsum_attention(q, k, v))
     assert calls == ([1] if jax.default_backend() == "cpu" else [])
     logits = np.einsum("btnd,bsnd->bnts", q.astype(np.float64), k.astype(np.float64)) / 4.0
