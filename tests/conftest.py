@@ -136,3 +136,14 @@ def stand_in_weights(tmp_path_factory):
     from diffbody_jax.pipelines.stand_in import write_stand_in_weights
 
     return shared_folder(tmp_path_factory, "stand-in", lambda out: write_stand_in_weights(out / "w", seed=3)) / "w"
+
+
+@pytest.fixture(scope="session")
+def eight_devices(tmp_path_factory, stand_in_weights) -> tuple[Path, int]:
+    """(folder, seed) of the suite's 8-host-device checks (tests/eight_devices.py), run once per test run in one
+    subprocess; each check's test reads its outputs with `eight_devices.outputs(folder, name)`."""
+    from tests import eight_devices
+
+    seed = seed_of("eight-devices")
+    return shared_folder(tmp_path_factory, "eight-devices",
+                         lambda folder: eight_devices.run_all(folder, seed, stand_in_weights)), seed

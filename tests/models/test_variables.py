@@ -11,6 +11,7 @@ from diffbody_jax.models.hrnet import HRNet, HRNetConfig
 from diffbody_jax.models.ip_adapter import Resampler, ResamplerConfig
 from diffbody_jax.models.registry import build_model
 from diffbody_jax.models.variables import abstract_variables, init_variables, param_shapes, unnamed_leaves
+from tests.eight_devices import outputs
 
 CONFIG_SPECS = ["unet:variant=tiny-sd21", "unet:variant=tiny-sdxl", "controlnet:variant=tiny-v1",
                 "controlnet:variant=tiny-v2-stage2", "joint_unet:variant=tiny", "stage2:variant=tiny",
@@ -65,38 +66,11 @@ def test_init_variables_matches_abstract_and_keeps_batch_stats():
     assert jax.tree.map(lambda x: (x.shape, x.dtype), variables) == want
 
 
-_CONSTRAINT_SCRIPT = """
-import os
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-import flax.linen as nn, jax, numpy as np
-from jax.sharding import Mesh
-from diffbody_jax.config import load_config
-from diffbody_jax.models.registry import build_model
-module = build_model(load_config("unet:variant=tiny-sd21").model)
-params = module.init_params(jax.random.key(0))
-inputs = module.dummy_inputs(8)
-fn = jax.jit(lambda p, kw: module.apply({"params": p}, **kw))
-plain = fn.lower(params, inputs).as_text().count("sharding_constraint")
-mesh = Mesh(np.array(jax.devices()).reshape(8), ("data",))
-with jax.set_mesh(mesh), nn.logical_axis_rules((("batch", "data"),)):
-    text = jax.jit(lambda p, kw: module.apply({"params": p}, **kw)).lower(params, inputs).as_text()
-    out = jax.jit(lambda p, kw: module.apply({"params": p}, **kw))(params, inputs)
-ref = fn(params, inputs)
-print(plain, text.count("sharding_constraint"), float(np.abs(np.asarray(out) - np.asarray(ref)).max()))
-"""
-
-
-def test_activation_constraints_take_effect_on_a_mesh():
-    """On 8 host devices with the rule batch -> data, the block-boundary constraints appear in the program
-    (none without a mesh) and the output is unchanged."""
-    import subprocess
-    import sys
-
-    from tests.torch_ref import REPO
-
-    out = subprocess.run([sys.executable, "-c", _CONSTRAINT_SCRIPT], capture_output=True, text=True, cwd=REPO,
-                         env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"}, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    plain, constrained, err = out.stdout.split()
-    assert int(plain) == 0 and int(constrained) > 10, out.stdout
+def test_activation_constraints_take_effect_on_a_mesh(eight_devices):
+    """On 8 host devices (the suite's 8-device subprocess, tests/eight_devices.py) with the rule batch -> data, the
+    block-boundary constraints appear in the program (none without a mesh) and the output is unchanged."""
+    folder, _ = eight_devices
+    text = open(outputs(folder, "activation_constraints") + ".txt").read()
+    plain, constrained, err = text.split()
+    assert int(plain) == 0 and int(constrained) > 10, text
     assert float(err) <= 1e-5
