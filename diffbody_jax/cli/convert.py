@@ -233,16 +233,19 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m convert", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("to-flax", help="diffusers folder -> orbax checkpoint")
+    p.set_defaults(run=lambda a: to_flax(a.src, a.dst, _DTYPES[a.param_dtype], a.overwrite))
     p.add_argument("--src", required=True, type=Path)
     p.add_argument("--dst", required=True, type=Path)
     p.add_argument("--param-dtype", default="float32", choices=sorted(_DTYPES),
                    help="dtype of the stored params; 'keep' keeps the source dtype")
     p.add_argument("--overwrite", action="store_true")
     p = sub.add_parser("to-torch", help="orbax checkpoint -> diffusers folder (safetensors)")
+    p.set_defaults(run=lambda a: to_torch(a.src, a.dst, a.overwrite))
     p.add_argument("--src", required=True, type=Path)
     p.add_argument("--dst", required=True, type=Path)
     p.add_argument("--overwrite", action="store_true")
     p = sub.add_parser("init-from-unet", help="a ControlNet or joint UNet initialised from a UNet's weights")
+    p.set_defaults(run=lambda a: init_from_unet(a.unet, a.config, a.dst, a.format, a.seed, a.overwrite, a.branch))
     p.add_argument("--unet", required=True, type=Path, help="UNet folder, pipeline folder or our checkpoint")
     p.add_argument("--config", required=True, help="configs/joint_unet.py:... or configs/controlnet.py:...")
     p.add_argument("--dst", required=True, type=Path)
@@ -253,26 +256,31 @@ def main(argv=None) -> int:
                    help="with a JointUNet --unet and a ControlNet --config: the branch the ControlNet starts from")
     p.add_argument("--overwrite", action="store_true")
     p = sub.add_parser("swinir-to-flax", help="official/DiffBIR SwinIR .pth/.ckpt -> orbax checkpoint")
+    p.set_defaults(run=lambda a: swinir_to_flax(a.src, a.config, a.dst, _DTYPES[a.param_dtype], a.overwrite))
     p.add_argument("--src", required=True, type=Path)
     p.add_argument("--config", required=True, help="configs/swinir.py:variant=...")
     p.add_argument("--dst", required=True, type=Path)
     p.add_argument("--param-dtype", default="float32", choices=sorted(_DTYPES))
     p.add_argument("--overwrite", action="store_true")
     p = sub.add_parser("swinir-to-torch", help="orbax SwinIR checkpoint -> .pth ({'params': ...}) or .safetensors")
+    p.set_defaults(run=lambda a: swinir_to_torch(a.src, a.dst, a.overwrite))
     p.add_argument("--src", required=True, type=Path)
     p.add_argument("--dst", required=True, type=Path)
     p.add_argument("--overwrite", action="store_true")
     p = sub.add_parser("bodypart-to-flax", help="BPBreID checkpoint and/or HRNet ImageNet weights -> orbax")
+    p.set_defaults(run=lambda a: bodypart_to_flax(a.src, a.imagenet, a.config, a.dst, a.overwrite))
     p.add_argument("--src", type=Path, help="torchreid BPBreID .pth / .pth.tar (state_dict or bare, module. ok)")
     p.add_argument("--imagenet", type=Path, help="HRNet-W32 ImageNet weights (timm or HRNet-Image-Classification)")
     p.add_argument("--config", default="configs/bodypart.py:variant=bpbreid")
     p.add_argument("--dst", required=True, type=Path)
     p.add_argument("--overwrite", action="store_true")
     p = sub.add_parser("bodypart-to-torch", help="orbax body-part checkpoint -> torchreid .pth.tar or .safetensors")
+    p.set_defaults(run=lambda a: bodypart_to_torch(a.src, a.dst, a.overwrite))
     p.add_argument("--src", required=True, type=Path)
     p.add_argument("--dst", required=True, type=Path)
     p.add_argument("--overwrite", action="store_true")
     p = sub.add_parser("init-from-controlnet", help="the stage-2 prior-fusion ControlNet from a trained ControlNet")
+    p.set_defaults(run=lambda a: init_from_controlnet(a.controlnet, a.config, a.dst, a.format, a.seed, a.overwrite))
     p.add_argument("--controlnet", required=True, type=Path, help="diffusers ControlNet folder or our checkpoint")
     p.add_argument("--config", default="configs/controlnet.py:variant=diffbody-v2-stage2")
     p.add_argument("--dst", required=True, type=Path)
@@ -280,6 +288,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the parameters that are not copied")
     p.add_argument("--overwrite", action="store_true")
     p = sub.add_parser("ip-adapter-to-flax", help="IP-Adapter-Plus .bin/.safetensors (either layout) -> orbax")
+    p.set_defaults(run=lambda a: ip_adapter_to_flax(a.src, a.unet_config, a.dst, _DTYPES[a.param_dtype], a.overwrite))
     p.add_argument("--src", required=True, type=Path)
     p.add_argument("--unet-config", default="configs/unet.py:variant=sdxl-base",
                    help="the UNet whose cross-attentions the to_k_ip/to_v_ip pairs belong to")
@@ -287,31 +296,13 @@ def main(argv=None) -> int:
     p.add_argument("--param-dtype", default="float32", choices=sorted(_DTYPES))
     p.add_argument("--overwrite", action="store_true")
     p = sub.add_parser("ip-adapter-to-torch", help="orbax colour adapter -> IP-Adapter-Plus .bin or .safetensors")
+    p.set_defaults(run=lambda a: ip_adapter_to_torch(a.src, a.dst, a.overwrite))
     p.add_argument("--src", required=True, type=Path)
     p.add_argument("--dst", required=True, type=Path)
     p.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     try:
-        if args.command == "to-flax":
-            to_flax(args.src, args.dst, _DTYPES[args.param_dtype], args.overwrite)
-        elif args.command == "to-torch":
-            to_torch(args.src, args.dst, args.overwrite)
-        elif args.command == "init-from-unet":
-            init_from_unet(args.unet, args.config, args.dst, args.format, args.seed, args.overwrite, args.branch)
-        elif args.command == "bodypart-to-flax":
-            bodypart_to_flax(args.src, args.imagenet, args.config, args.dst, args.overwrite)
-        elif args.command == "bodypart-to-torch":
-            bodypart_to_torch(args.src, args.dst, args.overwrite)
-        elif args.command == "init-from-controlnet":
-            init_from_controlnet(args.controlnet, args.config, args.dst, args.format, args.seed, args.overwrite)
-        elif args.command == "ip-adapter-to-flax":
-            ip_adapter_to_flax(args.src, args.unet_config, args.dst, _DTYPES[args.param_dtype], args.overwrite)
-        elif args.command == "ip-adapter-to-torch":
-            ip_adapter_to_torch(args.src, args.dst, args.overwrite)
-        elif args.command == "swinir-to-flax":
-            swinir_to_flax(args.src, args.config, args.dst, _DTYPES[args.param_dtype], args.overwrite)
-        else:
-            swinir_to_torch(args.src, args.dst, args.overwrite)
+        args.run(args)
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
