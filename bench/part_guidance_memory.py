@@ -26,7 +26,7 @@ from common import load_report  # noqa: E402
 
 from diffbody_jax.config import load_config  # noqa: E402
 from diffbody_jax.diffusion.part_guidance import PartLossConfig, make_part_guidance, part_guidance_aux  # noqa: E402
-from diffbody_jax.models.bodypart import BodyPartConfig, BodyPartNet  # noqa: E402
+from diffbody_jax.models.registry import build_model  # noqa: E402
 from diffbody_jax.models.vae import AutoencoderKL, VAEConfig  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -36,7 +36,7 @@ MiB = 2**20
 def measure(vae_variant: str, size: int, bodypart: str, remat: bool, attention: str, batch: int) -> dict:
     vae_config = VAEConfig.from_dict(load_config(f"{REPO}/configs/vae.py:variant={vae_variant}").model.diffusers)
     vae = AutoencoderKL(vae_config, remat=remat, attention_backend=attention)
-    net = BodyPartNet(config=BodyPartConfig.bpbreid() if bodypart == "bpbreid" else BodyPartConfig.tiny())
+    net = build_model(load_config(f"{REPO}/configs/bodypart.py:variant={bodypart}").model)
     guidance = make_part_guidance(vae, net, PartLossConfig())
     f = vae_config.downsample_factor
     z = jax.ShapeDtypeStruct((batch, size // f, size // f, vae_config.latent_channels), jnp.float32)

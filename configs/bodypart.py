@@ -6,26 +6,46 @@ part-loss guidance (whose settings are v1's: configs/v1_controlnet.py, section g
 
 (with the published model: --src bpbreid_market1501_hrnet32_10642.pth and variant=bpbreid, the default)
 
-Variants:
-  bpbreid   the published model: HRNet-W32 with the incre head (1920-channel map at 1/4 resolution), K = 5
-            parts + background, gwap part pooling, 512-d embeddings reduced after pooling, 384 x 128 input
-  tiny      a small HRNet (widths 8-32), 32-d embeddings, 64 x 32 input: tests and the demo
+Variants (model.bodypart: fields of models/bodypart.py's BodyPartConfig; the checkpoint's own head (parts, width,
+identities) is read from the file when converting):
+  bpbreid   the published model, BodyPartConfig's defaults: HRNet-W32 with the incre head (1920-channel map at 1/4
+            resolution), K = 5 parts + background, gwap part pooling, 512-d embeddings reduced after pooling,
+            384 x 128 input
+  tiny      a small HRNet (widths 8-32, TINY_HRNET), 32-d embeddings, 64 x 32 input: tests and the demo
 """
 
 import ml_collections
 
 from diffbody_jax.config import parse_arg
 
+# A small HRNet for tests (HRNetConfig fields): the stages of W32 with one or two blocks and 8-32 channels.
+TINY_HRNET = dict(
+    stem_width=16,
+    layer1_blocks=1,
+    layer1_channels=8,
+    stages=(dict(num_modules=1, num_blocks=(1, 1), num_channels=(8, 16)),
+            dict(num_modules=2, num_blocks=(1, 1, 2), num_channels=(8, 16, 24)),
+            dict(num_modules=1, num_blocks=(1, 1, 1, 1), num_channels=(8, 16, 24, 32))),
+    incre_planes=(8, 16, 16, 16),
+)
+
+VARIANTS = {
+    "bpbreid": dict(),
+    "tiny": dict(hrnet=TINY_HRNET, embed_dim=32, input_size=(64, 32)),
+}
+
 
 def get_config(arg=None):
+    from diffbody_jax.models.bodypart import BodyPartConfig
+
     arg = parse_arg(arg, variant="bpbreid")
+    if arg["variant"] not in VARIANTS:
+        raise ValueError(f"unknown body-part network variant {arg['variant']!r}; known: {sorted(VARIANTS)}")
     config = ml_collections.ConfigDict()
     config.model = ml_collections.ConfigDict(dict(
         name="bodypart",
         variant=arg["variant"],
-        # Fields of BodyPartConfig to override; the checkpoint's own head (parts, width, identities) is read
-        # from the file when converting.
-        overrides=ml_collections.ConfigDict(dict(input_size=(384, 128) if arg["variant"] == "bpbreid" else (64, 32))),
+        bodypart=BodyPartConfig.from_dict(VARIANTS[arg["variant"]], f"bodypart:variant={arg['variant']}").to_dict(),
     ))
     config.lock()
     return config

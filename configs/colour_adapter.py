@@ -22,17 +22,20 @@ import pathlib
 
 import ml_collections
 
-from diffbody_jax.config import load_config, parse_arg
+from diffbody_jax.config import load_config, member_sections, parse_arg
 
 HERE = pathlib.Path(__file__).parent
+# the member added to configs/stage2_controlnet.py's group
+MEMBERS = {"paper": dict(image_encoder="clip:variant=ip-adapter"),
+           "tiny": dict(image_encoder="clip:variant=tiny-vision")}
 
 
 def get_config(arg=None):
     arg = parse_arg(arg, variant="paper")
-    base = load_config(f"{HERE / 'stage2_controlnet.py'}:variant={arg['variant']}")
-    config = ml_collections.ConfigDict(base.to_dict())
-    vision = "tiny-vision" if arg["variant"] == "tiny" else "ip-adapter"
-    config.model.members.image_encoder = load_config(f"{HERE / 'clip.py'}:variant={vision}").model
+    added = member_sections(MEMBERS, arg["variant"], "configs/colour_adapter.py")
+    config = ml_collections.ConfigDict(load_config(f"{HERE / 'stage2_controlnet.py'}:variant={arg['variant']}")
+                                       .to_dict())
+    config.model.members.update(added)
     config.phase = "colour_adapter"
     if arg["variant"] != "tiny":
         config.train.steps, config.data.batch_size, config.optim.learning_rate = 200_000, 64, 1e-4

@@ -17,21 +17,22 @@ import pathlib
 
 import ml_collections
 
-from diffbody_jax.config import load_config, parse_arg
+from diffbody_jax.config import load_config, member_sections, parse_arg
 
 HERE = pathlib.Path(__file__).parent
-VARIANTS = {"paper": ("diffbody-v2-stage1", "diffbir"), "tiny": ("tiny-v2-stage1", "tiny-diffbir")}
+# the members added to configs/stage1_joint_unet.py's group
+MEMBERS = {
+    "paper": dict(controlnet="controlnet:variant=diffbody-v2-stage1", swinir="swinir:variant=diffbir"),
+    "tiny": dict(controlnet="controlnet:variant=tiny-v2-stage1", swinir="swinir:variant=tiny-diffbir"),
+}
 
 
 def get_config(arg=None):
     arg = parse_arg(arg, variant="paper")
-    if arg["variant"] not in VARIANTS:
-        raise ValueError(f"unknown stage-1 variant {arg['variant']!r}; known: {sorted(VARIANTS)}")
-    controlnet, swinir = VARIANTS[arg["variant"]]
+    added = member_sections(MEMBERS, arg["variant"], "configs/stage1_controlnet.py")
     config = ml_collections.ConfigDict(load_config(f"{HERE / 'stage1_joint_unet.py'}:variant={arg['variant']}")
                                        .to_dict())
-    config.model.members.controlnet = load_config(f"{HERE / 'controlnet.py'}:variant={controlnet}").model
-    config.model.members.swinir = load_config(f"{HERE / 'swinir.py'}:variant={swinir}").model
+    config.model.members.update(added)
     config.phase = "stage1_controlnet"
     config.lock()
     return config

@@ -25,20 +25,13 @@ import pathlib
 
 import ml_collections
 
-from diffbody_jax.config import (
-    load_config,
-    model_section,
-    parse_arg,
-    text_section,
-    tiny_training_sections,
-    training_sections,
-)
+from diffbody_jax.config import group_section, parse_arg, text_section, tiny_training_sections, training_sections
 
 HERE = pathlib.Path(__file__).parent
-VARIANTS = {
-    # joint UNet, VAE, text encoder variants
-    "paper": ("sd21-base", "sd21-base", "sd21-base"),
-    "tiny": ("tiny", "tiny", "tiny"),
+MEMBERS = {
+    variant: dict(joint_unet=f"joint_unet:variant={variant_of}", vae=f"vae:variant={variant_of}",
+                  text_encoder=f"clip:variant={variant_of}")
+    for variant, variant_of in (("paper", "sd21-base"), ("tiny", "tiny"))
 }
 # The authors' dataset statistics of scaled SD VAE latents per prior: (mean, std).
 AUTHORS_LATENT_STATS = {"rgb": [0.14654, 1.03744], "depth": [0.21360, 1.20629], "normal": [0.60303, 0.91429],
@@ -47,16 +40,9 @@ AUTHORS_LATENT_STATS = {"rgb": [0.14654, 1.03744], "depth": [0.21360, 1.20629], 
 
 def get_config(arg=None):
     arg = parse_arg(arg, variant="paper")
-    if arg["variant"] not in VARIANTS:
-        raise ValueError(f"unknown stage-1 variant {arg['variant']!r}; known: {sorted(VARIANTS)}")
-    joint, vae, text = VARIANTS[arg["variant"]]
     tiny = arg["variant"] == "tiny"
     config = ml_collections.ConfigDict()
-    config.model = model_section(name="group", variant=arg["variant"], members=ml_collections.ConfigDict(dict(
-        joint_unet=load_config(f"{HERE / 'joint_unet.py'}:variant={joint}").model,
-        vae=load_config(f"{HERE / 'vae.py'}:variant={vae}").model,
-        text_encoder=load_config(f"{HERE / 'clip.py'}:variant={text}").model,
-    )))
+    config.model = group_section(MEMBERS, arg["variant"], "configs/stage1_joint_unet.py")
     config.phase = "stage1_joint_unet"
     config.diffusion = ml_collections.ConfigDict(dict(
         scheduler="sd21-base",  # configs/diffusers/<name>/scheduler

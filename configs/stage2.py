@@ -23,7 +23,11 @@ import ml_collections
 from diffbody_jax.config import load_config, model_section, parse_arg
 
 HERE = pathlib.Path(__file__).parent
-VARIANTS = {"sdxl": ("sdxl-base", "diffbody-v2-stage2"), "tiny": ("tiny-sdxl", "tiny-v2-stage2")}
+# variant: (UNet variant, ControlNet variant, Resampler fields; output_dims is always the UNet's cross-attention
+# width). sdxl's Resampler is ResamplerConfig's defaults; the tiny one keeps head dim 64, depth 4 and feed-forward
+# x4, which diffusers' IP-Adapter converter assumes.
+TINY_RESAMPLER = dict(embed_dims=24, hidden_dims=128, depth=4, dim_head=64, heads=2, num_queries=4, ffn_ratio=4)
+VARIANTS = {"sdxl": ("sdxl-base", "diffbody-v2-stage2", {}), "tiny": ("tiny-sdxl", "tiny-v2-stage2", TINY_RESAMPLER)}
 
 
 def get_config(arg=None):
@@ -32,13 +36,12 @@ def get_config(arg=None):
     arg = parse_arg(arg, variant="sdxl")
     if arg["variant"] not in VARIANTS:
         raise ValueError(f"unknown stage-2 variant {arg['variant']!r}; known: {sorted(VARIANTS)}")
-    unet_variant, cn_variant = VARIANTS[arg["variant"]]
+    unet_variant, cn_variant, resampler = VARIANTS[arg["variant"]]
     unet = load_config(f"{HERE / 'unet.py'}:variant={unet_variant}").model.diffusers.to_dict()
     controlnet = load_config(f"{HERE / 'controlnet.py'}:variant={cn_variant}").model.diffusers.to_dict()
-    tiny = arg["variant"] == "tiny"
-    resampler = ResamplerConfig.tiny(output_dims=unet["cross_attention_dim"]) if tiny else ResamplerConfig()
+    resampler = ResamplerConfig(**resampler, output_dims=unet["cross_attention_dim"]).to_dict()
     config = ml_collections.ConfigDict()
     config.model = model_section(name="stage2", variant=arg["variant"], unet=unet, controlnet=controlnet,
-                                 resampler=resampler.to_dict())
+                                 resampler=resampler)
     config.lock()
     return config

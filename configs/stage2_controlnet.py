@@ -25,45 +25,23 @@ import pathlib
 
 import ml_collections
 
-from diffbody_jax.config import (
-    load_config,
-    model_section,
-    parse_arg,
-    text_section,
-    tiny_training_sections,
-    training_sections,
-)
+from diffbody_jax.config import group_section, parse_arg, text_section, tiny_training_sections, training_sections
 
 HERE = pathlib.Path(__file__).parent
-VARIANTS = {
-    # stage2, vae, text encoders, swinir, image encoder variants
-    "paper": ("sdxl", "sdxl-base", ("sdxl-base", "sdxl-base-2"), "diffbir", "ip-adapter"),
-    "tiny": ("tiny", "tiny4", ("tiny-sdxl", "tiny-sdxl-2"), "tiny-diffbir", "tiny-vision"),
+# the denoiser and the encoders that run in the step (configs/colour_adapter.py adds the CLIP image encoder)
+MEMBERS = {
+    "paper": dict(stage2="stage2:variant=sdxl", vae="vae:variant=sdxl-base", text_encoder="clip:variant=sdxl-base",
+                  text_encoder_2="clip:variant=sdxl-base-2", swinir="swinir:variant=diffbir"),
+    "tiny": dict(stage2="stage2:variant=tiny", vae="vae:variant=tiny4", text_encoder="clip:variant=tiny-sdxl",
+                 text_encoder_2="clip:variant=tiny-sdxl-2", swinir="swinir:variant=tiny-diffbir"),
 }
-
-
-def members(variant: str, image_encoder: bool) -> ml_collections.ConfigDict:
-    """The stage-2 phases' model group: the denoiser and the encoders that run in the step."""
-    stage2, vae, (text_1, text_2), swinir, vision = VARIANTS[variant]
-    out = dict(
-        stage2=load_config(f"{HERE / 'stage2.py'}:variant={stage2}").model,
-        vae=load_config(f"{HERE / 'vae.py'}:variant={vae}").model,
-        text_encoder=load_config(f"{HERE / 'clip.py'}:variant={text_1}").model,
-        text_encoder_2=load_config(f"{HERE / 'clip.py'}:variant={text_2}").model,
-        swinir=load_config(f"{HERE / 'swinir.py'}:variant={swinir}").model,
-    )
-    if image_encoder:
-        out["image_encoder"] = load_config(f"{HERE / 'clip.py'}:variant={vision}").model
-    return ml_collections.ConfigDict(out)
 
 
 def get_config(arg=None):
     arg = parse_arg(arg, variant="paper")
-    if arg["variant"] not in VARIANTS:
-        raise ValueError(f"unknown stage-2 variant {arg['variant']!r}; known: {sorted(VARIANTS)}")
     tiny = arg["variant"] == "tiny"
     config = ml_collections.ConfigDict()
-    config.model = model_section(name="group", variant=arg["variant"], members=members(arg["variant"], False))
+    config.model = group_section(MEMBERS, arg["variant"], "configs/stage2_controlnet.py")
     config.phase = "stage2_controlnet"
     config.diffusion = ml_collections.ConfigDict(dict(
         scheduler="sdxl-base", prediction_type="epsilon", noise_offset=0.0,

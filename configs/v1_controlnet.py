@@ -28,39 +28,29 @@ import pathlib
 
 import ml_collections
 
-from diffbody_jax.config import (
-    load_config,
-    model_section,
-    parse_arg,
-    text_section,
-    tiny_training_sections,
-    training_sections,
-)
+from diffbody_jax.config import group_section, parse_arg, text_section, tiny_training_sections, training_sections
 
 HERE = pathlib.Path(__file__).parent
-VARIANTS = {
-    # unet, controlnet, vae, swinir, bodypart variants
-    "paper": ("sd21-base", "diffbody-v1", "sd21-base", "diffbir", "bpbreid"),
-    "tiny": ("tiny-sd21", "tiny-v1", "tiny", "tiny-diffbir", "tiny"),
-    "mid": ("mid-sd21", "mid-v1", "tiny4", "tiny-diffbir", "tiny"),
+
+
+MEMBERS = {
+    "paper": dict(unet="unet:variant=sd21-base", controlnet="controlnet:variant=diffbody-v1",
+                  vae="vae:variant=sd21-base", text_encoder="clip:variant=sd21-base", swinir="swinir:variant=diffbir",
+                  bodypart="bodypart:variant=bpbreid"),
+    "tiny": dict(unet="unet:variant=tiny-sd21", controlnet="controlnet:variant=tiny-v1", vae="vae:variant=tiny",
+                 text_encoder="clip:variant=tiny", swinir="swinir:variant=tiny-diffbir",
+                 bodypart="bodypart:variant=tiny"),
+    "mid": dict(unet="unet:variant=mid-sd21", controlnet="controlnet:variant=mid-v1", vae="vae:variant=tiny4",
+                text_encoder="clip:variant=mid", swinir="swinir:variant=tiny-diffbir",
+                bodypart="bodypart:variant=tiny"),
 }
 
 
 def get_config(arg=None):
     arg = parse_arg(arg, variant="paper")
-    if arg["variant"] not in VARIANTS:
-        raise ValueError(f"unknown v1 variant {arg['variant']!r}; known: {sorted(VARIANTS)}")
-    unet, controlnet, vae, swinir, bodypart = VARIANTS[arg["variant"]]
     tiny = arg["variant"] in ("tiny", "mid")
     config = ml_collections.ConfigDict()
-    config.model = model_section(name="group", variant=arg["variant"], members=ml_collections.ConfigDict(dict(
-        unet=load_config(f"{HERE / 'unet.py'}:variant={unet}").model,
-        controlnet=load_config(f"{HERE / 'controlnet.py'}:variant={controlnet}").model,
-        vae=load_config(f"{HERE / 'vae.py'}:variant={vae}").model,
-        text_encoder=load_config(f"{HERE / 'clip.py'}:variant={arg['variant'] if tiny else 'sd21-base'}").model,
-        swinir=load_config(f"{HERE / 'swinir.py'}:variant={swinir}").model,
-        bodypart=load_config(f"{HERE / 'bodypart.py'}:variant={bodypart}").model,
-    )))
+    config.model = group_section(MEMBERS, arg["variant"], "configs/v1_controlnet.py")
     config.phase = "v1_controlnet"
     config.diffusion = ml_collections.ConfigDict(dict(
         scheduler="sd21-base",  # configs/diffusers/<name>/scheduler: the noise schedule of the frozen UNet

@@ -116,6 +116,19 @@ def model_section(**fields):
         remat="none",  # none | full | dots | dots_no_batch: what the backward pass recomputes (models.layers)
     ))
 
+def member_sections(table: dict[str, dict[str, str]], variant: str, phase: str) -> ml_collections.ConfigDict:
+    """The `model` sections of a phase's members for one variant: `table` is {variant: {member: config spec}},
+    e.g. {"tiny": {"unet": "unet:variant=tiny-sd21", ...}}; an unknown variant is refused, naming the known ones."""
+    if variant not in table:
+        raise ValueError(f"{phase}: unknown variant {variant!r}; known: {sorted(table)}")
+    return ml_collections.ConfigDict({name: load_config(spec).model for name, spec in table[variant].items()})
+
+
+def group_section(table: dict[str, dict[str, str]], variant: str, phase: str) -> ml_collections.ConfigDict:
+    """A phase config's `model` section: the group (models/group.py) of `member_sections(table, variant, phase)`."""
+    return model_section(name="group", variant=variant, members=member_sections(table, variant, phase))
+
+
 def _remat(value) -> bool | str:
     """A config's remat choice as the modules take it; booleans from older configs still work."""
     return value if isinstance(value, bool) else {"none": False, "full": True}.get(value, value)

@@ -24,7 +24,14 @@ import sys
 import pytest
 
 from tests.conftest import shared_folder
-from tests.torch_ref import REPO, randomize_, unet_diffusers_config, vae_diffusers_config
+from tests.torch_ref import (
+    REPO,
+    bodypart_config,
+    randomize_,
+    resampler_config,
+    unet_diffusers_config,
+    vae_diffusers_config,
+)
 
 DOCS = ["README.md", *sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md")), "bench/README.md"]
 FENCE = re.compile(r"^```(python|bash)\n(.*?)^```", re.S | re.M)
@@ -101,8 +108,8 @@ def _tiny_files(root: pathlib.Path) -> None:
     from diffbody_jax.interop.ip_adapter import original_state_dict, write_ip_adapter
     from diffbody_jax.interop.pretrained import save_pretrained
     from diffbody_jax.interop.swinir import save_swinir
-    from diffbody_jax.models.bodypart import BodyPartConfig, BodyPartNet
-    from diffbody_jax.models.ip_adapter import Resampler, ResamplerConfig, ip_adapter_of
+    from diffbody_jax.models.bodypart import BodyPartNet
+    from diffbody_jax.models.ip_adapter import Resampler, ip_adapter_of
     from diffbody_jax.models.registry import build_model
     from diffbody_jax.models.swinir import SwinIR, SwinIRConfig
     from diffbody_jax.models.unet import UNet2DConditionModel, UNetConfig
@@ -110,11 +117,11 @@ def _tiny_files(root: pathlib.Path) -> None:
     key = jax.random.key(0)
     swinir = SwinIRConfig.from_dict(load_config("swinir:variant=tiny-diffbir").model.swinir.to_dict())
     save_swinir(root / "swinir-tiny.pth", swinir, SwinIR(swinir).init_params(key))
-    save_bodypart(root / "bpbreid-tiny.pth.tar", BodyPartNet(config=BodyPartConfig.tiny()).init_variables(key))
+    save_bodypart(root / "bpbreid-tiny.pth.tar", BodyPartNet(config=bodypart_config()).init_variables(key))
     cn = build_model(load_config("controlnet:variant=tiny-sdxl").model)
     save_pretrained(root / "controlnet-sdxl-tiny", cn, cn.init_params(key))
     unet = UNet2DConditionModel(UNetConfig.from_dict(unet_diffusers_config("tiny-sdxl")), ip_adapter=True)
-    resampler = Resampler(ResamplerConfig.tiny(output_dims=unet.config.cross_attention_dim))
+    resampler = Resampler(resampler_config(output_dims=unet.config.cross_attention_dim))
     adapter = {"image_proj": resampler.init_params(key), "ip_adapter": ip_adapter_of(unet.init_params(key))}
     write_ip_adapter(root / "ip-adapter-tiny.bin", original_state_dict(adapter, unet.config))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 
 import numpy as np
@@ -13,6 +14,27 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 def unet_diffusers_config(variant: str) -> dict:
     return dict(load_config(f"{REPO}/configs/unet.py:variant={variant}").model.diffusers.to_dict())
+
+
+def bodypart_config(variant: str = "tiny", **fields):
+    """BodyPartConfig of configs/bodypart.py's `variant`, with field overrides."""
+    from diffbody_jax.models.bodypart import BodyPartConfig
+
+    section = load_config(f"{REPO}/configs/bodypart.py:variant={variant}").model.bodypart.to_dict()
+    return dataclasses.replace(BodyPartConfig.from_dict(section, f"bodypart:variant={variant}"), **fields)
+
+
+def hrnet_config(variant: str = "tiny", **fields):
+    """The HRNet backbone of configs/bodypart.py's `variant` (tiny: TINY_HRNET, with its incre head), overridden."""
+    return dataclasses.replace(bodypart_config(variant).hrnet, **fields)
+
+
+def resampler_config(**fields):
+    """The Resampler of configs/stage2.py:variant=tiny (CLIP width 24, 32 out), with field overrides."""
+    from diffbody_jax.models.ip_adapter import ResamplerConfig
+
+    section = load_config(f"{REPO}/configs/stage2.py:variant=tiny").model.resampler.to_dict()
+    return dataclasses.replace(ResamplerConfig.from_dict(section, "stage2:variant=tiny"), **fields)
 
 
 def randomize_(module, seed: int = 0) -> None:

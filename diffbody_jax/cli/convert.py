@@ -146,7 +146,7 @@ def bodypart_to_flax(src: Path | None, imagenet: Path | None, config_spec: str, 
     if src is None and imagenet is None:
         raise ValueError("bodypart-to-flax needs --src (a BPBreID checkpoint) or --imagenet (HRNet weights)")
     model = load_config(config_spec).model
-    base = BodyPartConfig.from_variant(model.variant, **model.overrides.to_dict())
+    base = BodyPartConfig.from_dict(model.bodypart.to_dict(), f"{config_spec}: model.bodypart")
     if src is not None:
         config, variables = load_bodypart(src, infer_config(read_state_dict(src), base))
         print(f"  {src}: {config.num_parts} parts, {config.dim_reduce} to {config.embed_dim}, "

@@ -43,7 +43,7 @@ def infer_config(state_dict: dict[str, np.ndarray], base: BodyPartConfig | None 
     """The head fields of a BPBreID checkpoint, read from its keys and shapes, on top of `base` (whose
     backbone and input convention are kept): number of parts, reduction mode and width, identities."""
     sd = torch_files.strip_prefix(state_dict)
-    base = base or BodyPartConfig.bpbreid()
+    base = base or BodyPartConfig()
     try:
         num_parts = sd["pixel_classifier.classifier.weight"].shape[0] - 1
     except KeyError:

@@ -53,7 +53,7 @@ def unet_table(config) -> MappingTable:
 def controlnet_table(config) -> MappingTable:
     """diffusers' ControlNetModel layout; a latent conditioning embedding has only its `conv_out`; a prior-fusion
     one has a pixel embedding per prior (`controlnet_cond_embedding.<prior>.*`) and its alphas."""
-    linear = config.use_linear_projection
+    linear = config.unet.use_linear_projection
     rows = conv2d("conv_in", "conv_in") + time_embedding_rules()
     emb = "controlnet_cond_embedding"
     # one pixel embedding per prior under its name for "prior_fusion", else the single embedding

@@ -1,6 +1,6 @@
 """The body-part network of DiffBody v1: BPBreID (Somers et al., WACV 2023) on an HRNet-W32 backbone.
 
-    net = BodyPartNet(BodyPartConfig.bpbreid())
+    net = BodyPartNet(BodyPartConfig())  # the published BPBreID; configs/bodypart.py has the variants
     out = net.apply(variables, preprocess(image, net.config))  # image: [B, H, W, 3] RGB in [0, 1]
     out.part_probs   # [B, H/4, W/4, K + 1], channel 0 the background, summing to 1 per pixel
     out.foreground   # [B, H/4, W/4] = 1 - background probability: the body attention map before resizing
@@ -27,7 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffbody_jax.models.hrnet import ConvBN, HRModule, HRNet, HRNetConfig, StageConfig, batch_norm
+from diffbody_jax.models.hrnet import W32_INCRE, ConvBN, HRModule, HRNet, HRNetConfig, batch_norm
 from diffbody_jax.models.layers import Array, bilinear_resize_align_corners, conv, dense
 from diffbody_jax.models.variables import ModelVariables
 
@@ -56,7 +56,7 @@ class BodyPartConfig:
       image size (rounded down to a multiple of 32).
     """
 
-    hrnet: HRNetConfig = HRNetConfig.w32(incre=True)
+    hrnet: HRNetConfig = HRNetConfig(incre_planes=W32_INCRE)
     part_names: tuple[str, ...] = FIVE_PARTS
     dim_reduce: str = "after_pooling"
     embed_dim: int = 512
@@ -77,26 +77,6 @@ class BodyPartConfig:
         if not self.hrnet.incre_planes:
             raise ValueError("BodyPartConfig: the backbone needs incre_planes (BPBreID's HRNet has the incre head)")
 
-    @classmethod
-    def bpbreid(cls, **overrides) -> BodyPartConfig:
-        """The published BPBreID (HRNet-W32, K = 5, 512-d, after-pooling reduction, 384 x 128)."""
-        return cls(**overrides)
-
-    @classmethod
-    def tiny(cls, **overrides) -> BodyPartConfig:
-        """A small backbone and 32-d embeddings for tests and demos."""
-        fields = dict(hrnet=HRNetConfig.tiny(incre_planes=(8, 16, 16, 16)), embed_dim=32, input_size=(64, 32))
-        return cls(**{**fields, **overrides})
-
-    @classmethod
-    def from_variant(cls, variant: str, **overrides) -> BodyPartConfig:
-        """"bpbreid" or "tiny" (configs/bodypart.py), with field overrides (lists become tuples)."""
-        makers = {"bpbreid": cls.bpbreid, "tiny": cls.tiny}
-        if variant not in makers:
-            raise ValueError(f"unknown body-part network variant {variant!r}; known: {sorted(makers)}")
-        fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
-        return makers[variant](**fixed)
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -108,11 +88,7 @@ class BodyPartConfig:
             raise ValueError(f"{source}: unknown body-part network fields {unknown}")
         d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
         if "hrnet" in d:
-            h = dict(d["hrnet"])
-            h["stages"] = tuple(StageConfig(s["num_modules"], tuple(s["num_blocks"]), tuple(s["num_channels"]))
-                                for s in h["stages"])
-            h["incre_planes"] = tuple(h.get("incre_planes", ()))
-            d["hrnet"] = HRNetConfig(**h)
+            d["hrnet"] = HRNetConfig.from_dict(d["hrnet"], f"{source}.hrnet")
         return cls(**d)
 
     @property

@@ -63,33 +63,28 @@ _IGNORED = ("addition_embed_type_num_heads",)
 log = logging.getLogger(__name__)
 
 
+# diffusers' ControlNetModel fields that describe the UNet it copies; the others are the ControlNet's own.
+UNET_FIELDS = (
+    "in_channels", "flip_sin_to_cos", "freq_shift", "down_block_types", "mid_block_type", "block_out_channels",
+    "layers_per_block", "downsample_padding", "mid_block_scale_factor", "norm_num_groups", "norm_eps",
+    "cross_attention_dim", "transformer_layers_per_block", "attention_head_dim", "use_linear_projection",
+    "upcast_attention", "addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim",
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class ControlNetConfig:
-    """Architecture of a ControlNet, with diffusers' ControlNetModel field names and defaults, plus
+    """A ControlNet: the UNet whose encoder it copies (`unet`; its up blocks mirror the down blocks and are never
+    built) and the ControlNet's own fields, with diffusers' ControlNetModel names and defaults, plus
     `conditioning_embedding_type` (ours: "pixel" as diffusers, or "latent"; see the module docstring).
+
+    diffusers' ControlNet takes its heads from `num_attention_heads` or, when that is null, from
+    `attention_head_dim`: `from_dict` resolves the two into `unet.attention_head_dim` (the UNet's meaning), and
+    `to_dict` writes them back as (heads, null), which diffusers reads as the same model.
     """
 
-    in_channels: int = 4
+    unet: UNetConfig = UNetConfig()
     conditioning_channels: int = 3
-    flip_sin_to_cos: bool = True
-    freq_shift: float = 0
-    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
-    mid_block_type: str = "UNetMidBlock2DCrossAttn"
-    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
-    layers_per_block: int | tuple[int, ...] = 2
-    downsample_padding: int = 1
-    mid_block_scale_factor: float = 1.0
-    norm_num_groups: int = 32
-    norm_eps: float = 1e-5
-    cross_attention_dim: int = 1280
-    transformer_layers_per_block: int | tuple[int, ...] = 1
-    attention_head_dim: int | tuple[int, ...] = 8
-    num_attention_heads: int | tuple[int, ...] | None = None
-    use_linear_projection: bool = False
-    upcast_attention: bool = False
-    addition_embed_type: str | None = None
-    addition_time_embed_dim: int | None = None
-    projection_class_embeddings_input_dim: int | None = None
     controlnet_conditioning_channel_order: str = "rgb"
     conditioning_embedding_out_channels: tuple[int, ...] = (16, 32, 96, 256)
     global_pool_conditions: bool = False
@@ -116,19 +111,29 @@ class ControlNetConfig:
             raise ValueError("ControlNet config: pixel conditioning needs conditioning_embedding_out_channels")
         if self.conditioning_embedding_type == "prior_fusion":
             self.prior_fusion  # noqa: B018 - validates the fusion fields
-        self.unet  # noqa: B018 - validates the shared block fields with the UNet's checks
+        if self.unet.center_input_sample or self.unet.conv_in_kernel != 3:
+            raise ValueError("ControlNet config: a ControlNet has no center_input_sample and a 3x3 conv_in")
 
     @classmethod
     def from_dict(cls, config: dict[str, Any], source: str = "config") -> ControlNetConfig:
         """Build from a diffusers ControlNetModel config dict; unsupported fields are refused by name."""
-        config = dict(config)
-        config["upcast_attention"] = bool(config.get("upcast_attention") or False)
-        return dataclass_from_dict(
-            cls, config, kind="ControlNet", source=source, feature_off=_CONTROLNET_OFF, ignored=_IGNORED
-        )
+        config = {k: v for k, v in config.items() if not k.startswith("_") and k not in _IGNORED}
+        heads = config.pop("num_attention_heads", None)
+        shared = {k: config.pop(k) for k in UNET_FIELDS if k in config}
+        if heads is not None:
+            shared["attention_head_dim"] = heads
+        own = dataclass_from_dict(cls, config, kind="ControlNet", source=source, feature_off=_CONTROLNET_OFF)
+        down = tuple(shared.get("down_block_types", UNetConfig.down_block_types))
+        unet = UNetConfig.from_dict({**shared, "up_block_types": [_UP_OF_DOWN.get(t, t) for t in down[::-1]]},
+                                    source)
+        return dataclasses.replace(own, unet=unet)
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclass_to_dict(self, "ControlNetModel")
+        unet = self.unet.to_dict()
+        d = {"_class_name": "ControlNetModel", **{k: unet[k] for k in UNET_FIELDS}, "num_attention_heads": None}
+        own = dataclass_to_dict(self, "ControlNetModel")
+        del own["unet"], own["_class_name"]
+        d.update(own)
         if self.conditioning_embedding_type != "prior_fusion":
             for name in _FUSION_FIELDS:
                 del d[name]
@@ -147,25 +152,6 @@ class ControlNetConfig:
         )
 
     @property
-    def unet(self) -> UNetConfig:
-        """The UNet whose encoder this ControlNet copies (up blocks mirrored; they are never built)."""
-        return UNetConfig(
-            in_channels=self.in_channels, flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift,
-            down_block_types=self.down_block_types, mid_block_type=self.mid_block_type,
-            up_block_types=tuple(_UP_OF_DOWN.get(t, t) for t in self.down_block_types[::-1]),
-            block_out_channels=self.block_out_channels, layers_per_block=self.layers_per_block,
-            downsample_padding=self.downsample_padding, mid_block_scale_factor=self.mid_block_scale_factor,
-            norm_num_groups=self.norm_num_groups, norm_eps=self.norm_eps,
-            cross_attention_dim=self.cross_attention_dim,
-            transformer_layers_per_block=self.transformer_layers_per_block,
-            # diffusers' ControlNet reads num_attention_heads or, when null, attention_head_dim as heads
-            attention_head_dim=self.num_attention_heads or self.attention_head_dim,
-            use_linear_projection=self.use_linear_projection, upcast_attention=self.upcast_attention,
-            addition_embed_type=self.addition_embed_type, addition_time_embed_dim=self.addition_time_embed_dim,
-            projection_class_embeddings_input_dim=self.projection_class_embeddings_input_dim,
-        )
-
-    @property
     def condition_downscale(self) -> int:
         """Condition resolution / latent resolution: 2^(levels-1) for pixel embeddings, 1 for latent ones."""
         if self.conditioning_embedding_type == "latent":
@@ -174,14 +160,11 @@ class ControlNetConfig:
 
     @classmethod
     def from_unet(cls, unet: UNetConfig, **overrides) -> ControlNetConfig:
-        """The ControlNet of a UNet (as diffusers' `ControlNetModel.from_unet`), with field overrides such as
-        conditioning_channels=9, conditioning_embedding_type="latent" or in_channels=8.
+        """The ControlNet of a UNet (as diffusers' `ControlNetModel.from_unet`), with field overrides of either
+        part, such as conditioning_channels=9, conditioning_embedding_type="latent" or in_channels=8.
         """
-        if unet.center_input_sample or unet.conv_in_kernel != 3:
-            raise ValueError("ControlNet.from_unet: a ControlNet has no center_input_sample and a 3x3 conv_in")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        shared = {k: v for k, v in dataclasses.asdict(unet).items() if k in fields}
-        return cls(**{**shared, **overrides})
+        unet = dataclasses.replace(unet, **{k: overrides.pop(k) for k in UNET_FIELDS if k in overrides})
+        return cls(unet=unet, **overrides)
 
 
 class ControlNetOutput(NamedTuple):
@@ -301,7 +284,7 @@ class ControlNetModel(UNetModule):
 
     def dummy_inputs(self, batch: int = 1, size: int | None = None) -> dict[str, Array]:
         c = self.config
-        inputs = dummy_unet_inputs(self, c.unet, c.in_channels, batch, size)
+        inputs = dummy_unet_inputs(self, c.unet, c.unet.in_channels, batch, size)
         h, w = inputs["sample"].shape[1:3]
         s = c.condition_downscale
         if c.conditioning_embedding_type == "prior_fusion":

@@ -1,6 +1,6 @@
 """HRNet (Wang et al. 2019), the backbone of the BPBreID body-part network. NHWC, inference-mode BatchNorm.
 
-    net = HRNet(HRNetConfig.w32())
+    net = HRNet(HRNetConfig())  # W32; configs/bodypart.py:variant=tiny has a small one
     feats = net.apply({"params": p, "batch_stats": s}, image)  # [stem, branch_0 .. branch_3]
 
 A stride-4 stem (two 3x3 stride-2 convs), a stage of Bottlenecks, then stages of parallel branches at
@@ -56,13 +56,18 @@ class HRNetConfig:
     incre_planes: tuple[int, ...] = ()
 
     @classmethod
-    def w32(cls, incre: bool = False) -> HRNetConfig:
-        return cls(incre_planes=W32_INCRE if incre else ())
-
-    @classmethod
-    def tiny(cls, incre_planes: tuple[int, ...] = ()) -> HRNetConfig:
-        return cls(16, 1, 8, (StageConfig(1, (1, 1), (8, 16)), StageConfig(2, (1, 1, 2), (8, 16, 24)),
-                              StageConfig(1, (1, 1, 1, 1), (8, 16, 24, 32))), incre_planes)
+    def from_dict(cls, d: dict, source: str = "config") -> HRNetConfig:
+        """Inverse of `dataclasses.asdict` (JSON lists accepted); unknown keys are refused by name."""
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"{source}: unknown HRNet fields {unknown}")
+        d = dict(d)
+        if "stages" in d:
+            d["stages"] = tuple(StageConfig(s["num_modules"], tuple(s["num_blocks"]), tuple(s["num_channels"]))
+                                for s in d["stages"])
+        if "incre_planes" in d:
+            d["incre_planes"] = tuple(d["incre_planes"])
+        return cls(**d)
 
     def __post_init__(self):
         if self.incre_planes and len(self.incre_planes) != len(self.stages[-1].num_channels):

@@ -64,14 +64,7 @@ class ResamplerConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> ResamplerConfig:
-
         return dataclass_from_dict(cls, dict(d), kind="Resampler", source=source)
-
-    @classmethod
-    def tiny(cls, output_dims: int = 32, embed_dims: int = 24) -> ResamplerConfig:
-        """Tests and demos. Head dim 64, depth 4 and feed-forward x4: diffusers' converter assumes all three."""
-        return cls(embed_dims=embed_dims, output_dims=output_dims, hidden_dims=128, depth=4, dim_head=64, heads=2,
-                   num_queries=4, ffn_ratio=4)
 
 
 class PerceiverBlock(nn.Module):

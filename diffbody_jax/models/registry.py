@@ -50,7 +50,7 @@ def _group(model) -> ModelGroup:
 
 
 def _bodypart(model) -> BodyPartNet:
-    return BodyPartNet(config=BodyPartConfig.from_variant(model["variant"], **model["overrides"].to_dict()))
+    return BodyPartNet(config=BodyPartConfig.from_dict(model["bodypart"].to_dict(), "model.bodypart"))
 
 
 BUILDERS: dict[str, Callable[[Any], Any]] = {

@@ -10,7 +10,14 @@ import pytest
 
 import diffbody_jax
 from diffbody_jax.cli.convert import main
-from tests.torch_ref import REPO, randomize_, state_dict_numpy, unet_diffusers_config, vae_diffusers_config
+from tests.torch_ref import (
+    REPO,
+    randomize_,
+    resampler_config,
+    state_dict_numpy,
+    unet_diffusers_config,
+    vae_diffusers_config,
+)
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -183,7 +190,7 @@ def test_init_from_controlnet_and_ip_adapter_round_trip(tmp_path, capsys):
 
     from diffbody_jax.interop.ip_adapter import original_state_dict, write_ip_adapter
     from diffbody_jax.models.controlnet import ControlNetModel
-    from diffbody_jax.models.ip_adapter import Resampler, ResamplerConfig
+    from diffbody_jax.models.ip_adapter import Resampler
     from diffbody_jax.models.unet import UNet2DConditionModel, UNetConfig
     from tests.torch_ref import controlnet_diffusers_config, torch_controlnet
 
@@ -199,7 +206,7 @@ def test_init_from_controlnet_and_ip_adapter_round_trip(tmp_path, capsys):
     unet_cfg = UNetConfig.from_dict(unet_diffusers_config("tiny-sdxl"))
     import jax
 
-    adapter = {"image_proj": Resampler(ResamplerConfig.tiny(32, 24)).init_params(jax.random.key(0)),
+    adapter = {"image_proj": Resampler(resampler_config()).init_params(jax.random.key(0)),
                "ip_adapter": {}}
     from diffbody_jax.models.ip_adapter import ip_adapter_of
 

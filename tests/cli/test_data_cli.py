@@ -11,7 +11,7 @@ from diffbody_jax.cli.convert import main as convert_main
 from diffbody_jax.config import load_config
 from diffbody_jax.interop.swinir import load_swinir, save_swinir
 from diffbody_jax.models.swinir import SwinIR, SwinIRConfig
-from tests.torch_ref import REPO
+from tests.torch_ref import REPO, bodypart_config
 
 
 def test_sample_set_validate_preview(tmp_path, capsys):
@@ -49,9 +49,9 @@ def test_bodypart_conversion_round_trip(tmp_path):
     checkpoint holding only ImageNet backbone weights."""
     pytest.importorskip("torch")
     from diffbody_jax.interop.bodypart import bodypart_state_dict, load_bodypart, save_bodypart
-    from diffbody_jax.models.bodypart import BodyPartConfig, BodyPartNet
+    from diffbody_jax.models.bodypart import BodyPartNet
 
-    config = BodyPartConfig.tiny(num_identities=3, embed_dim=24)
+    config = bodypart_config(num_identities=3, embed_dim=24)
     variables = BodyPartNet(config=config).init_variables(jax.random.key(0))
     save_bodypart(tmp_path / "in.pth.tar", variables)
     spec = f"{REPO}/configs/bodypart.py:variant=tiny"

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from diffbody_jax.conditioning.body_priors import body_attention_map
-from diffbody_jax.models.bodypart import BodyPartConfig, BodyPartNet, preprocess
+from diffbody_jax.models.bodypart import BodyPartNet, preprocess
+from tests.torch_ref import bodypart_config
 
 torch = pytest.importorskip("torch")
 
@@ -13,7 +14,7 @@ torch = pytest.importorskip("torch")
 def test_attention_map_is_the_resized_foreground(rng):
     """I_attn = 1 - P(background) of the body-part net, resized bilinearly: at image size (upsampling) as
     torch's interpolate(align_corners=False), at latent size (downsampling) as torch's antialiased bilinear."""
-    net = BodyPartNet(config=BodyPartConfig.tiny())
+    net = BodyPartNet(config=bodypart_config())
     variables = net.init_variables(jax.random.key(int(rng.integers(1 << 30))))
     image = rng.uniform(0, 1, (2, 96, 64, 3)).astype(np.float32)
     attn = jax.jit(lambda v, x: body_attention_map(net, v, x))(variables, image)

@@ -17,14 +17,14 @@ from diffbody_jax.diffusion.part_guidance import (
 )
 from diffbody_jax.diffusion.samplers import SamplerConfig, make_sampler
 from diffbody_jax.diffusion.schedule import NoiseSchedule
-from diffbody_jax.models.bodypart import BodyPartConfig, BodyPartNet
+from diffbody_jax.models.bodypart import BodyPartNet
 from diffbody_jax.models.vae import AutoencoderKL, VAEConfig
-from tests.torch_ref import unet_diffusers_config, vae_diffusers_config
+from tests.torch_ref import bodypart_config, unet_diffusers_config, vae_diffusers_config
 
 
 @functools.cache
 def _net():
-    net = BodyPartNet(config=BodyPartConfig.tiny())
+    net = BodyPartNet(config=bodypart_config())
     variables = net.init_variables(jax.random.key(0))
     # Non-trivial BatchNorm statistics and a part classifier far from uniform, so parts differ.
     rng = np.random.default_rng(0)
@@ -100,7 +100,7 @@ def test_gradient_through_the_vae_decode_matches_finite_differences(distance, rn
     with jax.enable_x64(True):
         f64 = functools.partial(jax.tree.map, lambda x: jnp.asarray(x, jnp.float64))
         _, variables = _net()
-        net = BodyPartNet(config=BodyPartConfig.tiny(), dtype=jnp.float64, param_dtype=jnp.float64)
+        net = BodyPartNet(config=bodypart_config(), dtype=jnp.float64, param_dtype=jnp.float64)
         _, vae_params = _vae()
         vae = AutoencoderKL(VAEConfig.from_dict(vae_diffusers_config("tiny")), dtype=jnp.float64,
                             param_dtype=jnp.float64, remat=True)
@@ -169,7 +169,7 @@ def test_guidance_is_per_image_whatever_the_batch(rng):
         f64 = functools.partial(jax.tree.map, lambda x: jnp.asarray(x, jnp.float64))
         kw = dict(dtype=jnp.float64, param_dtype=jnp.float64)
         _, variables = _net()
-        net = BodyPartNet(config=BodyPartConfig.tiny(), **kw)
+        net = BodyPartNet(config=bodypart_config(), **kw)
         _, vae_params = _vae()
         vae = AutoencoderKL(VAEConfig.from_dict(vae_diffusers_config("tiny")), remat=True, **kw)
         unet = UNet2DConditionModel(UNetConfig.from_dict(unet_diffusers_config("tiny-sd21")), **kw)

@@ -15,10 +15,11 @@ from diffbody_jax.interop.bodypart import (
     save_bodypart,
 )
 from diffbody_jax.interop.mapping import flatten_params, plan_import
-from diffbody_jax.models.bodypart import BodyPartConfig, BodyPartNet
+from diffbody_jax.models.bodypart import BodyPartNet
 from tests.models.test_bodypart import TINY, TwinBPBreID, _FakeCfgNode, _shapes, _twin  # noqa: F401
 from tests.models.test_hrnet import timm_cfg
 from tests.torch_ref import (
+    bodypart_config,
     randomize_,
     state_dict_numpy,
     timm_hrnet_or_skip,
@@ -47,7 +48,7 @@ def test_checkpoint_import_and_export(tmp_path, suffix, wrap):
         # torchreid also pickles its yacs config into the file: an object weights_only refuses.
         extra = {"epoch": 120, "rank1": np.float64(0.95), "config": _FakeCfgNode(model=_FakeCfgNode(name="bpbreid"))}
         torch.save({"state_dict": sd, **extra} if wrap else sd, path)
-    base = BodyPartConfig.tiny(hrnet=TINY.hrnet)
+    base = bodypart_config(hrnet=TINY.hrnet)
     config, variables = load_bodypart(path, infer_config(state_dict_numpy(twin), base))
     assert config == TINY
     out = tmp_path / f"back{suffix}"
@@ -98,7 +99,7 @@ def test_imagenet_weights_fill_the_backbone_and_keep_the_head():
 def test_w32_coverage():
     """The published BPBreID (W32, K = 5, 512-d, 751 Market-1501 identities): every key maps; and timm's
     hrnet_w32 ImageNet classifier fills our backbone exactly."""
-    config = BodyPartConfig.bpbreid(num_identities=751)
+    config = bodypart_config("bpbreid", num_identities=751)
     with torch.device("meta"):
         twin = TwinBPBreID(config)
         imagenet = timm_hrnet.HighResolutionNet(timm_cfg(config.hrnet), num_classes=1000)

@@ -8,14 +8,13 @@ import diffbody_jax
 from diffbody_jax.cli.main import main
 from diffbody_jax.interop.ip_adapter import ColourAdapter, ColourAdapterConfig, load_ip_adapter, original_state_dict
 from diffbody_jax.interop.torch_files import read_state_dict
-from diffbody_jax.models.ip_adapter import ResamplerConfig
 from diffbody_jax.models.unet import UNetConfig
-from tests.torch_ref import unet_diffusers_config
+from tests.torch_ref import resampler_config, unet_diffusers_config
 
 
 def test_colour_adapter_folder_is_the_original_layout_and_round_trips(tmp_path, rng):
     unet_config = UNetConfig.from_dict(unet_diffusers_config("tiny-sdxl"))
-    adapter_model = ColourAdapter(ColourAdapterConfig(unet_config, ResamplerConfig.tiny(
+    adapter_model = ColourAdapter(ColourAdapterConfig(unet_config, resampler_config(
         output_dims=unet_config.cross_attention_dim)))
     shapes = adapter_model.param_shapes()
     adapter = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), shapes)

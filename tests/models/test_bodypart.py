@@ -12,8 +12,10 @@ from diffbody_jax.interop.bodypart import (
     bodypart_from_state_dict,
 )
 from diffbody_jax.models.bodypart import BodyPartConfig, BodyPartNet
-from diffbody_jax.models.hrnet import W32_INCRE, HRNetConfig
+from diffbody_jax.models.hrnet import W32_INCRE
 from tests.torch_ref import (
+    bodypart_config,
+    hrnet_config,
     nhwc_to_nchw,
     randomize_,
     randomize_batch_norm_stats_,
@@ -27,7 +29,7 @@ from tests.models.test_hrnet import timm_cfg  # noqa: E402
 
 nn, F = torch.nn, torch.nn.functional
 # timm's incre modules are always 32/64/128/256 planes wide, so the twin's tiny backbone uses them.
-TINY = BodyPartConfig.tiny(hrnet=HRNetConfig.tiny(incre_planes=W32_INCRE), num_identities=7)
+TINY = bodypart_config(hrnet=hrnet_config(incre_planes=W32_INCRE), num_identities=7)
 
 
 def _linear_bn(i, o):
@@ -135,7 +137,7 @@ def test_matches_pytorch_twin(dim_reduce, pooling, rng):
 
 @pytest.mark.slow  # ~17 s; differentiability is held by the part-loss gradient check, shapes by the twin test
 def test_part_maps_are_probabilities_and_the_network_is_differentiable():
-    net = BodyPartNet(config=BodyPartConfig.tiny())
+    net = BodyPartNet(config=bodypart_config())
     variables = net.init_variables(jax.random.key(1))
     x = jax.random.normal(jax.random.key(2), (2, 64, 32, 3))
     out = net.apply(variables, x)

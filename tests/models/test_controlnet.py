@@ -37,12 +37,12 @@ def _pair(config: dict, seed=0):
 
 def _inputs(cfg: ControlNetConfig, batch, h, w, rng):
     s = cfg.condition_downscale
-    x = rng.standard_normal((batch, cfg.in_channels, h, w)).astype(np.float32)
+    x = rng.standard_normal((batch, cfg.unet.in_channels, h, w)).astype(np.float32)
     cond = rng.standard_normal((batch, cfg.conditioning_channels, h * s, w * s)).astype(np.float32)
     t = rng.integers(0, 1000, size=batch)
-    ctx = rng.standard_normal((batch, 7, cfg.cross_attention_dim)).astype(np.float32)
+    ctx = rng.standard_normal((batch, 7, cfg.unet.cross_attention_dim)).astype(np.float32)
     added = {}
-    if cfg.addition_embed_type == "text_time":
+    if cfg.unet.addition_embed_type == "text_time":
         added = dict(
             text_embeds=rng.standard_normal((batch, cfg.unet.text_embeds_dim)).astype(np.float32),
             time_ids=rng.integers(0, 1024, (batch, 6)).astype(np.float32),

@@ -10,6 +10,7 @@ from diffbody_jax.interop.hrnet import hrnet_table
 from diffbody_jax.interop.mapping import flax_to_torch, torch_to_flax
 from diffbody_jax.models.hrnet import HRNet, HRNetConfig
 from tests.torch_ref import (
+    hrnet_config,
     nchw_to_nhwc,
     nhwc_to_nchw,
     randomize_,
@@ -48,7 +49,7 @@ def _shapes(config: HRNetConfig):
 
 
 def test_features_match_timm(rng):
-    config = HRNetConfig.tiny()
+    config = hrnet_config(incre_planes=())
     ref = _reference(config, seed=4)
     variables = torch_to_flax(state_dict_numpy(ref), hrnet_table(_shapes(config)), _shapes(config), "timm")
     x = rng.standard_normal((2, 64, 96, 3)).astype(np.float32)

@@ -24,6 +24,7 @@ from tests.torch_ref import (
     nhwc_to_nchw,
     optional,
     randomize_,
+    resampler_config,
     state_dict_numpy,
     unet_diffusers_config,
 )
@@ -97,7 +98,7 @@ def tiny():
     randomize_(ref, seed=0)
     plain_sd = state_dict_numpy(ref)
     ucfg = UNetConfig.from_dict(cfg)
-    rcfg = ResamplerConfig.tiny(output_dims=ucfg.cross_attention_dim, embed_dims=24)
+    rcfg = resampler_config(output_dims=ucfg.cross_attention_dim)
     original = random_original(ucfg, rcfg, seed=1)
     ref._load_ip_adapter_weights(nested(original), low_cpu_mem_usage=False)
     unet = UNet2DConditionModel(ucfg, ip_adapter=True)

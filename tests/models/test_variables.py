@@ -7,11 +7,12 @@ import pytest
 
 from diffbody_jax.config import load_config
 from diffbody_jax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
-from diffbody_jax.models.hrnet import HRNet, HRNetConfig
-from diffbody_jax.models.ip_adapter import Resampler, ResamplerConfig
+from diffbody_jax.models.hrnet import HRNet
+from diffbody_jax.models.ip_adapter import Resampler
 from diffbody_jax.models.registry import build_model
 from diffbody_jax.models.variables import abstract_variables, init_variables, param_shapes, unnamed_leaves
 from tests.eight_devices import outputs
+from tests.torch_ref import hrnet_config, resampler_config
 
 CONFIG_SPECS = ["unet:variant=tiny-sd21", "unet:variant=tiny-sdxl", "controlnet:variant=tiny-v1",
                 "controlnet:variant=tiny-v2-stage2", "joint_unet:variant=tiny", "stage2:variant=tiny",
@@ -26,8 +27,8 @@ def _top_modules():
                                                      with_projection=True))
     mods["clip-vision"] = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                                            num_attention_heads=2, image_size=28, patch_size=7))
-    mods["resampler"] = Resampler(ResamplerConfig.tiny())
-    mods["hrnet"] = HRNet(config=HRNetConfig.tiny())
+    mods["resampler"] = Resampler(resampler_config())
+    mods["hrnet"] = HRNet(config=hrnet_config(incre_planes=()))
     return mods
 
 

@@ -8,19 +8,20 @@ import pytest
 
 from diffbody_jax.config import load_config
 from diffbody_jax.interop.pretrained import save_pretrained
-from diffbody_jax.models.bodypart import BodyPartConfig, BodyPartNet
+from diffbody_jax.models.bodypart import BodyPartNet
 from diffbody_jax.models.group import ModelGroup
 from diffbody_jax.models.registry import build_model
 from diffbody_jax.parallel.mesh import MeshConfig, make_mesh
 from diffbody_jax.parallel.sharding import param_partition_specs, tree_shardings
 from diffbody_jax.training.init_from import init_sources, load_into
+from tests.torch_ref import bodypart_config
 
 
 @pytest.fixture(scope="module")
 def group():
     return ModelGroup(unet=build_model(load_config("unet:variant=tiny-sd21").model),
                       controlnet=build_model(load_config("controlnet:variant=tiny-v1").model),
-                      bodypart=BodyPartNet(config=BodyPartConfig.tiny()))
+                      bodypart=BodyPartNet(config=bodypart_config()))
 
 
 def _variables(group):

@@ -99,7 +99,7 @@ def test_a_joint_unet_export_starts_the_stage1_controlnet_phase(tmp_path):
             traverse_util.flatten_dict(expected, sep="/")[path]))
     folder = export_params(s, state, config, tmp_path / "cn")
     cn, exported = load_pretrained(folder)
-    assert type(cn).__name__ == "ControlNetModel" and cn.config.in_channels == 8
+    assert type(cn).__name__ == "ControlNetModel" and cn.config.unet.in_channels == 8
     for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(state.params["controlnet"]), strict=True):
         np.testing.assert_array_equal(a, np.asarray(b))
 

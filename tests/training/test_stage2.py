@@ -15,7 +15,7 @@ from diffbody_jax.models.unet import SDXLText, UNet2DConditionModel, UNetConfig
 from diffbody_jax.training.losses import stage2_loss
 from diffbody_jax.training.phases import STAGE2_SUBSETS
 from diffbody_jax.training.trainable import merge, partition
-from tests.torch_ref import REPO, controlnet_diffusers_config, unet_diffusers_config
+from tests.torch_ref import REPO, controlnet_diffusers_config, resampler_config, unet_diffusers_config
 
 PRIORS = ("ir", "pose", "depth", "normal")
 
@@ -33,7 +33,7 @@ def stage2():
     ucfg = UNetConfig.from_dict(unet_diffusers_config("tiny-sdxl"))
     ccfg = ControlNetConfig.from_dict(controlnet_diffusers_config("tiny-v2-stage2"))
     model = Stage2Model(UNet2DConditionModel(ucfg, ip_adapter=True), ControlNetModel(ccfg),
-                        Resampler(ResamplerConfig.tiny(output_dims=32, embed_dims=24)))
+                        Resampler(resampler_config()))
     params = _perturb(model.init_params(jax.random.key(0)), jax.random.key(1))
     return model, params
 
