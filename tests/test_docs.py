@@ -48,15 +48,16 @@ def _env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def world(tmp_path_factory):
-    """A folder with tiny stand-ins for the checkpoints the docs name, written once per run (all workers share it)."""
+def world(tmp_path_factory, stand_in_weights):
+    """A folder with tiny stand-ins for the checkpoints the docs name, written once per run (all workers share it);
+    its demo/weights is the suite's stand-in weights folder."""
     pytest.importorskip("torch")
     pytest.importorskip("diffusers")
     pytest.importorskip("transformers")
-    return shared_folder(tmp_path_factory, "docs-world", _write_world)
+    return shared_folder(tmp_path_factory, "docs-world", lambda root: _write_world(root, stand_in_weights))
 
 
-def _write_world(root: pathlib.Path) -> None:
+def _write_world(root: pathlib.Path, weights: pathlib.Path) -> None:
     import diffusers
     import torch
     import transformers
@@ -82,21 +83,20 @@ def _write_world(root: pathlib.Path) -> None:
     randomize_(cn, seed=4)
     cn.save_pretrained(root / "controlnet-sd21-depth")
     _tiny_files(root)
-    _demo_folder(root / "demo")
+    _demo_folder(root / "demo", weights)
     (root / "bench").symlink_to(REPO / "bench")  # README's commands run from the project root
 
 
-def _demo_folder(out: pathlib.Path) -> None:
-    """What `diffbody demo` leaves that the docs use: clean/, degraded/, keypoints.jsonl and weights/ (stand-ins;
-    the demo itself is tested in tests/cli/test_demo.py)."""
+def _demo_folder(out: pathlib.Path, weights: pathlib.Path) -> None:
+    """What `diffbody demo` leaves that the docs use: clean/, degraded/, keypoints.jsonl and weights/ (a link to the
+    suite's stand-in weights; the demo itself is tested in tests/cli/test_demo.py)."""
     from diffbody_jax.cli.demo import DEMO_SIZE, demo_inputs, write_demo_inputs
     from diffbody_jax.data.manifest import read_manifest
     from diffbody_jax.data.sample_set import write_sample_set
-    from diffbody_jax.pipelines.stand_in import write_stand_in_weights
 
     records = read_manifest(write_sample_set(out / "data"))
     write_demo_inputs(out, demo_inputs(records, ((DEMO_SIZE, DEMO_SIZE),)))
-    write_stand_in_weights(out / "weights")
+    (out / "weights").symlink_to(weights, target_is_directory=True)
 
 
 def _tiny_files(root: pathlib.Path) -> None:

@@ -26,6 +26,14 @@ from pathlib import Path
 
 import numpy as np
 
+from diffbody_jax.annotators import AnnotatorError, get_annotator
+from diffbody_jax.annotators.caption import Captioner
+from diffbody_jax.annotators.dense import DepthEstimator, NormalEstimator
+from diffbody_jax.annotators.manifest import fill_manifest
+from diffbody_jax.data.manifest import ManifestError
+from diffbody_jax.data.pose import PoseStyle
+from diffbody_jax.pipelines.image_io import find_images, read_photos, write_png
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="diffbody annotate", description=__doc__,
@@ -44,7 +52,6 @@ def main(argv=None) -> int:
     p.add_argument("--normal", help="--manifest: a surface-normal ONNX file (Omnidata: output in [0, 1])")
     p.add_argument("--captioner", help="--manifest: a local transformers image-to-text folder (BLIP)")
     args = p.parse_args(argv)
-    from diffbody_jax.data.pose import PoseStyle
 
     try:
         style = PoseStyle.parse(args.pose_style)
@@ -55,8 +62,6 @@ def main(argv=None) -> int:
         p.error("give images or --manifest (one of the two)")
     if not args.manifest and (args.depth or args.normal or args.captioner or args.backend == "none"):
         p.error("--depth, --normal, --captioner and --backend none go with --manifest")
-
-    from diffbody_jax.annotators import AnnotatorError, get_annotator
 
     options = {k: v for k, v in (("keypoints", args.keypoints), ("det", args.det), ("pose", args.pose)) if v}
     try:
@@ -70,11 +75,6 @@ def main(argv=None) -> int:
 
 
 def _fill(annotator, args) -> int:
-    from diffbody_jax.annotators.caption import Captioner
-    from diffbody_jax.annotators.dense import DepthEstimator, NormalEstimator
-    from diffbody_jax.annotators.manifest import fill_manifest
-    from diffbody_jax.data.manifest import ManifestError
-
     estimators = dict(depth=DepthEstimator(args.depth) if args.depth else None,
                       normal=NormalEstimator(args.normal) if args.normal else None,
                       captioner=Captioner(args.captioner) if args.captioner else None)
@@ -93,7 +93,6 @@ def _fill(annotator, args) -> int:
 
 
 def _annotate_images(annotator, args, style) -> int:
-    from diffbody_jax.pipelines.image_io import find_images, read_photos, write_png
     files, problems = find_images(args.inputs)
     photos, bad = read_photos(files, min_size=1)
     problems += bad

@@ -34,12 +34,23 @@ import argparse
 import sys
 from pathlib import Path
 
+import jax
 import ml_dtypes
 import numpy as np
 
 from diffbody_jax import files
+from diffbody_jax.config import load_config
 from diffbody_jax.interop import flax_checkpoint, pretrained
+from diffbody_jax.interop.bodypart import backbone_from_imagenet, infer_config, load_bodypart, save_bodypart
+from diffbody_jax.interop.ip_adapter import load_ip_adapter, original_state_dict, write_ip_adapter
 from diffbody_jax.interop.mapping import flatten_params
+from diffbody_jax.interop.swinir import load_swinir, save_swinir
+from diffbody_jax.interop.torch_files import read_state_dict
+from diffbody_jax.models.bodypart import BodyPartConfig, BodyPartNet
+from diffbody_jax.models.controlnet import build_controlnet, prior_fusion_from_controlnet
+from diffbody_jax.models.registry import build_model
+from diffbody_jax.models.swinir import SwinIRConfig
+from diffbody_jax.models.unet import UNetConfig
 
 _DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "keep": None}
 
@@ -94,10 +105,6 @@ def init_from_unet(unet_src: Path, config_spec: str, dst: Path, fmt: str, seed: 
                    branch: str = "rgb") -> None:
     """A JointUNet or ControlNet (the config's model) from a plain UNet folder, or a ControlNet (DiffBody v2's
     stage-1 ControlNet) from a trained JointUNet folder: its `branch` and the shared trunk."""
-    import jax
-
-    from diffbody_jax.config import load_config
-    from diffbody_jax.models.registry import build_model
 
     model_config = load_config(config_spec).model
     if model_config.get("name") not in ("joint_unet", "controlnet"):
@@ -114,10 +121,6 @@ def init_from_unet(unet_src: Path, config_spec: str, dst: Path, fmt: str, seed: 
 
 
 def swinir_to_flax(src: Path, config_spec: str, dst: Path, param_dtype, overwrite: bool) -> None:
-    from diffbody_jax.config import load_config
-    from diffbody_jax.interop.swinir import load_swinir
-    from diffbody_jax.models.swinir import SwinIRConfig
-
     config = SwinIRConfig.from_dict(load_config(config_spec).model.swinir.to_dict(), config_spec)
     params = load_swinir(src, config, param_dtype)
     flax_checkpoint.save_components(dst, {"swinir": (config.to_dict(), params)}, layout="model", overwrite=overwrite)
@@ -125,9 +128,6 @@ def swinir_to_flax(src: Path, config_spec: str, dst: Path, param_dtype, overwrit
 
 
 def swinir_to_torch(src: Path, dst: Path, overwrite: bool) -> None:
-    from diffbody_jax.interop.swinir import save_swinir
-    from diffbody_jax.models.swinir import SwinIRConfig
-
     config_dict, params = flax_checkpoint.load_component(src, "swinir")
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
@@ -136,13 +136,6 @@ def swinir_to_torch(src: Path, dst: Path, overwrite: bool) -> None:
 
 
 def bodypart_to_flax(src: Path | None, imagenet: Path | None, config_spec: str, dst: Path, overwrite: bool) -> None:
-    import jax
-
-    from diffbody_jax.config import load_config
-    from diffbody_jax.interop.bodypart import backbone_from_imagenet, infer_config, load_bodypart
-    from diffbody_jax.interop.torch_files import read_state_dict
-    from diffbody_jax.models.bodypart import BodyPartConfig, BodyPartNet
-
     if src is None and imagenet is None:
         raise ValueError("bodypart-to-flax needs --src (a BPBreID checkpoint) or --imagenet (HRNet weights)")
     model = load_config(config_spec).model
@@ -164,8 +157,6 @@ def bodypart_to_flax(src: Path | None, imagenet: Path | None, config_spec: str, 
 
 
 def bodypart_to_torch(src: Path, dst: Path, overwrite: bool) -> None:
-    from diffbody_jax.interop.bodypart import save_bodypart
-
     _, variables = flax_checkpoint.load_component(src, "bodypart")
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
@@ -186,11 +177,6 @@ def _save_model(module, params, dst: Path, fmt: str, overwrite: bool) -> None:
 
 
 def init_from_controlnet(src: Path, config_spec: str, dst: Path, fmt: str, seed: int, overwrite: bool) -> None:
-    import jax
-
-    from diffbody_jax.config import load_config
-    from diffbody_jax.models.controlnet import build_controlnet, prior_fusion_from_controlnet
-
     module = build_controlnet(load_config(config_spec).model)
     subfolder = "controlnet" if (src / "controlnet").is_dir() else None
     source, source_params = pretrained.load_pretrained(src, subfolder=subfolder)
@@ -206,10 +192,6 @@ COLOUR_ADAPTER = "colour_adapter"
 
 
 def ip_adapter_to_flax(src: Path, unet_spec: str, dst: Path, param_dtype, overwrite: bool) -> None:
-    from diffbody_jax.config import load_config
-    from diffbody_jax.interop.ip_adapter import load_ip_adapter
-    from diffbody_jax.models.unet import UNetConfig
-
     unet_dict = load_config(unet_spec).model.diffusers.to_dict()
     resampler, params = load_ip_adapter(src, UNetConfig.from_dict(unet_dict, unet_spec), dtype=param_dtype)
     config = {"_class_name": "IPAdapterPlus", "resampler": resampler.config.to_dict(), "unet": unet_dict}
@@ -219,9 +201,6 @@ def ip_adapter_to_flax(src: Path, unet_spec: str, dst: Path, param_dtype, overwr
 
 
 def ip_adapter_to_torch(src: Path, dst: Path, overwrite: bool) -> None:
-    from diffbody_jax.interop.ip_adapter import original_state_dict, write_ip_adapter
-    from diffbody_jax.models.unet import UNetConfig
-
     config, params = flax_checkpoint.load_component(src, COLOUR_ADAPTER)
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")

@@ -16,16 +16,17 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+
+from diffbody_jax.annotators import default_annotator
+from diffbody_jax.config import load_config
+from diffbody_jax.data.degradations import degradation_from_config
+from diffbody_jax.data.manifest import ManifestError, read_manifest
+from diffbody_jax.data.pipeline import PAPER_BUCKETS, DataConfig, ShardInfo, make_dataset
+from diffbody_jax.data.sample_set import write_sample_set
 
 
 def _preview(manifest: Path, out: Path, degradation_spec: str, bucket_short_side: int, seed: int) -> None:
-    from PIL import Image
-
-    from diffbody_jax.config import load_config
-    from diffbody_jax.data.degradations import degradation_from_config
-    from diffbody_jax.data.manifest import read_manifest
-    from diffbody_jax.data.pipeline import PAPER_BUCKETS, DataConfig, ShardInfo, make_dataset
-
     records = read_manifest(manifest, require=("pose",))
     k = bucket_short_side / 512
     buckets = tuple((int(h * k), int(w * k)) for h, w in PAPER_BUCKETS)
@@ -60,13 +61,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    from diffbody_jax.data.manifest import ManifestError, read_manifest
-
     try:
         if args.command == "sample-set":
-            from diffbody_jax.annotators import default_annotator
-            from diffbody_jax.data.sample_set import write_sample_set
-
             annotator = default_annotator() if args.keypoints == "auto" else None
             if args.keypoints == "auto" and annotator is None:
                 print("note: no annotator installed (the annotators extra): hand-written keypoints", file=sys.stderr)

@@ -25,7 +25,23 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
+
+from diffbody_jax.annotators import default_annotator
+from diffbody_jax.config import load_config
+from diffbody_jax.data.degradations import degradation_from_config
+from diffbody_jax.data.manifest import read_manifest
+from diffbody_jax.data.pose import as_persons, transform_keypoints
+from diffbody_jax.data.sample_set import write_sample_set
+from diffbody_jax.evaluation.metrics import image_metrics
+from diffbody_jax.interop.pretrained import load_pretrained
+from diffbody_jax.pipelines.fit import fit_to_bucket
+from diffbody_jax.pipelines.image_io import read_photo, write_png
+from diffbody_jax.pipelines.jobs import PoseSource, prepare_jobs, run_jobs, write_outputs
+from diffbody_jax.pipelines.restore import Restorer, RestoreSettings
+from diffbody_jax.pipelines.stand_in import write_stand_in_weights
+from diffbody_jax.training.engine import train
 
 DEMO_SIZE = 64  # the tiny preset: every photo in one 64x64 bucket (one compile per version)
 DEMO_MARK = ".diffbody-demo"  # marks a folder the demo may replace
@@ -56,9 +72,6 @@ class Timer:
 
 
 def train_swinir(data_dir: Path, workdir: Path, steps: int) -> Path:
-    from diffbody_jax.config import load_config
-    from diffbody_jax.training.engine import train
-
     config = load_config("swinir:variant=tiny-diffbir", overrides=[
         f"data.manifest={data_dir / 'manifest.jsonl'}", f"train.steps={steps}", f"checkpoint.every={steps}"])
     return train(config, workdir).export
@@ -67,11 +80,6 @@ def train_swinir(data_dir: Path, workdir: Path, steps: int) -> Path:
 def demo_inputs(records, buckets, seed: int = 0) -> list[dict]:
     """Per sample-set record: name, clean (the photo inside its bucket with a reflected border), degraded (seeded
     Real-ESRGAN degradation of it), keypoints moved into the clean image, caption."""
-    from diffbody_jax.config import load_config
-    from diffbody_jax.data.degradations import degradation_from_config
-    from diffbody_jax.data.pose import as_persons, transform_keypoints
-    from diffbody_jax.pipelines.fit import fit_to_bucket
-    from diffbody_jax.pipelines.image_io import read_photo
 
     degrade = degradation_from_config(load_config(DEGRADATION))
     out = []
@@ -90,7 +98,6 @@ def demo_inputs(records, buckets, seed: int = 0) -> list[dict]:
 def write_demo_inputs(out: Path, inputs: list[dict]) -> None:
     """OUT/clean/*.png, OUT/degraded/*.png and OUT/keypoints.jsonl (a manifest of the degraded photos' keypoints,
     what `diffbody restore --keypoints` reads)."""
-    from diffbody_jax.pipelines.image_io import write_png
 
     lines = []
     for x in inputs:
@@ -104,10 +111,6 @@ def write_demo_inputs(out: Path, inputs: list[dict]) -> None:
 
 def swinir_gain(swinir_dir: Path, inputs: list[dict]) -> tuple[float, float]:
     """Mean PSNR (Y) of the degraded inputs and of SwinIR's outputs against the clean photos."""
-    import jax
-
-    from diffbody_jax.evaluation.metrics import image_metrics
-    from diffbody_jax.interop.pretrained import load_pretrained
 
     module, params = load_pretrained(swinir_dir)
     run = jax.jit(lambda p, x: module.apply({"params": p}, x))
@@ -141,14 +144,6 @@ def main(argv=None) -> int:
     p.add_argument("--fast", action="store_true", help="10 training steps and 2 sampling steps (a smoke test)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-
-    from diffbody_jax.annotators import default_annotator
-    from diffbody_jax.data.manifest import read_manifest
-    from diffbody_jax.data.sample_set import write_sample_set
-    from diffbody_jax.pipelines.image_io import write_png
-    from diffbody_jax.pipelines.jobs import PoseSource, prepare_jobs, run_jobs, write_outputs
-    from diffbody_jax.pipelines.restore import Restorer, RestoreSettings
-    from diffbody_jax.pipelines.stand_in import write_stand_in_weights
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):

@@ -17,7 +17,16 @@ import sys
 import time
 from pathlib import Path
 
+from diffbody_jax.annotators import AnnotatorError
 from diffbody_jax.cli.restore import add_restore_args, annotator_from, settings_from
+from diffbody_jax.data.degradations import TABLE1_MIXTURES
+from diffbody_jax.evaluation.table1 import evaluate, markdown_table
+from diffbody_jax.files import write_json
+from diffbody_jax.pipelines.image_io import find_images, read_photos, write_png
+from diffbody_jax.pipelines.jobs import PoseSource
+from diffbody_jax.pipelines.prompts import prompts_for
+from diffbody_jax.pipelines.restore import Restorer, restore_defaults
+from diffbody_jax.pipelines.weights import WeightsError
 
 
 def main(argv) -> int:
@@ -31,16 +40,6 @@ def main(argv) -> int:
     p.add_argument("--quiet", action="store_true")
     add_restore_args(p)
     args = p.parse_args(argv)
-
-    from diffbody_jax.annotators import AnnotatorError
-    from diffbody_jax.data.degradations import TABLE1_MIXTURES
-    from diffbody_jax.evaluation.table1 import evaluate, markdown_table
-    from diffbody_jax.files import write_json
-    from diffbody_jax.pipelines.image_io import find_images, read_photos, write_png
-    from diffbody_jax.pipelines.jobs import PoseSource
-    from diffbody_jax.pipelines.prompts import prompts_for
-    from diffbody_jax.pipelines.restore import Restorer, restore_defaults
-    from diffbody_jax.pipelines.weights import WeightsError
 
     def fail(message: str) -> int:
         print(f"diffbody eval: {message}", file=sys.stderr)

@@ -14,6 +14,9 @@ import logging
 import sys
 
 from diffbody_jax.cli.train import run_parser, split_overrides
+from diffbody_jax.config import load_config
+from diffbody_jax.parallel.mesh import initialize_distributed
+from diffbody_jax.training.prepare import prepare_cache
 
 
 def main(argv=None) -> int:
@@ -22,12 +25,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="the cache folder (shard-*.npz, cache.json)")
     args = parser.parse_args(rest)
 
-    from diffbody_jax.parallel.mesh import initialize_distributed
-
     initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-
-    from diffbody_jax.config import load_config
-    from diffbody_jax.training.prepare import prepare_cache
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:

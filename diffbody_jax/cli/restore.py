@@ -25,7 +25,24 @@ import sys
 import time
 from pathlib import Path
 
-from diffbody_jax.pipelines.restore import FITS, PRESET_STEPS, SAMPLERS, RestoreSettings
+from tqdm import tqdm
+
+from diffbody_jax.annotators import AnnotatorError, annotator_from_spec, parse_spec, resolve_backend
+from diffbody_jax.annotators.caption import Captioner
+from diffbody_jax.diffusion.contract import BASE_PIPELINE
+from diffbody_jax.pipelines.image_io import find_images
+from diffbody_jax.pipelines.jobs import PoseSource, prepare_jobs, run_jobs, write_outputs
+from diffbody_jax.pipelines.prompts import prompts_for
+from diffbody_jax.pipelines.restore import FITS, PRESET_STEPS, SAMPLERS, Restorer, RestoreSettings, restore_defaults
+from diffbody_jax.pipelines.weights import (
+    COMPONENTS,
+    OPTIONAL,
+    TRAINED_COMPONENTS,
+    WeightsError,
+    check_weights,
+    component_contract,
+    restore_contracts,
+)
 
 
 def add_restore_args(p: argparse.ArgumentParser) -> None:
@@ -60,7 +77,6 @@ def add_restore_args(p: argparse.ArgumentParser) -> None:
 
 def annotator_from(spec: str):
     """(annotator or None, note or None) for --annotator; "auto" without an installed annotator is None + a note."""
-    from diffbody_jax.annotators import annotator_from_spec, parse_spec, resolve_backend
 
     if resolve_backend(parse_spec(spec)[0]) is None:
         return None, (None if spec == "none" else "no annotator installed (the annotators extra): photos without "
@@ -78,8 +94,6 @@ class ProgressBars:
     """tqdm bars over images and over the sampling steps of the running batch (hooked into the scan)."""
 
     def __init__(self, total_images: int, steps: int, enabled: bool = True):
-        from tqdm import tqdm
-
         self.images = tqdm(total=total_images, desc="images", unit="img", disable=not enabled, position=0)
         self.steps = tqdm(total=steps, desc="steps", unit="step", disable=not enabled, position=1, leave=False)
 
@@ -107,13 +121,6 @@ def restore_main(argv) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace outputs that exist")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
-
-    from diffbody_jax.annotators import AnnotatorError
-    from diffbody_jax.pipelines.image_io import find_images
-    from diffbody_jax.pipelines.jobs import PoseSource, prepare_jobs, run_jobs, write_outputs
-    from diffbody_jax.pipelines.prompts import prompts_for
-    from diffbody_jax.pipelines.restore import Restorer, restore_defaults
-    from diffbody_jax.pipelines.weights import WeightsError
 
     def fail(message: str) -> int:
         print(f"diffbody restore: {message}", file=sys.stderr)
@@ -149,8 +156,6 @@ def restore_main(argv) -> int:
     try:
         captioner = None
         if args.recaption:
-            from diffbody_jax.annotators.caption import Captioner
-
             captioner = Captioner(args.recaption)
         restorer = Restorer(args.weights, settings, on_step=bars.on_step, annotator=annotator, captioner=captioner)
     except (WeightsError, ValueError, AnnotatorError) as e:
@@ -182,17 +187,6 @@ def weights_main(argv) -> int:
     check.add_argument("folder")
     check.add_argument("--configs-only", action="store_true", help="read configs, not tensors (fast)")
     args = p.parse_args(argv)
-
-    from diffbody_jax.diffusion.contract import BASE_PIPELINE
-    from diffbody_jax.pipelines.weights import (
-        COMPONENTS,
-        OPTIONAL,
-        TRAINED_COMPONENTS,
-        WeightsError,
-        check_weights,
-        component_contract,
-        restore_contracts,
-    )
 
     try:
         reports, needs = check_weights(args.folder, load=not args.configs_only)

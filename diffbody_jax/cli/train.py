@@ -16,6 +16,10 @@ import argparse
 import logging
 import sys
 
+from diffbody_jax.config import load_config
+from diffbody_jax.parallel.mesh import initialize_distributed
+from diffbody_jax.training.engine import NonFiniteLoss, train
+
 
 def run_parser(prog: str, doc: str) -> argparse.ArgumentParser:
     """The arguments every command that runs a phase's config takes (`train`, `prepare`): --config (with
@@ -46,12 +50,7 @@ def main(argv=None) -> int:
     overrides, rest = split_overrides(argv)
     args = build_parser().parse_args(rest)
 
-    from diffbody_jax.parallel.mesh import initialize_distributed
-
     initialize_distributed(args.coordinator, args.num_processes, args.process_id)  # before any device is used
-
-    from diffbody_jax.config import load_config
-    from diffbody_jax.training.engine import NonFiniteLoss, train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:

@@ -1,8 +1,11 @@
 """A run our engine trained restores through `diffbody restore` with exactly what it trained with.
 
 One stage-1 ControlNet run (tiny, one step) with v-prediction and normalised latents, on a manifest whose one line
-shows no person (`"keypoints": []`): the engine draws that line as an all-black pose map and trains through it; the
-export is put into a stand-in weights folder and restored with `diffbody restore --version v2`. At the joint UNet's
+shows no person (`"keypoints": []`), started from a joint UNet export as README chains the phases (`train.init_from`
+joint_unet=EXPORT, controlnet=unet:EXPORT): the ControlNet starts from the joint UNet's RGB branch (one Adam step
+moves a parameter by at most the learning rate, so the export is within lr of that copy); the engine draws the
+no-person line as an all-black pose map and trains through it; the export is put into the stand-in weights folder
+whose joint UNet started it, and restored with `diffbody restore --version v2`. At the joint UNet's
 boundary the restore's inputs are checked against independent constructions: the pose latent equals the VAE's
 encoding of the given pose map normalised with the run's statistics (float64), the timesteps and the z_t sequence
 equal diffusers' DDIMScheduler configured with the run's prediction type, stepping on the joint UNet's own outputs."""
@@ -14,12 +17,14 @@ import shutil
 import jax
 import numpy as np
 from flax import linen as nn
+from flax import traverse_util
 from PIL import Image
 
 from diffbody_jax.cli.main import main
 from diffbody_jax.config import load_config
 from diffbody_jax.data.sample_set import write_sample_set
 from diffbody_jax.interop.pretrained import load_pretrained
+from diffbody_jax.models.controlnet import controlnet_from_joint_unet
 from diffbody_jax.models.joint_unet import JointUNet
 from diffbody_jax.models.vae import AutoencoderKL
 from diffbody_jax.pipelines.stand_in import write_stand_in_weights
@@ -46,8 +51,11 @@ def _manifest_with_a_no_person_line(folder):
 @needs_torch
 def test_an_engine_run_with_a_no_person_line_restores_with_its_schedule_and_statistics(tmp_path, rng):
     manifest, no_person = _manifest_with_a_no_person_line(tmp_path / "sample")
-    config = load_config("stage1_controlnet:variant=tiny", [f"data.manifest={manifest}", "train.steps=1",
-                                                             "checkpoint.every=1", *RUN])
+    weights = write_stand_in_weights(tmp_path / "w", seed=2, versions=("v2",), overrides={"stage1_controlnet": RUN})
+    joint_export = weights / "stage1_joint_unet"
+    config = load_config("stage1_controlnet:variant=tiny", [
+        f"data.manifest={manifest}", "train.steps=1", "checkpoint.every=1", *RUN,
+        f"train.init_from=joint_unet={joint_export},controlnet=unet:{joint_export}"])
     batches = []
     result = train(config, tmp_path / "run", batch_hook=lambda step, batch: batches.append(batch) or batch)
     assert np.isfinite(result.metrics["loss"])
@@ -56,7 +64,17 @@ def test_an_engine_run_with_a_no_person_line_restores_with_its_schedule_and_stat
     for record, pose in zip(batch["record"], batch["pose"], strict=True):
         assert (pose.max() == 0) == (record == no_person), record  # black for the no-person line only
 
-    weights = write_stand_in_weights(tmp_path / "w", seed=2, versions=("v2",), overrides={"stage1_controlnet": RUN})
+    # the hand-off: the exported ControlNet is the joint UNet's RGB-branch copy moved by one Adam step (<= lr)
+    joint, joint_params = load_pretrained(joint_export)
+    controlnet, exported = load_pretrained(result.export)
+    expected, copied = controlnet_from_joint_unet(joint_params, joint.config, controlnet, jax.random.key(0))
+    assert "conv_in/kernel" in copied and any(p.startswith("down_blocks_0/") for p in copied)
+    flat_exported, flat_expected = (traverse_util.flatten_dict(p, sep="/") for p in (exported, expected))
+    lr = config.optim.learning_rate
+    for path in copied:
+        moved = np.abs(np.asarray(flat_exported[path]) - np.asarray(flat_expected[path])).max()
+        assert moved <= lr * (1 + 1e-3), (path, moved, lr)
+
     shutil.rmtree(weights / "stage1_controlnet")
     shutil.copytree(result.export, weights / "stage1_controlnet")
 

@@ -1,7 +1,7 @@
 """v2 stage 1 (seed 002) on the tiny variants: Eq. 1 overfits one batch through the joint UNet's SD branch with
 everything else (depth and normal branches' own blocks, fusion weights, VAE, text encoder) bit-identical; Eq. 2
-overfits through the ControlNet alone; a stage1_joint_unet export starts stage1_controlnet (the joint UNet frozen,
-the ControlNet from its RGB branch) and the ControlNet exports to the diffusers layout."""
+overfits through the ControlNet alone (the hand-off from a joint UNet export to the ControlNet phase, and its export
+restored, are tests/pipelines/test_trained_run_restores.py)."""
 
 import re
 
@@ -12,8 +12,6 @@ from flax import linen as nn
 from flax import traverse_util
 
 from diffbody_jax.config import load_config
-from diffbody_jax.interop.pretrained import load_pretrained, save_pretrained
-from diffbody_jax.models.controlnet import controlnet_from_joint_unet
 from diffbody_jax.models.registry import build_model
 from diffbody_jax.training.phases import caption_tokens, get_phase
 from tests.torch_ref import optional
@@ -73,35 +71,6 @@ def test_eq2_overfits_one_batch_through_the_controlnet_alone(rng):
     assert trainable == ["controlnet"] and frozen == ["joint_unet", "swinir", "text_encoder", "vae"]
     assert losses[-1] <= losses[0] / 2, losses[::10]
     assert changed == []
-
-
-@pytest.mark.slow  # ~65 s; the export -> init_from hand-off is held in the default suite by the v1 phase's test
-def test_a_joint_unet_export_starts_the_stage1_controlnet_phase(tmp_path):
-    from diffbody_jax.training.engine import export_params, init_state, setup
-
-    # what a stage1_joint_unet run leaves in export/ (its export path is the engine's, as for every member)
-    joint = build_model(load_config("stage1_joint_unet:variant=tiny").model).joint_unet
-    save_pretrained(tmp_path / "joint" / "export", joint, joint.init_params(jax.random.key(5)))
-    module, joint_params = load_pretrained(tmp_path / "joint" / "export")
-    assert type(module).__name__ == "JointUNet"
-
-    config = load_config("stage1_controlnet:variant=tiny",
-                         [f"train.init_from=joint_unet={tmp_path / 'joint'},controlnet=unet:{tmp_path / 'joint'}"])
-    s = setup(config)
-    state = init_state(s, config)
-    for a, b in zip(jax.tree.leaves(joint_params), jax.tree.leaves(state.frozen["joint_unet"]), strict=True):
-        np.testing.assert_array_equal(a, np.asarray(b))
-    expected, copied = controlnet_from_joint_unet(joint_params, module.config, s.module.controlnet, jax.random.key(0))
-    assert "conv_in/kernel" in copied
-    flat = traverse_util.flatten_dict(state.params["controlnet"], sep="/")
-    for path in copied:
-        np.testing.assert_array_equal(np.asarray(flat[path]), np.asarray(
-            traverse_util.flatten_dict(expected, sep="/")[path]))
-    folder = export_params(s, state, config, tmp_path / "cn")
-    cn, exported = load_pretrained(folder)
-    assert type(cn).__name__ == "ControlNetModel" and cn.config.unet.in_channels == 8
-    for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(state.params["controlnet"]), strict=True):
-        np.testing.assert_array_equal(a, np.asarray(b))
 
 
 def test_frozen_encoders_compute_in_bf16_when_asked_with_float32_params():
