@@ -161,8 +161,9 @@ def test_guidance_is_per_image_whatever_the_batch(rng):
     """Algorithm 1 guides each image by its own loss: an image's guided DDIM step (deterministic, so noise
     draws play no part) is the same alone and as the first of a batch of 3, within 1e-5. In float64, so that
     XLA's batch-size-dependent float32 rounding (2e-5 here after the x50 gradient scale) does not hide a
-    real difference; a batch mean would have moved the image 3x less. At 32 x 16 pixels (the part network resizes
-    to its own input size), the size that keeps it in the default suite."""
+    real difference; a batch mean would have moved the image 3x less. The same image alone with another I_reg
+    ends elsewhere: the guidance acted. At 32 x 16 pixels (the part network resizes to its own input size) and two
+    compiles (batch 3, batch 1), the size that keeps it in the default suite."""
     from diffbody_jax.models.unet import UNet2DConditionModel, UNetConfig
 
     with jax.enable_x64(True):
@@ -179,19 +180,20 @@ def test_guidance_is_per_image_whatever_the_batch(rng):
         def model_fn(params, z, t, cond):
             return unet.apply({"params": params}, z, t, cond)
 
-        i_reg = f64(_smooth_images(int(rng.integers(1 << 30)), (3, 32, 16, 3)))
+        i_reg = f64(_smooth_images(int(rng.integers(1 << 30)), (4, 32, 16, 3)))  # the 4th: another I_reg
         cond = jnp.asarray(rng.standard_normal((3, 4, 24)))
         z_T = jnp.asarray(rng.standard_normal((3, 16, 8, 4)))
         guidance = make_part_guidance(vae, net, PartLossConfig())
         sampler = make_sampler(model_fn, NoiseSchedule(), SamplerConfig("ddim", num_steps=1, guidance_scale=50.0),
                                guidance)
-        plain = make_sampler(model_fn, NoiseSchedule(), SamplerConfig("ddim", num_steps=1))
         key = jax.random.key(0)
-        batch = sampler(key, z_T, cond, aux=part_guidance_aux(net, variables, vae_params, i_reg),
-                        params=unet_params).sample
-        alone = sampler(key, z_T[:1], cond[:1], aux=part_guidance_aux(net, variables, vae_params, i_reg[:1]),
-                        params=unet_params).sample
+
+        def step(z, c, images):
+            return sampler(key, z, c, aux=part_guidance_aux(net, variables, vae_params, images),
+                           params=unet_params).sample
+
+        batch, alone = step(z_T, cond, i_reg[:3]), step(z_T[:1], cond[:1], i_reg[:1])
         assert batch.dtype == jnp.float64
         np.testing.assert_allclose(batch[:1], alone, atol=1e-5)
-        moved = np.abs(np.asarray(alone - plain(key, z_T[:1], cond[:1], params=unet_params).sample)).max()
+        moved = np.abs(np.asarray(alone - step(z_T[:1], cond[:1], i_reg[3:]))).max()
         assert moved > 1e-3, moved  # the guidance did act on the image

@@ -52,7 +52,7 @@ def _manifest_with_a_no_person_line(folder):
 def test_an_engine_run_with_a_no_person_line_restores_with_its_schedule_and_statistics(tmp_path, rng):
     manifest, no_person = _manifest_with_a_no_person_line(tmp_path / "sample")
     weights = write_stand_in_weights(tmp_path / "w", seed=2, versions=("v2",), overrides={"stage1_controlnet": RUN})
-    joint_export = weights / "stage1_joint_unet"
+    joint_export = weights / "joint_unet"
     config = load_config("stage1_controlnet:variant=tiny", [
         f"data.manifest={manifest}", "train.steps=1", "checkpoint.every=1", *RUN,
         f"train.init_from=joint_unet={joint_export},controlnet=unet:{joint_export}"])
