@@ -18,10 +18,10 @@ def unet_diffusers_config(variant: str) -> dict:
 
 def bodypart_config(variant: str = "tiny", **fields):
     """BodyPartConfig of configs/bodypart.py's `variant`, with field overrides."""
-    from diffbody_jax.models.bodypart import BodyPartConfig
+    from diffbody_jax.models.registry import build_model
 
-    section = load_config(f"{REPO}/configs/bodypart.py:variant={variant}").model.bodypart.to_dict()
-    return dataclasses.replace(BodyPartConfig.from_dict(section, f"bodypart:variant={variant}"), **fields)
+    net = build_model(load_config(f"{REPO}/configs/bodypart.py:variant={variant}").model)
+    return dataclasses.replace(net.config, **fields)
 
 
 def hrnet_config(variant: str = "tiny", **fields):

@@ -46,7 +46,7 @@ from diffbody_jax.interop.ip_adapter import load_ip_adapter, original_state_dict
 from diffbody_jax.interop.mapping import flatten_params
 from diffbody_jax.interop.swinir import load_swinir, save_swinir
 from diffbody_jax.interop.torch_files import read_state_dict
-from diffbody_jax.models.bodypart import BodyPartConfig, BodyPartNet
+from diffbody_jax.models.bodypart import BodyPartNet
 from diffbody_jax.models.controlnet import build_controlnet, prior_fusion_from_controlnet
 from diffbody_jax.models.registry import build_model
 from diffbody_jax.models.swinir import SwinIRConfig
@@ -105,7 +105,6 @@ def init_from_unet(unet_src: Path, config_spec: str, dst: Path, fmt: str, seed: 
                    branch: str = "rgb") -> None:
     """A JointUNet or ControlNet (the config's model) from a plain UNet folder, or a ControlNet (DiffBody v2's
     stage-1 ControlNet) from a trained JointUNet folder: its `branch` and the shared trunk."""
-
     model_config = load_config(config_spec).model
     if model_config.get("name") not in ("joint_unet", "controlnet"):
         raise ValueError(f"{config_spec}: model.name={model_config.get('name')!r}; init-from-unet builds a "
@@ -138,8 +137,11 @@ def swinir_to_torch(src: Path, dst: Path, overwrite: bool) -> None:
 def bodypart_to_flax(src: Path | None, imagenet: Path | None, config_spec: str, dst: Path, overwrite: bool) -> None:
     if src is None and imagenet is None:
         raise ValueError("bodypart-to-flax needs --src (a BPBreID checkpoint) or --imagenet (HRNet weights)")
-    model = load_config(config_spec).model
-    base = BodyPartConfig.from_dict(model.bodypart.to_dict(), f"{config_spec}: model.bodypart")
+    model_config = load_config(config_spec).model
+    if model_config.get("name") != "bodypart":
+        raise ValueError(f"{config_spec}: model.name={model_config.get('name')!r}; bodypart-to-flax needs a body-part "
+                         "network config (configs/bodypart.py)")
+    base = build_model(model_config).config
     if src is not None:
         config, variables = load_bodypart(src, infer_config(read_state_dict(src), base))
         print(f"  {src}: {config.num_parts} parts, {config.dim_reduce} to {config.embed_dim}, "

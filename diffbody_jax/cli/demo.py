@@ -80,7 +80,6 @@ def train_swinir(data_dir: Path, workdir: Path, steps: int) -> Path:
 def demo_inputs(records, buckets, seed: int = 0) -> list[dict]:
     """Per sample-set record: name, clean (the photo inside its bucket with a reflected border), degraded (seeded
     Real-ESRGAN degradation of it), keypoints moved into the clean image, caption."""
-
     degrade = degradation_from_config(load_config(DEGRADATION))
     out = []
     for n, record in enumerate(records):
@@ -98,7 +97,6 @@ def demo_inputs(records, buckets, seed: int = 0) -> list[dict]:
 def write_demo_inputs(out: Path, inputs: list[dict]) -> None:
     """OUT/clean/*.png, OUT/degraded/*.png and OUT/keypoints.jsonl (a manifest of the degraded photos' keypoints,
     what `diffbody restore --keypoints` reads)."""
-
     lines = []
     for x in inputs:
         write_png(out / "clean" / f"{x['name']}.png", x["clean"], overwrite=True)
@@ -111,7 +109,6 @@ def write_demo_inputs(out: Path, inputs: list[dict]) -> None:
 
 def swinir_gain(swinir_dir: Path, inputs: list[dict]) -> tuple[float, float]:
     """Mean PSNR (Y) of the degraded inputs and of SwinIR's outputs against the clean photos."""
-
     module, params = load_pretrained(swinir_dir)
     run = jax.jit(lambda p, x: module.apply({"params": p}, x))
     before, after = [], []

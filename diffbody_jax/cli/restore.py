@@ -92,7 +92,6 @@ def settings_from(args) -> RestoreSettings:
 
 class ProgressBars:
     """tqdm bars over images and over the sampling steps of the running batch (hooked into the scan)."""
-
     def __init__(self, total_images: int, steps: int, enabled: bool = True):
         self.images = tqdm(total=total_images, desc="images", unit="img", disable=not enabled, position=0)
         self.steps = tqdm(total=steps, desc="steps", unit="step", disable=not enabled, position=1, leave=False)
