@@ -16,18 +16,20 @@ Its two training phases, with the encoders they run in the step, are configs/sta
 configs/colour_adapter.py (Eq. 4).
 """
 
-import pathlib
 
 import ml_collections
 
 from diffbody_jax.config import load_config, model_section, parse_arg
 
-HERE = pathlib.Path(__file__).parent
-# variant: (UNet variant, ControlNet variant, Resampler fields; output_dims is always the UNet's cross-attention
-# width). sdxl's Resampler is ResamplerConfig's defaults; the tiny one keeps head dim 64, depth 4 and feed-forward
-# x4, which diffusers' IP-Adapter converter assumes.
+# sdxl's Resampler is ResamplerConfig's defaults; the tiny one keeps head dim 64, depth 4 and feed-forward x4,
+# which diffusers' IP-Adapter converter assumes. The Resampler's output_dims is always the UNet's cross-attention
+# width.
 TINY_RESAMPLER = dict(embed_dims=24, hidden_dims=128, depth=4, dim_head=64, heads=2, num_queries=4, ffn_ratio=4)
-VARIANTS = {"sdxl": ("sdxl-base", "diffbody-v2-stage2", {}), "tiny": ("tiny-sdxl", "tiny-v2-stage2", TINY_RESAMPLER)}
+VARIANTS = {
+    "sdxl": dict(unet="unet:variant=sdxl-base", controlnet="controlnet:variant=diffbody-v2-stage2", resampler={}),
+    "tiny": dict(unet="unet:variant=tiny-sdxl", controlnet="controlnet:variant=tiny-v2-stage2",
+                 resampler=TINY_RESAMPLER),
+}
 
 
 def get_config(arg=None):
@@ -35,11 +37,11 @@ def get_config(arg=None):
 
     arg = parse_arg(arg, variant="sdxl")
     if arg["variant"] not in VARIANTS:
-        raise ValueError(f"unknown stage-2 variant {arg['variant']!r}; known: {sorted(VARIANTS)}")
-    unet_variant, cn_variant, resampler = VARIANTS[arg["variant"]]
-    unet = load_config(f"{HERE / 'unet.py'}:variant={unet_variant}").model.diffusers.to_dict()
-    controlnet = load_config(f"{HERE / 'controlnet.py'}:variant={cn_variant}").model.diffusers.to_dict()
-    resampler = ResamplerConfig(**resampler, output_dims=unet["cross_attention_dim"]).to_dict()
+        raise ValueError(f"configs/stage2.py: unknown variant {arg['variant']!r}; known: {sorted(VARIANTS)}")
+    variant = VARIANTS[arg["variant"]]
+    unet = load_config(variant["unet"]).model.diffusers.to_dict()
+    controlnet = load_config(variant["controlnet"]).model.diffusers.to_dict()
+    resampler = ResamplerConfig(**variant["resampler"], output_dims=unet["cross_attention_dim"]).to_dict()
     config = ml_collections.ConfigDict()
     config.model = model_section(name="stage2", variant=arg["variant"], unet=unet, controlnet=controlnet,
                                  resampler=resampler)

@@ -105,22 +105,24 @@ def load_tokenizer(folder: str | None = None, pad_token: str | None = None):
     """
     from transformers import CLIPTokenizer
 
-    if folder is None:
-        if pad_token is None:
-            raise ValueError('building the CLIP tokenizer offline needs pad_token: "!" (SD2.1, SDXL text_encoder_2) '
-                             'or "<|endoftext|>" (SDXL text_encoder)')
-        folder = write_clip_tokenizer_files(tempfile.mkdtemp(prefix="clip_tokenizer_"), open_clip_bpe_path(), pad_token)
-    elif not Path(folder).is_dir():
+    if folder is not None and not Path(folder).is_dir():
         raise FileNotFoundError(f"tokenizer folder {folder} not found")
-    elif not ((Path(folder) / "vocab.json").exists() and (Path(folder) / "merges.txt").exists()):
-        filled = Path(tempfile.mkdtemp(prefix="clip_tokenizer_"))
-        _write_vocab_files(filled, open_clip_bpe_path())
-        for name in ("tokenizer_config.json", "special_tokens_map.json"):
-            if (Path(folder) / name).exists():
-                (filled / name).write_text((Path(folder) / name).read_text())
-        folder = filled
+    if folder is None and pad_token is None:
+        raise ValueError('building the CLIP tokenizer offline needs pad_token: "!" (SD2.1, SDXL text_encoder_2) '
+                         'or "<|endoftext|>" (SDXL text_encoder)')
     kwargs = {} if pad_token is None else {"pad_token": pad_token}
-    return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True, **kwargs)
+    if folder is not None and (Path(folder) / "vocab.json").exists() and (Path(folder) / "merges.txt").exists():
+        return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True, **kwargs)
+    # the vocabulary is written to a scratch folder that goes once the tokenizer has read it into memory
+    with tempfile.TemporaryDirectory(prefix="clip_tokenizer_") as scratch:
+        if folder is None:
+            write_clip_tokenizer_files(scratch, open_clip_bpe_path(), pad_token)
+        else:
+            _write_vocab_files(Path(scratch), open_clip_bpe_path())
+            for name in ("tokenizer_config.json", "special_tokens_map.json"):
+                if (Path(folder) / name).exists():
+                    (Path(scratch) / name).write_text((Path(folder) / name).read_text())
+        return CLIPTokenizer.from_pretrained(scratch, local_files_only=True, **kwargs)
 
 
 def tokenize(tokenizer, prompts: Sequence[str], max_length: int = MAX_LENGTH, chunked: bool = False) -> np.ndarray:

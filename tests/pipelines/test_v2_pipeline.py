@@ -36,7 +36,6 @@ def _inputs(pipe, rng, b, s):
     return degraded, pose, (context, text)
 
 
-@pytest.mark.slow  # ~60 s on 2 cores (the whole v2 program compiles; test_demo and test_trained_run_restores run it)
 def test_one_program_returns_every_intermediate_and_a_key_reproduces_it(v2, rng):
     pipe, variables = v2
     b, s = 2, 32
