@@ -6,6 +6,7 @@ import pytest
 
 from diffbody_jax.conditioning.body_priors import body_attention_map
 from diffbody_jax.models.bodypart import BodyPartNet, preprocess
+from diffbody_jax.models.variables import random_variables
 from tests.torch_ref import bodypart_config
 
 torch = pytest.importorskip("torch")
@@ -15,11 +16,12 @@ def test_attention_map_is_the_resized_foreground(rng):
     """I_attn = 1 - P(background) of the body-part net, resized bilinearly: at image size (upsampling) as
     torch's interpolate(align_corners=False), at latent size (downsampling) as torch's antialiased bilinear."""
     net = BodyPartNet(config=bodypart_config())
-    variables = net.init_variables(jax.random.key(int(rng.integers(1 << 30))))
+    variables = random_variables(net, seed=int(rng.integers(1 << 30)))
     image = rng.uniform(0, 1, (2, 96, 64, 3)).astype(np.float32)
     attn = jax.jit(lambda v, x: body_attention_map(net, v, x))(variables, image)
     assert attn.latent.shape == (2, 12, 8, 1) and attn.image.shape == (2, 96, 64, 1)
-    probs = np.asarray(net.apply(variables, preprocess(image, net.config)).part_probs, np.float64)
+    probs = np.asarray(jax.jit(lambda v, x: net.apply(v, preprocess(x, net.config)).part_probs)(variables, image),
+                       np.float64)
     foreground = torch.from_numpy(1.0 - probs[..., 0])[:, None]  # [B, 1, 16, 8]
     want_image = torch.nn.functional.interpolate(foreground, size=(96, 64), mode="bilinear", align_corners=False)
     want_latent = torch.nn.functional.interpolate(foreground, size=(12, 8), mode="bilinear", align_corners=False,

@@ -5,7 +5,6 @@ part-loss guidance change it; a key reproduces it."""
 import jax
 import numpy as np
 import pytest
-from flax import linen as nn
 
 from diffbody_jax.config import load_config
 from diffbody_jax.diffusion.samplers import SamplerConfig
@@ -13,6 +12,7 @@ from diffbody_jax.diffusion.schedule import NoiseSchedule
 from diffbody_jax.files import read_json
 from diffbody_jax.models.bodypart import preprocess
 from diffbody_jax.models.registry import build_model
+from diffbody_jax.models.variables import random_variables
 from diffbody_jax.pipelines.v1 import V1Pipeline
 from tests.torch_ref import REPO
 
@@ -20,11 +20,9 @@ from tests.torch_ref import REPO
 @pytest.fixture(scope="module")
 def parts():
     group = build_model(load_config("v1_controlnet:variant=tiny").model)
-    variables = nn.unbox(group.init(jax.random.key(0)))
-    # ControlNets start with zero outputs: perturb them so the condition matters
-    cn = variables["params"]["controlnet"]
-    keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(cn))))
-    variables["params"]["controlnet"] = jax.tree.map(lambda x: x + 0.02 * jax.random.normal(next(keys), x.shape), cn)
+    # host-drawn stand-in weights: fast, and the ControlNet's outputs are not zero (a fresh init's are), so the
+    # condition matters
+    variables = random_variables(group, seed=0)
     schedule = NoiseSchedule.from_dict(read_json(REPO / "configs/diffusers/sd21-base/scheduler/scheduler_config.json"))
     return group, variables, schedule
 

@@ -12,6 +12,7 @@ from diffbody_jax.models.controlnet import ControlNetConfig, ControlNetModel, co
 from diffbody_jax.models.ip_adapter import Resampler, ResamplerConfig, ip_adapter_of
 from diffbody_jax.models.stage2 import Stage2Model, stage2_params
 from diffbody_jax.models.unet import SDXLText, UNet2DConditionModel, UNetConfig
+from diffbody_jax.models.variables import random_variables
 from diffbody_jax.training.losses import stage2_loss
 from diffbody_jax.training.phases import STAGE2_SUBSETS
 from diffbody_jax.training.trainable import merge, partition
@@ -20,22 +21,14 @@ from tests.torch_ref import REPO, controlnet_diffusers_config, resampler_config,
 PRIORS = ("ir", "pose", "depth", "normal")
 
 
-def _perturb(tree, key, scale=0.05):
-    """Random non-zero weights everywhere (fresh inits have zero ControlNet outputs, which would hide a lot)."""
-    leaves, treedef = jax.tree.flatten(tree)
-    keys = jax.random.split(key, len(leaves))
-    return treedef.unflatten([x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys,
-                                                                                                  strict=True)])
-
-
 @pytest.fixture(scope="module")
 def stage2():
     ucfg = UNetConfig.from_dict(unet_diffusers_config("tiny-sdxl"))
     ccfg = ControlNetConfig.from_dict(controlnet_diffusers_config("tiny-v2-stage2"))
     model = Stage2Model(UNet2DConditionModel(ucfg, ip_adapter=True), ControlNetModel(ccfg),
                         Resampler(resampler_config()))
-    params = _perturb(model.init_params(jax.random.key(0)), jax.random.key(1))
-    return model, params
+    # host-drawn (compiling the init costs minutes here); every weight matrix non-zero, zero convs included
+    return model, random_variables(model, seed=0)["params"]
 
 
 def _batch(seed, b=2, size=8):
@@ -121,7 +114,7 @@ def test_controlnet_phase_ignores_the_adapter(stage2):
 
 def test_stage2_params_from_parts(stage2):
     model, params = stage2
-    unet_plain = UNet2DConditionModel(model.unet.config).init_params(jax.random.key(5))
+    unet_plain = random_variables(UNet2DConditionModel(model.unet.config), seed=5)["params"]
     cn, _ = controlnet_from_unet(unet_plain, model.controlnet, jax.random.key(6))
     adapter = {"image_proj": params["image_proj"], "ip_adapter": ip_adapter_of(params["unet"])}
     full = stage2_params(unet_plain, cn, adapter)
