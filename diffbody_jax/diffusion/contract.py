@@ -47,6 +47,9 @@ FORMAT = 1
 
 # training phase -> the weights-folder component its export fills
 PHASE_COMPONENTS = {
+    "autoencoder": "vae",  # sd21/vae or sdxl/vae: the VAE of the pipeline whose base it trains
+    "base_unet": "sd21/unet",
+    "base_unet_sdxl": "sdxl/unet",
     "swinir": "swinir",
     "v1_controlnet": "v1_controlnet",
     "stage1_joint_unet": "joint_unet",

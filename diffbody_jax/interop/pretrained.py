@@ -288,6 +288,23 @@ def init_from_pretrained_unet(path: str | os.PathLike, module, rng: jax.Array, *
     return params, copied, str(path)
 
 
+# config fields that change nothing a model computes (diffusers' default resolution)
+_INERT_FIELDS = ("sample_size",)
+
+
+def _check_same_config(path: Path, loaded, module) -> None:
+    """A folder's model must be the member it fills in every config field, not only in shape: e.g. a VAE's
+    scaling_factor or a UNet's head count change what the weights compute while every shape stays."""
+    if type(loaded) is not type(module) or not dataclasses.is_dataclass(getattr(module, "config", None)):
+        return
+    a, b = dataclasses.asdict(loaded.config), dataclasses.asdict(module.config)
+    differ = [k for k in sorted(a) if k not in _INERT_FIELDS and a[k] != b.get(k)]
+    if differ:
+        raise ValueError(f"{path}: its {type(module).__name__} config differs from the model's in "
+                         + ", ".join(f"{k} (file {a[k]!r}, model {b.get(k)!r})" for k in differ)
+                         + ": the weights would compute something else; set the model's config to the file's")
+
+
 def load_weights_for(path: str | os.PathLike, module, param_dtype: Any = np.float32
                      ) -> tuple[dict, Callable[[str], bool]]:
     """What a file or folder holds for an already built `module`: (variables {"params"[, "batch_stats"]}, each
@@ -307,6 +324,7 @@ def load_weights_for(path: str | os.PathLike, module, param_dtype: Any = np.floa
             name = family_for_module(module).component
             subfolder = name if (path / name).is_dir() else None
         loaded_module, loaded = load_pretrained(path, subfolder=subfolder, param_dtype=param_dtype)
+        _check_same_config(path, loaded_module, module)
         family = family_for_module(loaded_module)
         variables = dict(loaded) if family.variables else {"params": loaded}
         fills = family.fills

@@ -8,12 +8,14 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from diffbody_jax.config import dataclass_from_dict, dataclass_to_dict
 from diffbody_jax.models.layers import (
@@ -259,6 +261,18 @@ class AutoencoderKL(_VAEBase):
     def dummy_inputs(self, batch: int = 1) -> dict[str, Array]:
         size = self.config.downsample_factor
         return {"x": jnp.zeros((batch, size, size, self.config.in_channels), self.dtype)}
+
+def latent_scaling_factor(vae: AutoencoderKL, params: dict, images: Sequence[np.ndarray]) -> float:
+    """1 / std of the unscaled posterior means of `images` (batches [B, H, W, 3] RGB in [0, 1]), over every latent
+    element: LDM's rescaling of a freshly trained autoencoder, so that the latents a diffusion model sees have
+    about unit variance (SD's 0.18215 came out of it). Shift-free (shift_factor is left as configured)."""
+    encode = jax.jit(lambda p, x: vae.apply({"params": p}, x * 2.0 - 1.0, method=AutoencoderKL.encode).mean)
+    means = np.concatenate([np.asarray(encode(params, jnp.asarray(x)), np.float64).ravel() for x in images])
+    std = float(means.std())
+    if not np.isfinite(std) or std <= 0:
+        raise ValueError(f"latent_scaling_factor: the latents' std is {std}; the autoencoder is degenerate")
+    return 1.0 / std
+
 
 # ------------------------------------------------------------------------------------------- tiling
 def decode_tiled(vae: AutoencoderKL, params: dict, z: Array, *, tile: int = 64, overlap: int = 16) -> Array:

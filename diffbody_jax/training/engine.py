@@ -23,7 +23,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -195,9 +195,11 @@ def _check_resumable(saved: dict | None, config, where: Path) -> None:
                              f"({json.dumps(saved.get(section))[:200]}...); use a new --workdir")
 
 
-def export_params(s: Setup, state: TrainState, config, workdir: Path) -> Path | None:
+def export_params(s: Setup, state: TrainState, config, workdir: Path,
+                  batches: Iterator[dict] | None = None) -> Path | None:
     """The trained component, gathered to the host, written by `save_pretrained` (process 0), with the run's
-    contract.json beside it (`diffusion.contract`: what restoring must feed the model)."""
+    contract.json beside it (`diffusion.contract`: what restoring must feed the model). A phase with a `calibrate`
+    hook measures its export's config on `batches` (this process's host batches) first."""
     name = s.phase.export
     if name is None:
         return None
@@ -211,6 +213,10 @@ def export_params(s: Setup, state: TrainState, config, workdir: Path) -> Path | 
             module, params = getattr(module, part), params[part]
     # only the exported component comes to the host (not, say, the frozen SDXL UNet beside a ControlNet)
     params = jax.tree.map(np.asarray, multihost_utils.process_allgather(params, tiled=True))
+    if s.phase.calibrate is not None:
+        if batches is None:
+            raise ValueError(f"phase {s.phase.name!r} calibrates its export on training batches: pass batches")
+        module = s.phase.calibrate(module, params, batches, config)
     folder = Path(config.train.export_dir or workdir / "export")
     if jax.process_index() == 0:
         save_pretrained(folder, module, params)
@@ -287,7 +293,7 @@ def train(config, workdir: str | Path, *, batch_hook: Callable[[int, dict], dict
                     checkpoints.save(step, state, iterator, config_json, force=step == total)
                 writer.advance()
         checkpoints.wait()
-        export = export_params(s, state, config, workdir)
+        export = export_params(s, state, config, workdir, iterator)
     finally:
         writer.close()
         checkpoints.close()

@@ -1,4 +1,5 @@
-"""Training losses of the DiffBody phases, each over its models' applies: stage 0's SwinIR L2 loss, v1's Eq. 4
+"""Training losses of the phases, each over its models' applies: the autoencoder's reconstruction + KL loss (the
+pretrained bases' first phase), stage 0's SwinIR L2 loss, v1's Eq. 4
 with its encoders in the step, v2 stage 1's Eqs. 1-2 (joint UNet, then its ControlNet) and stage 2's Eqs. 3-4
 over the composed `Stage2Model`.
 
@@ -28,9 +29,29 @@ from diffbody_jax.models.layers import Array
 from diffbody_jax.models.stage2 import Stage2Model
 from diffbody_jax.models.swinir import SwinIR, swinir_regress
 from diffbody_jax.models.unet import SDXLText
-from diffbody_jax.models.vae import images_to_latents
+from diffbody_jax.models.vae import AutoencoderKL, images_to_latents
 
 STAGE2_PHASES = ("controlnet", "colour_adapter")
+
+
+def autoencoder_loss(vae: AutoencoderKL, params: Mapping, images: Array, key: jax.Array, *,
+                     kl_weight: float) -> tuple[Array, dict[str, Array]]:
+    """The LDM autoencoder's loss without its perceptual and GAN terms: L1 reconstruction of a posterior sample
+    plus kl_weight * KL(q(z|x) || N(0, I)).
+
+    images: [B, H, W, 3] RGB in [0, 1] (compared in the VAE's [-1, 1]). As LDM's LPIPSWithDiscriminator writes
+    it, both terms are summed over an image's elements and averaged over the batch (its kl_weight of 1e-6 is
+    relative to those sums); with its learned output log-variance at its initial 0, the reconstruction term is the
+    plain L1 sum. Metrics: "l1" (mean absolute error per element, in [-1, 1] units) and "kl" (per image).
+    """
+    x = images.astype(jnp.float32) * 2.0 - 1.0
+    posterior = vae.apply({"params": params}, x, method=AutoencoderKL.encode)
+    reconstruction = vae.apply({"params": params}, posterior.sample(key), method=AutoencoderKL.decode)
+    error = jnp.abs(x - reconstruction.astype(jnp.float32))
+    kl = 0.5 * jnp.sum(jnp.square(posterior.mean) + jnp.exp(posterior.logvar) - 1.0 - posterior.logvar,
+                       axis=(1, 2, 3))
+    loss = jnp.mean(jnp.sum(error, axis=(1, 2, 3))) + kl_weight * jnp.mean(kl)
+    return loss, {"l1": jnp.mean(error), "kl": jnp.mean(kl)}
 
 
 def swinir_l2_loss(module: SwinIR, params: dict, degraded: Array, target: Array, rng: jax.Array | None = None):
@@ -289,3 +310,49 @@ def stage2_phase_loss(group, variables: Mapping[str, Any], batch: Mapping[str, A
     inputs = stage2_inputs(group, variables, batch, adapter_image=adapter_image if phase == "colour_adapter" else None,
                            clip_fit=clip_fit)
     return stage2_loss(group.stage2, variables["params"]["stage2"], inputs, key, alphas_cumprod, phase, **loss_kw)
+
+
+# ------------------------------------------------------------------------------------------- base UNet
+def base_unet_cacheable(group, variables: Mapping[str, Any], batch: Mapping[str, Any]) -> dict[str, Array]:
+    """A base UNet phase's per-example encodings: SD2.1's latents_rgb and context (`sd21_cacheable`), or SDXL's
+    latents, prompt_embeds and text_embeds (`stage2_cacheable`) when the group has text_encoder_2."""
+    if "text_encoder_2" in group.members:
+        return stage2_cacheable(group, variables, batch)
+    return sd21_cacheable(group, variables, batch, ("rgb",))
+
+
+def base_unet_loss(
+    group,
+    variables: Mapping[str, Any],
+    batch: Mapping[str, Any],
+    key: jax.Array,
+    alphas_cumprod: Array,
+    *,
+    prediction_type: str = "epsilon",
+    noise_offset: float = 0.0,
+    min_snr_gamma: float | None = None,
+) -> tuple[Array, dict[str, Array]]:
+    """The text-conditional latent diffusion loss of a pretrained base (SD2.1-like or, with a text_encoder_2
+    member, SDXL-like): E ||target - unet(z_t, t, c_text)||^2, target eps or v by `prediction_type`.
+
+    group: unet, vae, text_encoder (and text_encoder_2), all frozen but the UNet. batch: target [B, H, W, 3] in
+    [0, 1], input_ids [B, 77] (captions already dropped to "" by the host hook with text.drop_prob, which is what
+    makes classifier-free guidance mean something); SDXL also input_ids_2 and original_size / crop_top_left [B, 2]
+    for its size conditioning (`sdxl_time_ids`, as stage 2 and the v2 pipeline build it)."""
+    cond = {}
+    if "text_encoder_2" in group.members:
+        encoded = {k: batch[k] for k in STAGE2_CACHED if k in batch}
+        if len(encoded) < len(STAGE2_CACHED):
+            encoded = {**stage2_cacheable(group, variables, batch), **encoded}
+        x0, context = encoded["latents"], encoded["prompt_embeds"]
+        b, h, w, _ = batch["target"].shape
+        cond = dict(text_embeds=encoded["text_embeds"],
+                    time_ids=sdxl_time_ids(batch["original_size"], batch["crop_top_left"], (h, w), b))
+    else:
+        x0 = _cached(batch, "latents_rgb", lambda: _encode_image(group, variables, batch["target"]))
+        context = _cached(batch, "context", lambda: sd21_prompt_embeds(
+            group.text_encoder, variables["params"]["text_encoder"], batch["input_ids"]))
+    t, eps, z_t = noising(key, x0, alphas_cumprod, noise_offset)
+    pred = group.apply("unet", variables, z_t, t, context, **cond)
+    loss = diffusion_loss(pred, x0, eps, alphas_cumprod[t], prediction_type, min_snr_gamma=min_snr_gamma)
+    return loss, {"t_mean": t.astype(jnp.float32).mean()}

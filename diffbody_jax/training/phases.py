@@ -11,18 +11,22 @@ A `Phase` is data; its module is the config's `model` section built by `models.r
   host(config) -> fn(batch) -> batch  on the host, before the batch becomes global arrays (tokenising captions),
   cache(module, variables, batch)     the frozen encodings `diffbody prepare` may store once (None: no cache),
   export                              the param subtree written to the PyTorch layout at the end ("" = all), or
-                                      fn(module, params) -> (module, params) choosing what to write.
+                                      fn(module, params) -> (module, params) choosing what to write,
+  calibrate(module, params, batches, config) -> module
+                                      the exported module's config, measured on training batches before it is
+                                      written (the autoencoder's latent scaling factor; None: as trained).
 
 The engine (`training.engine`) knows nothing else about a phase, so a new phase is a `Phase` registered here plus a
-config file. Registered: stage 0 (SwinIR, L2), v1's ControlNet (seed 000, Eq. 4), v2 stage 1's joint UNet and
-ControlNet (seed 002, Eqs. 1-2) and stage 2's two (Eqs. 3-4).
+config file. Registered: a pretrained base's autoencoder (L1 + KL) and text-conditional UNet (SD2.1- or
+SDXL-like), stage 0 (SwinIR, L2), v1's ControlNet (seed 000, Eq. 4), v2 stage 1's joint UNet and ControlNet
+(seed 002, Eqs. 1-2) and stage 2's two (Eqs. 3-4).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax.numpy as jnp
@@ -31,7 +35,11 @@ from diffbody_jax.diffusion.contract import contract_from_config
 from diffbody_jax.interop.ip_adapter import ColourAdapter, ColourAdapterConfig
 from diffbody_jax.models.stage2 import adapter_params
 from diffbody_jax.models.swinir import SwinIR
+from diffbody_jax.models.vae import AutoencoderKL, latent_scaling_factor
 from diffbody_jax.training.losses import (
+    autoencoder_loss,
+    base_unet_cacheable,
+    base_unet_loss,
     stage1_cacheable,
     stage1_loss,
     stage2_cacheable,
@@ -64,6 +72,7 @@ class Phase:
     export: str | Callable[[Any, Any], tuple[Any, Any]] | None = ""
     host: Callable[[Any], Callable[[dict], dict]] | None = None
     cache: Callable[[Any, Mapping, Mapping[str, Any]], dict] | None = None
+    calibrate: Callable[[Any, Any, Iterator[dict], Any], Any] | None = None
 
     def trainable(self, config) -> TrainableSubset:
         """The trainable subset under `config` (a phase may choose it from a config switch)."""
@@ -116,6 +125,53 @@ def caption_tokens(config) -> Callable[[dict], dict]:
     return fn
 
 
+AUTOENCODER_SUBSETS = {
+    "all": TrainableSubset("autoencoder", (r".",)),
+    # SD's fine-tuned VAEs (ft-EMA, ft-MSE) retrain only the decoder: the latents every UNet was trained on stay
+    "decoder": TrainableSubset("vae_decoder", (r"^decoder/", r"^post_quant_conv/")),
+}
+
+
+def autoencoder_subset(config) -> TrainableSubset:
+    """The autoencoder phase's trainable params (config.autoencoder.trainable: all | decoder)."""
+    choice = config["autoencoder"]["trainable"]
+    if choice not in AUTOENCODER_SUBSETS:
+        raise ValueError(f"config autoencoder.trainable={choice!r}; expected one of {sorted(AUTOENCODER_SUBSETS)}")
+    return AUTOENCODER_SUBSETS[choice]
+
+
+def _autoencoder_loss(module: AutoencoderKL, config) -> Callable:
+    kl_weight = float(config["autoencoder"]["kl_weight"])
+    return lambda variables, batch, key: autoencoder_loss(module, variables["params"], batch["target"], key,
+                                                          kl_weight=kl_weight)
+
+
+def calibrate_latent_scale(module: AutoencoderKL, params, batches: Iterator[dict], config) -> AutoencoderKL:
+    """The exported VAE with scaling_factor = 1 / std of its latents over config.autoencoder.calibrate_batches
+    training batches (LDM's rescaling, which makes the diffusion model's latents about unit variance), when the
+    encoder was trained; a decoder-only run keeps the encoder, and so its scaling factor, as it was."""
+    n = int(config["autoencoder"]["calibrate_batches"])
+    if config["autoencoder"]["trainable"] == "decoder" or n == 0:
+        return module
+    images = [next(batches)["target"] for _ in range(n)]
+    factor = latent_scaling_factor(module, params, images)
+    return module.clone(config=dataclasses.replace(module.config, scaling_factor=factor))
+
+
+def diffusion_switches(config) -> dict:
+    """The plain diffusion loss's settings (schedule, prediction type, noise offset, min-SNR) from `diffusion`."""
+    d = config["diffusion"]
+    return dict(alphas_cumprod=_schedule(config), prediction_type=d["prediction_type"],
+                noise_offset=float(d["noise_offset"]), min_snr_gamma=d["min_snr_gamma"])
+
+
+def _base_unet_loss(group, config) -> Callable:
+    return functools.partial(base_unet_loss, group, **diffusion_switches(config))
+
+
+BASE_UNET_INPUTS = ("target", "input_ids")
+
+
 def _swinir_loss(module: SwinIR, config) -> Callable:
     """Stage 0's L2 loss. SwinIR regresses the clean photo at the degraded input's size (the data pipeline upsamples
     the degraded image back to it), so a super-resolving variant is refused here, before anything compiles."""
@@ -133,11 +189,9 @@ def _swinir_loss(module: SwinIR, config) -> Callable:
 
 
 def stage2_switches(config) -> dict:
-    diffusion = config["diffusion"]
     adapter = config["adapter"] if "adapter" in config else {}
-    return dict(alphas_cumprod=_schedule(config), prediction_type=diffusion["prediction_type"],
-                noise_offset=float(diffusion["noise_offset"]), min_snr_gamma=diffusion["min_snr_gamma"],
-                adapter_image=adapter.get("image", "ir"), clip_fit=adapter.get("clip_fit", "auto"))
+    return dict(**diffusion_switches(config), adapter_image=adapter.get("image", "ir"),
+                clip_fit=adapter.get("clip_fit", "auto"))
 
 
 def _stage2_loss(phase: str) -> Callable:
@@ -193,6 +247,12 @@ def _stage1_loss(group, config) -> Callable:
 STAGE1_INPUTS = ("target", "pose", "depth", "normal", "input_ids")
 
 PHASES: dict[str, Phase] = {p.name: p for p in (
+    Phase("autoencoder", autoencoder_subset, ("target",), _autoencoder_loss, calibrate=calibrate_latent_scale),
+    Phase("base_unet", TrainableSubset("unet", (r"^unet/",)), BASE_UNET_INPUTS, _base_unet_loss, export="unet",
+          host=caption_tokens, cache=base_unet_cacheable),
+    Phase("base_unet_sdxl", TrainableSubset("unet", (r"^unet/",)),
+          BASE_UNET_INPUTS + ("input_ids_2", "original_size", "crop_top_left"), _base_unet_loss, export="unet",
+          host=caption_tokens, cache=base_unet_cacheable),
     Phase("swinir", TrainableSubset("swinir", (r".",)), ("degraded", "target"), _swinir_loss),
     Phase("v1_controlnet", TrainableSubset("controlnet", (r"^controlnet/",)),
           ("degraded", "target", "pose", "input_ids"), _v1_loss, export="controlnet", host=caption_tokens,
