@@ -12,11 +12,20 @@ identities) is read from the file when converting):
             resolution), K = 5 parts + background, gwap part pooling, 512-d embeddings reduced after pooling,
             384 x 128 input
   tiny      a small HRNet (widths 8-32, TINY_HRNET), 32-d embeddings, 64 x 32 input: tests and the demo
+
+It is also the body-part phase's config (training/phases.py "bodypart"): the pixel classifier learns part labels
+drawn from the manifest's keypoints (data/body_parts.py; data.maps=["parts"]) by cross-entropy with label
+smoothing (parts.label_smoothing, BPBreID's 0.1); the identity losses of BPBreID are not trained (no identities).
+  diffbody train --config configs/bodypart.py:variant=tiny --workdir runs/bodypart \
+      --config.data.manifest=data/sample/manifest.jsonl
+The tiny variant trains from scratch; bpbreid fine-tunes the published model on your people
+(--config.train.init_from=bpbreid_market1501_hrnet32_10642.pth). BatchNorm keeps its stored statistics (frozen,
+as everywhere in DiffBody): a fresh network's are (0, 1), which makes its BatchNorms affine layers.
 """
 
 import ml_collections
 
-from diffbody_jax.config import parse_arg
+from diffbody_jax.config import parse_arg, training_sections
 
 # A small HRNet for tests (HRNetConfig fields): the stages of W32 with one or two blocks and 8-32 channels.
 TINY_HRNET = dict(
@@ -47,5 +56,14 @@ def get_config(arg=None):
         variant=arg["variant"],
         bodypart=BodyPartConfig.from_dict(VARIANTS[arg["variant"]], f"bodypart:variant={arg['variant']}").to_dict(),
     ))
+    config.phase = "bodypart"
+    config.parts = ml_collections.ConfigDict(dict(label_smoothing=0.1))
+    if arg["variant"] == "tiny":
+        training_sections(config, steps=1000, batch_size=8, learning_rate=1e-3,
+                          **{"data.buckets": [[64, 64]], "data.maps": ["parts"], "train.log_every": 50,
+                             "checkpoint.every": 500})
+    else:  # ours: BPBreID's own training is on Market-1501 identities, which this phase does not use
+        training_sections(config, steps=20_000, batch_size=32, learning_rate=1e-4,
+                          **{"data.buckets": [[384, 128]], "data.maps": ["parts"]})
     config.lock()
     return config

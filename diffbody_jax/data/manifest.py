@@ -29,6 +29,7 @@ from diffbody_jax.data.pose import KEYPOINT_COUNTS
 from diffbody_jax.files import atomic_write
 
 MAP_FIELDS = ("pose", "depth", "normal", "attention", "mask")
+KEYPOINT_MAPS = ("pose", "parts")  # maps drawn from a line's keypoints ("parts" only from them: data.body_parts)
 SINGLE_CHANNEL_MAPS = ("depth", "attention", "mask")
 KNOWN_FIELDS = {"image", "caption", "keypoints", "keypoint_format", *MAP_FIELDS}
 
@@ -100,7 +101,9 @@ def _parse_line(text: str, lineno: int, root: Path, decode: bool, require: Seque
     if not isinstance(obj.get("caption"), str):
         problems.append("missing 'caption' (a string; may be empty)")
     for field in require:
-        if field not in obj and not (field == "pose" and "keypoints" in obj):
+        if field == "parts" and "keypoints" not in obj:
+            problems.append("missing 'keypoints', which the body-part labels this pipeline requires are drawn from")
+        elif field not in obj and field != "parts" and not (field in KEYPOINT_MAPS and "keypoints" in obj):
             problems.append(f"missing '{field}', which this pipeline requires")
     if problems:
         return None, problems

@@ -22,6 +22,8 @@ Batch layout (NHWC, float32 in [0, 1] unless stated):
   low_res       [B, h, w, 3]     the degraded image at its own resolution
   pose, normal  [B, H, W, 3]     if requested (pose rendered from keypoints when no pose file is given)
   depth, attention, mask  [B, H, W, 1] if requested (mask: the person mask)
+  parts         [B, H, W, 1]     if requested: body-part labels 0..5 (float32) drawn from the keypoints
+                                 (data.body_parts), the body-part network's training target
   caption       [B] str;  bucket, record, epoch  [B] int32
   original_size, crop_top_left  [B, 2] int32 (H, W) and (top, left): SDXL's size conditioning
 """
@@ -40,7 +42,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from diffbody_jax.data import degradations as deg
-from diffbody_jax.data.manifest import MAP_FIELDS, SINGLE_CHANNEL_MAPS, Record
+from diffbody_jax.data.body_parts import part_label_map
+from diffbody_jax.data.manifest import KEYPOINT_MAPS, MAP_FIELDS, SINGLE_CHANNEL_MAPS, Record
 from diffbody_jax.data.pose import PoseStyle, transform_keypoints
 
 # The five buckets of the DiffBody v2 paper, as (H, W): square, portrait and landscape.
@@ -53,7 +56,7 @@ class DataConfig:
 
     batch_size: int = 4
     buckets: tuple[tuple[int, int], ...] = PAPER_BUCKETS
-    maps: tuple[str, ...] = ()  # which of pose, depth, normal, attention, mask to produce
+    maps: tuple[str, ...] = ()  # which of pose, depth, normal, attention, mask, parts to produce
     random_crop: bool = True
     shuffle: bool = True
     num_epochs: int | None = None  # None: repeat forever
@@ -71,9 +74,10 @@ class DataConfig:
         return cls(**{**fields, **overrides})
 
     def __post_init__(self):
-        bad = sorted(set(self.maps) - set(MAP_FIELDS))
+        known = (*MAP_FIELDS, *KEYPOINT_MAPS[1:])
+        bad = sorted(set(self.maps) - set(known))
         if bad:
-            raise ValueError(f"DataConfig.maps: unknown map(s) {bad} ({', '.join(MAP_FIELDS)})")
+            raise ValueError(f"DataConfig.maps: unknown map(s) {bad} ({', '.join(known)})")
         if self.batch_size < 1 or not self.buckets:
             raise ValueError(f"DataConfig: batch_size {self.batch_size} and buckets {self.buckets} must be set")
 
@@ -208,10 +212,14 @@ class ExampleLoader:
                 out[field] = _resize_crop(_load_map(record.maps[field], channels), resized, crop, bucket, mode)
                 if channels == 1 and out[field].ndim == 2:
                     out[field] = out[field][..., None]
-            elif field == "pose" and record.keypoints is not None:
+            elif field in KEYPOINT_MAPS and record.keypoints is not None:
                 scale = (resized[0] / record.size[0], resized[1] / record.size[1])
                 kp = transform_keypoints(record.keypoints, scale, crop)
-                out[field] = cfg.pose_style.render(kp, record.keypoint_format, bucket)
+                if field == "pose":
+                    out[field] = cfg.pose_style.render(kp, record.keypoint_format, bucket)
+                else:
+                    labels = part_label_map(kp, record.keypoint_format, bucket, cfg.pose_style.threshold)
+                    out[field] = labels[..., None].astype(np.float32)
             else:
                 raise ValueError(f"{record.image} (manifest line {record.line}): no '{field}' for this example")
         return out

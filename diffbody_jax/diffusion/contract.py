@@ -51,6 +51,7 @@ PHASE_COMPONENTS = {
     "base_unet": "sd21/unet",
     "base_unet_sdxl": "sdxl/unet",
     "swinir": "swinir",
+    "bodypart": "bodypart",
     "v1_controlnet": "v1_controlnet",
     "stage1_joint_unet": "joint_unet",
     "stage1_controlnet": "stage1_controlnet",

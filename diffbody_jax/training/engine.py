@@ -38,7 +38,7 @@ from diffbody_jax.data.degradations import degradation_config, degradation_from_
 from diffbody_jax.data.manifest import MAP_FIELDS, read_manifest
 from diffbody_jax.data.pipeline import DataConfig, make_dataset
 from diffbody_jax.diffusion.contract import contract_from_config
-from diffbody_jax.interop.pretrained import save_pretrained
+from diffbody_jax.interop.pretrained import family_for_module, save_pretrained
 from diffbody_jax.models.registry import build_model
 from diffbody_jax.parallel.mesh import MeshConfig, make_mesh
 from diffbody_jax.parallel.sharding import (
@@ -205,14 +205,18 @@ def export_params(s: Setup, state: TrainState, config, workdir: Path,
         return None
     ema = bool(config.train.export_ema) and bool(jax.tree.leaves(state.ema))
     params = merge(state.ema if ema else state.params, state.frozen)  # device arrays: nothing copied yet
-    module = s.module
+    module, model_state = s.module, dict(state.model_state)
     if callable(name):
         module, params = name(module, params)
     else:
         for part in filter(None, name.split("/")):
             module, params = getattr(module, part), params[part]
+            model_state = {c: tree[part] for c, tree in model_state.items() if part in tree}
     # only the exported component comes to the host (not, say, the frozen SDXL UNet beside a ControlNet)
     params = jax.tree.map(np.asarray, multihost_utils.process_allgather(params, tiled=True))
+    if family_for_module(module).variables:  # BatchNorm statistics are written with the params
+        model_state = jax.tree.map(np.asarray, multihost_utils.process_allgather(model_state, tiled=True))
+        params = {"params": params, **model_state}
     if s.phase.calibrate is not None:
         if batches is None:
             raise ValueError(f"phase {s.phase.name!r} calibrates its export on training batches: pass batches")

@@ -25,6 +25,7 @@ from diffbody_jax.diffusion.losses import (
     noising,
     normalize_latent,
 )
+from diffbody_jax.models.bodypart import BodyPartNet, preprocess
 from diffbody_jax.models.layers import Array
 from diffbody_jax.models.stage2 import Stage2Model
 from diffbody_jax.models.swinir import SwinIR, swinir_regress
@@ -61,6 +62,26 @@ def swinir_l2_loss(module: SwinIR, params: dict, degraded: Array, target: Array,
     if restored.shape != target.shape:
         raise ValueError(f"swinir_l2_loss: restored {restored.shape} and target {target.shape} differ")
     return jnp.mean(jnp.square(restored.astype(jnp.float32) - target.astype(jnp.float32)))
+
+
+def body_part_loss(net: BodyPartNet, variables: Mapping[str, Any], images: Array, labels: Array, *,
+                   label_smoothing: float = 0.1) -> tuple[Array, dict[str, Array]]:
+    """The body-part network's pixel-classification loss: cross-entropy between its part probabilities (background
+    and the K parts, at 1/4 of its input size) and the label map, smoothed as BPBreID's part loss is.
+
+    images: [B, H, W, 3] RGB in [0, 1]; labels: [B, H, W, 1] part indices (0 background), taken at the classifier's
+    resolution by nearest sampling. Metrics: "pixel_accuracy" and "foreground_iou" (1 - background vs the labels'
+    person)."""
+    out = net.apply(variables, preprocess(images, net.config))
+    probs = out.part_probs.astype(jnp.float32)
+    b, h, w, k = probs.shape
+    target = jax.image.resize(labels.astype(jnp.float32), (b, h, w, 1), "nearest")[..., 0].astype(jnp.int32)
+    smoothed = (1.0 - label_smoothing) * jax.nn.one_hot(target, k) + label_smoothing / k
+    loss = -jnp.mean(jnp.sum(smoothed * jnp.log(jnp.clip(probs, 1e-8)), axis=-1))
+    predicted = jnp.argmax(probs, axis=-1)
+    person, found = target > 0, predicted > 0
+    iou = jnp.sum(person & found) / jnp.maximum(jnp.sum(person | found), 1)
+    return loss, {"pixel_accuracy": jnp.mean(predicted == target), "foreground_iou": iou}
 
 
 def stage2_loss(

@@ -18,8 +18,8 @@ A `Phase` is data; its module is the config's `model` section built by `models.r
 
 The engine (`training.engine`) knows nothing else about a phase, so a new phase is a `Phase` registered here plus a
 config file. Registered: a pretrained base's autoencoder (L1 + KL) and text-conditional UNet (SD2.1- or
-SDXL-like), stage 0 (SwinIR, L2), v1's ControlNet (seed 000, Eq. 4), v2 stage 1's joint UNet and ControlNet
-(seed 002, Eqs. 1-2) and stage 2's two (Eqs. 3-4).
+SDXL-like), stage 0 (SwinIR, L2), v1's body-part network (part labels from keypoints), v1's ControlNet (seed 000,
+Eq. 4), v2 stage 1's joint UNet and ControlNet (seed 002, Eqs. 1-2) and stage 2's two (Eqs. 3-4).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from diffbody_jax.training.losses import (
     autoencoder_loss,
     base_unet_cacheable,
     base_unet_loss,
+    body_part_loss,
     stage1_cacheable,
     stage1_loss,
     stage2_cacheable,
@@ -172,6 +173,12 @@ def _base_unet_loss(group, config) -> Callable:
 BASE_UNET_INPUTS = ("target", "input_ids")
 
 
+def _body_part_loss(module, config) -> Callable:
+    smoothing = float(config["parts"]["label_smoothing"])
+    return lambda variables, batch, key: body_part_loss(module, variables, batch["target"], batch["parts"],
+                                                        label_smoothing=smoothing)
+
+
 def _swinir_loss(module: SwinIR, config) -> Callable:
     """Stage 0's L2 loss. SwinIR regresses the clean photo at the degraded input's size (the data pipeline upsamples
     the degraded image back to it), so a super-resolving variant is refused here, before anything compiles."""
@@ -254,6 +261,7 @@ PHASES: dict[str, Phase] = {p.name: p for p in (
           BASE_UNET_INPUTS + ("input_ids_2", "original_size", "crop_top_left"), _base_unet_loss, export="unet",
           host=caption_tokens, cache=base_unet_cacheable),
     Phase("swinir", TrainableSubset("swinir", (r".",)), ("degraded", "target"), _swinir_loss),
+    Phase("bodypart", TrainableSubset("bodypart", (r".",)), ("target", "parts"), _body_part_loss),
     Phase("v1_controlnet", TrainableSubset("controlnet", (r"^controlnet/",)),
           ("degraded", "target", "pose", "input_ids"), _v1_loss, export="controlnet", host=caption_tokens,
           cache=v1_cacheable),

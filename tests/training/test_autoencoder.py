@@ -65,8 +65,9 @@ def test_a_real_variant_fine_tunes_exactly_sds_decoder():
 
 
 def test_a_tiny_run_learns_and_exports_a_calibrated_vae(manifest, tmp_path):
-    overrides = [f"data.manifest={manifest}", "train.steps=40", "data.batch_size=4", "train.log_every=1",
-                 "checkpoint.every=40", "autoencoder.calibrate_batches=2", "data.degradation=blur2-noise40"]
+    overrides = [f"data.manifest={manifest}", "train.steps=30", "data.batch_size=4", "train.log_every=1",
+                 "data.buckets=[[32, 32]]", "checkpoint.every=30", "autoencoder.calibrate_batches=2",
+                 "data.degradation=blur2-noise40"]
     result = train(load_config("vae:variant=tiny", overrides), tmp_path / "vae")
     rows = [json.loads(line) for line in (tmp_path / "vae" / "metrics.jsonl").read_text().splitlines()]
     first, last = np.mean([r["l1"] for r in rows[:5]]), np.mean([r["l1"] for r in rows[-5:]])
@@ -75,7 +76,7 @@ def test_a_tiny_run_learns_and_exports_a_calibrated_vae(manifest, tmp_path):
     assert isinstance(vae, AutoencoderKL)
     assert vae.config.scaling_factor != build_model(load_config("vae:variant=tiny").model).config.scaling_factor
     # the exported scale brings the latents of the training photos (whole, not the run's crops) near unit variance
-    images = np.stack([np.asarray(Image.open(r.image).convert("RGB").resize((64, 64)), np.float32) / 255
+    images = np.stack([np.asarray(Image.open(r.image).convert("RGB").resize((32, 32)), np.float32) / 255
                        for r in read_manifest(manifest)])
     latents = vae.apply({"params": params}, images * 2 - 1, method=AutoencoderKL.encode_latents)
     assert 0.7 < float(np.std(np.asarray(latents))) < 1.4

@@ -33,8 +33,8 @@ def test_l2_loss_trains_and_drop_path_is_random(rng):
 
 
 def test_phase_registry_builds_and_trains_only_its_subset(rng):
-    assert set(PHASES) == {"swinir", "v1_controlnet", "stage1_joint_unet", "stage1_controlnet", "stage2_controlnet",
-                           "colour_adapter"}
+    assert set(PHASES) == {"autoencoder", "base_unet", "base_unet_sdxl", "swinir", "bodypart", "v1_controlnet",
+                           "stage1_joint_unet", "stage1_controlnet", "stage2_controlnet", "colour_adapter"}
     phase = get_phase("swinir")
     config = load_config(f"{REPO}/configs/swinir.py:variant=tiny-diffbir")
     module = build_model(config.model)
