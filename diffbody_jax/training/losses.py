@@ -289,6 +289,18 @@ def stage2_cacheable(group, variables: Mapping[str, Any], batch: Mapping[str, An
     return {"latents": latents, "prompt_embeds": text.prompt_embeds, "text_embeds": text.text_embeds}
 
 
+def sdxl_encodings(group, variables: Mapping[str, Any], batch: Mapping[str, Any]) -> dict[str, Array]:
+    """What an SDXL UNet is fed besides its noisy latents, from the pipeline's batch: latents = E(target),
+    prompt_embeds and pooled text_embeds (kept where a `diffbody prepare` cache put them, else encoded here) and
+    time_ids = (original size, crop top-left, the crop's size) per example, SDXL's size conditioning."""
+    out = {k: batch[k] for k in STAGE2_CACHED if k in batch}
+    if len(out) < len(STAGE2_CACHED):
+        out = {**stage2_cacheable(group, variables, batch), **out}
+    b, h, w, _ = batch["target"].shape
+    out["time_ids"] = sdxl_time_ids(batch["original_size"], batch["crop_top_left"], (h, w), b)
+    return out
+
+
 def stage2_inputs(group, variables: Mapping[str, Any], batch: Mapping[str, Any], *, adapter_image: str | None = None,
                   clip_fit: str = "auto") -> dict[str, Any]:
     """The frozen encoders of stage 2, in the step: the pipeline's batch -> `stage2_loss`'s batch.
@@ -306,11 +318,7 @@ def stage2_inputs(group, variables: Mapping[str, Any], batch: Mapping[str, Any],
                   stand-in for I_res (stage 1's restoration, which needs a sampling run per example). Default "ir":
                   closest to I_res among what a step has; "target" is IP-Adapter's own training recipe.
     """
-    out = {k: batch[k] for k in STAGE2_CACHED if k in batch}
-    if len(out) < len(STAGE2_CACHED):
-        out = {**stage2_cacheable(group, variables, batch), **out}
-    b, h, w, _ = batch["degraded"].shape
-    out["time_ids"] = sdxl_time_ids(batch["original_size"], batch["crop_top_left"], (h, w), b)
+    out = sdxl_encodings(group, variables, batch)
     i_ir = regress(group, variables, batch["degraded"])
     depth = batch["depth"]
     out["priors"] = {"ir": i_ir, "pose": batch["pose"], "normal": batch["normal"],
@@ -362,13 +370,9 @@ def base_unet_loss(
     for its size conditioning (`sdxl_time_ids`, as stage 2 and the v2 pipeline build it)."""
     cond = {}
     if "text_encoder_2" in group.members:
-        encoded = {k: batch[k] for k in STAGE2_CACHED if k in batch}
-        if len(encoded) < len(STAGE2_CACHED):
-            encoded = {**stage2_cacheable(group, variables, batch), **encoded}
+        encoded = sdxl_encodings(group, variables, batch)
         x0, context = encoded["latents"], encoded["prompt_embeds"]
-        b, h, w, _ = batch["target"].shape
-        cond = dict(text_embeds=encoded["text_embeds"],
-                    time_ids=sdxl_time_ids(batch["original_size"], batch["crop_top_left"], (h, w), b))
+        cond = dict(text_embeds=encoded["text_embeds"], time_ids=encoded["time_ids"])
     else:
         x0 = _cached(batch, "latents_rgb", lambda: _encode_image(group, variables, batch["target"]))
         context = _cached(batch, "context", lambda: sd21_prompt_embeds(
