@@ -15,10 +15,10 @@ identities) is read from the file when converting):
 
 It is also the body-part phase's config (training/phases.py "bodypart"): the pixel classifier learns part labels
 drawn from the manifest's keypoints (data/body_parts.py; data.maps=["parts"]) by cross-entropy with label
-smoothing (parts.label_smoothing, BPBreID's 0.1); the identity losses of BPBreID are not trained (no identities).
-  diffbody train --config configs/bodypart.py:variant=tiny --workdir runs/bodypart \
-      --config.data.manifest=data/sample/manifest.jsonl
-The tiny variant trains from scratch; bpbreid fine-tunes the published model on your people
+smoothing (parts.label_smoothing, BPBreID's 0.1); the identity losses of BPBreID are not trained (no identities):
+diffbody train --config configs/bodypart.py:variant=tiny --workdir runs/bodypart
+--config.data.manifest=data/sample/manifest.jsonl (tests/training/test_bodypart_phase.py runs it). The tiny
+variant trains from scratch; bpbreid fine-tunes the published model on your people
 (--config.train.init_from=bpbreid_market1501_hrnet32_10642.pth). BatchNorm keeps its stored statistics (frozen,
 as everywhere in DiffBody): a fresh network's are (0, 1), which makes its BatchNorms affine layers.
 """
