@@ -9,6 +9,7 @@
     diffbody restore photos/ --out restored/ --weights weights/ --version v1
     diffbody eval ground_truth/ --out eval/ --weights weights/
     diffbody annotate photos/ --out annotations/
+    diffbody zoo --out zoo
 
 Each subcommand is a program under diffbody_jax/cli/ (restore and weights in restore.py, eval in evaluate.py;
 `python -m convert` and `python -m train` are aliases kept for scripts); config files are found by name from any
@@ -24,7 +25,8 @@ import sys
 # that command runs, so `diffbody --help` and a usage error answer at once
 COMMANDS = {"convert": ("convert", "main"), "data": ("data", "main"), "prepare": ("prepare", "main"),
             "train": ("train", "main"), "restore": ("restore", "restore_main"), "weights": ("restore", "weights_main"),
-            "eval": ("evaluate", "main"), "demo": ("demo", "main"), "annotate": ("annotate", "main")}
+            "eval": ("evaluate", "main"), "demo": ("demo", "main"), "annotate": ("annotate", "main"),
+            "zoo": ("zoo", "main")}
 
 
 def _usage() -> str:

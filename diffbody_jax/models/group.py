@@ -12,11 +12,12 @@ group; its trainable subset names the member(s) it trains (`^controlnet/`). Coll
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 
 class ModelGroup:
@@ -38,17 +39,28 @@ class ModelGroup:
     def __hash__(self) -> int:
         return hash(tuple(sorted(self.members.items())))
 
-    def init(self, rng: jax.Array) -> dict[str, Any]:
-        """Every member's variables (boxed, as `Module.init` returns them), keyed by collection, then member."""
+    def init(self, rng: jax.Array, placeholders: Collection[str] = ()) -> dict[str, Any]:
+        """Every member's variables (boxed, as `Module.init` returns them), keyed by collection, then member.
+
+        placeholders: members given zeros of their shapes instead of an init, for a caller that fills them
+        from a file next (compiling a member's init costs far more than its zeros); the other members' values do
+        not depend on which are placeholders."""
         out: dict[str, dict] = {}
         for (name, module), key in zip(self.members.items(), jax.random.split(rng, len(self.members)), strict=True):
-            for collection, tree in module.init(key, **module.dummy_inputs()).items():
-                out.setdefault(collection, {})[name] = tree
+            def init(key=key, module=module):
+                return module.init(key, **module.dummy_inputs())
+
+            if name in placeholders:
+                tree = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(init))
+            else:
+                tree = init()
+            for collection, member_tree in tree.items():
+                out.setdefault(collection, {})[name] = member_tree
         return out
 
-    def init_variables(self, rng: jax.Array) -> dict[str, Any]:
+    def init_variables(self, rng: jax.Array, placeholders: Collection[str] = ()) -> dict[str, Any]:
         """Every member's fresh variables, unboxed, as `ModelVariables.init_variables` gives a single module's."""
-        return nn.unbox(self.init(rng))
+        return nn.unbox(self.init(rng, placeholders))
 
     def abstract_variables(self, batch: int = 1) -> dict[str, Any]:
         del batch

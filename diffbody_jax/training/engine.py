@@ -51,7 +51,7 @@ from diffbody_jax.parallel.sharding import (
 from diffbody_jax.training.annotated_pose import annotated_pose_hook
 from diffbody_jax.training.cache import EncodedCache
 from diffbody_jax.training.checkpoint import Checkpoints
-from diffbody_jax.training.init_from import init_sources, load_into
+from diffbody_jax.training.init_from import init_sources, init_variables_from
 from diffbody_jax.training.metric_writer import MetricWriter
 from diffbody_jax.training.optimizer import make_optimizer
 from diffbody_jax.training.phases import Phase, get_phase
@@ -128,12 +128,7 @@ def init_state(s: Setup, config) -> TrainState:
     """A fresh state, created in its shardings: random init (train.seed), then the train.init_from folders."""
     key = jax.random.PRNGKey(int(config.train.seed))
     init_key, state_key = jax.random.split(key)
-    init = jax.jit(s.module.init_variables, out_shardings=s.variable_shardings)
-    variables = init(init_key)
-    for index, (subtree, path) in enumerate(init_sources(config.train.init_from)):
-        log.info("init %s from %s", subtree or "all params", path)
-        variables = load_into(variables, s.variable_shardings, subtree, path, s.module,
-                               jax.random.fold_in(init_key, index))
+    variables = init_variables_from(s.module, s.variable_shardings, init_key, init_sources(config.train.init_from))
     make = jax.jit(s.make_state, out_shardings=s.state_shardings, donate_argnums=0)
     return make(variables, state_key)
 

@@ -12,6 +12,8 @@ keep their fresh values, and anything else that does not fit is an error naming 
 
 from __future__ import annotations
 
+import functools
+import logging
 from pathlib import Path
 
 import jax
@@ -20,6 +22,8 @@ from flax import traverse_util
 
 from diffbody_jax.interop.pretrained import init_from_pretrained_unet, load_weights_for
 from diffbody_jax.parallel.sharding import host_to_sharded
+
+log = logging.getLogger(__name__)
 
 
 def init_sources(spec: str) -> list[tuple[str, str]]:
@@ -61,8 +65,10 @@ def _check_fits(target: dict, loaded: dict, where: str) -> None:
             f"{k}: model {want.get(k)}, file {got.get(k)}" for k in diff))
 
 
-def load_into(variables: dict, shardings: dict, subtree: str, path: str, module, rng: jax.Array) -> dict:
-    """`variables` with one init source placed at `subtree` of `module` (its member there), in `shardings`."""
+def load_into(variables: dict, shardings: dict, subtree: str, path: str, module, rng: jax.Array,
+              filled: set[str] | None = None) -> dict:
+    """`variables` with one init source placed at `subtree` of `module` (its member there), in `shardings`.
+    filled: a set that gets the "collection/subtree/.../leaf" path of every leaf the source placed."""
     member = module
     for part in filter(None, subtree.split("/")):
         member = getattr(member, part)
@@ -83,6 +89,36 @@ def load_into(variables: dict, shardings: dict, subtree: str, path: str, module,
         _check_fits({k: v for k, v in target.items() if not untouched(k)}, flat, where)
         shard = traverse_util.flatten_dict(_subtree(shardings[collection], subtree, collection), sep="/")
         placed = host_to_sharded(flat, {k: shard[k] for k in flat})
+        if filled is not None:
+            filled.update("/".join(filter(None, (collection, subtree, k))) for k in placed)
         merged = traverse_util.unflatten_dict({**target, **placed}, sep="/")
         out[collection] = _replace(variables[collection], subtree, merged)
     return out
+
+
+def init_variables_from(module, shardings: dict, key: jax.Array, sources: list[tuple[str, str]]) -> dict:
+    """A fresh model's variables in `shardings`: `module`'s random init with every init source placed in order.
+
+    A group's members that a source fills whole start as zeros instead of their compiled init (minutes on a CPU
+    for the frozen UNets beside a ControlNet), which changes no value: the other members' keys do not depend on
+    it. If a source leaves some leaf of such a member unfilled, everything is initialised after all."""
+    placeholders = {sub for sub, _ in sources if sub in getattr(module, "members", {})}
+    variables, filled = _init_and_load(module, shardings, key, sources, placeholders)
+    unfilled = [k for k in traverse_util.flatten_dict(variables, sep="/")
+                if k.split("/")[1] in placeholders and k not in filled]
+    if unfilled:
+        log.info("init: the sources left %d leaves of %s unfilled (%s, ...): initialising every member",
+                 len(unfilled), sorted(placeholders), unfilled[0])
+        variables, _ = _init_and_load(module, shardings, key, sources, set())
+    return variables
+
+
+def _init_and_load(module, shardings, key, sources, placeholders: set[str]) -> tuple[dict, set[str]]:
+    init = functools.partial(module.init_variables, placeholders=placeholders) if placeholders else \
+        module.init_variables
+    variables = jax.jit(init, out_shardings=shardings)(key)
+    filled: set[str] = set()
+    for index, (subtree, path) in enumerate(sources):
+        log.info("init %s from %s", subtree or "all params", path)
+        variables = load_into(variables, shardings, subtree, path, module, jax.random.fold_in(key, index), filled)
+    return variables, filled

@@ -153,3 +153,28 @@ def test_partial_sources_fill_their_paths_and_leave_the_rest(tmp_path):
     for path, value in placed.items():
         from_file = path.startswith("['unet']") and not is_adapter(path)
         np.testing.assert_array_equal(value, (want_file if from_file else want_fresh)[path], err_msg=path)
+
+
+def test_members_filled_whole_skip_their_init_and_change_nothing(tmp_path):
+    """init_variables_from: a member a source fills whole starts as zeros instead of a compiled init; the result is
+    the full init with the file placed, leaf for leaf."""
+    from diffbody_jax.models.variables import random_variables
+    from diffbody_jax.training.init_from import init_variables_from
+
+    group = ModelGroup(swinir=build_model(load_config("swinir:variant=tiny-diffbir").model),
+                       bodypart=BodyPartNet(config=bodypart_config()))
+    mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
+    boxed = group.abstract_variables()
+    shardings = tree_shardings(nn.unbox(boxed), param_partition_specs(boxed["params"], mesh), mesh)
+    part = random_variables(group.bodypart, 3)
+    save_pretrained(tmp_path / "bodypart", group.bodypart, part)
+    key = jax.random.PRNGKey(5)
+
+    got = init_variables_from(group, shardings, key, [("bodypart", str(tmp_path / "bodypart"))])
+    full = jax.jit(group.init_variables)(key)
+    want = load_into(full, shardings, "bodypart", str(tmp_path / "bodypart"), group, jax.random.fold_in(key, 0))
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
+    zeros = jax.jit(lambda k: group.init_variables(k, placeholders={"bodypart"}))(key)
+    assert all(not np.asarray(x).any() for x in jax.tree.leaves(zeros["params"]["bodypart"]))
