@@ -48,42 +48,46 @@ log = logging.getLogger(__name__)
 class ZooPhase:
     """One run of the zoo. init_from: (subtree, source) with source `run:<name>` (that run's export), `unet:run:<name>`
     (a ControlNet or joint UNet started from that UNet export) or `weights:<component>` (a stand-in of the weights
-    folder). vae_run: the run whose calibrated scaling factor this phase's `vae` member takes."""
+    folder). vae_run: the run whose VAE this phase's `vae` member is (its architecture and calibrated scaling
+    factor become config overrides)."""
 
     name: str  # runs/<name>, and its key in zoo.json
-    config: str  # a config spec, e.g. "vae:variant=tiny"
-    component: str  # what its export is in the weights folder (pipelines/weights.py COMPONENTS)
+    config: str  # a config spec, e.g. "vae:variant=zoo"
+    components: tuple[str, ...]  # what its export is in the weights folder (pipelines/weights.py COMPONENTS)
     manifest: str  # "people" | "photos" (data/zoo_set.py)
-    steps: int  # the full zoo's optimizer steps
+    steps: int  # the full zoo's optimizer steps (sized from measured step times: docs/zoo.md)
     init_from: tuple[tuple[str, str], ...] = ()
     vae_run: str | None = None
     overrides: tuple[str, ...] = ()
 
 
-_SD21 = (("vae", "run:vae_sd21"), ("text_encoder", "weights:sd21/text_encoder"))
-_SDXL = (("vae", "run:vae_sdxl"), ("text_encoder", "weights:sdxl/text_encoder"),
+# The zoo's one VAE (configs/vae.py:variant=zoo, latents at 1/4) serves both pipelines: the SD2.1-like and
+# SDXL-like stand-ins differ in their UNets and text encoders, and one autoencoder run is half the cost of two.
+# Stage 2's prior-fusion embedding then downsamples by 4 (three levels) to reach the latents.
+_SD21 = (("vae", "run:vae"), ("text_encoder", "weights:sd21/text_encoder"))
+_SDXL = (("vae", "run:vae"), ("text_encoder", "weights:sdxl/text_encoder"),
          ("text_encoder_2", "weights:sdxl/text_encoder_2"))
+_PRIOR_EMBEDDING = ("model.members.stage2.controlnet.conditioning_embedding_out_channels=[8, 16, 16]",)
 ZOO = (
-    ZooPhase("vae_sd21", "vae:variant=tiny", "sd21/vae", "photos", 600),
-    ZooPhase("vae_sdxl", "vae:variant=tiny4", "sdxl/vae", "photos", 600),
-    ZooPhase("unet_sd21", "base_unet:variant=tiny-sd21", "sd21/unet", "people", 600, _SD21, "vae_sd21"),
-    ZooPhase("unet_sdxl", "base_unet:variant=tiny-sdxl", "sdxl/unet", "people", 600, _SDXL, "vae_sdxl"),
-    ZooPhase("swinir", "swinir:variant=tiny-diffbir", "swinir", "photos", 600),
-    ZooPhase("bodypart", "bodypart:variant=tiny", "bodypart", "people", 400),
-    ZooPhase("v1_controlnet", "v1_controlnet:variant=tiny", "v1_controlnet", "people", 400,
+    ZooPhase("vae", "vae:variant=zoo", ("sd21/vae", "sdxl/vae"), "photos", 400),
+    ZooPhase("unet_sd21", "base_unet:variant=tiny-sd21", ("sd21/unet",), "people", 800, _SD21, "vae"),
+    ZooPhase("unet_sdxl", "base_unet:variant=tiny-sdxl", ("sdxl/unet",), "people", 800, _SDXL, "vae"),
+    ZooPhase("swinir", "swinir:variant=tiny-diffbir", ("swinir",), "photos", 600),
+    ZooPhase("bodypart", "bodypart:variant=tiny", ("bodypart",), "people", 1000),
+    ZooPhase("v1_controlnet", "v1_controlnet:variant=tiny", ("v1_controlnet",), "people", 300,
              (("unet", "run:unet_sd21"), ("controlnet", "unet:run:unet_sd21"), *_SD21, ("swinir", "run:swinir"),
-              ("bodypart", "run:bodypart")), "vae_sd21"),
-    ZooPhase("joint_unet", "stage1_joint_unet:variant=tiny", "joint_unet", "people", 400,
-             (("joint_unet", "unet:run:unet_sd21"), *_SD21), "vae_sd21"),
-    ZooPhase("stage1_controlnet", "stage1_controlnet:variant=tiny", "stage1_controlnet", "people", 400,
+              ("bodypart", "run:bodypart")), "vae"),
+    ZooPhase("joint_unet", "stage1_joint_unet:variant=tiny", ("joint_unet",), "people", 300,
+             (("joint_unet", "unet:run:unet_sd21"), *_SD21), "vae"),
+    ZooPhase("stage1_controlnet", "stage1_controlnet:variant=tiny", ("stage1_controlnet",), "people", 300,
              (("joint_unet", "run:joint_unet"), ("controlnet", "unet:run:joint_unet"), *_SD21,
-              ("swinir", "run:swinir")), "vae_sd21"),
-    ZooPhase("stage2_controlnet", "stage2_controlnet:variant=tiny", "stage2_controlnet", "people", 400,
+              ("swinir", "run:swinir")), "vae"),
+    ZooPhase("stage2_controlnet", "stage2_controlnet:variant=tiny", ("stage2_controlnet",), "people", 300,
              (("stage2/unet", "run:unet_sdxl"), ("stage2/controlnet", "unet:run:unet_sdxl"), *_SDXL,
-              ("swinir", "run:swinir")), "vae_sdxl"),
-    ZooPhase("colour_adapter", "colour_adapter:variant=tiny", "colour_adapter", "people", 200,
+              ("swinir", "run:swinir")), "vae", _PRIOR_EMBEDDING),
+    ZooPhase("colour_adapter", "colour_adapter:variant=tiny", ("colour_adapter",), "people", 150,
              (("stage2/unet", "run:unet_sdxl"), ("stage2/controlnet", "run:stage2_controlnet"), *_SDXL,
-              ("swinir", "run:swinir"), ("image_encoder", "weights:image_encoder")), "vae_sdxl"),
+              ("swinir", "run:swinir"), ("image_encoder", "weights:image_encoder")), "vae", _PRIOR_EMBEDDING),
 )
 # the members no phase trains: (component, phase config and member it is built from)
 STAND_INS = (("sd21/text_encoder", "v1_controlnet:variant=tiny", "text_encoder"),
@@ -151,9 +155,20 @@ def phase_overrides(phase: ZooPhase, out: Path, manifests: dict[str, Path], step
     if phase.init_from:
         overrides.append("train.init_from=" + ",".join(f"{sub}={_source(src, out)}" for sub, src in phase.init_from))
     if phase.vae_run is not None:
-        vae = read_json(out / "runs" / phase.vae_run / "export" / "config.json")
-        overrides.append(f"model.members.vae.diffusers.scaling_factor={vae['scaling_factor']!r}")
+        overrides += vae_member_overrides(phase.config, out / "runs" / phase.vae_run / "export" / "config.json")
     return overrides
+
+
+def vae_member_overrides(spec: str, exported: Path) -> list[str]:
+    """Overrides that make the `vae` member of `spec`'s group the VAE of an autoencoder export (its config.json):
+    the fields where they differ (architecture, the calibrated scaling factor)."""
+    member = load_config(spec).model.members.vae.diffusers
+    vae = read_json(exported)
+    return [f"model.members.vae.diffusers.{k}={vae[k]!r}" for k in sorted(member.keys())
+            if k in vae and vae[k] != member[k] and k not in _INERT]
+
+
+_INERT = ("sample_size",)
 
 
 def _final_metrics(workdir: Path) -> dict[str, float]:
@@ -206,11 +221,11 @@ def train_zoo(out: str | Path, *, steps_scale: float = 1.0, seed: int = 0, annot
         seconds = time.perf_counter() - began
         record["phases"][phase.name] = {
             "config_spec": phase.config, "overrides": overrides, "config": json.loads(config.to_json()),
-            "steps": result.step, "seed": seed + index, "component": phase.component,
+            "steps": result.step, "seed": seed + index, "components": list(phase.components),
             "final": _final_metrics(out / "runs" / phase.name), "wall_s": round(seconds, 1)}
         write_json(record, record_path)
     assemble_weights(out, phases)
-    record["weights"] = {p.component: folder_hash(_component_folder(weights, p.component)) for p in phases}
+    record["weights"] = {c: folder_hash(_component_folder(weights, c)) for p in phases for c in p.components}
     write_json(record, record_path)
     return ZooResult(out, weights, record)
 
@@ -224,8 +239,9 @@ def assemble_weights(out: Path, phases: tuple[ZooPhase, ...] = ZOO) -> Path:
     """Copy each phase's export to its component's place in out/weights (beside the stand-ins)."""
     weights = out / "weights"
     for phase in phases:
-        target = _component_folder(weights, phase.component)
-        if target.exists():
-            shutil.rmtree(target)
-        shutil.copytree(out / "runs" / phase.name / "export", target)
+        for component in phase.components:
+            target = _component_folder(weights, component)
+            if target.exists():
+                shutil.rmtree(target)
+            shutil.copytree(out / "runs" / phase.name / "export", target)
     return weights

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from diffbody_jax.config import load_config
 from diffbody_jax.files import read_json
 from diffbody_jax.pipelines.weights import check_weights
 from diffbody_jax.training.zoo import ZOO, folder_hash, phase_overrides, train_zoo
@@ -41,12 +42,18 @@ def test_every_phase_starts_from_the_exports_before_it(tmp_path):
         if phase.vae_run is not None:
             assert phase.vae_run in seen
         seen.add(phase.name)
-    vae_export = tmp_path / "runs" / "vae_sd21" / "export"
+    vae_export = tmp_path / "runs" / "vae" / "export"
     vae_export.mkdir(parents=True)
-    (vae_export / "config.json").write_text(json.dumps({"scaling_factor": 0.4321}))
+    (vae_export / "config.json").write_text(json.dumps({"scaling_factor": 0.4321, "block_out_channels": [16, 32, 64],
+                                                        "sample_size": 7}))
     v1 = next(p for p in ZOO if p.name == "v1_controlnet")
     overrides = phase_overrides(v1, tmp_path, {"people": tmp_path / "people.jsonl"}, 10, 7)
-    assert "model.members.vae.diffusers.scaling_factor=0.4321" in overrides
+    vae = [o for o in overrides if o.startswith("model.members.vae.")]
+    assert vae == ["model.members.vae.diffusers.block_out_channels=[16, 32, 64]",
+                   "model.members.vae.diffusers.scaling_factor=0.4321"], vae
+    manifests = {"people": tmp_path / "people.jsonl", "photos": tmp_path / "photos.jsonl"}
+    for phase in ZOO:  # every override names a field of its config
+        load_config(phase.config, phase_overrides(phase, tmp_path, manifests, 10, 7))
     init = next(o for o in overrides if o.startswith("train.init_from="))
     assert f"controlnet=unet:{tmp_path}/runs/unet_sd21/export" in init
 
