@@ -60,13 +60,13 @@ def test_every_phase_starts_from_the_exports_before_it(tmp_path):
 
 @pytest.mark.slow
 def test_a_shortened_zoo_trains_every_phase_and_its_weights_folder_is_complete(tmp_path):
-    result = train_zoo(tmp_path, steps_scale=0.05)
+    result = train_zoo(tmp_path, steps_scale=0.1)
     assert list(result.record["phases"]) == [p.name for p in ZOO]
     for name in result.record["phases"]:
         lines = (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()
         losses = [json.loads(line)["loss"] for line in lines]
         first, last = np.mean(losses[:3]), np.mean(losses[-3:])  # single steps are noisy (random crops, noise)
-        assert len(losses) >= 10 and last < first, f"{name}: loss {first} -> {last} ({losses})"
+        assert len(losses) >= 8 and last < first, f"{name}: loss {first} -> {last} ({losses})"
     reports, needs = check_weights(result.weights)
     assert needs == {version: [] for version in needs}, needs
     assert all(r.present and r.problem is None for r in reports), [r for r in reports if r.problem or not r.present]
