@@ -48,7 +48,7 @@ SAMPLES = [
 ]
 
 
-def photo(name: str) -> np.ndarray:
+def load_photo(name: str) -> np.ndarray:
     try:
         from skimage import data
     except ImportError as e:
@@ -75,7 +75,7 @@ def stand_in_maps(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _annotated(annotator, photo: str, cache: dict):
     """(keypoints [P, 17, 3], mask [H, W] or None) of a whole photo from `annotator` (None: no person found)."""
     if photo not in cache:
-        annotation = annotator(photo(photo), name=photo)
+        annotation = annotator(load_photo(photo), name=photo)
         cache[photo] = (annotation.coco17, annotation.mask) if annotation.num_persons else None
     return cache[photo]
 
@@ -88,7 +88,7 @@ def write_sample_set(out_dir: str | os.PathLike, stand_in_priors: bool = False, 
     (out / "images").mkdir(parents=True, exist_ok=True)
     rows, cache = [], {}
     for name, photo, crop, caption, keypoints in SAMPLES:
-        image = photo(photo)
+        image = load_photo(photo)
         found = _annotated(annotator, photo, cache) if annotator is not None else None
         kp = np.asarray(found[0] if found else [keypoints], np.float32).copy()
         mask = found[1] if found else None

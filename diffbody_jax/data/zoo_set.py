@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from diffbody_jax.data.manifest import write_manifest
-from diffbody_jax.data.sample_set import ASTRONAUT_KEYPOINTS, CAMERA_KEYPOINTS, SAMPLES, photo, stand_in_maps
+from diffbody_jax.data.sample_set import ASTRONAUT_KEYPOINTS, CAMERA_KEYPOINTS, SAMPLES, load_photo, stand_in_maps
 
 CROP_SIZE = 128  # twice the zoo's 64 x 64 training bucket: the pipeline's area resize still has detail to average
 WINDOWS = (1.0, 0.75, 0.625, 0.5)  # crop side / photo side
@@ -106,7 +106,7 @@ def write_zoo_set(out_dir: str | os.PathLike, annotator=None, crop_size: int = C
     out = Path(out_dir)
     people, scenes = [], []
     for photo_name, hand_keypoints in PEOPLE.items():
-        image = photo(photo_name)
+        image = load_photo(photo_name)
         keypoints, mask = _annotate(annotator, image, photo_name, hand_keypoints)
         for fraction in WINDOWS:
             for w, window in enumerate(crop_windows(image.shape[0], fraction)):
@@ -122,7 +122,7 @@ def write_zoo_set(out_dir: str | os.PathLike, annotator=None, crop_size: int = C
                     row["depth"], row["normal"] = _save(out, "depth", name, depth), _save(out, "normal", name, normal)
                     people.append(row)
     for scene in SCENES:
-        image = photo(scene)
+        image = load_photo(scene)
         side = min(image.shape[:2])
         image = image[:side, :side]
         for fraction in WINDOWS[1:]:
