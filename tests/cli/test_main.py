@@ -43,3 +43,10 @@ def test_the_console_script_runs_a_command_in_its_own_process(tmp_path):
     assert (tmp_path / "s" / "manifest.jsonl").is_file()
     out = subprocess.run([str(script), "frobnicate"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "unknown command 'frobnicate'" in out.stderr
+
+
+def test_zoo_refuses_a_non_positive_steps_scale_before_anything_runs(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["zoo", "--out", str(tmp_path / "zoo"), "--steps-scale", "0"])
+    assert exit_info.value.code == 2 and "--steps-scale must be positive, got 0.0" in capsys.readouterr().err
+    assert not (tmp_path / "zoo").exists()
