@@ -289,7 +289,7 @@ def init_from_pretrained_unet(path: str | os.PathLike, module, rng: jax.Array, *
 
 
 # config fields that change nothing a model computes (diffusers' default resolution)
-_INERT_FIELDS = ("sample_size",)
+INERT_FIELDS = ("sample_size",)
 
 
 def _check_same_config(path: Path, loaded, module) -> None:
@@ -298,7 +298,7 @@ def _check_same_config(path: Path, loaded, module) -> None:
     if type(loaded) is not type(module) or not dataclasses.is_dataclass(getattr(module, "config", None)):
         return
     a, b = dataclasses.asdict(loaded.config), dataclasses.asdict(module.config)
-    differ = [k for k in sorted(a) if k not in _INERT_FIELDS and a[k] != b.get(k)]
+    differ = [k for k in sorted(a) if k not in INERT_FIELDS and a[k] != b.get(k)]
     if differ:
         raise ValueError(f"{path}: its {type(module).__name__} config differs from the model's in "
                          + ", ".join(f"{k} (file {a[k]!r}, model {b.get(k)!r})" for k in differ)

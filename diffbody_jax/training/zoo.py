@@ -36,6 +36,7 @@ from diffbody_jax.conditioning.prompts import open_clip_bpe_path, write_clip_tok
 from diffbody_jax.config import load_config
 from diffbody_jax.data.zoo_set import write_zoo_set
 from diffbody_jax.files import read_json, write_json
+from diffbody_jax.interop.pretrained import INERT_FIELDS
 from diffbody_jax.models.registry import build_model
 from diffbody_jax.models.variables import random_variables
 from diffbody_jax.pipelines.weights import TOKENIZERS, component_location, write_component
@@ -165,16 +166,13 @@ def vae_member_overrides(spec: str, exported: Path) -> list[str]:
     member = load_config(spec).model.members.vae.diffusers
     vae = read_json(exported)
     return [f"model.members.vae.diffusers.{k}={vae[k]!r}" for k in sorted(member.keys())
-            if k in vae and vae[k] != member[k] and k not in _INERT]
-
-
-_INERT = ("sample_size",)
+            if k in vae and vae[k] != member[k] and k not in INERT_FIELDS]
 
 
 def _final_metrics(workdir: Path) -> dict[str, float]:
     lines = (workdir / "metrics.jsonl").read_text().splitlines()
     last = json.loads(lines[-1]) if lines else {}
-    return {k: v for k, v in last.items() if isinstance(v, (int, float)) and k not in ("records",)}
+    return {k: v for k, v in last.items() if isinstance(v, (int, float))}
 
 
 def train_zoo(out: str | Path, *, steps_scale: float = 1.0, seed: int = 0, annotator=None,
