@@ -240,6 +240,7 @@ def training_sections(config, *, steps: int, batch_size: int, learning_rate: flo
         degradation="real-esrgan",  # a kind of configs/degradation.py
         random_crop=True,
         shuffle=True,
+        colour_permutation=False,  # permute each clean image's RGB channels at random (data.pipeline.DataConfig)
         num_workers=0,  # grain worker processes (0: decode in the training process)
         cache="",  # a `diffbody prepare` folder: stored latents / text embeddings instead of encoding each step
     ))

@@ -90,12 +90,13 @@ def _write_world(root: pathlib.Path, weights: pathlib.Path) -> None:
 def _demo_folder(out: pathlib.Path, weights: pathlib.Path) -> None:
     """What `diffbody demo` leaves that the docs use: clean/, degraded/, keypoints.jsonl and weights/ (a link to the
     suite's stand-in weights; the demo itself is tested in tests/cli/test_demo.py)."""
-    from diffbody_jax.cli.demo import DEMO_SIZE, demo_inputs, write_demo_inputs
+    from diffbody_jax.cli.demo import DEMO_SIZE, demo_inputs
     from diffbody_jax.data.manifest import read_manifest
     from diffbody_jax.data.sample_set import write_sample_set
+    from diffbody_jax.evaluation.held_out import write_held_out
 
     records = read_manifest(write_sample_set(out / "data"))
-    write_demo_inputs(out, demo_inputs(records, ((DEMO_SIZE, DEMO_SIZE),)))
+    write_held_out(out, demo_inputs(records, ((DEMO_SIZE, DEMO_SIZE),)))
     (out / "weights").symlink_to(weights, target_is_directory=True)
 
 

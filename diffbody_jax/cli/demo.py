@@ -1,6 +1,22 @@
 """`diffbody demo`: the whole tool on this machine in a few minutes, no downloads.
 
-  diffbody demo [--out demo] [--train-steps 400] [--fast]
+  diffbody demo [--out demo] [--fast]                    # with the zoo committed in zoo/, if there is one
+  diffbody demo --zoo ZOO [--out demo] [--fast]          # restore the held-out photos with a trained zoo
+  diffbody demo --retrain [--zoo ZOO] [--budget full]    # train the zoo first (`diffbody zoo`), then as above
+  diffbody demo --stand-ins [--train-steps 400] [--fast] # no zoo: random diffusion models (the machinery)
+
+With a zoo (a folder `diffbody zoo` trained: weights/, data/held_out.jsonl, zoo.json; or one `diffbody zoo --pack`
+wrote, as the repository ships it in zoo/, which is first unpacked into OUT and checked), the demo restores the zoo's
+held-out photos, which no phase trained on, with the zoo's own models (its SwinIR too: its ControlNets were trained
+on that SwinIR's outputs): each photo's central square at 64 x 64, degraded by the seeded Real-ESRGAN pipeline
+(`evaluation.held_out`), restored by v1 and v2 at the papers' presets. It writes OUT/clean, OUT/degraded,
+OUT/swinir, OUT/v1 and OUT/v2 with `<name>.png` each, OUT/sheet.png (clean | degraded | SwinIR | v1 | v2 per
+photo), OUT/timing.md and OUT/metrics.json: `"held_out"` (the names) and scikit-image's RGB PSNR and SSIM of
+each version per photo and on average. --retrain trains the whole zoo first into --zoo (default OUT-zoo, beside
+OUT), by default with the budget the committed zoo was trained with (`--budget full`, hours on 2 CPU cores; it says
+how long before it starts; resumable: rerun the same command), or `--budget quick` (within 45 minutes).
+
+Without a zoo (--stand-ins, or no zoo/ in the source tree):
 
 1. writes the bundled sample set (scikit-image's photos; keypoints and person masks from mediapipe when the
    annotators extra is installed, the hand-placed ones otherwise);
@@ -34,14 +50,18 @@ from diffbody_jax.data.degradations import degradation_from_config
 from diffbody_jax.data.manifest import read_manifest
 from diffbody_jax.data.pose import as_persons, transform_keypoints
 from diffbody_jax.data.sample_set import write_sample_set
+from diffbody_jax.evaluation.held_out import HeldOut, held_out_inputs, score_pngs, write_held_out
 from diffbody_jax.evaluation.metrics import image_metrics
+from diffbody_jax.files import read_json, write_json
 from diffbody_jax.interop.pretrained import load_pretrained
 from diffbody_jax.pipelines.fit import fit_to_bucket
 from diffbody_jax.pipelines.image_io import read_photo, write_png
 from diffbody_jax.pipelines.jobs import PoseSource, prepare_jobs, run_jobs, write_outputs
 from diffbody_jax.pipelines.restore import Restorer, RestoreSettings
 from diffbody_jax.pipelines.stand_in import write_stand_in_weights
+from diffbody_jax.pipelines.weights import WeightsError
 from diffbody_jax.training.engine import train
+from diffbody_jax.training.zoo import BUDGETS, budget_minutes, train_zoo, unpack_zoo
 
 DEMO_SIZE = 64  # the tiny preset: every photo in one 64x64 bucket (one compile per version)
 DEMO_MARK = ".diffbody-demo"  # marks a folder the demo may replace
@@ -77,9 +97,9 @@ def train_swinir(data_dir: Path, workdir: Path, steps: int) -> Path:
     return train(config, workdir).export
 
 
-def demo_inputs(records, buckets, seed: int = 0) -> list[dict]:
-    """Per sample-set record: name, clean (the photo inside its bucket with a reflected border), degraded (seeded
-    Real-ESRGAN degradation of it), keypoints moved into the clean image, caption."""
+def demo_inputs(records, buckets, seed: int = 0) -> list[HeldOut]:
+    """Per sample-set record: the photo inside its bucket with a reflected border (clean), its seeded Real-ESRGAN
+    degradation, keypoints moved into the clean image, caption."""
     degrade = degradation_from_config(load_config(DEGRADATION))
     out = []
     for n, record in enumerate(records):
@@ -89,31 +109,18 @@ def demo_inputs(records, buckets, seed: int = 0) -> list[dict]:
         kp = transform_keypoints(as_persons(record.keypoints, record.keypoint_format),
                                  (h / photo.shape[0], w / photo.shape[1]), (-top, -left))
         degraded = degrade(fitted.pixels, np.random.default_rng([seed, n])).upsampled.astype(np.float32)
-        out.append({"name": Path(record.image).stem, "clean": fitted.pixels, "degraded": degraded, "keypoints": kp,
-                    "format": record.keypoint_format, "caption": record.caption})
+        out.append(HeldOut(Path(record.image).stem, fitted.pixels, degraded, kp, record.keypoint_format,
+                           record.caption))
     return out
 
 
-def write_demo_inputs(out: Path, inputs: list[dict]) -> None:
-    """OUT/clean/*.png, OUT/degraded/*.png and OUT/keypoints.jsonl (a manifest of the degraded photos' keypoints,
-    what `diffbody restore --keypoints` reads)."""
-    lines = []
-    for x in inputs:
-        write_png(out / "clean" / f"{x['name']}.png", x["clean"], overwrite=True)
-        write_png(out / "degraded" / f"{x['name']}.png", x["degraded"], overwrite=True)
-        keypoints = np.round(x["keypoints"].astype(np.float64), 2).tolist()
-        lines.append(json.dumps({"image": f"degraded/{x['name']}.png", "caption": x["caption"],
-                                 "keypoints": keypoints, "keypoint_format": x["format"]}))
-    (out / "keypoints.jsonl").write_text("\n".join(lines) + "\n")
-
-
-def swinir_gain(swinir_dir: Path, inputs: list[dict]) -> tuple[float, float]:
+def swinir_gain(swinir_dir: Path, inputs: list[HeldOut]) -> tuple[float, float]:
     """Mean PSNR (Y) of the degraded inputs and of SwinIR's outputs against the clean photos."""
     module, params = load_pretrained(swinir_dir)
     run = jax.jit(lambda p, x: module.apply({"params": p}, x))
     before, after = [], []
     for x in inputs:
-        clean, degraded = x["clean"][None], x["degraded"][None]
+        clean, degraded = x.clean[None], x.degraded[None]
         restored = np.clip(np.asarray(run(params, degraded)), 0, 1)
         before.append(float(image_metrics(degraded, clean)["psnr"][0]))
         after.append(float(image_metrics(restored, clean)["psnr"][0]))
@@ -133,6 +140,99 @@ def _grid(rows: list[list[np.ndarray]], scale: int = 3) -> np.ndarray:
     return np.repeat(np.repeat(out, scale, 0), scale, 1)
 
 
+def restore_versions(out: Path, weights: Path, settings: dict, names: list[str], captions: list[str], seed: int,
+                     timer: Timer) -> dict[str, dict[str, dict]]:
+    """Restore OUT/degraded/<name>.png with each version (OUT/keypoints.jsonl's poses) into OUT/<version>;
+    {name: {version: outputs}}."""
+    results = {}
+    for version, s in settings.items():
+        files = [out / "degraded" / f"{n}.png" for n in names]
+        t = time.perf_counter()
+        restorer = Restorer(weights, s)
+        jobs, problems = prepare_jobs(files, out / version, s, captions,
+                                      PoseSource(str(out / "keypoints.jsonl"), style=restorer.pose_style), True)
+        if problems:
+            raise ValueError("\n".join(problems))
+        (out / version).mkdir(exist_ok=True)
+        for job, outputs in run_jobs(restorer, jobs, batch=len(jobs), seed=seed):
+            write_outputs(job, outputs, out / version, True, True)
+            results.setdefault(job.out.stem, {})[version] = outputs
+        steps = s.num_steps if version == "v1" else f"2 x {s.num_steps}"
+        timer(f"restore {version}", time.perf_counter() - t,
+              f"{len(jobs)} photos, {s.sampler.upper()} {steps} steps, compile included (one per bucket)")
+    return results
+
+
+def shipped_zoo() -> Path | None:
+    """The zoo committed with the code (`zoo/` of a source checkout, as `diffbody zoo --pack` wrote it), if any."""
+    zoo = Path(__file__).resolve().parents[2] / "zoo"
+    return zoo if (zoo / "zoo.json").is_file() else None
+
+
+def zoo_demo(out: Path, zoo: Path, retrain: bool, budget: str, steps_scale: float, sample_steps: int | None,
+             seed: int, timer: Timer) -> int:
+    """The demo with a trained zoo: its held-out photos restored by its own models and scored (module docstring).
+    A packed zoo (zoo.json lists "shipped") is first unpacked, checked against its hashes, into OUT (OUT/weights,
+    OUT/data, OUT/zoo.json)."""
+    if retrain:
+        print(f"training the zoo into {zoo} with the {budget} budget (steps x {steps_scale}): about "
+              f"{budget_minutes(budget, steps_scale):.0f} minutes on 2 CPU cores from scratch; rerun the same command "
+              "to resume", flush=True)
+        t = time.perf_counter()
+        try:
+            train_zoo(zoo, budget=budget, steps_scale=steps_scale, seed=seed, annotator=default_annotator())
+        except ValueError as e:
+            print(f"diffbody demo: {e}", file=sys.stderr)
+            return 1
+        timer("train the zoo", time.perf_counter() - t, f"{budget} budget, steps x {steps_scale}")
+    source = zoo
+    if (zoo / "zoo.json").is_file() and "shipped" in read_json(zoo / "zoo.json"):
+        t = time.perf_counter()
+        try:
+            unpack_zoo(zoo, out)
+        except ValueError as e:
+            print(f"diffbody demo: {e}", file=sys.stderr)
+            return 1
+        timer("unpack the zoo", time.perf_counter() - t, f"{zoo} -> {out}, stand-ins rebuilt from their seeds")
+        zoo = out
+    manifest = zoo / "data" / "held_out.jsonl"
+    if not (zoo / "weights").is_dir() or not manifest.is_file():
+        print(f"diffbody demo: {zoo} is not a trained zoo (no weights/ or data/held_out.jsonl); train one with "
+              "`diffbody demo --retrain` or `diffbody zoo --out DIR`", file=sys.stderr)
+        return 1
+    records = read_manifest(manifest)
+    if not records:
+        print(f"diffbody demo: {manifest} lists no held-out photo (matplotlib, which ships the portrait, was not "
+              "installed when the zoo was built)", file=sys.stderr)
+        return 1
+    inputs = held_out_inputs(records, DEMO_SIZE, seed)
+    write_held_out(out, inputs)
+    names = [x.name for x in inputs]
+    settings = {v: RestoreSettings(version=v, steps=sample_steps, size=DEMO_SIZE, square_only=True)
+                for v in ("v1", "v2")}
+    try:
+        results = restore_versions(out, zoo / "weights", settings, names, [x.caption for x in inputs], seed, timer)
+    except (ValueError, WeightsError) as e:
+        print(f"diffbody demo: {e}", file=sys.stderr)
+        return 1
+    for name in names:  # SwinIR's output: v1's I_reg (v2's I_ir is the same model on the same input)
+        write_png(out / "swinir" / f"{name}.png", results[name]["v1"]["i_reg"], overwrite=True)
+    versions = ("degraded", "swinir", "v1", "v2")
+    scores = score_pngs(out, names, versions)
+    rows = [[x.clean, x.degraded, results[x.name]["v1"]["i_reg"], results[x.name]["v1"]["restored"],
+             results[x.name]["v2"]["restored"]] for x in inputs]
+    write_png(out / "sheet.png", _grid(rows), overwrite=True)
+    (out / "timing.md").write_text(timer.markdown())
+    write_json({"held_out": names, "zoo": str(source), "size": DEMO_SIZE, "degradation_seed": seed,
+                "sampling_steps": {v: s.num_steps for v, s in settings.items()}, **scores}, out / "metrics.json")
+    print(f"\nwrote {out / 'sheet.png'} (per photo: clean | degraded | SwinIR | v1 | v2), {out / 'metrics.json'}, "
+          f"{out / 'timing.md'}\nRGB PSNR / SSIM against the clean photo, mean over {len(names)} held-out photo(s):")
+    for version in versions:
+        m = scores["mean"][version]
+        print(f"  {version:9s} {m['psnr']:6.2f} dB  {m['ssim']:.4f}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="diffbody demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -140,7 +240,20 @@ def main(argv=None) -> int:
     p.add_argument("--train-steps", type=int, default=400, help="SwinIR training steps (about a minute on 2 cores)")
     p.add_argument("--fast", action="store_true", help="10 training steps and 2 sampling steps (a smoke test)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--zoo", help="a trained zoo folder (`diffbody zoo`, or packed by its --pack): restore its "
+                   "held-out photos with it (default: the zoo committed with the code, if there is one)")
+    p.add_argument("--stand-ins", action="store_true",
+                   help="the demo without a zoo: SwinIR trained for a minute, random diffusion models")
+    p.add_argument("--retrain", action="store_true", help="train the zoo first, into --zoo (default OUT-zoo)")
+    p.add_argument("--budget", choices=BUDGETS, default="full",
+                   help="--retrain: full (the committed zoo's steps, hours) or quick (within 45 minutes)")
+    p.add_argument("--steps-scale", type=float, default=1.0,
+                   help="--retrain: each phase trains round(its budget's steps * S) steps")
     args = p.parse_args(argv)
+    if args.steps_scale <= 0:
+        p.error(f"--steps-scale {args.steps_scale}: must be positive")
+    if args.stand_ins and (args.zoo or args.retrain):
+        p.error("--stand-ins is the demo without a zoo: not with --zoo or --retrain")
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
@@ -153,6 +266,13 @@ def main(argv=None) -> int:
     train_steps, sample_steps = (10, 2) if args.fast else (args.train_steps, None)
     timer = Timer()
     print(f"DiffBody demo -> {out}", flush=True)
+    shipped = None if args.stand_ins or args.zoo or args.retrain else shipped_zoo()
+    if shipped is not None:
+        print(f"restoring with the shipped zoo {shipped} (--stand-ins: the demo without it)", flush=True)
+        args.zoo = str(shipped)
+    if args.zoo or args.retrain:
+        zoo = Path(args.zoo) if args.zoo else out.absolute().with_name(out.absolute().name + "-zoo")
+        return zoo_demo(out, zoo, args.retrain, args.budget, args.steps_scale, sample_steps, args.seed, timer)
 
     t = time.perf_counter()
     annotator = default_annotator()
@@ -168,8 +288,8 @@ def main(argv=None) -> int:
     settings = {v: RestoreSettings(version=v, steps=sample_steps, size=DEMO_SIZE, square_only=True)
                 for v in ("v1", "v2")}
     inputs = demo_inputs(records, settings["v1"].buckets, args.seed)
-    write_demo_inputs(out, inputs)
-    names = [x["name"] for x in inputs]
+    write_held_out(out, inputs)
+    names = [x.name for x in inputs]
     t = time.perf_counter()
     before, after = swinir_gain(export, inputs)
     timer("SwinIR on seeded degradations", time.perf_counter() - t,
@@ -180,30 +300,16 @@ def main(argv=None) -> int:
     shutil.copytree(export, weights / "swinir")
     timer("weights folder", time.perf_counter() - t, "tiny stand-ins, random except SwinIR")
 
-    results = {}
-    for version, s in settings.items():
-        files = [out / "degraded" / f"{n}.png" for n in names]
-        jobs, problems = prepare_jobs(files, out / version, s, [x["caption"] for x in inputs],
-                                      PoseSource(out / "keypoints.jsonl"), True)
-        (out / version).mkdir(exist_ok=True)
-        t = time.perf_counter()
-        restorer = Restorer(weights, s)
-        load = time.perf_counter() - t
-        t = time.perf_counter()
-        for job, outputs in run_jobs(restorer, jobs, batch=len(jobs), seed=args.seed):
-            write_outputs(job, outputs, out / version, True, True)
-            results.setdefault(job.out.stem, {})[version] = outputs
-        steps = s.num_steps if version == "v1" else f"2 x {s.num_steps}"
-        timer(f"restore {version}", load + time.perf_counter() - t,
-              f"{len(jobs)} photos, DDPM {steps} steps, compile included (one per bucket)")
-        if problems:
-            print("\n".join(problems), file=sys.stderr)
-            return 1
+    try:
+        results = restore_versions(out, weights, settings, names, [x.caption for x in inputs], args.seed, timer)
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 1
 
     rows = []
     for x in inputs:
-        r = results[x["name"]]
-        rows.append([x["clean"], x["degraded"], r["v1"]["i_reg"], r["v1"]["restored"], r["v2"]["restored"]])
+        r = results[x.name]
+        rows.append([x.clean, x.degraded, r["v1"]["i_reg"], r["v1"]["restored"], r["v2"]["restored"]])
     write_png(out / "sheet.png", _grid(rows), overwrite=True)
     (out / "timing.md").write_text(timer.markdown())
     (out / "summary.json").write_text(json.dumps({

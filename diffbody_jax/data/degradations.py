@@ -194,6 +194,11 @@ class FixedMixture:
     name: str
     ops: tuple[Op, ...]
 
+    @property
+    def scale(self) -> int:
+        """The downscale factor of the low-resolution image (1 for a mixture without a resize)."""
+        return round(1 / float(np.prod([op.scale for op in self.ops if op.kind == "resize"])))
+
     @classmethod
     def from_dicts(cls, name: str, ops: Sequence[dict[str, Any]]) -> FixedMixture:
         return cls(name, tuple(Op(**dict(op)) for op in ops))
@@ -324,6 +329,10 @@ class RealESRGANDegradation:
 
     def __init__(self, config: RealESRGANConfig | None = None):
         self.config = config or RealESRGANConfig()
+
+    @property
+    def scale(self) -> int:
+        return self.config.scale
 
     def _stage(self, image, rng, ranges: StageRanges, target_hw: tuple[int, int]):
         cfg = self.config

@@ -61,6 +61,9 @@ class DataConfig:
     shuffle: bool = True
     num_epochs: int | None = None  # None: repeat forever
     pose_style: PoseStyle = PoseStyle()  # how keypoints become pose maps (the run's contract carries it)
+    # Permute the clean image's RGB channels (one of the six orders, drawn per example) before degrading it: a few
+    # photos then cover the colour wheel (the tiny zoo's SwinIR and VAE; docs/zoo.md). Maps are not permuted.
+    colour_permutation: bool = False
 
     @classmethod
     def from_config(cls, config, **overrides) -> DataConfig:
@@ -70,7 +73,8 @@ class DataConfig:
         data = config["data"]
         fields = dict(batch_size=int(data["batch_size"]), buckets=tuple(tuple(b) for b in data["buckets"]),
                       maps=tuple(data["maps"]), random_crop=bool(data["random_crop"]), shuffle=bool(data["shuffle"]),
-                      pose_style=PoseStyle.from_dict(dict(data["pose_style"])) if "pose_style" in data else PoseStyle())
+                      pose_style=PoseStyle.from_dict(dict(data["pose_style"])) if "pose_style" in data else PoseStyle(),
+                      colour_permutation=bool(data.get("colour_permutation", False)))
         return cls(**{**fields, **overrides})
 
     def __post_init__(self):
@@ -193,6 +197,8 @@ class ExampleLoader:
         if image.shape[:2] != record.size:
             raise ValueError(f"{record.image}: size {image.shape[:2]} changed since the manifest was read")
         target = _resize_crop(image, resized, crop, bucket, "area")
+        if cfg.colour_permutation:
+            target = np.ascontiguousarray(target[..., rng.permutation(3)])
         degraded = self.degradation(target, rng)
         out = {
             "target": target,

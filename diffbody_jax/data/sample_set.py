@@ -54,6 +54,8 @@ def load_photo(name: str) -> np.ndarray:
     except ImportError as e:
         raise ImportError("the sample set needs scikit-image: pip install scikit-image") from e
     image = getattr(data, name)()
+    if isinstance(image, tuple):  # stereo_motorcycle: (left, right, disparity)
+        image = image[0]
     return np.stack([image] * 3, -1) if image.ndim == 2 else image
 
 

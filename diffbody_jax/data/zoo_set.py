@@ -3,8 +3,8 @@
     write_zoo_set("zoo/data", annotator=default_annotator())
     # -> people.jsonl   person crops (keypoints, stand-in depth and normal maps, masks when an annotator ran):
     #                   every phase that sees a person
-    #    photos.jsonl   the person crops and crops of scikit-image's other photos: the autoencoder and SwinIR,
-    #                   which learn images, not people
+    #    photos.jsonl   the person crops and crops of scikit-image's other photos (no visible keypoint, stand-in
+    #                   depth and normal maps): the phases that learn to restore images, not only people
     #    held_out/      matplotlib's portrait of Grace Hopper (and its keypoints in held_out.jsonl): evaluation only
 
 Training photos: scikit-image's two photos of people (`astronaut`, the `camera` man) as square crops at four
@@ -33,9 +33,12 @@ CROP_SIZE = 128  # twice the zoo's 64 x 64 training bucket: the pipeline's area 
 WINDOWS = (1.0, 0.75, 0.625, 0.5)  # crop side / photo side
 PEOPLE = {"astronaut": ASTRONAUT_KEYPOINTS, "camera": CAMERA_KEYPOINTS}
 CAPTIONS = {photo_name: caption for _, photo_name, crop, caption, _ in SAMPLES if crop is None}
-# scikit-image's photos without a person: texture and colour for the autoencoder and SwinIR
-SCENES = ("coffee", "chelsea", "rocket", "brick", "grass", "gravel", "hubble_deep_field")
-HELD_OUT = {"grace_hopper": "a black and white portrait of a woman in a navy uniform with medals"}
+# scikit-image's photos without a person (each installed with it, none fetched): texture and colour for the
+# autoencoder and SwinIR. The saturated ones (the motorcycle scene, the retina, the stained tissue) are there because
+# the first zoo's SwinIR, trained without them, pulled the held-out portrait's blue background down by ~14/255.
+SCENES = ("coffee", "chelsea", "rocket", "brick", "grass", "gravel", "hubble_deep_field", "stereo_motorcycle",
+          "retina", "immunohistochemistry")
+HELD_OUT = {"grace_hopper": "a colour portrait of a woman in a navy uniform with medals against a blue background"}
 # COCO-17's mirror image: nose, then the (left, right) pairs swapped
 COCO17_MIRROR = (0, 2, 1, 4, 3, 6, 5, 8, 7, 10, 9, 12, 11, 14, 13, 16, 15)
 
@@ -127,9 +130,13 @@ def write_zoo_set(out_dir: str | os.PathLike, annotator=None, crop_size: int = C
         image = image[:side, :side]
         for fraction in WINDOWS[1:]:
             for w, window in enumerate(crop_windows(side, fraction)):
+                name = f"{scene}_{round(fraction * 1000):04d}_{w}"
                 crop, _, _ = cut(image, np.zeros((1, 17, 3)), None, window, False, crop_size)
-                scenes.append({"image": _save(out, "images", f"{scene}_{round(fraction * 1000):04d}_{w}", crop),
-                               "caption": ""})
+                # no person: no keypoint is visible (an empty pose map), so every phase may read the scenes
+                depth, normal = stand_in_maps(crop)
+                scenes.append({"image": _save(out, "images", name, crop), "caption": "",
+                               "keypoints": np.zeros((17, 3)).tolist(), "keypoint_format": "coco17",
+                               "depth": _save(out, "depth", name, depth), "normal": _save(out, "normal", name, normal)})
     held_out = []
     for name, image in held_out_photos().items():
         keypoints, mask = _annotate(annotator, image, name, np.zeros((17, 3)))

@@ -118,18 +118,24 @@ def component_location(weights: str | os.PathLike, name: str) -> tuple[Path, str
     return Path(weights) / c.folder, c.subfolder
 
 
+def component_folder(weights: str | os.PathLike, name: str) -> Path:
+    """The folder holding component `name` in the diffusers layout (its config.json and tensors)."""
+    path, sub = component_location(weights, name)
+    return path / sub if sub else path
+
+
 def component_present(weights: str | os.PathLike, name: str) -> bool:
     path, sub = component_location(weights, name)
     if flax_checkpoint.is_flax_checkpoint(path):
         return sub is None or sub in flax_checkpoint.read_config(path)["components"]
-    return ((path / sub) if sub else path).joinpath("config.json").exists()
+    return component_folder(weights, name).joinpath("config.json").exists()
 
 
 def load_component(weights: str | os.PathLike, name: str, **module_kwargs) -> tuple[Any, dict]:
     """(module, variables {"params"[, "batch_stats"]}) of one component; WeightsError naming it when missing or
     misshapen (load_pretrained checks every tensor against the module its config.json describes)."""
     path, sub = component_location(weights, name)
-    where = path / sub if sub else path
+    where = component_folder(weights, name)
     if not component_present(weights, name):
         raise WeightsError(f"{where}: missing ({COMPONENTS[name].what}; get it from {COMPONENTS[name].source})")
     if name.endswith("vae"):
@@ -148,9 +154,8 @@ def load_component(weights: str | os.PathLike, name: str, **module_kwargs) -> tu
 
 def write_component(weights: str | os.PathLike, name: str, module, variables: dict) -> Path:
     """Write one component where `load_component` reads it (the demo's stand-in weights use this)."""
-    path, sub = component_location(weights, name)
     params = variables if family_for_module(module).variables else variables["params"]
-    return save_pretrained((path / sub) if sub else path, module, jax.tree.map(np.asarray, params))
+    return save_pretrained(component_folder(weights, name), module, jax.tree.map(np.asarray, params))
 
 
 @dataclasses.dataclass
@@ -187,7 +192,7 @@ def require(weights: str | os.PathLike, version: str) -> None:
     """Raise one WeightsError listing every component `version` needs that is absent."""
     missing = [n for n in NEEDS[version] if not component_present(weights, n)]
     if missing:
-        lines = [f"  {component_location(weights, n)[0] / (COMPONENTS[n].subfolder or '')}: "
+        lines = [f"  {component_folder(weights, n)}: "
                  f"{COMPONENTS[n].what}; {COMPONENTS[n].source}" for n in missing]
         raise WeightsError(f"{weights}: {version} needs {len(missing)} more component(s):\n" + "\n".join(lines))
 

@@ -40,6 +40,9 @@ def check_cacheable(config) -> None:
                          "frozen encoder)")
     if config.data.random_crop:
         raise ValueError("a prepare cache holds one crop per example: set --config.data.random_crop=False")
+    if config.data.get("colour_permutation", False):
+        raise ValueError("a prepare cache holds each example's latents in its own colours: set "
+                         "--config.data.colour_permutation=False")
     if "text" in config and float(config.text.drop_prob) > 0:
         raise ValueError("a prepare cache holds each caption's embeddings: set --config.text.drop_prob=0")
 

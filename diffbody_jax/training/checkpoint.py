@@ -49,7 +49,12 @@ class Checkpoints:
         self.frozen_dir = self.workdir / "frozen"
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                cleanup_tmp_directories=True, create=True)
-        self.manager = ocp.CheckpointManager(self.workdir / "checkpoints", options=options)
+        # every item's handler named up front: a manager that has not saved yet otherwise learns them only from the
+        # args of a call, and item_metadata / a partial restore (the saved config alone) warn about every other item
+        handlers = {"rng": ocp.StandardCheckpointHandler(), "frozen": ocp.JsonCheckpointHandler(),
+                    "config": ocp.JsonCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
+                    **{name: ocp.StandardCheckpointHandler() for name in ARRAY_ITEMS}}
+        self.manager = ocp.CheckpointManager(self.workdir / "checkpoints", options=options, item_handlers=handlers)
 
     # ------------------------------------------------------------------------------------------ queries
     def latest_step(self) -> int | None:

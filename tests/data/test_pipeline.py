@@ -180,3 +180,17 @@ def test_maps_and_keypoints_follow_the_crop_and_resize(tmp_path):
             # resampled maps: sub-pixel; the pose joint is drawn at int(x), int(y) as DWPose draws: within 1 px
             assert np.abs(got - want).max() <= (1.0 if field == "pose" else 0.5), (field, got, want, top, left)
     assert len(tops) >= 2, tops
+
+
+def test_colour_permutation_reorders_the_clean_channels_and_nothing_else(toy_manifest):
+    plain, _ = _take(toy_manifest, 12)
+    permuted, _ = _take(toy_manifest, 12, config=_config(colour_permutation=True))
+    orders = set()
+    for a, b in zip(plain, permuted, strict=True):
+        np.testing.assert_array_equal(a["record"], b["record"])
+        np.testing.assert_array_equal(a["depth"], b["depth"])  # maps are not permuted
+        for x, y in zip(a["target"], b["target"], strict=True):
+            order = [next(c for c in range(3) if np.array_equal(y[..., k], x[..., c])) for k in range(3)]
+            assert sorted(order) == [0, 1, 2]
+            orders.add(tuple(order))
+    assert len(orders) >= 4, orders  # 24 draws of six orders

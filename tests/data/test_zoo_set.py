@@ -59,7 +59,9 @@ def test_windows_span_the_photo():
 
 def test_manifests_read_and_the_held_out_photo_is_in_none_of_them(zoo_set):
     out, paths = zoo_set
-    people, photos = read_manifest(paths["people"], require=("pose", "depth", "normal")), read_manifest(paths["photos"])
+    people = read_manifest(paths["people"], require=("pose", "depth", "normal"))
+    photos = read_manifest(paths["photos"], require=("pose", "depth", "normal"))  # scenes: no visible keypoint
+    assert all(r.keypoints[..., 2].max() == 0 for r in photos[len(people):])
     assert len(people) == 2 * (1 + 9 + 9 + 9) * 2  # two photos, four window sizes, mirrored
     assert len(photos) > len(people)
     held_out = read_manifest(paths["held_out"])

@@ -53,3 +53,15 @@ def test_cached_and_in_step_encodings_give_the_same_loss(tmp_path, phase):
         EncodedCache(tmp_path / "cache", other)
     with pytest.raises(ValueError, match="random_crop=False"):
         EncodedCache(tmp_path / "cache", load_config(f"{phase}:variant=tiny", [f"data.manifest={manifest}"]))
+    with pytest.raises(ValueError, match="colour_permutation=False"):
+        permuted = load_config(f"{phase}:variant=tiny", [*overrides, "data.colour_permutation=True"])
+        EncodedCache(tmp_path / "cache", permuted)
+
+
+def test_a_cache_refuses_permuted_colours_before_encoding_anything():
+    from diffbody_jax.training.cache import check_cacheable
+
+    config = load_config("v1_controlnet:variant=tiny", ["data.random_crop=False", "text.drop_prob=0",
+                                                         "data.colour_permutation=True"])
+    with pytest.raises(ValueError, match="colour_permutation=False"):
+        check_cacheable(config)
