@@ -350,8 +350,8 @@ HELD_OUT_FILES = ("held_out.jsonl", "held_out", "held_out_mask")  # under data/:
 
 def pack_zoo(zoo: str | Path, dest: str | Path) -> dict[str, Any]:
     """Write a trained zoo's trained components at half precision to dest/weights (the weights-folder layout), its
-    held-out photos and their keypoints to dest/data, and dest/zoo.json: zoo.json's record plus "shipped" (dtype
-    and each component folder's hash). The stand-ins are left out: `unpack_zoo` rebuilds them from their recorded
+    held-out photos and their keypoints to dest/data, its code-<phase>.diff files (if a dirty tree trained it), and
+    dest/zoo.json: zoo.json's record plus "shipped" (dtype and each component folder's hash). The stand-ins are left out: `unpack_zoo` rebuilds them from their recorded
     seeds. Returns the written record."""
     zoo, dest = Path(zoo), Path(dest)
     record = read_json(zoo / "zoo.json")
@@ -371,6 +371,8 @@ def pack_zoo(zoo: str | Path, dest: str | Path) -> dict[str, Any]:
             else:
                 shutil.copy2(f, target / f.name)
         hashes[component] = folder_hash(target)
+    for diff in sorted(zoo.glob("code-*.diff")):  # the uncommitted changes a dirty tree trained with
+        shutil.copy2(diff, dest / diff.name)
     for name in HELD_OUT_FILES:
         source, target = zoo / "data" / name, dest / "data" / name
         if source.is_dir():

@@ -126,7 +126,9 @@ def test_a_packed_zoo_is_half_precision_checked_and_unpacks_to_a_full_weights_fo
     stand_ins = write_stand_ins(zoo / "weights", seed=0)
     (zoo / "zoo.json").write_text(json.dumps({"seed": 0, "stand_ins": stand_ins,
                                               "weights": {"swinir": folder_hash(zoo / "weights" / "swinir")}}))
+    (zoo / "code-swinir.diff").write_text("diff --git a/x b/x\n")  # a dirty tree's changes ship with the zoo
     record = pack_zoo(zoo, tmp_path / "shipped")
+    assert (tmp_path / "shipped" / "code-swinir.diff").read_text() == "diff --git a/x b/x\n"
     packed = tmp_path / "shipped" / "weights" / "swinir"
     assert {str(v.dtype) for v in read_state_dict(packed / "model.safetensors").values()} == {"float16"}
     assert sorted(p.name for p in (tmp_path / "shipped" / "weights").iterdir()) == ["swinir"]  # no stand-ins
