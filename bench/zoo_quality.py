@@ -47,7 +47,7 @@ from diffbody_jax.pipelines.weights import load_component
 
 SIZE = 64
 MIXTURES = list(TABLE1_MIXTURES)
-GUIDANCE_SCALES = (0.0, 0.1, 0.3, 1.0, 3.0, 10.0)
+GUIDANCE_SCALES = (0.0, 1.0, 3.0, 10.0, 30.0, 100.0)
 
 
 class HeldOutPhotos:
