@@ -351,8 +351,8 @@ HELD_OUT_FILES = ("held_out.jsonl", "held_out", "held_out_mask")  # under data/:
 def pack_zoo(zoo: str | Path, dest: str | Path) -> dict[str, Any]:
     """Write a trained zoo's trained components at half precision to dest/weights (the weights-folder layout), its
     held-out photos and their keypoints to dest/data, its code-<phase>.diff files (if a dirty tree trained it), and
-    dest/zoo.json: zoo.json's record plus "shipped" (dtype and each component folder's hash). The stand-ins are left out: `unpack_zoo` rebuilds them from their recorded
-    seeds. Returns the written record."""
+    dest/zoo.json: zoo.json's record plus "shipped" (dtype and each component folder's hash). The stand-ins are
+    left out: `unpack_zoo` rebuilds them from their recorded seeds. Returns the written record."""
     zoo, dest = Path(zoo), Path(dest)
     record = read_json(zoo / "zoo.json")
     if "weights" not in record:
