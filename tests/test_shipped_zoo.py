@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from diffbody_jax.cli.demo import ZOO_GUIDANCE
 from diffbody_jax.cli.main import main
 from diffbody_jax.data.manifest import read_manifest
 from diffbody_jax.diffusion.part_guidance import part_loss
@@ -136,9 +137,9 @@ def test_the_trained_controlnet_steers_the_prior_toward_the_held_out_photo(versi
 
 
 def test_part_loss_guidance_lowers_the_part_loss_of_the_restoration(unpacked, held_out, tmp_path):
-    """Algorithm 1 with the zoo's body-part network: at s = 10 (DDIM 20, 64 px) the restoration's part loss (Eq. 6)
-    against I_reg falls (measured 0.036 -> 0.006 on this photo; over four degradation seeds 0.043 -> 0.008 at equal
-    PSNR; s = 100 overshoots)."""
+    """Algorithm 1 with the zoo's body-part network: at the demo's s = 10 (DDIM 20, 64 px) the restoration's part
+    loss (Eq. 6) against I_reg falls (measured 0.036 -> 0.006 on this photo; over four degradation seeds 0.043 ->
+    0.008 at equal PSNR; s = 100 overshoots)."""
     images, names = held_out
     weights = unpacked / "weights"
     net, variables = load_component(weights, "bodypart")
@@ -151,19 +152,21 @@ def test_part_loss_guidance_lowers_the_part_loss_of_the_restoration(unpacked, he
                                         load(folder / "intermediates" / f"{n}_i_reg.png")) for n in names]))
 
     _restore(weights, images, "v1", tmp_path / "plain")
-    _restore(weights, images, "v1", tmp_path / "guided", "--guidance", "10")
+    _restore(weights, images, "v1", tmp_path / "guided", "--guidance", str(ZOO_GUIDANCE))
     plain, guided = loss(tmp_path / "plain"), loss(tmp_path / "guided")
-    print(f"part loss: s = 0 {plain:.4f}, s = 10 {guided:.4f}")
+    print(f"part loss: s = 0 {plain:.4f}, s = {ZOO_GUIDANCE:g} {guided:.4f}")
     assert guided <= 0.5 * plain, (plain, guided)
 
 
 def test_the_default_demo_restores_with_the_shipped_zoo_at_the_papers_presets(tmp_path, capsys):
-    """`./dev demo` (no options): the shipped zoo, the held-out photo, DDPM 50 / 2 x 200, every promised file."""
+    """`./dev demo` (no options): the shipped zoo, the held-out photo, DDPM 50 / 2 x 200 (v1 guided at the chosen
+    scale), every promised file."""
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out)]) == 0
     assert f"restoring with the shipped zoo {SHIPPED}" in capsys.readouterr().out
     metrics = read_json(out / "metrics.json")
     assert metrics["zoo"] == str(SHIPPED) and metrics["sampling_steps"] == {"v1": 50, "v2": 200}
+    assert metrics["guidance"] == {"v1": ZOO_GUIDANCE, "v2": 0.0}
     names = metrics["held_out"]
     assert names == [Path(r.image).stem for r in read_manifest(SHIPPED / "data" / "held_out.jsonl", decode=False)]
     for version in ("clean", "degraded", "swinir", "v1", "v2"):

@@ -9,10 +9,11 @@ With a zoo (a folder `diffbody zoo` trained: weights/, data/held_out.jsonl, zoo.
 wrote, as the repository ships it in zoo/, which is first unpacked into OUT and checked), the demo restores the zoo's
 held-out photos, which no phase trained on, with the zoo's own models (its SwinIR too: its ControlNets were trained
 on that SwinIR's outputs): each photo's central square at 64 x 64, degraded by the seeded Real-ESRGAN pipeline
-(`evaluation.held_out`), restored by v1 and v2 at the papers' presets. It writes OUT/clean, OUT/degraded,
-OUT/swinir, OUT/v1 and OUT/v2 with `<name>.png` each, OUT/sheet.png (clean | degraded | SwinIR | v1 | v2 per
-photo), OUT/timing.md and OUT/metrics.json: `"held_out"` (the names) and scikit-image's RGB PSNR and SSIM of
-each version per photo and on average. --retrain trains the whole zoo first into --zoo (default OUT-zoo, beside
+(`evaluation.held_out`), restored by v1 and v2 at the papers' presets (v1 with part-loss guidance at
+ZOO_GUIDANCE). It writes OUT/clean, OUT/degraded, OUT/swinir, OUT/v1 and OUT/v2 with `<name>.png` each,
+OUT/sheet.png (clean | degraded | SwinIR | v1 | v2 per photo), OUT/timing.md and OUT/metrics.json: `"held_out"`
+(the names), the sampling steps and guidance, and scikit-image's RGB PSNR and SSIM of each version per photo and on
+average. --retrain trains the whole zoo first into --zoo (default OUT-zoo, beside
 OUT), by default with the budget the committed zoo was trained with (`--budget full`, hours on 2 CPU cores; it says
 how long before it starts; resumable: rerun the same command), or `--budget quick` (within 45 minutes).
 
@@ -64,6 +65,9 @@ from diffbody_jax.training.engine import train
 from diffbody_jax.training.zoo import BUDGETS, budget_minutes, train_zoo, unpack_zoo
 
 DEMO_SIZE = 64  # the tiny preset: every photo in one 64x64 bucket (one compile per version)
+# v1's part-loss guidance scale s (Algorithm 1) with a zoo: the best of 0, 1, 3, 10, 30, 100 on the shipped zoo with
+# DDPM 50 and DDIM 20 at 64 px (docs/zoo.md); the paper gives no value, and `diffbody restore` keeps 0 (off)
+ZOO_GUIDANCE = 10.0
 DEMO_MARK = ".diffbody-demo"  # marks a folder the demo may replace
 DEGRADATION = "degradation:kind=real-esrgan"  # what the tiny SwinIR trains on
 NEXT_STEPS = """With real weights (downloaded once, elsewhere), the same two steps:
@@ -158,8 +162,9 @@ def restore_versions(out: Path, weights: Path, settings: dict, names: list[str],
             write_outputs(job, outputs, out / version, True, True)
             results.setdefault(job.out.stem, {})[version] = outputs
         steps = s.num_steps if version == "v1" else f"2 x {s.num_steps}"
+        guided = f", part-loss guidance s = {s.guidance:g}" if s.guidance else ""
         timer(f"restore {version}", time.perf_counter() - t,
-              f"{len(jobs)} photos, {s.sampler.upper()} {steps} steps, compile included (one per bucket)")
+              f"{len(jobs)} photos, {s.sampler.upper()} {steps} steps{guided}, compile included (one per bucket)")
     return results
 
 
@@ -208,8 +213,8 @@ def zoo_demo(out: Path, zoo: Path, retrain: bool, budget: str, steps_scale: floa
     inputs = held_out_inputs(records, DEMO_SIZE, seed)
     write_held_out(out, inputs)
     names = [x.name for x in inputs]
-    settings = {v: RestoreSettings(version=v, steps=sample_steps, size=DEMO_SIZE, square_only=True)
-                for v in ("v1", "v2")}
+    settings = {v: RestoreSettings(version=v, steps=sample_steps, size=DEMO_SIZE, square_only=True,
+                                   guidance=ZOO_GUIDANCE if v == "v1" else 0.0) for v in ("v1", "v2")}
     try:
         results = restore_versions(out, zoo / "weights", settings, names, [x.caption for x in inputs], seed, timer)
     except (ValueError, WeightsError) as e:
@@ -224,7 +229,8 @@ def zoo_demo(out: Path, zoo: Path, retrain: bool, budget: str, steps_scale: floa
     write_png(out / "sheet.png", _grid(rows), overwrite=True)
     (out / "timing.md").write_text(timer.markdown())
     write_json({"held_out": names, "zoo": str(source), "size": DEMO_SIZE, "degradation_seed": seed,
-                "sampling_steps": {v: s.num_steps for v, s in settings.items()}, **scores}, out / "metrics.json")
+                "sampling_steps": {v: s.num_steps for v, s in settings.items()},
+                "guidance": {v: s.guidance for v, s in settings.items()}, **scores}, out / "metrics.json")
     print(f"\nwrote {out / 'sheet.png'} (per photo: clean | degraded | SwinIR | v1 | v2), {out / 'metrics.json'}, "
           f"{out / 'timing.md'}\nRGB PSNR / SSIM against the clean photo, mean over {len(names)} held-out photo(s):")
     for version in versions:
