@@ -71,9 +71,8 @@ def test_latent_scaling_and_sampling(rng):
     assert np.abs(np.asarray(s1) - np.asarray(z)).max() > 0
 
 
-def _smooth_latent(h, w, c=4, period=8.0, seed=None):
-    """Plane waves of an 8-pixel period in random directions: smooth and spatially stationary."""
-    rng = np.random.default_rng(seed)
+def _smooth_latent(rng, h, w, c=4, period=8.0):
+    """Plane waves of an 8-pixel period in random directions (drawn from `rng`): smooth and spatially stationary."""
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     waves = [np.sin(2 * np.pi * (np.cos(a) * yy + np.sin(a) * xx) / period + ph) for a, ph in rng.uniform(0, 3, (c, 2))]
     return np.stack(waves, -1)[None].astype(np.float32)
@@ -96,31 +95,52 @@ def test_tiling_is_exact_for_local_operations(rng):
 
 
 @needs_torch
-def test_tiled_decode_close_to_untiled_on_a_smooth_latent():
+def test_tiled_decode_close_to_untiled_on_a_smooth_latent(rng):
     """GroupNorm statistics and the mid-block attention are computed per tile (as in diffusers'
     tiled decode), so a tiled decode cannot equal the untiled one exactly. Measured at 64-latent tiles
-    with 16 of overlap over 20 fresh latents: mean abs error median 0.023 x the output's std (worst
-    0.156), max abs error median 0.22 x std (worst 1.9), column-jump ratio at most 1.06.
-    Bounds, above the worst case seen: mean <= 0.25 x std, max <= 3 x std, jump ratio <= 1.2."""
+    with 16 of overlap over 200 fresh latents, as multiples of the output's std: mean abs error median
+    0.018 (worst 0.198), 99th percentile median 0.073 (worst 0.93), max median 0.15 (worst 3.2: the
+    tail is long, so the max is not bounded). Bounds: mean <= 0.3, 99th percentile <= 1.5.
+    Seams are not checked here: on this smooth latent a hard cut between tiles shows the same column
+    jumps as the blend (measured), so the blend is checked where a cut would show, in
+    test_the_blend_has_no_step_where_tiles_disagree."""
     _, ours, params = _pair("tiny", seed=2)
-    z = jnp.asarray(_smooth_latent(96, 128))
+    z = jnp.asarray(_smooth_latent(rng, 96, 128))
     full = np.asarray(ours.apply({"params": params}, z, method=AutoencoderKL.decode))
     tiled = np.asarray(jax.jit(lambda p, z: decode_tiled(ours, p, z, tile=64, overlap=16))(params, z))
     assert tiled.shape == full.shape == (1, 192, 256, 3)
-    err = np.abs(tiled - full)[:, 8:-8, 8:-8]  # away from the image border
-    assert err.mean() <= 0.25 * full.std(), err.mean()
-    assert err.max() <= 3.0 * full.std(), err.max()
-    # No seam: neighbouring columns differ no more in the tiled image than in the full one.
-    assert np.abs(np.diff(tiled, axis=2)).max() <= 1.2 * np.abs(np.diff(full, axis=2)).max()
+    err = np.abs(tiled - full)[:, 8:-8, 8:-8] / full.std()  # away from the image border
+    assert err.mean() <= 0.3, err.mean()
+    assert np.quantile(err, 0.99) <= 1.5, np.quantile(err, 0.99)
+
+
+def test_the_blend_has_no_step_where_tiles_disagree(rng):
+    """A function that shifts each tile by its own mean makes neighbouring tiles disagree by a known amount (the
+    input ramps up from left to right); the blend must spread that disagreement over the overlap instead of
+    cutting at one column. With a 32-pixel overlap (its outer quarter at weight 0: a 25-pixel ramp) no step between
+    neighbouring columns of the blended shift may exceed 1/8 of the largest disagreement between horizontal
+    neighbours. Checked to fail for a hard cut (a step of all of it) and for a 4-pixel ramp (a fifth of it)."""
+    from diffbody_jax.models.tiling import tile_starts, tiled_map
+
+    h, w, tile, overlap = 160, 224, 64, 32
+    x = rng.uniform(-1, 1, (1, h, w, 1)) + np.linspace(0, 4, w)[None, None, :, None]
+    shifted = np.asarray(jax.jit(lambda x: tiled_map(lambda t: t + t.mean(), x, tile, overlap, 1.0))(
+        jnp.asarray(x, jnp.float32))) - x
+    means = np.array([[x[:, y:y + tile, c:c + tile].mean() for c in tile_starts(w, tile, overlap)]
+                      for y in tile_starts(h, tile, overlap)])
+    disagreement = np.abs(np.diff(means, axis=1)).max()
+    assert disagreement > 0.3, disagreement  # the tiles really disagree
+    step = np.abs(np.diff(shifted, axis=2)).max()
+    assert step <= disagreement / 8, (step, disagreement)
 
 
 @needs_torch
-def test_tiled_encode_close_to_untiled():
+def test_tiled_encode_close_to_untiled(rng):
     """Measured over 60 fresh images: mean abs error of the posterior mean median 0.032 x its std
     (worst 0.20), max median 0.28 x std (worst 0.99): the tail is long, as per-tile GroupNorm statistics
     drift on images whose content differs between tiles. Bounds: mean <= 0.3 x std, max <= 2 x std."""
     _, ours, params = _pair("tiny", seed=4)
-    x = jnp.asarray(np.tanh(_smooth_latent(128, 192, c=3)))
+    x = jnp.asarray(np.tanh(_smooth_latent(rng, 128, 192, c=3)))
     full = ours.apply({"params": params}, x, method=AutoencoderKL.encode)
     tiled = jax.jit(lambda p, x: encode_tiled(ours, p, x, tile=64, overlap=16))(params, x)
     assert tiled.mean.shape == full.mean.shape == (1, 64, 96, 4)
