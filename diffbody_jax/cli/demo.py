@@ -46,6 +46,7 @@ import jax
 import numpy as np
 
 from diffbody_jax.annotators import default_annotator
+from diffbody_jax.cli.cache_flag import add_compilation_cache_arg, start_compilation_cache
 from diffbody_jax.config import load_config
 from diffbody_jax.data.degradations import degradation_from_config
 from diffbody_jax.data.manifest import read_manifest
@@ -255,12 +256,24 @@ def main(argv=None) -> int:
                    help="--retrain: full (the committed zoo's steps, hours) or quick (within 45 minutes)")
     p.add_argument("--steps-scale", type=float, default=1.0,
                    help="--retrain: each phase trains round(its budget's steps * S) steps")
+    add_compilation_cache_arg(p)
     args = p.parse_args(argv)
     if args.steps_scale <= 0:
         p.error(f"--steps-scale {args.steps_scale}: must be positive")
     if args.stand_ins and (args.zoo or args.retrain):
         p.error("--stand-ins is the demo without a zoo: not with --zoo or --retrain")
 
+    try:
+        cache = start_compilation_cache(args)
+    except ValueError as e:
+        print(f"diffbody demo: {e}", file=sys.stderr)
+        return 1
+    code = _demo(args)
+    print(cache.summary())
+    return code
+
+
+def _demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         if not (out / DEMO_MARK).exists():

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from diffbody_jax.annotators import AnnotatorError
+from diffbody_jax.cli.cache_flag import start_compilation_cache
 from diffbody_jax.cli.restore import add_restore_args, annotator_from, settings_from
 from diffbody_jax.data.degradations import TABLE1_MIXTURES
 from diffbody_jax.evaluation.table1 import evaluate, markdown_table
@@ -50,6 +51,7 @@ def main(argv) -> int:
     if unknown:
         return fail(f"--mixtures: unknown {unknown}; known: {', '.join(TABLE1_MIXTURES)}")
     try:
+        cache = start_compilation_cache(args)
         settings = settings_from(args)
         files, problems = find_images(args.gt)
         photos, bad = read_photos(files)
@@ -90,4 +92,6 @@ def main(argv) -> int:
     (out / "metrics.md").write_text(markdown_table(means, settings.version, len(photos)))
     print(f"wrote {out / 'metrics.json'} and {out / 'metrics.md'} ({len(photos)} photo(s) x {len(mixtures)} "
           f"mixture(s) in {time.perf_counter() - start:.1f} s); {len(problems)} skipped")
+    if not args.quiet:
+        print(cache.summary())
     return 1 if problems else 0

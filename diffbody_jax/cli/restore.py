@@ -4,8 +4,8 @@ holds and what each version still needs.
   diffbody restore photos/ --out restored/ --weights weights/ [--version v1|v2] [--prompt TEXT | --prompts FILE]
       [--keypoints MANIFEST.jsonl | --poses DIR] [--annotator auto|none|mediapipe|onnx-dwpose:det=..,pose=..]
       [--steps N] [--sampler ddpm|ddim|dpmpp] [--cfg S] [--guidance S]
-      [--seed K] [--batch B] [--size 512] [--fit bucket] [--colour none|adain|wavelet] [--save-intermediates]
-      [--overwrite]
+      [--seed K] [--batch B] [--size 512] [--fit bucket] [--colour none|adain|wavelet] [--dtype float32|bfloat16]
+      [--compilation-cache DIR|off] [--save-intermediates] [--overwrite]
   diffbody weights check weights/
 
 Writes OUT/<input name>.png (8-bit, EXIF orientation applied, ICC profile and alpha kept) and
@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from diffbody_jax.annotators import AnnotatorError, annotator_from_spec, parse_spec, resolve_backend
 from diffbody_jax.annotators.caption import Captioner
+from diffbody_jax.cli.cache_flag import add_compilation_cache_arg, start_compilation_cache
 from diffbody_jax.diffusion.contract import BASE_PIPELINE
 from diffbody_jax.pipelines.image_io import find_images
 from diffbody_jax.pipelines.jobs import PoseSource, prepare_jobs, run_jobs, write_outputs
@@ -36,6 +37,7 @@ from diffbody_jax.pipelines.prompts import prompts_for
 from diffbody_jax.pipelines.restore import FITS, PRESET_STEPS, SAMPLERS, Restorer, RestoreSettings, restore_defaults
 from diffbody_jax.pipelines.weights import (
     COMPONENTS,
+    DTYPES,
     OPTIONAL,
     TRAINED_COMPONENTS,
     WeightsError,
@@ -56,6 +58,7 @@ def add_restore_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1: off)")
     p.add_argument("--guidance", type=float, default=0.0,
                    help="v1 part-loss guidance scale s of Algorithm 1 (0: off; the paper gives no value: tune it)")
+    add_compilation_cache_arg(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=1, help="images per jitted call (split over the local devices)")
     p.add_argument("--size", type=int, default=512,
@@ -66,6 +69,8 @@ def add_restore_args(p: argparse.ArgumentParser) -> None:
                         "(the ControlNets then see per-tile encodings of I_reg and the pose, which training never "
                         "showed them)")
     p.add_argument("--colour", choices=("none", "adain", "wavelet"), default="none")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="weights and compute of every model but the VAEs (float32 always; docs/scaling.md)")
     p.add_argument("--keypoints", help="a manifest (JSONL) with keypoints for the inputs, matched by file name")
     p.add_argument("--poses", help="a folder of pose maps named like the inputs")
     p.add_argument("--recaption", metavar="DIR",
@@ -87,7 +92,7 @@ def annotator_from(spec: str):
 def settings_from(args) -> RestoreSettings:
     return RestoreSettings(version=args.version, steps=args.steps, sampler=args.sampler, cfg=args.cfg,
                            guidance=args.guidance, colour=args.colour, size=args.size,
-                           negative_prompt=args.negative_prompt, fit=args.fit)
+                           negative_prompt=args.negative_prompt, fit=args.fit, dtype=args.dtype)
 
 
 class ProgressBars:
@@ -128,6 +133,7 @@ def restore_main(argv) -> int:
     if args.batch < 1:
         return fail(f"--batch {args.batch}: must be at least 1")
     try:
+        cache = start_compilation_cache(args)
         settings = settings_from(args)
         style, default_prompt = restore_defaults(args.weights, settings.version)  # from the runs' contracts
         files, problems = find_images(args.inputs)
@@ -175,6 +181,8 @@ def restore_main(argv) -> int:
     seconds = time.perf_counter() - start
     print(f"restored {written} image(s) into {out} in {seconds:.1f} s ({settings.version}, {settings.sampler} "
           f"{settings.num_steps} steps, {restorer.num_devices} device(s)); {len(problems)} failed")
+    if not args.quiet:
+        print(cache.summary())
     return 1 if problems else 0
 
 

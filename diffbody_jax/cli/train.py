@@ -16,6 +16,7 @@ import argparse
 import logging
 import sys
 
+from diffbody_jax.cli.cache_flag import add_compilation_cache_arg, start_compilation_cache
 from diffbody_jax.config import load_config
 from diffbody_jax.parallel.mesh import initialize_distributed
 from diffbody_jax.training.engine import NonFiniteLoss, train
@@ -43,6 +44,7 @@ def split_overrides(argv) -> tuple[list[str], list[str]]:
 def build_parser() -> argparse.ArgumentParser:
     parser = run_parser("diffbody train", __doc__)
     parser.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, tensorboard/, export/")
+    add_compilation_cache_arg(parser)
     return parser
 
 
@@ -54,6 +56,7 @@ def main(argv=None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
+        cache = start_compilation_cache(args)
         config = load_config(args.config, overrides)
         result = train(config, args.workdir)
     except (ValueError, FileNotFoundError, NonFiniteLoss) as e:
@@ -61,6 +64,7 @@ def main(argv=None) -> int:
         return 1
     print(f"trained to step {result.step} in {result.workdir}"
           + (f"; exported to {result.export}" if result.export else ""))
+    print(cache.summary())
     return 0
 
 

@@ -46,6 +46,7 @@ from diffbody_jax.pipelines.tiles import TileConfig
 from diffbody_jax.pipelines.v1 import V1Pipeline
 from diffbody_jax.pipelines.v2 import V2Pipeline
 from diffbody_jax.pipelines.weights import (
+    DTYPES,
     WeightsError,
     component_present,
     load_v1_models,
@@ -70,7 +71,8 @@ class RestoreSettings:
     paper's aspect ratios (512: 512x512, 768x512, 512x768, 1024x512, 512x1024); square_only: only the square
     bucket (one compile for every photo; non-square photos get a wider reflected border). fit: bucket (scale into
     a bucket and back) | tile (restore at the photo's own size on overlapping tiles of `size` pixels with `size / 4`
-    overlap in every stage; `pipelines.tiles`)."""
+    overlap in every stage; `pipelines.tiles`). dtype: float32 | bfloat16, the weights and compute of every model
+    but the VAEs (`pipelines.weights.FLOAT32_COMPONENTS`); the sampler's arithmetic stays float32."""
 
     version: str = "v1"
     steps: int | None = None
@@ -82,6 +84,7 @@ class RestoreSettings:
     negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
     square_only: bool = False
     fit: str = "bucket"
+    dtype: str = "float32"
 
     def __post_init__(self):
         if self.version not in VERSIONS:
@@ -94,6 +97,8 @@ class RestoreSettings:
             raise ValueError(f"size={self.size}: must be a positive multiple of 64")
         if self.fit not in FITS:
             raise ValueError(f"fit {self.fit!r}; expected one of {FITS}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r}; expected one of {DTYPES}")
         if self.fit == "tile" and self.guidance:
             raise ValueError("part-loss guidance decodes the whole image at every step: not with --fit tile")
 
@@ -192,6 +197,7 @@ class Restorer:
         self.contracts, self.notes = restore_contracts(weights, s.version)
         # tiles bound memory only if no attention matrix spans a whole tile: chunked is the same math in blocks
         kwargs = {"attention_backend": "chunked"} if s.fit == "tile" else {}
+        kwargs["dtype"] = s.dtype
         self.pipeline, variables = PIPELINES[s.version](weights, s, self.contracts, on_step, **kwargs)
         self.factor = self.pipeline.factor
         first = next(iter(self.contracts.values()))

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from diffbody_jax.config import CONFIG_DIR
@@ -101,6 +102,22 @@ OPTIONAL: dict[str, tuple[str, ...]] = {"v1": ("bodypart",), "v2": ()}
 # the components whose spatial self-attention grows with the image (the attention_backend they are built with)
 ATTENTION_COMPONENTS = ("sd21/unet", "sd21/vae", "v1_controlnet", "joint_unet", "stage1_controlnet", "sdxl/unet",
                         "sdxl/vae", "stage2_controlnet")
+# Restoring in bfloat16 (`RestoreSettings.dtype`): these stay float32, weights and compute, where bfloat16 measurably
+# costs quality (docs/scaling.md, "Precision"): the VAEs, whose decode is the output image.
+FLOAT32_COMPONENTS = ("sd21/vae", "sdxl/vae")
+DTYPES = ("float32", "bfloat16")
+
+
+def dtype_kwargs(name: str, dtype: str) -> dict:
+    """load_component's keyword arguments that give component `name` weights and compute in `dtype` (float32 for
+    FLOAT32_COMPONENTS)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}; expected one of {DTYPES}")
+    if dtype == "float32" or name in FLOAT32_COMPONENTS:
+        return {}
+    return {"dtype": jnp.dtype(dtype), "param_dtype": jnp.dtype(dtype)}
+
+
 # CLIP tokenizers: (folder inside DIR, pad token when built offline)
 TOKENIZERS = {"sd21": ("sd21/tokenizer", "!"), "sdxl": ("sdxl/tokenizer", "<|endoftext|>"),
               "sdxl_2": ("sdxl/tokenizer_2", "!")}
@@ -131,9 +148,11 @@ def component_present(weights: str | os.PathLike, name: str) -> bool:
     return component_folder(weights, name).joinpath("config.json").exists()
 
 
-def load_component(weights: str | os.PathLike, name: str, **module_kwargs) -> tuple[Any, dict]:
+def load_component(weights: str | os.PathLike, name: str, dtype: str = "float32", **module_kwargs
+                   ) -> tuple[Any, dict]:
     """(module, variables {"params"[, "batch_stats"]}) of one component; WeightsError naming it when missing or
-    misshapen (load_pretrained checks every tensor against the module its config.json describes)."""
+    misshapen (load_pretrained checks every tensor against the module its config.json describes).
+    dtype: float32 | bfloat16, weights and compute (`dtype_kwargs`: the VAEs stay float32)."""
     path, sub = component_location(weights, name)
     where = component_folder(weights, name)
     if not component_present(weights, name):
@@ -144,6 +163,7 @@ def load_component(weights: str | os.PathLike, name: str, **module_kwargs) -> tu
         module_kwargs = {"attention_backend": "chunked", **module_kwargs}
     if name not in ATTENTION_COMPONENTS:
         module_kwargs = {k: v for k, v in module_kwargs.items() if k != "attention_backend"}
+    module_kwargs = {**module_kwargs, **dtype_kwargs(name, dtype)}
     try:
         module, loaded = load_pretrained(path, subfolder=sub, **module_kwargs)
     except (ValueError, KeyError, FileNotFoundError, OSError) as e:
