@@ -198,6 +198,8 @@ class Restorer:
         # tiles bound memory only if no attention matrix spans a whole tile: chunked is the same math in blocks
         kwargs = {"attention_backend": "chunked"} if s.fit == "tile" else {}
         kwargs["dtype"] = s.dtype
+        if s.guidance:  # the backward pass of every step keeps block boundaries only (on GPU and TPU; bench/README.md)
+            kwargs["remat"] = True
         self.pipeline, variables = PIPELINES[s.version](weights, s, self.contracts, on_step, **kwargs)
         self.factor = self.pipeline.factor
         first = next(iter(self.contracts.values()))

@@ -102,6 +102,9 @@ OPTIONAL: dict[str, tuple[str, ...]] = {"v1": ("bodypart",), "v2": ()}
 # the components whose spatial self-attention grows with the image (the attention_backend they are built with)
 ATTENTION_COMPONENTS = ("sd21/unet", "sd21/vae", "v1_controlnet", "joint_unet", "stage1_controlnet", "sdxl/unet",
                         "sdxl/vae", "stage2_controlnet")
+# the components of part-loss guidance's backward pass (UNet, ControlNet, VAE decode) that rematerialise their blocks
+# when built with remat=True (the Restorer asks for it with --guidance; part_guidance.py says why)
+REMAT_COMPONENTS = ("sd21/unet", "v1_controlnet", "sd21/vae")
 # Restoring in bfloat16 (`RestoreSettings.dtype`): these stay float32, weights and compute, where bfloat16 measurably
 # costs quality (docs/scaling.md, "Precision"): the VAEs, whose decode is the output image.
 FLOAT32_COMPONENTS = ("sd21/vae", "sdxl/vae")
@@ -163,6 +166,8 @@ def load_component(weights: str | os.PathLike, name: str, dtype: str = "float32"
         module_kwargs = {"attention_backend": "chunked", **module_kwargs}
     if name not in ATTENTION_COMPONENTS:
         module_kwargs = {k: v for k, v in module_kwargs.items() if k != "attention_backend"}
+    if name not in REMAT_COMPONENTS:
+        module_kwargs = {k: v for k, v in module_kwargs.items() if k != "remat"}
     module_kwargs = {**module_kwargs, **dtype_kwargs(name, dtype)}
     try:
         module, loaded = load_pretrained(path, subfolder=sub, **module_kwargs)

@@ -1,6 +1,7 @@
 """The Restorer's wiring on the stand-in weights: classifier-free guidance with a negative prompt is the pipeline
 driven by hand with the two text conditions; part-loss guidance is the sampler with the guidance built by hand from
-the contract's part-loss settings; a second Restorer of the same folder and settings reuses the compiled program."""
+the contract's part-loss settings (with remat in its backward pass); a second Restorer of the same folder and
+settings reuses the compiled program."""
 
 import jax
 import jax.numpy as jnp
@@ -61,7 +62,10 @@ def test_part_loss_guidance_is_the_sampler_with_the_guidance_built_by_hand(stand
     # the denoiser is stubbed on both sides (0.5 z_t: the gradient still runs through the VAE decode and the part
     # network, whose wiring is under test; the UNet's own backward would only add minutes of compile)
     with captured(UNet2DConditionModel, stub=UNET_STUB):
-        out = Restorer(stand_in_weights, settings).restore(key, degraded, pose, PROMPTS)
+        restorer = Restorer(stand_in_weights, settings)
+        out = restorer.restore(key, degraded, pose, PROMPTS)
+    built = restorer.pipeline.group  # the guidance's backward pass rematerialises UNet, ControlNet and VAE blocks
+    assert built.unet.remat and built.controlnet.remat and built.vae.remat and not built.swinir.remat
 
     group, variables = load_v1_models(stand_in_weights)
     contract = read_contract(stand_in_weights / "v1_controlnet")
