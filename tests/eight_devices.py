@@ -121,8 +121,22 @@ def restore_v2(seed: int, out: str, weights: str) -> None:
     _restore("v2", seed, out, weights)
 
 
-CHECKS = {f.__name__: f for f in (train_step, activation_constraints, restore_v1, restore_v2)}
-DEFAULT = ("train_step", "activation_constraints", "restore_v1")
+def restore_plan(seed: int, out: str, weights: str) -> None:
+    """`pipelines.plan.plan_restore` of the tiny v1 on 8 devices, batch 8, weights replicated and FSDP-split (every
+    weight of at least 256 numbers: the tiny models have one weight over the default 2^18) (out.json: both plans)."""
+    import dataclasses
+    import json
+
+    from diffbody_jax.pipelines.plan import plan_restore
+
+    plans = {params: dataclasses.asdict(plan_restore("v1", 64, 64, batch=8, steps=2, variant="tiny", params=params,
+                                                     fsdp_min_size=256))
+             for params in ("replicated", "fsdp")}
+    Path(out + ".json").write_text(json.dumps(plans))
+
+
+CHECKS = {f.__name__: f for f in (train_step, activation_constraints, restore_v1, restore_v2, restore_plan)}
+DEFAULT = ("train_step", "activation_constraints", "restore_v1", "restore_plan")
 
 
 def run_all(folder: Path, seed: int, weights: Path, names=DEFAULT) -> Path:

@@ -1,0 +1,55 @@
+"""Per-device memory of the papers' restoration programs, compiled for abstract weights (`pipelines.plan`).
+
+    python bench/restore_plan.py                                    # v1 512x512 and v2 1024x512, float32 and bf16
+    python bench/restore_plan.py --versions v2 --sizes 1024x512 --dtypes bfloat16 --devices 8 --params fsdp
+
+No weights are read or allocated: the models are built from configs/ (variant=paper) as shapes, and XLA's
+`memory_analysis()` of the compiled program gives each device's arguments, outputs and temporaries. --devices N
+forces N host devices (XLA_FLAGS, set before jax is imported). On CPU the figures stand in for an accelerator's:
+XLA:CPU computes bfloat16 matmuls in float32, so its bfloat16 temporaries hold float32 copies (docs/scaling.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--versions", default="v1,v2")
+    p.add_argument("--sizes", default="512x512,1024x512", help="HxW,...")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--params", default="replicated", help="replicated and/or fsdp, comma-separated")
+    p.add_argument("--devices", type=int, default=1, help="forced host devices (the batch is one per device)")
+    p.add_argument("--steps", type=int, help="sampling steps per stage (default the papers' 50 / 200)")
+    args = p.parse_args()
+    if args.devices > 1:
+        os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} "
+                                   f"--xla_force_host_platform_device_count={args.devices}").strip()
+    sys.path.insert(0, str(REPO))
+    import jax
+
+    from diffbody_jax.pipelines.plan import plan_restore
+
+    print(f"# jax {jax.__version__} ({jax.default_backend()}, {jax.device_count()} device(s)); GiB per device")
+    print("| version | size | dtype | batch | devices, weights | all weights | arguments | temporaries | total | "
+          "compile s |\n|---|---|---|---|---|---|---|---|---|---|")
+    for version in args.versions.split(","):
+        for size in args.sizes.split(","):
+            h, w = (int(x) for x in size.split("x"))
+            for dtype in args.dtypes.split(","):
+                for params in args.params.split(","):
+                    plan = plan_restore(version, h, w, dtype=dtype, batch=args.devices, steps=args.steps,
+                                        params=params, devices=jax.devices()[: args.devices])
+                    print(plan.row(), flush=True)
+    print(f"# peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""`pipelines.plan.plan_restore`: the per-device memory of a restoration program, compiled for abstract weights."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from diffbody_jax.config import load_config
+from diffbody_jax.models.registry import build_model
+from diffbody_jax.pipelines.plan import GIB, plan_restore
+
+
+def _weights_gib(dtype: str, skip: tuple[str, ...] = ()) -> float:
+    """The tiny v1 group's weights counted from its own abstract variables: params at 4 bytes per number, or 2 under
+    bfloat16 but the VAE's; BatchNorm statistics at 4 bytes (they stay float32); members in `skip` left out."""
+    group = build_model(load_config("v1_controlnet:variant=tiny").model)
+    variables = nn.unbox(group.abstract_variables())
+    total = 0
+    for collection, tree in variables.items():
+        for name, member in tree.items():
+            if name in skip:
+                continue
+            half = dtype == "bfloat16" and collection == "params" and name != "vae"
+            total += sum(int(np.prod(x.shape)) for x in jax.tree.leaves(member)) * (2 if half else 4)
+    return total / GIB
+
+
+@pytest.fixture(scope="module")
+def plans():
+    return {dtype: plan_restore("v1", 64, 64, dtype=dtype, steps=2, variant="tiny") for dtype in ("float32",
+                                                                                                     "bfloat16")}
+
+
+def test_a_plan_counts_the_weights_in_its_dtype_and_holds_them_in_its_arguments(plans):
+    for dtype, plan in plans.items():
+        assert plan.weights_gib == pytest.approx(_weights_gib(dtype), rel=1e-6), dtype
+        # the program's arguments: the weights but the text encoder's (the prompts are encoded by their own program,
+        # `encode_text`) and the inputs (two 64 x 64 images, the text embedding: under 0.1 MiB). XLA also drops the
+        # few weights the pipeline never reads (measured: 0.4% of the rest), hence the 1% below.
+        held = _weights_gib(dtype, skip=("text_encoder",))
+        assert 0.99 * held <= plan.arguments_gib <= held + 0.1 / 1024, (dtype, plan.arguments_gib, held)
+        assert plan.temporaries_gib > 0 and plan.compile_s > 0
+    assert plans["bfloat16"].weights_gib < 0.75 * plans["float32"].weights_gib
+
+
+def test_bad_requests_are_named():
+    with pytest.raises(ValueError, match="version 'v3'"):
+        plan_restore("v3", 64, 64)
+    with pytest.raises(ValueError, match="params 'tp'"):
+        plan_restore("v1", 64, 64, params="tp")
+    with pytest.raises(ValueError, match="batch 3: must be a multiple"):
+        plan_restore("v1", 64, 64, batch=3, devices=[jax.devices()[0]] * 2)
+
+
+def test_fsdp_splits_the_weights_over_eight_devices(eight_devices):
+    """On 8 forced host devices: the replicated program holds every weight on each device; FSDP holds those of at
+    least 256 numbers split 8 ways and the others (biases, norms) whole, so each device holds less than a quarter."""
+    folder, _ = eight_devices
+    from tests.eight_devices import outputs
+
+    with open(outputs(folder, "restore_plan") + ".json") as f:
+        plans = json.load(f)
+    replicated, fsdp = plans["replicated"], plans["fsdp"]
+    assert replicated["devices"] == fsdp["devices"] == 8
+    assert replicated["arguments_gib"] >= 0.5 * replicated["weights_gib"]
+    assert fsdp["arguments_gib"] < 0.25 * replicated["arguments_gib"], (fsdp, replicated)
