@@ -55,16 +55,24 @@ class CompilationCache:
     requests: int = 0
     hits: int = 0
 
-    def _count(self, event: str, **_) -> None:
-        if event == _REQUESTS:
-            self.requests += 1
-        elif event == _HITS:
-            self.hits += 1
-
     def summary(self) -> str:
         if self.folder is None:
             return "compilation cache off"
         return f"compilation cache {self.folder}: {self.hits} of {self.requests} programs read from it"
+
+
+# The cache that counts this process's compiles: the latest `use_compilation_cache`'s. One listener serves them all
+# (jax.monitoring keeps every listener registered for the life of the process).
+_counting: CompilationCache | None = None
+
+
+def _count(event: str, **_) -> None:
+    if _counting is None:
+        return
+    if event == _REQUESTS:
+        _counting.requests += 1
+    elif event == _HITS:
+        _counting.hits += 1
 
 
 def use_compilation_cache(flag: str | None = None) -> CompilationCache:
@@ -84,5 +92,8 @@ def use_compilation_cache(flag: str | None = None) -> CompilationCache:
     jax.config.update("jax_compilation_cache_dir", str(folder))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    jax.monitoring.register_event_listener(cache._count)
+    global _counting
+    if _counting is None:
+        jax.monitoring.register_event_listener(_count)
+    _counting = cache
     return cache
