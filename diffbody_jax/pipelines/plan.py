@@ -19,7 +19,6 @@ dtype: as `RestoreSettings.dtype` (bfloat16: every member but the VAEs).
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Sequence
 
@@ -30,22 +29,22 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from diffbody_jax.config import CONFIG_DIR, load_config
+from diffbody_jax.config import load_config
 from diffbody_jax.diffusion.samplers import SamplerConfig
 from diffbody_jax.diffusion.schedule import NoiseSchedule
+from diffbody_jax.files import read_json
 from diffbody_jax.models.group import ModelGroup
 from diffbody_jax.models.registry import build_model
 from diffbody_jax.parallel.mesh import MeshConfig, make_mesh
 from diffbody_jax.parallel.sharding import ShardingRules, batch_sharding, param_partition_specs
 from diffbody_jax.pipelines.v1 import V1Pipeline
 from diffbody_jax.pipelines.v2 import V2Pipeline
+from diffbody_jax.pipelines.weights import DEFAULT_SCHEDULERS, dtype_kwargs
 
 GIB = 2**30
 PLACEMENTS = ("replicated", "fsdp")
-# (phase config of the group, pipeline name for its scheduler) per version and stage
-_GROUPS = {"v1": (("v1_controlnet", "sd21-base"),),
-           "v2": (("stage1_controlnet", "sd21-base"), ("colour_adapter", "sdxl-base"))}
-_FLOAT32_MEMBERS = ("vae",)  # as pipelines.weights.FLOAT32_COMPONENTS: the VAEs stay float32
+# the phase configs whose `model` section is each stage's group, per version
+_GROUPS = {"v1": ("v1_controlnet",), "v2": ("stage1_controlnet", "colour_adapter")}
 
 
 @dataclasses.dataclass
@@ -80,19 +79,18 @@ def _group(phase: str, variant: str, dtype: str, attention_backend: str | None) 
     group = build_model(model)
     members = {}
     for name, member in group.members.items():
-        fields = {f.name for f in dataclasses.fields(member)}
-        changes = {}
-        if dtype != "float32" and name not in _FLOAT32_MEMBERS:
-            changes.update(dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(dtype))
-        if attention_backend and "attention_backend" in fields:
+        changes = dtype_kwargs(name, dtype)
+        if attention_backend:
             changes["attention_backend"] = attention_backend
-        members[name] = member.clone(**{k: v for k, v in changes.items() if k in fields}) if changes else member
+        fields = {f.name for f in dataclasses.fields(member)}
+        members[name] = member.clone(**{k: v for k, v in changes.items() if k in fields})
     return ModelGroup(**members)
 
 
 def _schedule(pipeline: str) -> NoiseSchedule:
-    path = CONFIG_DIR / "diffusers" / pipeline / "scheduler" / "scheduler_config.json"
-    return NoiseSchedule.from_dict(json.loads(path.read_text()), str(path))
+    """The bundled scheduler of `pipeline` (sd21, sdxl), as a weights folder without its own uses."""
+    path = DEFAULT_SCHEDULERS[pipeline]
+    return NoiseSchedule.from_dict(read_json(path), str(path))
 
 
 def _nbytes(tree) -> int:
@@ -120,7 +118,7 @@ def plan_restore(version: str, height: int, width: int, *, dtype: str = "float32
     steps = steps or {"v1": 50, "v2": 200}[version]
     fsdp = len(devices) if params == "fsdp" else 1
     mesh = make_mesh(MeshConfig(data=len(devices) // fsdp, fsdp=fsdp), devices)
-    groups = [_group(phase, variant, dtype, attention_backend) for phase, _ in _GROUPS[version]]
+    groups = [_group(phase, variant, dtype, attention_backend) for phase in _GROUPS[version]]
     boxed = [g.abstract_variables() for g in groups]
 
     def placed(tree):
@@ -134,10 +132,10 @@ def plan_restore(version: str, height: int, width: int, *, dtype: str = "float32
     variables = [placed(v) for v in boxed]
     sampler = SamplerConfig(method="ddpm", num_steps=steps)
     if version == "v1":
-        pipe = V1Pipeline(groups[0], _schedule("sd21-base"), sampler)
+        pipe = V1Pipeline(groups[0], _schedule("sd21"), sampler)
         variables = variables[0]
     else:
-        pipe = V2Pipeline(groups[0], groups[1], _schedule("sd21-base"), _schedule("sdxl-base"), sampler, sampler)
+        pipe = V2Pipeline(groups[0], groups[1], _schedule("sd21"), _schedule("sdxl"), sampler, sampler)
         variables = {"stage1": variables[0], "stage2": variables[1]}
     image = jax.ShapeDtypeStruct((batch, height, width, 3), jnp.float32, sharding=batch_sharding(mesh, 4))
     ids = {name: jax.ShapeDtypeStruct((batch, 77), jnp.int32) for name in pipe.tokenizers}

@@ -105,18 +105,19 @@ ATTENTION_COMPONENTS = ("sd21/unet", "sd21/vae", "v1_controlnet", "joint_unet", 
 # the components of part-loss guidance's backward pass (UNet, ControlNet, VAE decode) that rematerialise their blocks
 # when built with remat=True (the Restorer asks for it with --guidance; part_guidance.py says why)
 REMAT_COMPONENTS = ("sd21/unet", "v1_controlnet", "sd21/vae")
-# Restoring in bfloat16 (`RestoreSettings.dtype`): these stay float32, weights and compute, where bfloat16 measurably
-# costs quality (docs/scaling.md, "Precision"): the VAEs, whose decode is the output image.
+# Restoring in bfloat16 (`RestoreSettings.dtype`): the VAEs stay float32, weights and compute (their decode is the
+# output image; docs/scaling.md, "Precision"), named as model-group members and as weights components
+FLOAT32_MEMBERS = ("vae",)
 FLOAT32_COMPONENTS = ("sd21/vae", "sdxl/vae")
 DTYPES = ("float32", "bfloat16")
 
 
 def dtype_kwargs(name: str, dtype: str) -> dict:
-    """load_component's keyword arguments that give component `name` weights and compute in `dtype` (float32 for
-    FLOAT32_COMPONENTS)."""
+    """Module keyword arguments that give component or group member `name` ("sd21/unet", "vae") weights and compute
+    in `dtype` (float32 for the VAEs)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}; expected one of {DTYPES}")
-    if dtype == "float32" or name in FLOAT32_COMPONENTS:
+    if dtype == "float32" or name.split("/")[-1] in FLOAT32_MEMBERS:
         return {}
     return {"dtype": jnp.dtype(dtype), "param_dtype": jnp.dtype(dtype)}
 
