@@ -88,11 +88,13 @@ def activation_constraints(seed: int, out: str, weights: str) -> None:
 
 
 def _restore(version: str, seed: int, out: str, weights: str) -> None:
+    import dataclasses
     import json
 
     import jax
     import numpy as np
 
+    from diffbody_jax.parallel.sharding import ShardingRules
     from diffbody_jax.pipelines.restore import Restorer, RestoreSettings
 
     rng = np.random.default_rng(seed)
@@ -101,18 +103,28 @@ def _restore(version: str, seed: int, out: str, weights: str) -> None:
     prompts = [f"a photo of person {i}" for i in range(8)]
     results, facts = {}, {}
     settings = RestoreSettings(version=version, steps=2, size=64, sampler="ddim" if version == "v1" else "ddpm")
-    for name, devices in (("one", jax.devices()[:1]), ("eight", jax.devices())):
-        restorer = Restorer(weights, settings, devices=devices)
+    runs = [("one", jax.devices()[:1], settings), ("eight", jax.devices(), settings)]
+    if version == "v1":  # the weights split over the 8 devices (those of >= 2^14 numbers: 64 weights, 77% of bytes)
+        runs.append(("fsdp", jax.devices(), dataclasses.replace(settings, params="fsdp")))
+    for name, devices, s in runs:
+        restorer = Restorer(weights, s, devices=devices, rules=ShardingRules(fsdp_min_size=2**14))
         got = restorer.restore(jax.random.key(seed), degraded, pose, prompts)
         results.update({f"{version}:{name}:{k}": v for k, v in got.items()})
         facts[f"{version}:{name}"] = restorer.mesh.shape["data"]
+        leaves = jax.tree.leaves(restorer.variables)
+        facts[f"{version}:{name}:placement"] = {
+            "placement": restorer.placement, "mesh": dict(restorer.mesh.shape),
+            "split_leaves": sum(not x.is_fully_replicated for x in leaves), "leaves": len(leaves),
+            "bytes": sum(x.nbytes for x in leaves),
+            "device0_bytes": sum(sh.data.nbytes for x in leaves for sh in x.addressable_shards
+                                 if sh.device == jax.devices()[0])}
     np.savez(out + ".npz", **results)
     json.dump(facts, open(out + ".json", "w"))
 
 
 def restore_v1(seed: int, out: str, weights: str) -> None:
-    """v1 restoration of a batch of 8 on one device and split over 8 (out.npz: every intermediate; out.json: each
-    restorer's data-axis size)."""
+    """v1 restoration of a batch of 8 on one device, split over 8 with the weights replicated, and with the weights
+    split too (params="fsdp") (out.npz: every intermediate; out.json: each restorer's data-axis size and placement)."""
     _restore("v1", seed, out, weights)
 
 

@@ -5,7 +5,9 @@ holds and what each version still needs.
       [--keypoints MANIFEST.jsonl | --poses DIR] [--annotator auto|none|mediapipe|onnx-dwpose:det=..,pose=..]
       [--steps N] [--sampler ddpm|ddim|dpmpp] [--cfg S] [--guidance S]
       [--seed K] [--batch B] [--size 512] [--fit bucket] [--colour none|adain|wavelet] [--dtype float32|bfloat16]
+      [--attention bounded|einsum|chunked|cudnn|...] [--params auto|replicated|fsdp] [--offload]
       [--compilation-cache DIR|off] [--save-intermediates] [--overwrite]
+  diffbody restore --plan HxW [--version v2] [--dtype bfloat16] [--batch B] [--params fsdp] [--offload]
   diffbody weights check weights/
 
 Writes OUT/<input name>.png (8-bit, EXIF orientation applied, ICC profile and alpha kept) and
@@ -31,8 +33,11 @@ from diffbody_jax.annotators import AnnotatorError, annotator_from_spec, parse_s
 from diffbody_jax.annotators.caption import Captioner
 from diffbody_jax.cli.cache_flag import add_compilation_cache_arg, start_compilation_cache
 from diffbody_jax.diffusion.contract import BASE_PIPELINE
+from diffbody_jax.models.attention import backend_names
+from diffbody_jax.parallel.sharding import PLACEMENTS
 from diffbody_jax.pipelines.image_io import find_images
 from diffbody_jax.pipelines.jobs import PoseSource, prepare_jobs, run_jobs, write_outputs
+from diffbody_jax.pipelines.plan import plan_restore
 from diffbody_jax.pipelines.prompts import prompts_for
 from diffbody_jax.pipelines.restore import FITS, PRESET_STEPS, SAMPLERS, Restorer, RestoreSettings, restore_defaults
 from diffbody_jax.pipelines.weights import (
@@ -47,8 +52,9 @@ from diffbody_jax.pipelines.weights import (
 )
 
 
-def add_restore_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--weights", required=True, help="weights folder (diffbody weights check DIR describes it)")
+def add_restore_args(p: argparse.ArgumentParser, weights_required: bool = True) -> None:
+    p.add_argument("--weights", required=weights_required,
+                   help="weights folder (diffbody weights check DIR describes it)")
     p.add_argument("--version", choices=("v1", "v2"), default="v1")
     p.add_argument("--prompt", help="one prompt for every image (default: a generic photo-of-a-person prompt)")
     p.add_argument("--prompts", help="per-image prompts: a JSON object or `name<TAB>prompt` lines")
@@ -71,6 +77,14 @@ def add_restore_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--colour", choices=("none", "adain", "wavelet"), default="none")
     p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="weights and compute of every model but the VAEs (float32 always; docs/scaling.md)")
+    p.add_argument("--attention", choices=backend_names(), default=RestoreSettings.attention,
+                   help="attention backend (bounded: memory-bounded, per platform: the einsum on CPU, cuDNN flash on "
+                        "GPU, chunked or a registered splash kernel on TPU)")
+    p.add_argument("--params", choices=PLACEMENTS, default=RestoreSettings.params,
+                   help="weights on the local devices: replicated, or split by the training engine's FSDP rule "
+                        "(auto: split when a copy would take over half of a device's memory)")
+    p.add_argument("--offload", action="store_true",
+                   help="v2: weights in host memory, each stage's on the devices only for its own program")
     p.add_argument("--keypoints", help="a manifest (JSONL) with keypoints for the inputs, matched by file name")
     p.add_argument("--poses", help="a folder of pose maps named like the inputs")
     p.add_argument("--recaption", metavar="DIR",
@@ -92,7 +106,8 @@ def annotator_from(spec: str):
 def settings_from(args) -> RestoreSettings:
     return RestoreSettings(version=args.version, steps=args.steps, sampler=args.sampler, cfg=args.cfg,
                            guidance=args.guidance, colour=args.colour, size=args.size,
-                           negative_prompt=args.negative_prompt, fit=args.fit, dtype=args.dtype)
+                           negative_prompt=args.negative_prompt, fit=args.fit, dtype=args.dtype,
+                           attention=args.attention, params=args.params, offload=args.offload)
 
 
 class ProgressBars:
@@ -118,9 +133,14 @@ class ProgressBars:
 def restore_main(argv) -> int:
     p = argparse.ArgumentParser(prog="diffbody restore", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="+", help="image files and folders of images")
-    p.add_argument("--out", required=True)
-    add_restore_args(p)
+    p.add_argument("inputs", nargs="*", help="image files and folders of images")
+    p.add_argument("--out")
+    add_restore_args(p, weights_required=False)
+    p.add_argument("--plan", metavar="HxW",
+                   help="restore nothing: compile the version's program for HxW images and the papers' model sizes "
+                        "(configs/, shapes only: no weights read) with these --dtype, --batch, --steps, --attention, "
+                        "--params and --offload on the local devices, and print each device's memory")
+    p.add_argument("--plan-variant", default="paper", help="the configs' variant --plan builds (paper, tiny)")
     p.add_argument("--save-intermediates", action="store_true")
     p.add_argument("--overwrite", action="store_true", help="replace outputs that exist")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -132,6 +152,12 @@ def restore_main(argv) -> int:
 
     if args.batch < 1:
         return fail(f"--batch {args.batch}: must be at least 1")
+    if args.plan:
+        return plan_main(args, fail)
+    missing = [flag for flag, value in (("inputs", args.inputs), ("--out", args.out), ("--weights", args.weights))
+               if not value]
+    if missing:
+        return fail(f"{', '.join(missing)} required (or --plan HxW)")
     try:
         cache = start_compilation_cache(args)
         settings = settings_from(args)
@@ -184,6 +210,25 @@ def restore_main(argv) -> int:
     if not args.quiet:
         print(cache.summary())
     return 1 if problems else 0
+
+
+def plan_main(args, fail) -> int:
+    """`diffbody restore --plan HxW`: the per-device memory of the restoration program (`pipelines.plan`)."""
+    try:
+        height, width = (int(x) for x in args.plan.lower().split("x"))
+        if height % 64 or width % 64 or height < 64 or width < 64:
+            raise ValueError
+    except ValueError:
+        return fail(f"--plan {args.plan!r}: expected HxW, multiples of 64 (e.g. 1024x512)")
+    start_compilation_cache(args)
+    try:
+        plan = plan_restore(args.version, height, width, dtype=args.dtype, batch=args.batch, steps=args.steps,
+                            params=args.params, variant=args.plan_variant, attention=args.attention,
+                            offload=args.offload)
+    except (ValueError, FileNotFoundError) as e:
+        return fail(str(e))
+    print(plan.describe())
+    return 0
 
 
 def weights_main(argv) -> int:

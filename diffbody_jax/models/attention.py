@@ -6,13 +6,20 @@ module's `attention_backend` field (configs: `model.attention_backend`):
   "chunked"       einsum over blocks of 1024 queries with remat: bounded memory for very long sequences
   "xla", "cudnn"  `jax.nn.dot_product_attention` with that implementation (cudnn: GPU, bf16/fp16)
   "auto"          `jax.nn.dot_product_attention` choosing for itself
+  "bounded"       memory-bounded, resolved per platform at trace time (`resolve_bounded`): the einsum on CPU (its
+                  XLA:CPU form is key-blocked above 1024 keys), cuDNN flash attention on GPU where cuDNN takes the
+                  shapes (bf16/fp16, head size <= 128 and a multiple of 8, no additive bias), "splash" on TPU once a
+                  kernel of that name is registered, "chunked" otherwise; attention whose logits are small (text
+                  tokens, Swin windows) stays on the einsum everywhere
 A TPU Pallas splash-attention kernel (or any other) plugs in with `register_attention_backend("splash", fn)`.
 The `Attention` layer around them (projections, heads) is in models/layers.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +27,26 @@ import jax.numpy as jnp
 Array = jax.Array
 
 AttentionFn = Callable[..., Array]  # (q, k, v, *, is_causal: bool, bias: Array | None) -> out
+
+
+_TARGET_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("target_platform", default=None)
+
+
+def target_platform() -> str:
+    """The platform the program being traced will run on: jax's default backend, or the one `compiling_for` names
+    (a program compiled here for TPU devices of a topology, `parallel.mesh.target_devices`)."""
+    return _TARGET_PLATFORM.get() or jax.default_backend()
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str | None) -> Iterator[None]:
+    """Trace for `platform` (cpu, gpu, tpu; None: the default backend): the kernels' per-platform choices (the
+    key-blocked CPU attention, "bounded", the CPU's im2col convolutions) follow it."""
+    token = _TARGET_PLATFORM.set(platform)
+    try:
+        yield
+    finally:
+        _TARGET_PLATFORM.reset(token)
 
 
 # XLA:CPU runs attention fastest with the heads moved ahead of the sequence axes (plain batched matmuls: 1.2-2x
@@ -76,7 +103,7 @@ def einsum_attention(q: Array, k: Array, v: Array, *, is_causal: bool = False, b
     reshape to 5-D, whose transposes make it 2.2x slower on XLA:CPU ([2, 1024, 2, 64]: 25.8 vs 11.7 ms).
     """
     acc = jnp.promote_types(q.dtype, jnp.float32)
-    cpu = jax.default_backend() == "cpu"
+    cpu = target_platform() == "cpu"
     if cpu and bias is None and not is_causal and k.shape[1] >= CPU_BLOCKED_MIN_KEYS:
         return _key_blocked_attention(q, k, v, CPU_KEY_BLOCK)
     if cpu:
@@ -124,12 +151,39 @@ def _jax_attention(implementation):
     return fn
 
 
+# "bounded": below this many logits per head (query x key positions) the whole matrix is cheap to hold, so the
+# plain einsum runs (cross-attention to 77 text tokens on a 128 x 64 latent: 0.6 M; SD2.1's self-attention there: 67 M)
+SMALL_LOGITS = 2**20
+
+
+def resolve_bounded(platform: str, q_shape, k_shape, dtype, has_bias: bool, registered=()) -> str:
+    """The backend "bounded" runs for q [B, T, N, D] and k [B, S, N, D] of `dtype` on `platform` (jax's platform
+    name: cpu, gpu, cuda, rocm, tpu); `registered`: the other backends' names (a "splash" kernel on TPU)."""
+    t, s, d = q_shape[1], k_shape[1], q_shape[-1]
+    if platform == "cpu" or t * s <= SMALL_LOGITS:
+        return "einsum"
+    if platform in ("gpu", "cuda") and not has_bias and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) \
+            and d <= 128 and d % 8 == 0:
+        return "cudnn"
+    if platform == "tpu" and "splash" in registered:
+        return "splash"
+    return "chunked"
+
+
+def bounded_attention(q: Array, k: Array, v: Array, *, is_causal: bool = False, bias: Array | None = None) -> Array:
+    """Attention whose memory does not grow with T x S where that matrix is large: the backend `resolve_bounded`
+    names for this platform and these shapes."""
+    name = resolve_bounded(target_platform(), q.shape, k.shape, q.dtype, bias is not None, _ATTENTION_BACKENDS)
+    return _ATTENTION_BACKENDS[name](q, k, v, is_causal=is_causal, bias=bias)
+
+
 _ATTENTION_BACKENDS: dict[str, AttentionFn] = {
     "einsum": einsum_attention,
     "chunked": chunked_attention,
     "xla": _jax_attention("xla"),
     "cudnn": _jax_attention("cudnn"),
     "auto": _jax_attention(None),
+    "bounded": bounded_attention,
 }
 
 
@@ -147,3 +201,8 @@ def attention_backend(name: str) -> AttentionFn:
             f"unknown attention backend {name!r}; registered: {sorted(_ATTENTION_BACKENDS)} "
             "(add one with diffbody_jax.models.attention.register_attention_backend)"
         ) from None
+
+
+def backend_names() -> list[str]:
+    """The registered backends' names (a command line's choices)."""
+    return sorted(_ATTENTION_BACKENDS)

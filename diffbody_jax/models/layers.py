@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffbody_jax.models.attention import attention_backend
+from diffbody_jax.models.attention import attention_backend, target_platform
 
 Array = jax.Array
 Dtype = Any
@@ -140,7 +140,7 @@ class Conv2D(nn.Module):
             (pt, pb), (pl, pr) = self.padding
             ho = (x.shape[1] + pt + pb - kh) // self.strides[0] + 1
             wo = (x.shape[2] + pl + pr - kw) // self.strides[1] + 1
-            use_im2col = (jax.default_backend() == "cpu" and kh * kw > 1 and ho * wo <= IM2COL_MAX_POSITIONS)
+            use_im2col = (target_platform() == "cpu" and kh * kw > 1 and ho * wo <= IM2COL_MAX_POSITIONS)
         if use_im2col:
             y = _im2col_conv(x, kernel, self.strides, self.padding, self.precision)
         else:

@@ -111,3 +111,22 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     logging.info("process %d of %d, %d local of %d devices", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count())
     return True
+
+
+def target_devices(target: str | None) -> list:
+    """The devices a program is compiled for: None or "local", this process's; "tpu:<topology>" (e.g. tpu:v5e:2x4,
+    tpu:v5e:8x8), the chips of a TPU slice described by `jax.experimental.topologies`, for compiling ahead of time
+    on a machine without them (XLA:TPU's own program and memory figures; needs the `libtpu` package importable,
+    bench/README.md). Their `platform` is what `models.attention.compiling_for` takes."""
+    if target in (None, "", "local"):
+        return list(jax.local_devices())
+    platform, _, topology = target.partition(":")
+    if platform != "tpu" or not topology:
+        raise ValueError(f"target {target!r}: expected local or tpu:<topology> (e.g. tpu:v5e:2x4)")
+    from jax.experimental import topologies
+
+    try:
+        return list(topologies.get_topology_desc(topology, "tpu").devices)
+    except Exception as e:  # libtpu missing or an unknown topology: jax raises several kinds
+        raise ValueError(f"target {target!r}: no TPU topology {topology!r} ({type(e).__name__}: {e}); compiling "
+                         "for TPU needs the libtpu package (bench/README.md)") from e

@@ -28,7 +28,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from diffbody_jax.parallel.mesh import BATCH_AXES
+from diffbody_jax.parallel.mesh import BATCH_AXES, MeshConfig, make_mesh
 
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", BATCH_AXES),
@@ -157,3 +157,53 @@ def host_to_sharded(tree: Any, shardings: Any) -> Any:
 def logical_rules(rules: ShardingRules = ShardingRules()):
     """The context that turns the modules' activation constraints on (use inside `jax.set_mesh(mesh)`)."""
     return nn.logical_axis_rules(rules.logical)
+
+
+# ------------------------------------------------------------------------------------------ inference placement
+PLACEMENTS = ("auto", "replicated", "fsdp")
+# "auto" splits the weights once they pass this share of one device's memory: the rest is left to activations
+# (v2 at 1024x512 in bfloat16 holds 15 GiB of weights and 13 GiB of temporaries; docs/scaling.md)
+AUTO_FSDP_SHARE = 0.5
+
+
+def tree_bytes(tree: Any) -> int:
+    """Bytes of every array (or ShapeDtypeStruct) in `tree`."""
+    return int(sum(np.prod(np.shape(x), dtype=np.int64) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+
+
+def device_memory(device: jax.Device) -> int | None:
+    """Bytes one device can hold (`memory_stats()["bytes_limit"]` on GPU and TPU); None where the backend does not
+    say (CPU: host memory, shared by all forced devices)."""
+    try:
+        stats = device.memory_stats()
+    except (AttributeError, NotImplementedError, RuntimeError):
+        return None
+    return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
+
+
+def resolve_placement(placement: str, weight_bytes: int, devices: Sequence[jax.Device]) -> str:
+    """replicated | fsdp for `placement` (auto | replicated | fsdp): "auto" splits the weights over the devices
+    (the training engine's FSDP rule) when there are several and a whole copy would take over AUTO_FSDP_SHARE of one
+    device's memory; with one device, or a backend that does not report memory, it replicates."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"params placement {placement!r}; expected one of {PLACEMENTS}")
+    if placement != "auto":
+        return placement
+    limit = device_memory(devices[0])
+    if len(devices) > 1 and limit is not None and weight_bytes > AUTO_FSDP_SHARE * limit:
+        return "fsdp"
+    return "replicated"
+
+
+def inference_mesh(placement: str, devices: Sequence[jax.Device]) -> Mesh:
+    """The mesh a restoration runs on: replicated, a data axis over `devices`; fsdp, an fsdp axis over them (the
+    batch is split over both either way)."""
+    return make_mesh(MeshConfig(data=1, fsdp=-1) if placement == "fsdp" else MeshConfig(), list(devices))
+
+
+def inference_shardings(tree: Any, mesh: Mesh, rules: ShardingRules = ShardingRules()) -> Any:
+    """NamedShardings of a loaded variables tree on `inference_mesh`: every leaf replicated on a data mesh; on an
+    fsdp mesh, split by rule 2 on its shape (a tensor axis of 1 leaves rule 1 nothing to split)."""
+    if mesh.shape.get("fsdp", 1) == 1:
+        return jax.tree.map(lambda _: NamedSharding(mesh, P()), tree)
+    return jax.tree.map(lambda x: NamedSharding(mesh, leaf_spec(np.shape(x), None, mesh, rules)), tree)

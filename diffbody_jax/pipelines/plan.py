@@ -11,9 +11,11 @@ device, the bytes of the arguments (weights and inputs), the outputs and XLA's t
 compiled program's on this machine's backend: on CPU, read it as an estimate for an accelerator (XLA:CPU fuses
 differently, and the attention backend stands in for the device's kernel).
 
-params: "replicated" (every device holds every weight, as `diffbody restore` does today) or "fsdp" (each weight
-split over the devices by the training engine's rule, `parallel.sharding.param_partition_specs`).
-dtype: as `RestoreSettings.dtype` (bfloat16: every member but the VAEs).
+params: "replicated" (every device holds every weight), "fsdp" (each weight split over the devices by the
+training engine's rule, `parallel.sharding.inference_shardings`) or "auto" (as `diffbody restore` resolves it:
+`parallel.sharding.resolve_placement`). dtype, attention, offload: as in `RestoreSettings` (bfloat16: every member
+but the VAEs; "bounded" attention, the VAEs' "chunked"; offload: v2's text encoding, stage 1 and stage 2 as three
+programs, each holding only its own weights: the plan reports the largest).
 """
 
 from __future__ import annotations
@@ -25,24 +27,28 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from diffbody_jax.config import load_config
 from diffbody_jax.diffusion.samplers import SamplerConfig
 from diffbody_jax.diffusion.schedule import NoiseSchedule
 from diffbody_jax.files import read_json
+from diffbody_jax.models.attention import compiling_for
 from diffbody_jax.models.group import ModelGroup
 from diffbody_jax.models.registry import build_model
-from diffbody_jax.parallel.mesh import MeshConfig, make_mesh
-from diffbody_jax.parallel.sharding import ShardingRules, batch_sharding, param_partition_specs
+from diffbody_jax.parallel.sharding import (
+    PLACEMENTS,
+    ShardingRules,
+    batch_sharding,
+    inference_mesh,
+    inference_shardings,
+    resolve_placement,
+    tree_bytes,
+)
 from diffbody_jax.pipelines.v1 import V1Pipeline
 from diffbody_jax.pipelines.v2 import V2Pipeline
 from diffbody_jax.pipelines.weights import DEFAULT_SCHEDULERS, dtype_kwargs
 
 GIB = 2**30
-PLACEMENTS = ("replicated", "fsdp")
 # the phase configs whose `model` section is each stage's group, per version
 _GROUPS = {"v1": ("v1_controlnet",), "v2": ("stage1_controlnet", "colour_adapter")}
 
@@ -55,33 +61,55 @@ class RestorePlan:
     dtype: str
     batch: int
     devices: int
-    params: str
+    params: str  # replicated | fsdp (auto resolved)
     steps: int
     variant: str
+    attention: str
+    offload: bool
+    platform: str  # what it was compiled for: cpu (an estimate for an accelerator) or tpu (XLA:TPU's own program)
     weights_gib: float  # all weights, once
-    arguments_gib: float  # per device: weights (whole or its shards) and inputs
+    arguments_gib: float  # per device: weights (whole or its shards) and inputs, of the largest program
     outputs_gib: float
     temporaries_gib: float
-    compile_s: float
+    compile_s: float  # all programs
+    programs: dict[str, float] = dataclasses.field(default_factory=dict)  # each program's total GiB per device
 
     @property
     def total_gib(self) -> float:
         return self.arguments_gib + self.outputs_gib + self.temporaries_gib
 
     def row(self) -> str:
+        params = self.params + (", offload" if self.offload else "")
         return (f"| {self.version} | {self.height}x{self.width} | {self.dtype} | {self.batch} | {self.devices} "
-                f"{self.params} | {self.weights_gib:.3f} | {self.arguments_gib:.3f} | {self.temporaries_gib:.3f} | "
+                f"{params} | {self.weights_gib:.3f} | {self.arguments_gib:.3f} | {self.temporaries_gib:.3f} | "
                 f"{self.total_gib:.3f} | {self.compile_s:.0f} |")
 
+    def describe(self) -> str:
+        """A few lines for `diffbody restore --plan`."""
+        where = self.platform
+        lines = [f"plan: {self.version} {self.height}x{self.width} {self.dtype}, batch {self.batch} on {self.devices} "
+                 f"{where} device(s), params {self.params}{', offload' if self.offload else ''}, {self.steps} steps, "
+                 f"attention {self.attention}, {self.variant} configs",
+                 f"weights {self.weights_gib:.2f} GiB in all; per device: arguments {self.arguments_gib:.2f}, "
+                 f"outputs {self.outputs_gib:.2f}, temporaries {self.temporaries_gib:.2f}, total "
+                 f"{self.total_gib:.2f} GiB" + (" (largest program: " + ", ".join(
+                     f"{k} {v:.2f}" for k, v in self.programs.items()) + ")" if len(self.programs) > 1 else ""),
+                 f"compiled in {self.compile_s:.0f} s"]
+        if where == "cpu":
+            lines.append("XLA:CPU's figures: an estimate for an accelerator (docs/scaling.md)")
+        return "\n".join(lines)
 
-def _group(phase: str, variant: str, dtype: str, attention_backend: str | None) -> ModelGroup:
+
+def _group(phase: str, variant: str, dtype: str, attention: str) -> ModelGroup:
     model = load_config(f"{phase}:variant={variant}").model
     group = build_model(model)
     members = {}
     for name, member in group.members.items():
-        changes = dtype_kwargs(name, dtype)
-        if attention_backend:
-            changes["attention_backend"] = attention_backend
+        # as restore builds them (the configs' paper variants carry training's settings: bf16 compute, remat)
+        changes = {"dtype": jnp.dtype(jnp.float32), "param_dtype": jnp.dtype(jnp.float32), "remat": False,
+                   **dtype_kwargs(name, dtype)}
+        # as `pipelines.weights.load_component` builds them: the VAEs' one wide head runs chunked under "bounded"
+        changes["attention_backend"] = "chunked" if name == "vae" and attention == "bounded" else attention
         fields = {f.name for f in dataclasses.fields(member)}
         members[name] = member.clone(**{k: v for k, v in changes.items() if k in fields})
     return ModelGroup(**members)
@@ -93,43 +121,53 @@ def _schedule(pipeline: str) -> NoiseSchedule:
     return NoiseSchedule.from_dict(read_json(path), str(path))
 
 
-def _nbytes(tree) -> int:
-    return int(sum(np.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+def _sharded_like(tree, mesh):
+    """ShapeDtypeStructs of a batch-major tree, split over the mesh's batch axes."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding(mesh, x.ndim)),
+                        tree)
 
 
 def plan_restore(version: str, height: int, width: int, *, dtype: str = "float32", batch: int = 1,
                  steps: int | None = None, params: str = "replicated", variant: str = "paper",
-                 devices: Sequence[jax.Device] | None = None, attention_backend: str | None = None,
+                 devices: Sequence[jax.Device] | None = None, attention: str = "bounded", offload: bool = False,
                  fsdp_min_size: int = ShardingRules.fsdp_min_size) -> RestorePlan:
     """Compile `version`'s restoration for abstract weights and inputs and read its per-device memory.
 
     height, width: the image (multiples of 64); batch: images per call, split over the devices (a multiple of
     their number); steps: sampling steps per stage (default the papers' 50 / 200); variant: the configs' variant
     (paper, or tiny for a quick check); fsdp_min_size: with params="fsdp", weights of fewer numbers stay whole on
-    every device (the training engine's default). Nothing is allocated: the weights are shapes only.
+    every device (the training engine's default); devices: default this process's, or a TPU topology's
+    (`parallel.mesh.target_devices`: compiled ahead of time by XLA:TPU). Nothing is allocated: the weights are
+    shapes only.
     """
+    devices = list(devices or jax.local_devices())
+    with compiling_for(devices[0].platform):
+        return _plan_restore(version, height, width, dtype, batch, steps, params, variant, devices, attention,
+                             offload, fsdp_min_size)
+
+
+def _plan_restore(version, height, width, dtype, batch, steps, params, variant, devices, attention, offload,
+                  fsdp_min_size) -> RestorePlan:
     if version not in _GROUPS:
         raise ValueError(f"version {version!r}; expected one of {sorted(_GROUPS)}")
     if params not in PLACEMENTS:
         raise ValueError(f"params {params!r}; expected one of {PLACEMENTS}")
-    devices = list(devices or jax.local_devices())
+    if offload and version != "v2":
+        raise ValueError("offload moves v2's two stages to the devices one after the other; v1 has one stage")
     if batch % len(devices):
         raise ValueError(f"batch {batch}: must be a multiple of the {len(devices)} device(s)")
     steps = steps or {"v1": 50, "v2": 200}[version]
-    fsdp = len(devices) if params == "fsdp" else 1
-    mesh = make_mesh(MeshConfig(data=len(devices) // fsdp, fsdp=fsdp), devices)
-    groups = [_group(phase, variant, dtype, attention_backend) for phase in _GROUPS[version]]
-    boxed = [g.abstract_variables() for g in groups]
+    groups = [_group(phase, variant, dtype, attention) for phase in _GROUPS[version]]
+    abstract = [nn.unbox(g.abstract_variables()) for g in groups]
+    params = resolve_placement(params, tree_bytes(abstract), devices)
+    mesh = inference_mesh(params, devices)
+    rules = ShardingRules(fsdp_min_size=fsdp_min_size)
 
     def placed(tree):
-        if params == "replicated":
-            specs = jax.tree.map(lambda _: P(), nn.unbox(tree))
-        else:
-            specs = param_partition_specs(tree, mesh, ShardingRules(fsdp_min_size=fsdp_min_size))
-        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, s)),
-                            nn.unbox(tree), specs)
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
+                            inference_shardings(tree, mesh, rules))
 
-    variables = [placed(v) for v in boxed]
+    variables = [placed(v) for v in abstract]
     sampler = SamplerConfig(method="ddpm", num_steps=steps)
     if version == "v1":
         pipe = V1Pipeline(groups[0], _schedule("sd21"), sampler)
@@ -139,14 +177,33 @@ def plan_restore(version: str, height: int, width: int, *, dtype: str = "float32
         variables = {"stage1": variables[0], "stage2": variables[1]}
     image = jax.ShapeDtypeStruct((batch, height, width, 3), jnp.float32, sharding=batch_sharding(mesh, 4))
     ids = {name: jax.ShapeDtypeStruct((batch, 77), jnp.int32) for name in pipe.tokenizers}
-    text = jax.eval_shape(lambda v, i: pipe.encode_text(v, i, (height, width)), variables, ids)
-    text = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding(mesh, x.ndim)),
-                        text)
+    text = _sharded_like(jax.eval_shape(lambda v, i: pipe.encode_text(v, i, (height, width)), variables, ids), mesh)
+    key = jax.random.key(0)
+    if offload:
+        def run1(v, k, d, p, c):
+            return pipe.run_stage1(v, k, d, p, c)
+
+        def run2(v, k, f, p, t):
+            return pipe.run_stage2(v, k, f, p, t)
+
+        first = _sharded_like(jax.eval_shape(run1, {"stage1": variables["stage1"]}, key, image, image, text[0]), mesh)
+        text_members = {stage: {c: {m: t for m, t in tree.items() if m.startswith("text_encoder")}
+                                for c, tree in stage_tree.items()} for stage, stage_tree in variables.items()}
+        lowered = {"text": jax.jit(lambda v, i: pipe.encode_text(v, i, (height, width))).lower(text_members, ids),
+                   "stage1": jax.jit(run1).lower({"stage1": variables["stage1"]}, key, image, image, text[0]),
+                   "stage2": jax.jit(run2).lower({"stage2": variables["stage2"]}, key, first, image, text[1])}
+    else:
+        lowered = {"restore": type(pipe).__call__.lower(pipe, variables, key, image, image, text)}
     start = time.perf_counter()
-    compiled = type(pipe).__call__.lower(pipe, variables, jax.random.key(0), image, image, text).compile()
+    analyses = {name: program.compile().memory_analysis() for name, program in lowered.items()}
     seconds = time.perf_counter() - start
-    m = compiled.memory_analysis()
-    return RestorePlan(version, height, width, dtype, batch, len(devices), params, steps, variant,
-                       weights_gib=_nbytes(variables) / GIB, arguments_gib=m.argument_size_in_bytes / GIB,
+
+    def total(m):
+        return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes) / GIB
+
+    m = max(analyses.values(), key=total)
+    return RestorePlan(version, height, width, dtype, batch, len(devices), params, steps, variant, attention, offload,
+                       devices[0].platform,
+                       weights_gib=tree_bytes(variables) / GIB, arguments_gib=m.argument_size_in_bytes / GIB,
                        outputs_gib=m.output_size_in_bytes / GIB, temporaries_gib=m.temp_size_in_bytes / GIB,
-                       compile_s=seconds)
+                       compile_s=seconds, programs={k: total(v) for k, v in analyses.items()})

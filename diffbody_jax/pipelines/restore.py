@@ -31,16 +31,23 @@ from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from diffbody_jax.conditioning.prompts import load_tokenizer, tokenize
 from diffbody_jax.data.pipeline import PAPER_BUCKETS
 from diffbody_jax.data.pose import PoseStyle
 from diffbody_jax.diffusion.contract import Contract
 from diffbody_jax.diffusion.samplers import SamplerConfig
-from diffbody_jax.parallel.mesh import MeshConfig, make_mesh
-from diffbody_jax.parallel.sharding import batch_sharding
+from diffbody_jax.models.attention import backend_names
+from diffbody_jax.parallel.sharding import (
+    PLACEMENTS,
+    ShardingRules,
+    batch_sharding,
+    host_to_sharded,
+    inference_mesh,
+    inference_shardings,
+    resolve_placement,
+    tree_bytes,
+)
 from diffbody_jax.pipelines.prompts import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT
 from diffbody_jax.pipelines.tiles import TileConfig
 from diffbody_jax.pipelines.v1 import V1Pipeline
@@ -72,7 +79,12 @@ class RestoreSettings:
     bucket (one compile for every photo; non-square photos get a wider reflected border). fit: bucket (scale into
     a bucket and back) | tile (restore at the photo's own size on overlapping tiles of `size` pixels with `size / 4`
     overlap in every stage; `pipelines.tiles`). dtype: float32 | bfloat16, the weights and compute of every model
-    but the VAEs (`pipelines.weights.FLOAT32_COMPONENTS`); the sampler's arithmetic stays float32."""
+    but the VAEs (`pipelines.weights.FLOAT32_COMPONENTS`); the sampler's arithmetic stays float32. attention: the
+    models' attention backend (`models.attention`; "bounded": memory-bounded, chosen per platform; the VAEs'
+    single-head attention runs "chunked" under it). params: auto | replicated | fsdp, how the weights lie on the
+    local devices (`parallel.sharding.resolve_placement`: auto splits them when a copy would take over half of a
+    device). offload: v2's weights stay in host memory, and each stage's go to the devices for its own program
+    (the text encoders' for the prompts): device memory then holds one stage at a time."""
 
     version: str = "v1"
     steps: int | None = None
@@ -85,6 +97,9 @@ class RestoreSettings:
     square_only: bool = False
     fit: str = "bucket"
     dtype: str = "float32"
+    attention: str = "bounded"
+    params: str = "auto"
+    offload: bool = False
 
     def __post_init__(self):
         if self.version not in VERSIONS:
@@ -99,6 +114,12 @@ class RestoreSettings:
             raise ValueError(f"fit {self.fit!r}; expected one of {FITS}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r}; expected one of {DTYPES}")
+        if self.params not in PLACEMENTS:
+            raise ValueError(f"params {self.params!r}; expected one of {PLACEMENTS}")
+        if self.attention not in backend_names():
+            raise ValueError(f"attention {self.attention!r}; expected one of {backend_names()}")
+        if self.offload and self.version != "v2":
+            raise ValueError("offload moves v2's two stages to the devices one after the other; v1 has one stage")
         if self.fit == "tile" and self.guidance:
             raise ValueError("part-loss guidance decodes the whole image at every step: not with --fit tile")
 
@@ -186,18 +207,18 @@ def restore_defaults(weights: str | os.PathLike, version: str) -> tuple[PoseStyl
 class Restorer:
     def __init__(self, weights: str | os.PathLike, settings: RestoreSettings = RestoreSettings(),
                  devices: Sequence[jax.Device] | None = None, on_step: Callable[[int, int], None] | None = None,
-                 annotator=None, captioner: Callable[[np.ndarray], str] | None = None):
+                 annotator=None, captioner: Callable[[np.ndarray], str] | None = None,
+                 rules: ShardingRules | None = None):
         """annotator: where the callers (`pipelines.jobs.run_jobs`) take pose maps and person masks from for photos
-        without given keypoints (`annotators.get_annotator`); None: black pose maps. captioner: image [H, W, 3] in
+        without given keypoints (`annotators.get_annotator`); None: black pose maps. rules: which weights an fsdp
+        placement splits (`fsdp_min_size`; default the training engine's). captioner: image [H, W, 3] in
         [0, 1] -> caption (`annotators.caption.Captioner` on a local folder): v2's stage 2 is then conditioned on
         the caption of I_res, the paper's p' = LLaVA(I_res), and runs as a second program after stage 1."""
         self.settings = s = settings
         self.annotator, self.captioner = annotator, captioner
-        self.mesh = make_mesh(MeshConfig(), list(devices or jax.local_devices()))
+        devices = list(devices or jax.local_devices())
         self.contracts, self.notes = restore_contracts(weights, s.version)
-        # tiles bound memory only if no attention matrix spans a whole tile: chunked is the same math in blocks
-        kwargs = {"attention_backend": "chunked"} if s.fit == "tile" else {}
-        kwargs["dtype"] = s.dtype
+        kwargs = {"attention_backend": s.attention, "dtype": s.dtype}
         if s.guidance:  # the backward pass of every step keeps block boundaries only (on GPU and TPU; bench/README.md)
             kwargs["remat"] = True
         self.pipeline, variables = PIPELINES[s.version](weights, s, self.contracts, on_step, **kwargs)
@@ -213,7 +234,13 @@ class Restorer:
                              "(install the annotators extra, or add the part network: `diffbody convert "
                              "bodypart-to-flax`)")
         self.tokenizers = {name: load_tokenizer(*tokenizer_folder(weights, name)) for name in self.pipeline.tokenizers}
-        self.variables = jax.device_put(variables, NamedSharding(self.mesh, P()))
+        self.placement = resolve_placement(s.params, tree_bytes(variables), devices)
+        self.mesh = inference_mesh(self.placement, devices)
+        self.shardings = inference_shardings(variables, self.mesh, rules or ShardingRules())
+        if s.offload:  # placed per program (`_on_devices`)
+            self.host_variables, self.variables = variables, None
+        else:
+            self.variables = host_to_sharded(variables, self.shardings)
         if captioner is not None and not hasattr(self.pipeline, "run_stage2"):
             raise ValueError(f"a captioner re-captions I_res for v2's stage 2; {s.version} has no second stage")
 
@@ -259,7 +286,8 @@ class Restorer:
     def regress(self, degraded: np.ndarray) -> np.ndarray:
         """The version's SwinIR stage alone (I_reg of v1, I_ir of v2): [B, H, W, 3] in [0, 1], numpy."""
         _, (images,) = self._sharded(degraded)
-        return np.asarray(_regress(self.pipeline, self.variables, images))[: len(degraded)]
+        variables = self._on_devices("regress")
+        return np.asarray(_regress(self.pipeline, variables, images))[: len(degraded)]
 
     def conditioning(self, prompts: Sequence[str], size: tuple[int, int], negative: bool = True) -> tuple:
         """(text, uncond or None): the pipeline's text arguments for `prompts` at image `size` (H, W); with CFG (and
@@ -268,7 +296,7 @@ class Restorer:
         cfg = s.cfg != 1.0 and negative
         texts = list(prompts) + ([s.negative_prompt] * len(prompts) if cfg else [])
         ids = {name: tokenize(tok, texts) for name, tok in self.tokenizers.items()}
-        text = _encode_text(self.pipeline, self.variables, ids, tuple(size))
+        text = _encode_text(self.pipeline, self._on_devices("text"), ids, tuple(size))
         if not cfg:
             return text, None
         n = len(prompts)
@@ -297,21 +325,41 @@ class Restorer:
         prompts = list(prompts) + [prompts[-1]] * pad
         text, uncond = self.conditioning(prompts, (h, w))
         named = dict(zip(extra, arrays[2:], strict=True))
-        if self.captioner is None:
+        if self.captioner is None and not self.settings.offload:
             out = self.pipeline(self.variables, key, arrays[0], arrays[1], text, uncond, **named)
         else:
-            out = self._recaptioned(key, arrays[0], arrays[1], text, uncond, named.get("i_reg"), (h, w))
+            out = self._two_programs(key, arrays[0], arrays[1], text, uncond, named.get("i_reg"), (h, w))
         keep = ("restored", *self.pipeline.intermediates, *(("caption",) if self.captioner is not None else ()))
         return {k: (list(out[k]) if k == "caption" else np.asarray(out[k]))[:b] for k in keep}
 
-    def _recaptioned(self, key, degraded, pose, text, uncond, i_reg, size) -> dict:
-        """v2 as two programs: stage 1; I_res captioned on the host; stage 2 on the caption's SDXL text (the keys
-        split as the one program splits them, so a captioner that returns the prompt gives the same images)."""
+    def _on_devices(self, part: str):
+        """The variables a program needs, on the devices: all of them (held there since __init__), or with
+        `offload` only `part`'s (text: the text encoders; regress: SwinIR; stage1, stage2: that stage's), placed
+        now from host memory and freed when the caller drops them."""
+        if not self.settings.offload:
+            return self.variables
+        members = {"text": ("text_encoder", "text_encoder_2"), "regress": ("swinir",)}.get(part)
+
+        def select(tree):
+            if members is None:
+                return {part: tree[part]}
+            return {stage: {collection: {m: t for m, t in by_member.items() if m in members}
+                            for collection, by_member in stage_tree.items()} for stage, stage_tree in tree.items()}
+
+        return host_to_sharded(select(self.host_variables), select(self.shardings))
+
+    def _two_programs(self, key, degraded, pose, text, uncond, i_reg, size) -> dict:
+        """v2 as two programs, stage 1 then stage 2 (the keys split as the one program splits them, so the images
+        equal its): with `offload`, each on its own stage's weights; with a captioner, stage 2 on the SDXL text of
+        I_res's caption."""
         k1, k2 = jax.random.split(key)
-        first = _run_stage1(self.pipeline, self.variables, k1, degraded, pose, text[0],
+        first = _run_stage1(self.pipeline, self._on_devices("stage1"), k1, degraded, pose, text[0],
                             None if uncond is None else uncond[0], i_reg)
-        captions = [self.captioner(np.asarray(image)) for image in np.asarray(first["i_res"])]
-        recaptioned, _ = self.conditioning(captions, size, negative=False)  # the negative prompt's is `uncond`
-        second = _run_stage2(self.pipeline, self.variables, k2, first, pose, recaptioned[1],
+        extra = {}
+        if self.captioner is not None:
+            captions = [self.captioner(np.asarray(image)) for image in np.asarray(first["i_res"])]
+            text, _ = self.conditioning(captions, size, negative=False)  # the negative prompt's is `uncond`
+            extra["caption"] = captions
+        second = _run_stage2(self.pipeline, self._on_devices("stage2"), k2, first, pose, text[1],
                              None if uncond is None else uncond[1])
-        return {**{k: v for k, v in first.items() if k != "z1"}, **second, "caption": captions}
+        return {**{k: v for k, v in first.items() if k != "z1"}, **second, **extra}

@@ -161,10 +161,11 @@ def load_component(weights: str | os.PathLike, name: str, dtype: str = "float32"
     where = component_folder(weights, name)
     if not component_present(weights, name):
         raise WeightsError(f"{where}: missing ({COMPONENTS[name].what}; get it from {COMPONENTS[name].source})")
-    if name.endswith("vae"):
+    if name.endswith("vae") and module_kwargs.get("attention_backend", "bounded") == "bounded":
         # the VAE's mid-block attention spans a whole (tile's) latent: a 2 GiB matrix for a 256-pixel tile of the
-        # tiny preset's 1/2 latents; "chunked" is the same math in blocks of 1024 queries (models/layers.py)
-        module_kwargs = {"attention_backend": "chunked", **module_kwargs}
+        # tiny preset's 1/2 latents, in one head of 512 (too wide for cuDNN); "chunked" is the same math in blocks of
+        # 1024 queries, each rematerialised in a backward pass (part-loss guidance's)
+        module_kwargs = {**module_kwargs, "attention_backend": "chunked"}
     if name not in ATTENTION_COMPONENTS:
         module_kwargs = {k: v for k, v in module_kwargs.items() if k != "attention_backend"}
     if name not in REMAT_COMPONENTS:

@@ -96,3 +96,17 @@ def test_weights_check_names_missing_and_misshapen_components(weights, tmp_path,
                  "--quiet"]) == 1
     err = capsys.readouterr().err
     assert "v2 needs 1 more component" in err and str(broken / "joint_unet") in err
+
+
+def test_plan_prints_each_devices_memory_without_weights(tmp_path, capsys):
+    """`diffbody restore --plan HxW` compiles for configs' shapes (no --weights, no inputs) and prints the memory;
+    a bad size and a missing input are named."""
+    assert main(["restore", "--plan", "64x128", "--plan-variant", "tiny", "--steps", "1", "--dtype", "bfloat16",
+                 "--compilation-cache", "off"]) == 0
+    out = capsys.readouterr().out
+    assert "plan: v1 64x128 bfloat16, batch 1 on 1 cpu device(s), params replicated" in out
+    assert "attention bounded, tiny configs" in out and "per device: arguments" in out and "total" in out
+    assert main(["restore", "--plan", "100x64", "--plan-variant", "tiny"]) == 1
+    assert "--plan '100x64': expected HxW, multiples of 64" in capsys.readouterr().err
+    assert main(["restore", "--out", str(tmp_path)]) == 1
+    assert "inputs, --weights required (or --plan HxW)" in capsys.readouterr().err

@@ -261,3 +261,43 @@ def test_key_blocked_attention_matches_float64_softmax(keys, rng, monkeypatch):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)
     half = attention.einsum_attention(*(jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)))
     assert half.dtype == jnp.bfloat16 and np.abs(np.asarray(half, np.float32) - want).max() < 0.05
+
+
+@pytest.mark.parametrize("platform,shapes,dtype,bias,registered,want", [
+    ("cpu", (8192, 8192, 64), "bfloat16", False, (), "einsum"),      # XLA:CPU's einsum is key-blocked
+    ("gpu", (8192, 8192, 64), "bfloat16", False, (), "cudnn"),
+    ("cuda", (8192, 8192, 64), "float16", False, (), "cudnn"),
+    ("gpu", (8192, 8192, 64), "float32", False, (), "chunked"),      # cuDNN's flash kernel takes half precision only
+    ("gpu", (8192, 8192, 64), "bfloat16", True, (), "chunked"),      # an additive bias: not through cuDNN here
+    ("gpu", (4096, 4096, 512), "bfloat16", False, (), "chunked"),    # the VAE's one head of 512
+    ("gpu", (8192, 8192, 60), "bfloat16", False, (), "chunked"),     # head size not a multiple of 8
+    ("tpu", (8192, 8192, 64), "bfloat16", False, (), "chunked"),
+    ("tpu", (8192, 8192, 64), "bfloat16", False, ("splash",), "splash"),
+    ("gpu", (8192, 77, 64), "bfloat16", False, (), "einsum"),        # cross-attention to the prompt: small logits
+    ("tpu", (1024, 1024, 64), "float32", False, (), "einsum"),       # 2^20 logits per head: still small
+    ("tpu", (1025, 1024, 64), "float32", False, (), "chunked"),
+])
+def test_bounded_attention_resolves_per_platform(platform, shapes, dtype, bias, registered, want):
+    t, s, d = shapes
+    assert attention.resolve_bounded(platform, (1, t, 5, d), (1, s, 5, d), dtype, bias, registered) == want
+
+
+def test_bounded_attention_runs_what_it_resolves(rng, monkeypatch):
+    """Traced for a TPU (`compiling_for`, as a plan compiles for a TPU topology's devices) with a registered "splash"
+    kernel, "bounded" calls it for long sequences and the einsum for short ones; on this CPU it is the einsum (equal
+    to float64 numpy within 1e-5)."""
+    monkeypatch.setattr(attention, "_ATTENTION_BACKENDS", dict(attention._ATTENTION_BACKENDS))
+    calls = []
+    attention.register_attention_backend("splash", lambda q, k, v, **kw: calls.append(q.shape) or
+                                         attention.chunked_attention(q, k, v, **kw))
+    q, k, v = (rng.standard_normal((1, 1100, 2, 8)).astype(np.float32) for _ in range(3))
+    on_cpu = np.asarray(attention.attention_backend("bounded")(q, k, v))
+    logits = np.einsum("btnd,bsnd->bnts", q.astype(np.float64), k) / np.sqrt(8)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    want = np.einsum("bnts,bsnd->btnd", p / p.sum(-1, keepdims=True), v)
+    assert calls == [] and np.abs(on_cpu - want).max() <= 1e-5
+    with attention.compiling_for("tpu"):
+        got = np.asarray(attention.attention_backend("bounded")(q, k, v))
+        assert calls == [q.shape] and np.abs(got - want).max() <= 1e-5
+        attention.attention_backend("bounded")(q[:, :100], k[:, :100], v[:, :100])
+    assert calls == [q.shape] and attention.target_platform() == jax.default_backend()

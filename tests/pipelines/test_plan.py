@@ -66,3 +66,24 @@ def test_fsdp_splits_the_weights_over_eight_devices(eight_devices):
     assert replicated["devices"] == fsdp["devices"] == 8
     assert replicated["arguments_gib"] >= 0.5 * replicated["weights_gib"]
     assert fsdp["arguments_gib"] < 0.25 * replicated["arguments_gib"], (fsdp, replicated)
+
+
+def _stage_gib(phase: str) -> float:
+    """Bytes of a tiny v2 stage's weights (float32), from its group's own abstract variables."""
+    group = build_model(load_config(f"{phase}:variant=tiny").model)
+    return sum(int(np.prod(x.shape)) * 4 for x in jax.tree.leaves(nn.unbox(group.abstract_variables()))) / GIB
+
+
+def test_an_offloaded_v2_holds_one_stage_at_a_time():
+    """With offload, v2 compiles three programs (the prompts, stage 1, stage 2) and none holds more than its own
+    stage's weights; the plan reports the largest."""
+    plan = plan_restore("v2", 64, 64, steps=1, variant="tiny", offload=True)
+    stages = {"stage1": _stage_gib("stage1_controlnet"), "stage2": _stage_gib("colour_adapter")}
+    assert set(plan.programs) == {"text", "stage1", "stage2"}
+    assert plan.weights_gib == pytest.approx(sum(stages.values()), rel=1e-6)
+    inputs = 0.1 / 1024  # two 64 x 64 images, text embeddings, stage 1's outputs: under 0.1 MiB
+    assert plan.arguments_gib <= max(stages.values()) + inputs, (plan, stages)
+    assert plan.total_gib == pytest.approx(max(plan.programs.values()))
+    assert plan.offload and "offload" in plan.row()
+    with pytest.raises(ValueError, match="v1 has one stage"):
+        plan_restore("v1", 64, 64, offload=True)
