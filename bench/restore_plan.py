@@ -7,17 +7,20 @@ No weights are read or allocated: the models are built from configs/ (variant=pa
 `memory_analysis()` of the compiled program gives each device's arguments, outputs and temporaries. --devices N
 forces N host devices (XLA_FLAGS, set before jax is imported). On CPU the figures stand in for an accelerator's:
 XLA:CPU computes bfloat16 matmuls in float32, so its bfloat16 temporaries hold float32 copies (docs/scaling.md).
+
+--target tpu:v5e:2x4 compiles for the chips of a TPU slice instead, ahead of time on this machine (XLA:TPU's own
+program and memory figures, no TPU needed); it needs the libtpu package that matches jax, kept out of the
+project's environment (jax would try to start a TPU on every import):
+    pip install --target .cache/libtpu "libtpu==0.0.42.*"     # jax 0.10.2's (its `tpu` extra names the version)
+    python bench/restore_plan.py --libtpu .cache/libtpu --target tpu:v5e:2x4 --params fsdp
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import resource
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from targets import add_target_args, target_devices_from
 
 
 def main() -> None:
@@ -26,18 +29,16 @@ def main() -> None:
     p.add_argument("--sizes", default="512x512,1024x512", help="HxW,...")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--params", default="replicated", help="replicated and/or fsdp, comma-separated")
-    p.add_argument("--devices", type=int, default=1, help="forced host devices (the batch is one per device)")
     p.add_argument("--steps", type=int, help="sampling steps per stage (default the papers' 50 / 200)")
+    p.add_argument("--offload", action="store_true", help="v2: each stage's weights on the devices for its program")
+    add_target_args(p)
     args = p.parse_args()
-    if args.devices > 1:
-        os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} "
-                                   f"--xla_force_host_platform_device_count={args.devices}").strip()
-    sys.path.insert(0, str(REPO))
+    devices = target_devices_from(args)
     import jax
 
     from diffbody_jax.pipelines.plan import plan_restore
 
-    print(f"# jax {jax.__version__} ({jax.default_backend()}, {jax.device_count()} device(s)); GiB per device")
+    print(f"# jax {jax.__version__}, compiled for {len(devices)} {devices[0].device_kind} device(s); GiB per device")
     print("| version | size | dtype | batch | devices, weights | all weights | arguments | temporaries | total | "
           "compile s |\n|---|---|---|---|---|---|---|---|---|---|")
     for version in args.versions.split(","):
@@ -45,8 +46,8 @@ def main() -> None:
             h, w = (int(x) for x in size.split("x"))
             for dtype in args.dtypes.split(","):
                 for params in args.params.split(","):
-                    plan = plan_restore(version, h, w, dtype=dtype, batch=args.devices, steps=args.steps,
-                                        params=params, devices=jax.devices()[: args.devices])
+                    plan = plan_restore(version, h, w, dtype=dtype, batch=len(devices), steps=args.steps,
+                                        params=params, devices=devices, offload=args.offload)
                     print(plan.row(), flush=True)
     print(f"# peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GB")
 

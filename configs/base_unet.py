@@ -22,7 +22,7 @@ import pathlib
 
 import ml_collections
 
-from diffbody_jax.config import group_section, parse_arg, text_section, training_sections
+from diffbody_jax.config import at_scale, group_section, parse_arg, text_section, training_sections
 
 HERE = pathlib.Path(__file__).parent
 MEMBERS = {
@@ -63,5 +63,6 @@ def get_config(arg=None):
                              "train.ema_decay": 0.99})
     else:  # ours (the papers start from the released weights), to be set for your data: a gentle fine-tune
         training_sections(config, steps=20_000, batch_size=64, learning_rate=1e-5, **{"train.ema_decay": 0.9999})
+        at_scale(config.model)  # bf16 compute, remat, bounded attention: docs/scaling.md
     config.lock()
     return config

@@ -22,7 +22,7 @@ import pathlib
 
 import ml_collections
 
-from diffbody_jax.config import load_config, member_sections, parse_arg
+from diffbody_jax.config import at_scale, load_config, member_sections, parse_arg
 
 HERE = pathlib.Path(__file__).parent
 # the member added to configs/stage2_controlnet.py's group
@@ -36,6 +36,8 @@ def get_config(arg=None):
     config = ml_collections.ConfigDict(load_config(f"{HERE / 'stage2_controlnet.py'}:variant={arg['variant']}")
                                        .to_dict())
     config.model.members.update(added)
+    if arg["variant"] != "tiny":
+        at_scale(config.model)  # the added image encoder too: docs/scaling.md
     config.phase = "colour_adapter"
     if arg["variant"] != "tiny":
         config.train.steps, config.data.batch_size, config.optim.learning_rate = 200_000, 64, 1e-4

@@ -17,7 +17,7 @@ import pathlib
 
 import ml_collections
 
-from diffbody_jax.config import load_config, member_sections, parse_arg
+from diffbody_jax.config import at_scale, load_config, member_sections, parse_arg
 
 HERE = pathlib.Path(__file__).parent
 # the members added to configs/stage1_joint_unet.py's group
@@ -33,6 +33,8 @@ def get_config(arg=None):
     config = ml_collections.ConfigDict(load_config(f"{HERE / 'stage1_joint_unet.py'}:variant={arg['variant']}")
                                        .to_dict())
     config.model.members.update(added)
+    if arg["variant"] != "tiny":
+        at_scale(config.model)  # the added members too: docs/scaling.md
     config.phase = "stage1_controlnet"
     config.lock()
     return config

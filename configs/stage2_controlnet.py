@@ -25,7 +25,14 @@ import pathlib
 
 import ml_collections
 
-from diffbody_jax.config import group_section, parse_arg, text_section, tiny_training_sections, training_sections
+from diffbody_jax.config import (
+    at_scale,
+    group_section,
+    parse_arg,
+    text_section,
+    tiny_training_sections,
+    training_sections,
+)
 
 HERE = pathlib.Path(__file__).parent
 # the denoiser and the encoders that run in the step (configs/colour_adapter.py adds the CLIP image encoder)
@@ -63,5 +70,6 @@ def get_config(arg=None):
     else:
         training_sections(config, steps=100_000, batch_size=64, learning_rate=1e-5,
                           **{"data.maps": maps, "train.grad_accum": 2})
+        at_scale(config.model)  # bf16 compute, remat, bounded attention: docs/scaling.md
     config.lock()
     return config

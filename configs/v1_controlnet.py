@@ -28,7 +28,14 @@ import pathlib
 
 import ml_collections
 
-from diffbody_jax.config import group_section, parse_arg, text_section, tiny_training_sections, training_sections
+from diffbody_jax.config import (
+    at_scale,
+    group_section,
+    parse_arg,
+    text_section,
+    tiny_training_sections,
+    training_sections,
+)
 
 HERE = pathlib.Path(__file__).parent
 
@@ -71,5 +78,6 @@ def get_config(arg=None):
     else:
         training_sections(config, steps=10_000, batch_size=128, learning_rate=1e-4,
                           **{"data.buckets": [[1024, 512]], "data.maps": ["pose"]})
+        at_scale(config.model)  # bf16 compute, remat, bounded attention: docs/scaling.md
     config.lock()
     return config

@@ -116,6 +116,28 @@ def model_section(**fields):
         remat="none",  # none | full | dots | dots_no_batch: what the backward pass recomputes (models.layers)
     ))
 
+# `at_scale`: the members whose blocks the backward pass recomputes (the diffusion networks: the gradient of every
+# diffusion phase flows through them, trained or frozen) and those kept in float32 compute (the VAE: its latents
+# are restoring's inputs, which restore encodes in float32)
+SCALE_REMAT_MEMBERS = ("unet", "controlnet", "joint_unet", "stage2")
+SCALE_FLOAT32_MEMBERS = ("vae",)
+
+
+def at_scale(model, *, dtype: str = "bfloat16", attention: str = "bounded", remat: str = "full"):
+    """A phase group's run-time settings for the papers' batch sizes (docs/scaling.md, "Training at scale"): every
+    member computes in `dtype` but the VAE (params stay `param_dtype`, float32: the optimizer's master weights),
+    runs memory-bounded `attention` (models.attention "bounded": cuDNN flash on GPU, chunked or splash on TPU), and
+    the diffusion networks rematerialise each block (`remat`). Returns `model` (its members' sections, changed)."""
+    for name, section in model.members.items():
+        if "dtype" in section and name not in SCALE_FLOAT32_MEMBERS:
+            section.dtype = dtype
+        if "attention_backend" in section:
+            section.attention_backend = attention
+        if "remat" in section and name in SCALE_REMAT_MEMBERS:
+            section.remat = remat
+    return model
+
+
 def member_sections(table: dict[str, dict[str, str]], variant: str, phase: str) -> ml_collections.ConfigDict:
     """The `model` sections of a phase's members for one variant: `table` is {variant: {member: config spec}},
     e.g. {"tiny": {"unet": "unet:variant=tiny-sd21", ...}}; an unknown variant is refused, naming the known ones."""
