@@ -73,7 +73,7 @@ def main() -> None:
             print(f"| {phase} | failed: {why} |", flush=True)
             continue
         plan = json.loads(lines[-1][5:])
-        layout = "" if plan["layout_ok"] else " (gathered early)"
+        layout = " (gathered early)" if plan["layout_ok"] is False else ""
         print(f"{plan['row']} {plan['peak_rss_gb']:.1f} |{layout}", flush=True)
         if args.json:
             with open(args.json, "a") as f:

@@ -69,6 +69,9 @@ class TrainPlan:
     largest_layer: str
     gathered_peak_gib: float  # the most gathered weights alive at once on a device
     gathers_outside_layers: list[str]
+    # False: XLA:TPU refused the program for the chip's memory; temporaries_gib is then what it said they need, and
+    # the program's other figures (collectives, gathers) are unknown
+    fits: bool = True
 
     @property
     def devices(self) -> int:
@@ -84,17 +87,33 @@ class TrainPlan:
         return self.state_gib + self.batch_gib + self.temporaries_gib
 
     @property
-    def layout_ok(self) -> bool:
-        """XLA gathered weights layer by layer: never more than two layers' worth alive, each gather in a layer."""
+    def layout_ok(self) -> bool | None:
+        """XLA gathered weights layer by layer: never more than two layers' worth alive, each gather in a layer
+        (None: no program to read)."""
+        if not self.fits:
+            return None
         return self.gathered_peak_gib <= 2 * self.largest_layer_gib and not self.gathers_outside_layers
 
     def row(self) -> str:
         mesh = "x".join(str(v) for v in self.mesh.values())
-        kinds = ", ".join(f"{k} {v}" for k, v in self.collectives.items() if v)
+        kinds = ", ".join(f"{k} {v}" for k, v in self.collectives.items() if v) if self.fits else "-"
+        gathered = f"{self.gathered_peak_gib:.3f}" if self.fits else "-"
+        over = "" if self.fits else " (does not fit: XLA:TPU's count)"
         return (f"| {self.phase} | {self.batch} at {self.height}x{self.width} (accum {self.grad_accum}) | {mesh} | "
                 f"{self.dtype}, remat {self.remat}, {self.attention} | {self.params_gib:.2f} | {self.frozen_gib:.2f} | "
-                f"{self.optimizer_gib + self.ema_gib:.2f} | {self.temporaries_gib:.2f} | {self.total_gib:.2f} | "
-                f"{self.gathered_peak_gib:.3f} / {self.largest_layer_gib:.3f} | {kinds} | {self.compile_s:.0f} |")
+                f"{self.optimizer_gib + self.ema_gib:.2f} | {self.temporaries_gib:.2f} | {self.total_gib:.2f}{over} | "
+                f"{gathered} / {self.largest_layer_gib:.3f} | {kinds} | {self.compile_s:.0f} |")
+
+
+_OOM = re.compile(r"memory required for HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds")
+
+
+def out_of_memory(message: str) -> int | None:
+    """The temporaries' bytes in XLA:TPU's "Ran out of memory" refusal (None for any other error)."""
+    m = _OOM.search(message)
+    if not m:
+        return None
+    return int(float(m[1]) * 1024 ** "_KMGT".index(m[2] or "_"))
 
 
 def abstract_batch(config, fields, height: int, width: int) -> dict[str, jax.ShapeDtypeStruct]:
@@ -230,11 +249,18 @@ def _plan_train_step(config, height, width, mesh, devices) -> TrainPlan:
     jitted = jax.jit(step, in_shardings=(s.state_shardings, shardings),
                      out_shardings=(s.state_shardings, jax.sharding.NamedSharding(mesh, jax.P())), donate_argnums=0)
     start = time.perf_counter()
+    fits, temporaries, outputs, hlo = True, 0, 0, ""
     with jax.set_mesh(mesh), logical_rules(s.rules):
-        compiled = jitted.lower(s.abstract_state, batch).compile()
+        try:
+            compiled = jitted.lower(s.abstract_state, batch).compile()
+            m = compiled.memory_analysis()
+            temporaries, outputs, hlo = m.temp_size_in_bytes, m.output_size_in_bytes, compiled.as_text()
+        except jax.errors.JaxRuntimeError as e:  # XLA:TPU refuses a program over the chip's memory, and says so
+            needed = out_of_memory(str(e))
+            if needed is None:
+                raise
+            fits, temporaries = False, needed
     seconds = time.perf_counter() - start
-    m = compiled.memory_analysis()
-    hlo = compiled.as_text()
     params = {**_flat_params(s.abstract_state.params), **_flat_params(s.abstract_state.frozen)}
     peak, gather_names = gathered_peak(hlo, {tuple(x.shape) for x in params.values()})
     layer, layer_bytes = largest_layer(traverse_util.unflatten_dict(params, sep="/"))
@@ -253,10 +279,10 @@ def _plan_train_step(config, height, width, mesh, devices) -> TrainPlan:
         dtype=setting("dtype"), remat=setting("remat"), attention=setting("attention_backend"),
         params_gib=_per_device_gib(state.params, st.params), frozen_gib=_per_device_gib(state.frozen, st.frozen),
         optimizer_gib=_per_device_gib(state.opt_state, st.opt_state), ema_gib=_per_device_gib(state.ema, st.ema),
-        batch_gib=_per_device_gib(batch, shardings), temporaries_gib=m.temp_size_in_bytes / GIB,
-        outputs_gib=m.output_size_in_bytes / GIB, compile_s=seconds, collectives=collective_counts(hlo),
+        batch_gib=_per_device_gib(batch, shardings), temporaries_gib=temporaries / GIB,
+        outputs_gib=outputs / GIB, compile_s=seconds, collectives=collective_counts(hlo),
         largest_layer_gib=layer_bytes / GIB, largest_layer=layer, gathered_peak_gib=peak / GIB,
-        gathers_outside_layers=outside)
+        gathers_outside_layers=outside, fits=fits)
 
 
 def _flat_params(tree) -> dict[str, Any]:

@@ -83,3 +83,11 @@ def test_only_gathers_of_weight_shapes_count_when_asked():
     assert plan.gathered_peak(activation)[0] == (32 * 8 + 64 * 8) * 4
     assert plan.gathered_peak(activation, {(32, 8)})[0] == 32 * 8 * 4
     assert plan.gathered_peak(activation, {(3, 3)})[0] == 0
+
+
+def test_xla_tpus_out_of_memory_refusal_gives_the_temporaries():
+    message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (51.34G) "
+               "exceeds available HBM (15.75G).")
+    assert plan.out_of_memory(message) == int(51.34 * 2**30)
+    assert plan.out_of_memory(message.replace("51.34G", "812.5M")) == int(812.5 * 2**20)
+    assert plan.out_of_memory("INVALID_ARGUMENT: something else") is None
