@@ -263,7 +263,9 @@ def training_sections(config, *, steps: int, batch_size: int, learning_rate: flo
         random_crop=True,
         shuffle=True,
         colour_permutation=False,  # permute each clean image's RGB channels at random (data.pipeline.DataConfig)
-        num_workers=0,  # grain worker processes (0: decode in the training process)
+        # grain worker processes decoding and degrading (0: in the training process; -1: data.pipeline.auto_workers,
+        # one per two cores up to 16 on machines of more than 4 cores, else none)
+        num_workers=-1,
         cache="",  # a `diffbody prepare` folder: stored latents / text embeddings instead of encoding each step
     ))
     config.mesh = ml_collections.ConfigDict(dict(

@@ -25,6 +25,7 @@ Batch layout (NHWC, float32 in [0, 1] unless stated):
   parts         [B, H, W, 1]     if requested: body-part labels 0..5 (float32) drawn from the keypoints
                                  (data.body_parts), the body-part network's training target
   caption       [B] str;  bucket, record, epoch  [B] int32
+  skipped       [B] int32        records passed over for this slot because their files failed to load (logged)
   original_size, crop_top_left  [B, 2] int32 (H, W) and (top, left): SDXL's size conditioning
 """
 
@@ -32,7 +33,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -45,6 +48,8 @@ from diffbody_jax.data import degradations as deg
 from diffbody_jax.data.body_parts import part_label_map
 from diffbody_jax.data.manifest import KEYPOINT_MAPS, MAP_FIELDS, SINGLE_CHANNEL_MAPS, Record
 from diffbody_jax.data.pose import PoseStyle, transform_keypoints
+
+log = logging.getLogger(__name__)
 
 # The five buckets of the DiffBody v2 paper, as (H, W): square, portrait and landscape.
 PAPER_BUCKETS = ((512, 512), (768, 512), (512, 768), (1024, 512), (512, 1024))
@@ -179,23 +184,57 @@ def _resize_crop(image: np.ndarray, resized: tuple[int, int], crop: tuple[int, i
     return out[crop[0]: crop[0] + bucket[0], crop[1]: crop[1] + bucket[1]]
 
 
+class UnreadableExample(ValueError):
+    """A record whose files fail to load when drawn (truncated, corrupt, gone, changed size)."""
+
+
 class ExampleLoader:
-    """grain map transform: {"record", "epoch"} -> one example dict (see the module docstring)."""
+    """grain map transform: {"record", "epoch"} -> one example dict (see the module docstring).
+
+    A record whose image or map fails to load when drawn (the training run validates headers only) is skipped:
+    the slot takes the next record of the same bucket that loads (so the batch keeps its shape), the example's
+    `skipped` field counts the records passed over for it, and each one is logged. Which record replaces it is a
+    function of (seed, epoch, record), so a resumed run draws what an uninterrupted one draws."""
 
     def __init__(self, records: Sequence[Record], config: DataConfig, degradation, seed: int):
         self.records, self.config, self.degradation, self.seed = list(records), config, degradation, seed
         self.buckets = np.array([nearest_bucket(r.size, config.buckets) for r in self.records], np.int32)
+        self.by_bucket = {int(b): np.flatnonzero(self.buckets == b) for b in np.unique(self.buckets)}
 
     def __call__(self, item: dict[str, int]) -> dict[str, Any]:
+        index, epoch = int(item["record"]), int(item["epoch"])
+        same = self.by_bucket[int(self.buckets[index])]
+        start = int(np.searchsorted(same, index))
+        for skipped in range(len(same)):
+            candidate = int(same[(start + skipped) % len(same)])
+            try:
+                out = self.example(candidate, epoch)
+            except UnreadableExample as e:
+                log.warning("skipped: %s", e)
+                continue
+            out["skipped"] = np.int32(skipped)
+            return out
+        raise UnreadableExample(f"no record of bucket {self.config.buckets[self.buckets[index]]} loads "
+                                f"({len(same)} tried)")
+
+    def _load(self, record: Record, what: str, fn, *args):
+        try:
+            return fn(*args)
+        except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for truncated and corrupt files
+            raise UnreadableExample(f"{record.image} (manifest line {record.line}): {what}: "
+                                    f"{type(e).__name__}: {e}") from e
+
+    def example(self, index: int, epoch: int) -> dict[str, Any]:
+        """Record `index`'s example in `epoch`; UnreadableExample when one of its files fails to load."""
         cfg = self.config
-        index, epoch = item["record"], item["epoch"]
         record = self.records[index]
         rng = np.random.default_rng([self.seed, epoch, index, 1])
         bucket = cfg.buckets[self.buckets[index]]
         resized, crop = cover_and_crop(record.size, bucket, rng if cfg.random_crop else None)
-        image = _load_rgb(record.image)
+        image = self._load(record, "image", _load_rgb, record.image)
         if image.shape[:2] != record.size:
-            raise ValueError(f"{record.image}: size {image.shape[:2]} changed since the manifest was read")
+            raise UnreadableExample(f"{record.image} (manifest line {record.line}): size {image.shape[:2]} changed "
+                                    "since the manifest was read")
         target = _resize_crop(image, resized, crop, bucket, "area")
         if cfg.colour_permutation:
             target = np.ascontiguousarray(target[..., rng.permutation(3)])
@@ -215,7 +254,8 @@ class ExampleLoader:
             if field in record.maps:
                 channels = 1 if field in SINGLE_CHANNEL_MAPS else 3
                 mode = "nearest" if field == "pose" else "area"
-                out[field] = _resize_crop(_load_map(record.maps[field], channels), resized, crop, bucket, mode)
+                loaded = self._load(record, field, _load_map, record.maps[field], channels)
+                out[field] = _resize_crop(loaded, resized, crop, bucket, mode)
                 if channels == 1 and out[field].ndim == 2:
                     out[field] = out[field][..., None]
             elif field in KEYPOINT_MAPS and record.keypoints is not None:
@@ -237,6 +277,13 @@ def shard_from_jax(options: grain.sharding.ShardOptions | None = None) -> ShardI
     return ShardInfo(options.shard_index, options.shard_count)
 
 
+def auto_workers(cores: int | None = None) -> int:
+    """Worker processes for `num_workers=-1`: one per two cores, at most 16, where the machine has more than 4
+    (the training process keeps the rest for the device runtime and the host hooks); none on smaller machines."""
+    cores = cores or os.cpu_count() or 1
+    return min(16, cores // 2) if cores > 4 else 0
+
+
 def make_dataset(
     records: Sequence[Record],
     config: DataConfig,
@@ -245,8 +292,11 @@ def make_dataset(
     shard: ShardInfo | None = None,
     num_workers: int = 0,
 ) -> grain.IterDataset:
-    """The batched, per-host grain data set. `num_workers` > 0 decodes and degrades in worker processes."""
+    """The batched, per-host grain data set. `num_workers` > 0 decodes and degrades in worker processes (-1:
+    `auto_workers`)."""
     shard = shard or shard_from_jax()
+    if num_workers < 0:
+        num_workers = auto_workers()
     loader = ExampleLoader(records, config, degradation, seed)
     order = BucketedOrder(loader.buckets, config.batch_size, shard, seed, config.shuffle, config.num_epochs,
                           config.buckets)

@@ -110,9 +110,21 @@ def _group(phase: str, variant: str, dtype: str, attention: str) -> ModelGroup:
                    **dtype_kwargs(name, dtype)}
         # as `pipelines.weights.load_component` builds them: the VAEs' one wide head runs chunked under "bounded"
         changes["attention_backend"] = "chunked" if name == "vae" and attention == "bounded" else attention
-        fields = {f.name for f in dataclasses.fields(member)}
-        members[name] = member.clone(**{k: v for k, v in changes.items() if k in fields})
+        members[name] = _with_settings(member, changes)
     return ModelGroup(**members)
+
+
+def _with_settings(module: nn.Module, changes: dict) -> nn.Module:
+    """`module` cloned with the `changes` it has fields for, and so are the modules it holds as fields (Stage2Model's
+    UNet, ControlNet and Resampler: restore loads each as a component of its own, in the dtype asked for)."""
+    kwargs = {}
+    for f in dataclasses.fields(module):
+        value = getattr(module, f.name, None)
+        if f.name in changes:
+            kwargs[f.name] = changes[f.name]
+        elif f.name != "parent" and isinstance(value, nn.Module):
+            kwargs[f.name] = _with_settings(value, changes)
+    return module.clone(**kwargs)
 
 
 def _schedule(pipeline: str) -> NoiseSchedule:

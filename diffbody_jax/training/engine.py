@@ -60,6 +60,7 @@ from diffbody_jax.training.step import PASSED_THROUGH, jit_train_step, make_trai
 from diffbody_jax.training.trainable import TrainableSubset, merge, partition
 
 log = logging.getLogger(__name__)
+MANIFEST_THREADS = 16
 
 
 class NonFiniteLoss(RuntimeError):
@@ -146,7 +147,10 @@ def make_data_iterator(config, phase: Phase):
     annotated = data.get("pose_source", "manifest") == "annotator"  # pose drawn by the host hook instead
     # every line must give its pose map (a file or keypoints; [] = no person) before the run starts, not when the
     # loader draws it hours in
-    records = read_manifest(data.manifest, require=tuple(m for m in data.maps if not (annotated and m == "pose")))
+    # headers only, on many threads: every host reads the manifest at every start; a file that fails to decode
+    # when drawn is skipped and logged (data.pipeline.ExampleLoader), not fatal hours into the run
+    records = read_manifest(data.manifest, require=tuple(m for m in data.maps if not (annotated and m == "pose")),
+                            decode=False, workers=MANIFEST_THREADS)
     if annotated and data.get("cache"):
         raise ValueError("data.pose_source=annotator draws pose maps each step, data.cache stores encoded ones: "
                          "use one of the two")
@@ -258,11 +262,14 @@ def train(config, workdir: str | Path, *, batch_hook: Callable[[int, dict], dict
     writer = MetricWriter(workdir, start, total)
     config_json = _config_json(config)
     metrics: dict[str, Any] = {}
+    skipped = 0
     try:
         with jax.set_mesh(s.mesh), logical_rules(s.rules):
             for step in range(start + 1, total + 1):
                 began = time.perf_counter()
                 host = next(iterator)
+                # unreadable records this host's loader passed over (each logged where it happened), since start
+                skipped += int(np.sum(host.get("skipped", 0)))
                 if pose_hook is not None:
                     host = pose_hook(host)
                 if host_hook is not None:
@@ -284,6 +291,7 @@ def train(config, workdir: str | Path, *, batch_hook: Callable[[int, dict], dict
                 elapsed = time.perf_counter() - began
                 examples = next(iter(batch.values())).shape[0]
                 metrics = {k: v for k, v in out.items() if k != "finite"}
+                metrics["skipped_records"] = skipped
                 metrics.update(step_time_s=elapsed, examples_per_s=examples / elapsed,
                                examples_per_s_per_device=examples / elapsed / jax.device_count())
                 if step % int(config.train.log_every) == 0 or step == total:

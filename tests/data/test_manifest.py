@@ -82,3 +82,22 @@ def test_exif_orientation_is_applied(tmp_path, rng):
     for decode in (True, False):
         assert read_manifest(manifest, decode=decode)[0].size == (60, 40)
     assert _load_rgb(str(tmp_path / "phone.jpg")).shape == (60, 40, 3)
+
+
+def test_threads_read_the_same_records_and_problems(tmp_path, rng):
+    """workers > 1 validates lines on threads: the same records, in the file's order, and the same problems."""
+    rows = []
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 255, (8 + i, 16, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        rows.append({"image": f"{i}.png", "caption": f"c{i}"})
+    manifest = tmp_path / "m.jsonl"
+    _write(manifest, rows)
+    serial, threaded = read_manifest(manifest), read_manifest(manifest, workers=8, decode=False)
+    assert [(r.line, r.image, r.size) for r in threaded] == [(r.line, r.image, r.size) for r in serial]
+    _write(manifest, [*rows[:5], {"image": "missing.png", "caption": "x"}, *rows[5:], "{bad"])
+    errors = []
+    for workers in (1, 8):
+        with pytest.raises(ManifestError) as info:
+            read_manifest(manifest, workers=workers)
+        errors.append(info.value.problems)
+    assert errors[0] == errors[1] and [p.split(":")[1] for p in errors[0]] == ["6", "42"]

@@ -194,3 +194,40 @@ def test_colour_permutation_reorders_the_clean_channels_and_nothing_else(toy_man
             assert sorted(order) == [0, 1, 2]
             orders.add(tuple(order))
     assert len(orders) >= 4, orders  # 24 draws of six orders
+
+
+def test_a_record_that_fails_to_load_when_drawn_is_skipped_counted_and_logged(toy_manifest, tmp_path, caplog):
+    """A file truncated after the manifest was read (headers only, as training reads it) is passed over: its slot
+    takes the next record of its bucket, `skipped` counts it, a warning names it; every batch keeps its shape, and
+    a resumed pipeline still draws what an uninterrupted one draws."""
+    import dataclasses
+    import shutil
+
+    bad = toy_manifest[3]  # bucket of 40 x 40 photos, with records 0, 3, 6, ...
+    copy = tmp_path / "3.png"
+    shutil.copy(bad.image, copy)
+    data = copy.read_bytes()
+    copy.write_bytes(data[: len(data) // 2])  # a truncated PNG: the header reads, the pixels do not
+    records = [dataclasses.replace(r, image=str(copy)) if r.line == bad.line else r for r in toy_manifest]
+    with caplog.at_level("WARNING", logger="diffbody_jax.data.pipeline"):
+        batches, _ = _take(records, 12)
+    seen = np.concatenate([b["record"] for b in batches])
+    skipped = np.concatenate([b["skipped"] for b in batches])
+    assert 3 not in seen and skipped.sum() == 1 and len(seen) == 24
+    slot = int(np.flatnonzero(skipped)[0])
+    assert seen[slot] == 6  # the next record of its bucket
+    assert any("3.png" in r.message and "skipped" in r.message for r in caplog.records)
+    for b in batches:
+        assert b["target"].shape[0] == 2 and (b["bucket"] == b["bucket"][0]).all()
+    full, _ = _take(records, 16)
+    _, it = _take(records, 13)
+    resumed, _ = _take(records, 3, state=it.get_state())
+    for x, y in zip(full[13:], resumed, strict=True):
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
+
+
+def test_auto_workers_use_spare_cores_only():
+    from diffbody_jax.data.pipeline import auto_workers
+
+    assert [auto_workers(c) for c in (1, 2, 4, 6, 8, 64, 224)] == [0, 0, 0, 3, 4, 16, 16]
