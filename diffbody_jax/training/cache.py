@@ -7,7 +7,8 @@ running those encoders every step.
 
 Each process encodes its share of the manifest's records (round robin within each resolution bucket) as slices of
 global batches on the run's mesh, with the frozen encoders sharded as in training, and writes its own
-`shard-<p>-of-<n>.npz` (entries "<record>/<field>"). The cache holds what does not change between epochs, so it
+shards `shard-<p>-<k>.npz` of about 1 GiB each as it goes, and their list `index-<p>-of-<n>.json` (entries
+"<record>/<field>"). The cache holds what does not change between epochs, so it
 needs fixed crops (`data.random_crop=False`, centred as the pipeline centres them) and fixed captions
 (`text.drop_prob=0`); degradations, and so I_ir, stay per step. `cache.json` records the phase, the model section,
 the manifest, buckets and the fields; training refuses a cache made for anything else.
@@ -66,10 +67,17 @@ class EncodedCache:
                 raise ValueError(f"config data.cache: {meta_path} was prepared for {key}={meta.get(key)!r}, this run "
                                  f"has {value!r}; run `diffbody prepare` again")
         self.fields = tuple(meta["fields"])
-        shards = sorted(folder.glob("shard-*.npz"))
-        if len(shards) != int(meta["processes"]):
-            raise ValueError(f"config data.cache: {folder} holds {len(shards)} shards, cache.json says "
-                             f"{meta['processes']}")
+        n = int(meta["processes"])
+        shards = []
+        for process in range(n):
+            index = folder / f"index-{process:05d}-of-{n:05d}.json"
+            if not index.exists():
+                raise ValueError(f"config data.cache: {folder} lacks {index.name} (cache.json says {n} processes "
+                                 "wrote it: was a prepare cut short?)")
+            for name in read_json(index)["shards"]:
+                if not (folder / name).exists():
+                    raise ValueError(f"config data.cache: {index} names {name}, which is missing")
+                shards.append(folder / name)
         self._shards = [np.load(shard) for shard in shards]  # NpzFile: members are read on access
         self.entries = {key: z for z in self._shards for key in z.files}
 

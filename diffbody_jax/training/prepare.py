@@ -20,8 +20,46 @@ from diffbody_jax.training.engine import init_state, setup
 log = logging.getLogger(__name__)
 
 
-def prepare_cache(config, out_dir: str | Path, mesh=None) -> Path:
-    """Encode every manifest record once with the phase's `cache` function; returns `out_dir`."""
+SHARD_BYTES = 2**30
+
+
+class _ShardWriter:
+    """This process's encodings, written as `shard-<p>-<k>.npz` files of about `limit` bytes as they fill (each
+    atomically: a killed prepare leaves no half shard), so memory holds one shard whatever the data set's size;
+    `close` writes the index `index-<p>-of-<n>.json` naming them (the readers' list)."""
+
+    def __init__(self, out: Path, process: int, processes: int, limit: int):
+        self.out, self.p, self.n, self.limit = out, process, processes, limit
+        self.pending: dict[str, np.ndarray] = {}
+        self.bytes, self.shards, self.fields = 0, [], set()
+        out.mkdir(parents=True, exist_ok=True)
+
+    def add(self, key: str, value: np.ndarray) -> None:
+        self.pending[key] = value
+        self.fields.add(key.split("/", 1)[1])
+        self.bytes += value.nbytes
+        if self.bytes >= self.limit:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        name = f"shard-{self.p:05d}-{len(self.shards):05d}.npz"
+        tmp = self.out / f".{name}.tmp"
+        with open(tmp, "wb") as f:
+            np.savez(f, **self.pending)
+        tmp.replace(self.out / name)
+        self.shards.append(name)
+        self.pending, self.bytes = {}, 0
+
+    def close(self) -> None:
+        self.flush()
+        write_json({"shards": self.shards}, self.out / f"index-{self.p:05d}-of-{self.n:05d}.json")
+
+
+def prepare_cache(config, out_dir: str | Path, mesh=None, shard_bytes: int = SHARD_BYTES) -> Path:
+    """Encode every manifest record once with the phase's `cache` function; returns `out_dir`. shard_bytes: each
+    process writes its encodings in files of about this size as it goes (its memory holds one)."""
     check_cacheable(config)
     out = Path(out_dir)
     s = setup(config, mesh)
@@ -35,7 +73,7 @@ def prepare_cache(config, out_dir: str | Path, mesh=None) -> Path:
     fields_fn = jax.jit(lambda v, b: s.phase.cache(s.module, v, b), out_shardings=rows)
     p, n = jax.process_index(), jax.process_count()
     local = max(1, int(config.data.batch_size) // n)
-    stored: dict[str, np.ndarray] = {}
+    writer = _ShardWriter(out, p, n, shard_bytes)
     for bucket in range(len(data.buckets)):
         ids = np.flatnonzero(loader.buckets == bucket)
         if not len(ids):
@@ -60,16 +98,11 @@ def prepare_cache(config, out_dir: str | Path, mesh=None) -> Path:
             for i, record in enumerate(chunk):
                 if step * local + i < len(mine):
                     for field, value in encoded.items():
-                        stored[f"{int(record)}/{field}"] = np.asarray(value[i])
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".shard-{p:05d}-of-{n:05d}.npz.tmp"
-    with open(tmp, "wb") as f:
-        np.savez(f, **stored)
-    tmp.replace(out / f"shard-{p:05d}-of-{n:05d}.npz")  # atomic: a killed prepare leaves no half shard
+                        writer.add(f"{int(record)}/{field}", np.array(value[i]))
+    writer.close()
     if p == 0:
-        fields = sorted({k.split("/", 1)[1] for k in stored})
-        write_json({**fingerprint(config), "fields": fields, "processes": n, "records": len(records)},
-                   out / "cache.json")
+        write_json({**fingerprint(config), "fields": sorted(writer.fields), "processes": n,
+                    "records": len(records)}, out / "cache.json")
     multihost_utils.sync_global_devices("prepare_cache")
-    log.info("prepare: %d arrays of this process's records -> %s", len(stored), out)
+    log.info("prepare: this process's records in %d shard(s) -> %s", len(writer.shards), out)
     return out

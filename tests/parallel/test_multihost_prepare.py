@@ -1,6 +1,7 @@
 """`diffbody prepare` from two processes joined over loopback: each writes its own shard (its round-robin share of
 every bucket), and together they hold what one process writes (1e-5)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -23,6 +24,16 @@ def _prepare(out, manifest, *extra):
     return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def _entries(folder, process: int) -> dict:
+    """Every array process `process` wrote (its shards, as its index lists them)."""
+    index = next(folder.glob(f"index-{process:05d}-of-*.json"))
+    out = {}
+    for name in json.loads(index.read_text())["shards"]:
+        with np.load(folder / name) as z:
+            out.update({k: z[k] for k in z.files})
+    return out
+
+
 @pytest.mark.slow  # ~2 minutes: three processes compile the encoders
 def test_two_processes_write_what_one_writes(tmp_path):
     manifest = write_sample_set(tmp_path / "sample", stand_in_priors=True)
@@ -33,13 +44,12 @@ def test_two_processes_write_what_one_writes(tmp_path):
     for p in procs:
         out, _ = p.communicate(timeout=900)
         assert p.returncode == 0, out[-3000:]
-    one = dict(np.load(tmp_path / "one" / "shard-00000-of-00001.npz"))
+    one = _entries(tmp_path / "one", 0)
     two = {}
     for i in range(2):
-        with np.load(tmp_path / "two" / f"shard-{i:05d}-of-00002.npz") as z:
-            records = {k.split("/")[0] for k in z.files}
-            assert records == {str(r) for r in range(i, 4, 2)}  # round robin within the one bucket
-            two.update({k: z[k] for k in z.files})
+        mine = _entries(tmp_path / "two", i)
+        assert {k.split("/")[0] for k in mine} == {str(r) for r in range(i, 4, 2)}  # round robin within the bucket
+        two.update(mine)
     assert sorted(one) == sorted(two)
     for k in one:
         np.testing.assert_allclose(two[k], one[k], atol=1e-5, err_msg=k)

@@ -65,3 +65,35 @@ def test_a_cache_refuses_permuted_colours_before_encoding_anything():
                                                          "data.colour_permutation=True"])
     with pytest.raises(ValueError, match="colour_permutation=False"):
         check_cacheable(config)
+
+
+def test_a_prepare_writes_bounded_shards_as_it_goes_and_training_reads_them_all(tmp_path):
+    """The writer flushes a shard whenever its arrays reach the bound (memory holds one shard, whatever the data
+    set's size); the index lists every shard, and the training side's cache reads each record's arrays back."""
+    import json
+
+    import numpy as np
+
+    from diffbody_jax.training.cache import fingerprint
+    from diffbody_jax.training.prepare import _ShardWriter
+
+    rng = np.random.default_rng(0)
+    arrays = {f"{r}/latents": rng.standard_normal(250).astype(np.float32) for r in range(10)}  # 1000 bytes each
+    writer = _ShardWriter(tmp_path, 0, 1, limit=2500)
+    held = []
+    for key, value in arrays.items():
+        writer.add(key, value)
+        held.append(writer.bytes)
+    writer.close()
+    assert max(held) < 2500 and writer.shards == [f"shard-00000-{k:05d}.npz" for k in range(4)]
+    assert json.loads((tmp_path / "index-00000-of-00001.json").read_text())["shards"] == writer.shards
+    assert [len(np.load(tmp_path / s).files) for s in writer.shards] == [3, 3, 3, 1]
+
+    config = load_config("v1_controlnet:variant=tiny", ["data.manifest=m.jsonl", "data.random_crop=False"])
+    (tmp_path / "cache.json").write_text(json.dumps({**fingerprint(config), "fields": ["latents"], "processes": 1,
+                                                     "records": 10}))
+    filled = EncodedCache(tmp_path, config).fill({"record": np.array([7, 2])})
+    np.testing.assert_array_equal(filled["latents"], np.stack([arrays["7/latents"], arrays["2/latents"]]))
+    (tmp_path / "shard-00000-00002.npz").unlink()
+    with pytest.raises(ValueError, match="names shard-00000-00002.npz, which is missing"):
+        EncodedCache(tmp_path, config)
