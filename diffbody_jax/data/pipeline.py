@@ -291,9 +291,12 @@ def make_dataset(
     seed: int,
     shard: ShardInfo | None = None,
     num_workers: int = 0,
+    batch_transforms: Sequence = (),
 ) -> grain.IterDataset:
     """The batched, per-host grain data set. `num_workers` > 0 decodes and degrades in worker processes (-1:
-    `auto_workers`)."""
+    `auto_workers`). batch_transforms: functions of a batch (dict) -> batch, run after batching, in the workers
+    when there are any (caption tokens, a prepare cache's arrays); each must be a pure function of its batch, so
+    that the iterator's saved position is all a resume needs."""
     shard = shard or shard_from_jax()
     if num_workers < 0:
         num_workers = auto_workers()
@@ -301,6 +304,8 @@ def make_dataset(
     order = BucketedOrder(loader.buckets, config.batch_size, shard, seed, config.shuffle, config.num_epochs,
                           config.buckets)
     dataset = grain.MapDataset.source(order).map(loader).batch(config.batch_size, drop_remainder=True)
+    for transform in batch_transforms:
+        dataset = dataset.map(transform)
     dataset = dataset.to_iter_dataset()
     if num_workers > 0:
         from absl import flags

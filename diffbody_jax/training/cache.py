@@ -78,8 +78,21 @@ class EncodedCache:
                 if not (folder / name).exists():
                     raise ValueError(f"config data.cache: {index} names {name}, which is missing")
                 shards.append(folder / name)
-        self._shards = [np.load(shard) for shard in shards]  # NpzFile: members are read on access
-        self.entries = {key: z for z in self._shards for key in z.files}
+        self.shard_paths = shards
+        self._entries = None
+
+    @property
+    def entries(self) -> dict:
+        """"<record>/<field>" -> its shard (NpzFile: members are read on access), opened in the process asking."""
+        if self._entries is None:
+            self._entries = {key: z for z in map(np.load, self.shard_paths) for key in z.files}
+        return self._entries
+
+    def __getstate__(self):  # a data worker process reopens the shards itself
+        return {**self.__dict__, "_entries": None}
+
+    def __call__(self, batch: Mapping) -> dict:
+        return self.fill(batch)
 
     def fill(self, batch: Mapping) -> dict:
         out = dict(batch)

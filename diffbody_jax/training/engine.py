@@ -146,9 +146,8 @@ def make_data_iterator(config, phase: Phase):
         raise ValueError(f"data.batch_size={data.batch_size} (global) is not divisible by {processes} processes")
     annotated = data.get("pose_source", "manifest") == "annotator"  # pose drawn by the host hook instead
     # every line must give its pose map (a file or keypoints; [] = no person) before the run starts, not when the
-    # loader draws it hours in
-    # headers only, on many threads: every host reads the manifest at every start; a file that fails to decode
-    # when drawn is skipped and logged (data.pipeline.ExampleLoader), not fatal hours into the run
+    # loader draws it hours in; headers only, on many threads: every host reads the manifest at every start, and a
+    # file that fails to decode when drawn is skipped and logged (data.pipeline.ExampleLoader)
     records = read_manifest(data.manifest, require=tuple(m for m in data.maps if not (annotated and m == "pose")),
                             decode=False, workers=MANIFEST_THREADS)
     if annotated and data.get("cache"):
@@ -157,8 +156,12 @@ def make_data_iterator(config, phase: Phase):
     data_config = DataConfig.from_config(config, batch_size=data.batch_size // processes,
                                          maps=tuple(m for m in data.maps if not (annotated and m == "pose")))
     degradation = degradation_from_config(degradation_config(config))
+    # caption tokens and a prepare cache's arrays are filled in the data workers (pure functions of the batch)
+    transforms = [phase.host(config)] if phase.host is not None else []
+    if data.get("cache"):
+        transforms.append(EncodedCache(data.cache, config))
     dataset = make_dataset(records, data_config, degradation, seed=int(config.train.seed),
-                           num_workers=int(data.num_workers))
+                           num_workers=int(data.num_workers), batch_transforms=transforms)
     return iter(dataset)
 
 
@@ -256,7 +259,6 @@ def train(config, workdir: str | Path, *, batch_hook: Callable[[int, dict], dict
         make_train_step(s.loss_fn, s.tx, s.schedule,
                         grad_accum=int(config.train.grad_accum), ema_decay=float(config.train.ema_decay)),
         s.state_shardings, s.mesh)
-    host_hook = s.phase.host(config) if s.phase.host is not None else None
     pose_hook = annotated_pose_hook(config, s.module, state.frozen)
     cache = EncodedCache(config.data.cache, config) if config.data.get("cache") else None
     writer = MetricWriter(workdir, start, total)
@@ -272,10 +274,6 @@ def train(config, workdir: str | Path, *, batch_hook: Callable[[int, dict], dict
                 skipped += int(np.sum(host.get("skipped", 0)))
                 if pose_hook is not None:
                     host = pose_hook(host)
-                if host_hook is not None:
-                    host = host_hook(host)
-                if cache is not None:
-                    host = cache.fill(host)
                 host = _loss_inputs(host, s.phase, cache.fields if cache is not None else (), tuple(config.data.maps))
                 if batch_hook is not None:
                     host = batch_hook(step, host)

@@ -231,3 +231,30 @@ def test_auto_workers_use_spare_cores_only():
     from diffbody_jax.data.pipeline import auto_workers
 
     assert [auto_workers(c) for c in (1, 2, 4, 6, 8, 64, 224)] == [0, 0, 0, 3, 4, 16, 16]
+
+
+class _RecordSquares:
+    """A batch transform (as caption tokens and a prepare cache are): a pure function of the batch, picklable."""
+
+    def __call__(self, batch):
+        return {**batch, "squares": np.asarray(batch["record"], np.int64) ** 2}
+
+
+def test_batch_transforms_run_in_the_workers_and_resume_with_the_iterator(toy_manifest):
+    """A batch transform gives the same batches in worker processes as in this one, and a pipeline resumed from a
+    saved position (with workers) continues exactly."""
+    config = _config()
+    one = iter(make_dataset(toy_manifest, config, MIX, 0, ONE_HOST, 0, [_RecordSquares()]))
+    serial = [next(one) for _ in range(6)]
+    it = iter(make_dataset(toy_manifest, config, MIX, 0, ONE_HOST, 2, [_RecordSquares()]))
+    first = [next(it) for _ in range(3)]
+    state = it.get_state()
+    del it
+    resumed = iter(make_dataset(toy_manifest, config, MIX, 0, ONE_HOST, 2, [_RecordSquares()]))
+    resumed.set_state(state)
+    rest = [next(resumed) for _ in range(3)]
+    for x, y in zip(serial, first + rest, strict=True):
+        np.testing.assert_array_equal(x["squares"], np.asarray(x["record"], np.int64) ** 2)
+        for key in ("squares", "record", "degraded"):
+            np.testing.assert_array_equal(x[key], y[key])
+    del resumed
