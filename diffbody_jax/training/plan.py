@@ -291,7 +291,8 @@ def _flat_params(tree) -> dict[str, Any]:
 
 def gathers_outside_layers(op_names, param_paths) -> list[str]:
     """The op names (each once) of all-gathers not made inside a layer: flax names a layer's ops by its module
-    path, so a gather of a weight made where its layer runs carries "/<module>/" for the module owning some param
-    (".../jvp(UNet2DConditionModel)/conv_in/conv_general_dilated"); one at the step's top level does not."""
-    scopes = {"/" + path.split("/")[-2] + "/" for path in param_paths if "/" in path}
+    path, so a gather of a weight made where its layer runs carries "/<module>/" for some module of the model
+    (".../jvp(UNet2DConditionModel)/conv_in/conv_general_dilated", ".../jvp(CLIPTextModel)/embeddings/add"); one
+    at the step's top level (the optimizer's update, the loss) or one XLA added without a name does not."""
+    scopes = {f"/{module}/" for path in param_paths for module in path.split("/")[1:-1]}
     return sorted({name or "(no op_name)" for name in op_names if not any(scope in name for scope in scopes)})
