@@ -162,15 +162,19 @@ def _shape_bytes(text: str) -> int:
                for t, dims in _SHAPE.findall(text))
 
 
-def _result_dims(shape: str) -> tuple[int, ...]:
-    """The dimensions of an instruction's result (of a tuple's last element: an async start's gathered array)."""
-    found = _SHAPE.findall(shape)
-    return tuple(int(d) for d in found[-1][1].split(",") if d) if found else ()
+def _result_arrays(shape: str) -> list[tuple[int, int]]:
+    """(elements, bytes) of each array of an instruction's result (one, or a tuple's: an async start holds its
+    operands and results, and XLA combines several gathers into one)."""
+    out = []
+    for dtype, dims in _SHAPE.findall(shape):
+        n = int(np.prod([int(d) for d in dims.split(",") if d], dtype=np.int64))
+        out.append((n, n * _BYTES[dtype]))
+    return out
 
 
-def _computations(hlo: str) -> list[list[tuple[str, str, int, str, tuple[int, ...]]]]:
+def _computations(hlo: str) -> list[list[tuple[str, str, int, str, list[tuple[int, int]]]]]:
     """Each computation's instructions in the printed (scheduled) order: (name, opcode, result bytes, the text after
-    the opcode, the result's dimensions)."""
+    the opcode, the result's arrays as (elements, bytes))."""
     out, current = [], None
     for line in hlo.splitlines():
         if line.rstrip().endswith("{") and ("->" in line or line.startswith(("ENTRY", "%"))):
@@ -182,7 +186,7 @@ def _computations(hlo: str) -> list[list[tuple[str, str, int, str, tuple[int, ..
         m = _INSTRUCTION.match(line)
         if m:
             name, shape, opcode, rest = m.groups()
-            current.append((name, opcode, _shape_bytes(shape), rest, _result_dims(shape)))
+            current.append((name, opcode, _shape_bytes(shape), rest, _result_arrays(shape)))
     return out
 
 
@@ -196,21 +200,24 @@ def collective_counts(hlo: str) -> dict[str, int]:
     return counts
 
 
-def gathered_peak(hlo: str, weight_shapes=None) -> tuple[int, list[str]]:
+def gathered_peak(hlo: str, weight_sizes=None) -> tuple[int, list[str]]:
     """(bytes, op names): the most all-gather results alive at once in any computation of the scheduled program
     (alive from the gather to the last instruction reading it or a view of it), and the op_name of each.
-    weight_shapes: count only gathers whose result has one of these shapes (the params' full shapes: the
-    partitioner also gathers activations, e.g. a batch-split tensor before a reshape)."""
+    weight_sizes: count only the gathered arrays of one of these element counts (the params' full sizes: the
+    partitioner also gathers activations, e.g. a batch-split tensor before a reshape; XLA:TPU may gather a weight
+    reshaped, so sizes, not shapes)."""
     peak, names = 0, []
     aliases = ("get-tuple-element", "bitcast", "copy", "all-gather-done", "reshape", "transpose", "convert")
     for computation in _computations(hlo):
         root_of: dict[str, str] = {}
         born, size, last = {}, {}, {}
-        for index, (name, opcode, nbytes, rest, dims) in enumerate(computation):
+        for index, (name, opcode, nbytes, rest, arrays) in enumerate(computation):
             operands = re.findall(r"%([\w.\-]+)", rest.split("metadata=")[0])
-            if opcode in ("all-gather", "all-gather-start") and (
-                    weight_shapes is None or dims in weight_shapes):
-                root_of[name], born[name], size[name], last[name] = name, index, nbytes, index
+            if opcode in ("all-gather", "all-gather-start"):
+                counted = nbytes if weight_sizes is None else sum(b for n, b in arrays if n in weight_sizes)
+                if not counted:
+                    continue
+                root_of[name], born[name], size[name], last[name] = name, index, counted, index
                 names.append((_OP_NAME.search(rest) or [None, ""])[1])
                 continue
             for operand in operands:
@@ -262,7 +269,7 @@ def _plan_train_step(config, height, width, mesh, devices) -> TrainPlan:
             fits, temporaries = False, needed
     seconds = time.perf_counter() - start
     params = {**_flat_params(s.abstract_state.params), **_flat_params(s.abstract_state.frozen)}
-    peak, gather_names = gathered_peak(hlo, {tuple(x.shape) for x in params.values()})
+    peak, gather_names = gathered_peak(hlo, {int(np.prod(x.shape)) for x in params.values()})
     layer, layer_bytes = largest_layer(traverse_util.unflatten_dict(params, sep="/"))
     state, st = s.abstract_state, s.state_shardings
     outside = gathers_outside_layers(gather_names, params)

@@ -76,13 +76,15 @@ def test_largest_layer_sums_a_modules_own_params():
 
 
 def test_only_gathers_of_weight_shapes_count_when_asked():
-    """The partitioner gathers activations too: with the params' shapes given, only gathers of those count."""
+    """The partitioner gathers activations too: with the params' sizes given, only gathered arrays of those count."""
     gather = "%all-gather.9 = f32[64,8]{1,0} all-gather(f32[8,8]{1,0} %w0), dimensions={0}"
     activation = SEQUENTIAL.replace("%fusion.1 = f32[8,8]{1,0} fusion(",
                                     gather + "\n  %fusion.1 = f32[8,8]{1,0} fusion(f32[64,8]{1,0} %all-gather.9, ")
     assert plan.gathered_peak(activation)[0] == (32 * 8 + 64 * 8) * 4
-    assert plan.gathered_peak(activation, {(32, 8)})[0] == 32 * 8 * 4
-    assert plan.gathered_peak(activation, {(3, 3)})[0] == 0
+    assert plan.gathered_peak(activation, {32 * 8})[0] == 32 * 8 * 4
+    assert plan.gathered_peak(activation, {9})[0] == 0
+    # an async start's tuple holds the shard and the result: only the weight-sized array counts
+    assert plan.gathered_peak(EARLY, {32 * 8})[0] == 2 * 32 * 8 * 4
 
 
 def test_xla_tpus_out_of_memory_refusal_gives_the_temporaries():
