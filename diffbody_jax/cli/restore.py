@@ -156,8 +156,8 @@ def restore_main(argv) -> int:
         return plan_main(args, fail)
     missing = [flag for flag, value in (("inputs", args.inputs), ("--out", args.out), ("--weights", args.weights))
                if not value]
-    if missing:
-        return fail(f"{', '.join(missing)} required (or --plan HxW)")
+    if missing:  # a usage error (exit 2), as argparse's own
+        p.error(f"{', '.join(missing)} required (or --plan HxW)")
     try:
         cache = start_compilation_cache(args)
         settings = settings_from(args)

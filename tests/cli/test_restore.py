@@ -108,5 +108,6 @@ def test_plan_prints_each_devices_memory_without_weights(tmp_path, capsys):
     assert "attention bounded, tiny configs" in out and "per device: arguments" in out and "total" in out
     assert main(["restore", "--plan", "100x64", "--plan-variant", "tiny"]) == 1
     assert "--plan '100x64': expected HxW, multiples of 64" in capsys.readouterr().err
-    assert main(["restore", "--out", str(tmp_path)]) == 1
-    assert "inputs, --weights required (or --plan HxW)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["restore", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2 and "inputs, --weights required (or --plan HxW)" in capsys.readouterr().err
