@@ -46,7 +46,7 @@ from diffbody_jax.parallel.sharding import (
 )
 from diffbody_jax.pipelines.v1 import V1Pipeline
 from diffbody_jax.pipelines.v2 import V2Pipeline
-from diffbody_jax.pipelines.weights import DEFAULT_SCHEDULERS, dtype_kwargs
+from diffbody_jax.pipelines.weights import DEFAULT_SCHEDULERS, TEXT_MEMBERS, dtype_kwargs, members_of
 
 GIB = 2**30
 # the phase configs whose `model` section is each stage's group, per version
@@ -199,8 +199,7 @@ def _plan_restore(version, height, width, dtype, batch, steps, params, variant, 
             return pipe.run_stage2(v, k, f, p, t)
 
         first = _sharded_like(jax.eval_shape(run1, {"stage1": variables["stage1"]}, key, image, image, text[0]), mesh)
-        text_members = {stage: {c: {m: t for m, t in tree.items() if m.startswith("text_encoder")}
-                                for c, tree in stage_tree.items()} for stage, stage_tree in variables.items()}
+        text_members = members_of(variables, TEXT_MEMBERS)
         lowered = {"text": jax.jit(lambda v, i: pipe.encode_text(v, i, (height, width))).lower(text_members, ids),
                    "stage1": jax.jit(run1).lower({"stage1": variables["stage1"]}, key, image, image, text[0]),
                    "stage2": jax.jit(run2).lower({"stage2": variables["stage2"]}, key, first, image, text[1])}

@@ -54,10 +54,12 @@ from diffbody_jax.pipelines.v1 import V1Pipeline
 from diffbody_jax.pipelines.v2 import V2Pipeline
 from diffbody_jax.pipelines.weights import (
     DTYPES,
+    TEXT_MEMBERS,
     WeightsError,
     component_present,
     load_v1_models,
     load_v2_models,
+    members_of,
     restore_contracts,
     tokenizer_folder,
 )
@@ -338,13 +340,10 @@ class Restorer:
         now from host memory and freed when the caller drops them."""
         if not self.settings.offload:
             return self.variables
-        members = {"text": ("text_encoder", "text_encoder_2"), "regress": ("swinir",)}.get(part)
+        members = {"text": TEXT_MEMBERS, "regress": ("swinir",)}.get(part)
 
         def select(tree):
-            if members is None:
-                return {part: tree[part]}
-            return {stage: {collection: {m: t for m, t in by_member.items() if m in members}
-                            for collection, by_member in stage_tree.items()} for stage, stage_tree in tree.items()}
+            return {part: tree[part]} if members is None else members_of(tree, members)
 
         return host_to_sharded(select(self.host_variables), select(self.shardings))
 

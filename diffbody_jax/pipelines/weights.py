@@ -112,6 +112,16 @@ FLOAT32_COMPONENTS = ("sd21/vae", "sdxl/vae")
 DTYPES = ("float32", "bfloat16")
 
 
+# the members each of v2's offloaded programs reads besides a whole stage (`Restorer._on_devices`, `plan_restore`)
+TEXT_MEMBERS = ("text_encoder", "text_encoder_2")
+
+
+def members_of(variables: dict, names) -> dict:
+    """v2's {stage: {collection: {member: tree}}} variables cut to the members in `names`, in every stage."""
+    return {stage: {collection: {m: t for m, t in by_member.items() if m in names}
+                    for collection, by_member in stage_tree.items()} for stage, stage_tree in variables.items()}
+
+
 def dtype_kwargs(name: str, dtype: str) -> dict:
     """Module keyword arguments that give component or group member `name` ("sd21/unet", "vae") weights and compute
     in `dtype` (float32 for the VAEs)."""
