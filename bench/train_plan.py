@@ -12,7 +12,8 @@ XLA's temporaries and the total; the gathered weights alive at once against the 
 FSDP layout holds when the first is at most twice the second, and every all-gather sits in a layer's named scope);
 the collectives; the compile seconds and the child's peak RSS. --target tpu:... compiles for a TPU slice with
 XLA:TPU (bench/README.md says how to get libtpu); on CPU (--devices N forced host devices) the figures estimate an
-accelerator's, and XLA:CPU's scheduler issues every gather early (docs/scaling.md).
+accelerator's with --attention chunked standing in for its kernel (`bounded` resolves to the key-blocked einsum on
+CPU, whose backward keeps every logit), and XLA:CPU's scheduler issues every gather early (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ def plan_one(args) -> dict:
     from diffbody_jax.training.plan import plan_train_step
 
     config = load_config(f"{args.phase}:variant={args.variant}", args.set)
+    if args.attention:  # e.g. "chunked" on CPU: the bounded kernel a GPU or TPU would run, standing in for it
+        for section in config.model.members.values() if "members" in config.model else [config.model]:
+            if "attention_backend" in section:
+                section.attention_backend = args.attention
     mesh = MeshConfig(*(int(x) for x in args.mesh.split(","))) if args.mesh else MeshConfig(data=1, fsdp=-1)
     size = PAPER_SIZE if args.variant == "paper" else tuple(config.data.buckets[0])
     plan = plan_train_step(config, height=size[0], width=size[1], mesh=mesh, devices=devices)
@@ -51,6 +56,8 @@ def main() -> None:
     p.add_argument("--variant", default="paper")
     p.add_argument("--mesh", help="data,fsdp,tensor (one may be -1); default 1,-1,1: FSDP over every device")
     p.add_argument("--set", action="append", default=[], help="a config override, e.g. data.batch_size=8")
+    p.add_argument("--attention", help="every member's attention backend (default: the config's, `bounded`); "
+                   "`chunked` on --devices stands in for the flash or splash kernel of a GPU or TPU")
     p.add_argument("--phase", help=argparse.SUPPRESS)  # a child's one phase
     p.add_argument("--json", help="also write the rows here (JSON lines)")
     add_target_args(p)
@@ -65,6 +72,7 @@ def main() -> None:
         child = [sys.executable, __file__, "--phase", phase, "--variant", args.variant, "--target", args.target,
                  *(["--devices", str(args.devices)] if args.devices else []),
                  *(["--libtpu", args.libtpu] if args.libtpu else []), *(["--mesh", args.mesh] if args.mesh else []),
+                 *(["--attention", args.attention] if args.attention else []),
                  *[x for s in args.set for x in ("--set", s)]]
         proc = subprocess.run(child, capture_output=True, text=True, cwd=REPO)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("PLAN ")]

@@ -257,6 +257,7 @@ def training_sections(config, *, steps: int, batch_size: int, learning_rate: flo
         # `annotator`'s keypoints on I_reg = SwinIR(degraded) (the papers: DWPose(I_reg), MMPose(I_ir))
         pose_source="manifest",
         annotator="auto",  # "backend[:key=value,...]" (diffbody_jax/annotators), e.g. "onnx-dwpose:det=..,pose=.."
+        pose_workers=-1,  # annotator processes for pose_source=annotator (0: none; -1: as num_workers)
         # how keypoints become pose maps (data.pose.PoseStyle); the export's contract carries it to restore
         pose_style=dict(threshold=0.3, hands=True, face=True),
         degradation="real-esrgan",  # a kind of configs/degradation.py

@@ -37,6 +37,7 @@ from jax.sharding import Mesh
 from diffbody_jax.data.degradations import degradation_config, degradation_from_config
 from diffbody_jax.data.manifest import MAP_FIELDS, read_manifest
 from diffbody_jax.data.pipeline import DataConfig, make_dataset
+from diffbody_jax.data.prefetch import Prefetched
 from diffbody_jax.diffusion.contract import contract_from_config
 from diffbody_jax.interop.pretrained import family_for_module, save_pretrained
 from diffbody_jax.models.registry import build_model
@@ -265,15 +266,15 @@ def train(config, workdir: str | Path, *, batch_hook: Callable[[int, dict], dict
     config_json = _config_json(config)
     metrics: dict[str, Any] = {}
     skipped = 0
+    # the host's work for step k+1 (drawing; the annotated-pose hook) runs on a thread while the devices run step k
+    batches = Prefetched(iterator, pose_hook)
     try:
         with jax.set_mesh(s.mesh), logical_rules(s.rules):
             for step in range(start + 1, total + 1):
                 began = time.perf_counter()
-                host = next(iterator)
+                host = next(batches)
                 # unreadable records this host's loader passed over (each logged where it happened), since start
                 skipped += int(np.sum(host.get("skipped", 0)))
-                if pose_hook is not None:
-                    host = pose_hook(host)
                 host = _loss_inputs(host, s.phase, cache.fields if cache is not None else (), tuple(config.data.maps))
                 if batch_hook is not None:
                     host = batch_hook(step, host)
@@ -295,11 +296,15 @@ def train(config, workdir: str | Path, *, batch_hook: Callable[[int, dict], dict
                 if step % int(config.train.log_every) == 0 or step == total:
                     writer.write(step, metrics)
                 if checkpoints.should_save(step) or step == total:
-                    checkpoints.save(step, state, iterator, config_json, force=step == total)
+                    checkpoints.save(step, state, batches, config_json, force=step == total)
                 writer.advance()
         checkpoints.wait()
+        batches.close()
         export = export_params(s, state, config, workdir, iterator)
     finally:
+        batches.close()
+        if pose_hook is not None:
+            pose_hook.close()
         writer.close()
         checkpoints.close()
     return TrainResult(workdir, int(state.step), metrics, export)
