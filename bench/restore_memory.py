@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import sys
 import tempfile
@@ -24,41 +23,22 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import linen as nn
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from common import load_report  # noqa: E402
 
-from diffbody_jax.config import load_config  # noqa: E402
-from diffbody_jax.diffusion.samplers import SamplerConfig  # noqa: E402
-from diffbody_jax.diffusion.schedule import NoiseSchedule  # noqa: E402
-from diffbody_jax.models.registry import build_model  # noqa: E402
+from diffbody_jax.pipelines.plan import plan_restore  # noqa: E402
 from diffbody_jax.pipelines.tiles import TileConfig  # noqa: E402
-from diffbody_jax.pipelines.v1 import V1Pipeline  # noqa: E402
 
 GB = 1024**3
 
 
-def full_size_program(height: int, width: int, tile: int, steps: int) -> dict:
-    group = build_model(load_config("v1_controlnet:variant=paper").model)
-    variables = nn.unbox(group.abstract_variables())  # ShapeDtypeStructs: no memory
-    schedule = NoiseSchedule.from_dict(json.loads(
-        (REPO / "configs/diffusers/sd21-base/scheduler/scheduler_config.json").read_text()))
-    pipe = V1Pipeline(group, schedule, SamplerConfig(num_steps=steps), tiles=TileConfig(tile, tile // 4))
-    image = jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32)
-    context = jax.ShapeDtypeStruct((1, 77, group.unet.config.cross_attention_dim), jnp.float32)
-    start = time.perf_counter()
-    compiled = V1Pipeline.__call__.lower(pipe, variables, jax.random.key(0), image, image, context).compile()
-    m = compiled.memory_analysis()
-    weights = sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(variables))
-    return {"compile_s": time.perf_counter() - start, "weights_gb": weights / GB,
-            "arguments_gb": m.argument_size_in_bytes / GB, "outputs_gb": m.output_size_in_bytes / GB,
-            "temporaries_gb": m.temp_size_in_bytes / GB,
-            "total_gb": (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes) / GB}
+def full_size_program(height: int, width: int, tile: int, steps: int):
+    """The paper's v1 restoring one photo on tiles, compiled for abstract weights (`pipelines.plan.plan_restore`)."""
+    return plan_restore("v1", height, width, steps=steps, tiles=TileConfig(tile, tile // 4))
 
 
 def tiny_run(height: int, width: int, steps: int) -> dict:
@@ -99,10 +79,8 @@ def main() -> None:
               f"(compile included), output {r['output_size']}, peak RSS {r['peak_rss_gb']:.2f} GB", flush=True)
     if not args.skip_program:
         m = full_size_program(args.height, args.width, args.tile, args.steps)
-        print(f"full-size v1 (SD2.1-base), tiles {args.tile}/{args.tile // 4}, DDPM {args.steps}: weights "
-              f"{m['weights_gb']:.2f} GB, arguments {m['arguments_gb']:.2f} GB, outputs {m['outputs_gb']:.3f} GB, "
-              f"temporaries {m['temporaries_gb']:.2f} GB, total {m['total_gb']:.2f} GB "
-              f"(compile {m['compile_s']:.0f} s)")
+        print(f"full-size v1 (SD2.1-base), tiles {args.tile}/{args.tile // 4}, DDPM {args.steps}:")
+        print(m.describe())
     load_report("after")
 
 

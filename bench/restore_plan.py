@@ -31,12 +31,14 @@ def main() -> None:
     p.add_argument("--params", default="replicated", help="replicated and/or fsdp, comma-separated")
     p.add_argument("--steps", type=int, help="sampling steps per stage (default the papers' 50 / 200)")
     p.add_argument("--offload", action="store_true", help="v2: each stage's weights on the devices for its program")
+    p.add_argument("--tile", type=int, help="restore on tiles of this side (overlap a quarter), as --fit tile does")
     add_target_args(p)
     args = p.parse_args()
     devices = target_devices_from(args)
     import jax
 
     from diffbody_jax.pipelines.plan import plan_restore
+    from diffbody_jax.pipelines.tiles import TileConfig
 
     print(f"# jax {jax.__version__}, compiled for {len(devices)} {devices[0].device_kind} device(s); GiB per device")
     print("| version | size | dtype | batch | devices, weights | all weights | arguments | temporaries | total | "
@@ -47,7 +49,8 @@ def main() -> None:
             for dtype in args.dtypes.split(","):
                 for params in args.params.split(","):
                     plan = plan_restore(version, h, w, dtype=dtype, batch=len(devices), steps=args.steps,
-                                        params=params, devices=devices, offload=args.offload)
+                                        params=params, devices=devices, offload=args.offload,
+                                        tiles=TileConfig(args.tile, args.tile // 4) if args.tile else None)
                     print(plan.row(), flush=True)
     print(f"# peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GB")
 

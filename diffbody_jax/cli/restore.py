@@ -40,6 +40,7 @@ from diffbody_jax.pipelines.jobs import PoseSource, prepare_jobs, run_jobs, writ
 from diffbody_jax.pipelines.plan import plan_restore
 from diffbody_jax.pipelines.prompts import prompts_for
 from diffbody_jax.pipelines.restore import FITS, PRESET_STEPS, SAMPLERS, Restorer, RestoreSettings, restore_defaults
+from diffbody_jax.pipelines.tiles import tiles_for
 from diffbody_jax.pipelines.weights import (
     COMPONENTS,
     DTYPES,
@@ -224,7 +225,7 @@ def plan_main(args, fail) -> int:
     try:
         plan = plan_restore(args.version, height, width, dtype=args.dtype, batch=args.batch, steps=args.steps,
                             params=args.params, variant=args.plan_variant, attention=args.attention,
-                            offload=args.offload)
+                            offload=args.offload, tiles=tiles_for(args.fit, args.size))
     except (ValueError, FileNotFoundError) as e:
         return fail(str(e))
     print(plan.describe())

@@ -44,6 +44,7 @@ from diffbody_jax.parallel.sharding import (
     resolve_placement,
     tree_bytes,
 )
+from diffbody_jax.pipelines.tiles import TileConfig
 from diffbody_jax.pipelines.v1 import V1Pipeline
 from diffbody_jax.pipelines.v2 import V2Pipeline
 from diffbody_jax.pipelines.weights import DEFAULT_SCHEDULERS, TEXT_MEMBERS, dtype_kwargs, members_of
@@ -73,6 +74,7 @@ class RestorePlan:
     temporaries_gib: float
     compile_s: float  # all programs
     programs: dict[str, float] = dataclasses.field(default_factory=dict)  # each program's total GiB per device
+    tile: int | None = None  # --fit tile: the tiles' side in pixels (overlap a quarter of it)
 
     @property
     def total_gib(self) -> float:
@@ -80,15 +82,18 @@ class RestorePlan:
 
     def row(self) -> str:
         params = self.params + (", offload" if self.offload else "")
-        return (f"| {self.version} | {self.height}x{self.width} | {self.dtype} | {self.batch} | {self.devices} "
+        size = f"{self.height}x{self.width}" + (f", tiles {self.tile}" if self.tile else "")
+        return (f"| {self.version} | {size} | {self.dtype} | {self.batch} | {self.devices} "
                 f"{params} | {self.weights_gib:.3f} | {self.arguments_gib:.3f} | {self.temporaries_gib:.3f} | "
                 f"{self.total_gib:.3f} | {self.compile_s:.0f} |")
 
     def describe(self) -> str:
         """A few lines for `diffbody restore --plan`."""
         where = self.platform
-        lines = [f"plan: {self.version} {self.height}x{self.width} {self.dtype}, batch {self.batch} on {self.devices} "
-                 f"{where} device(s), params {self.params}{', offload' if self.offload else ''}, {self.steps} steps, "
+        tiles = f" on tiles of {self.tile}" if self.tile else ""
+        lines = [f"plan: {self.version} {self.height}x{self.width}{tiles} {self.dtype}, batch {self.batch} on "
+                 f"{self.devices} {where} device(s), params {self.params}{', offload' if self.offload else ''}, "
+                 f"{self.steps} steps, "
                  f"attention {self.attention}, {self.variant} configs",
                  f"weights {self.weights_gib:.2f} GiB in all; per device: arguments {self.arguments_gib:.2f}, "
                  f"outputs {self.outputs_gib:.2f}, temporaries {self.temporaries_gib:.2f}, total "
@@ -142,24 +147,25 @@ def _sharded_like(tree, mesh):
 def plan_restore(version: str, height: int, width: int, *, dtype: str = "float32", batch: int = 1,
                  steps: int | None = None, params: str = "replicated", variant: str = "paper",
                  devices: Sequence[jax.Device] | None = None, attention: str = "bounded", offload: bool = False,
-                 fsdp_min_size: int = ShardingRules.fsdp_min_size) -> RestorePlan:
+                 fsdp_min_size: int = ShardingRules.fsdp_min_size, tiles: TileConfig | None = None) -> RestorePlan:
     """Compile `version`'s restoration for abstract weights and inputs and read its per-device memory.
 
     height, width: the image (multiples of 64); batch: images per call, split over the devices (a multiple of
     their number); steps: sampling steps per stage (default the papers' 50 / 200); variant: the configs' variant
     (paper, or tiny for a quick check); fsdp_min_size: with params="fsdp", weights of fewer numbers stay whole on
     every device (the training engine's default); devices: default this process's, or a TPU topology's
-    (`parallel.mesh.target_devices`: compiled ahead of time by XLA:TPU). Nothing is allocated: the weights are
-    shapes only.
+    (`parallel.mesh.target_devices`: compiled ahead of time by XLA:TPU); tiles: `--fit tile`'s tiles (the
+    restoration of a large photo as `diffbody restore` runs it: `RestoreSettings.tiles`). Nothing is allocated: the
+    weights are shapes only.
     """
     devices = list(devices or jax.local_devices())
     with compiling_for(devices[0].platform):
         return _plan_restore(version, height, width, dtype, batch, steps, params, variant, devices, attention,
-                             offload, fsdp_min_size)
+                             offload, fsdp_min_size, tiles)
 
 
 def _plan_restore(version, height, width, dtype, batch, steps, params, variant, devices, attention, offload,
-                  fsdp_min_size) -> RestorePlan:
+                  fsdp_min_size, tiles) -> RestorePlan:
     if version not in _GROUPS:
         raise ValueError(f"version {version!r}; expected one of {sorted(_GROUPS)}")
     if params not in PLACEMENTS:
@@ -182,10 +188,10 @@ def _plan_restore(version, height, width, dtype, batch, steps, params, variant, 
     variables = [placed(v) for v in abstract]
     sampler = SamplerConfig(method="ddpm", num_steps=steps)
     if version == "v1":
-        pipe = V1Pipeline(groups[0], _schedule("sd21"), sampler)
+        pipe = V1Pipeline(groups[0], _schedule("sd21"), sampler, tiles=tiles)
         variables = variables[0]
     else:
-        pipe = V2Pipeline(groups[0], groups[1], _schedule("sd21"), _schedule("sdxl"), sampler, sampler)
+        pipe = V2Pipeline(groups[0], groups[1], _schedule("sd21"), _schedule("sdxl"), sampler, sampler, tiles=tiles)
         variables = {"stage1": variables[0], "stage2": variables[1]}
     image = jax.ShapeDtypeStruct((batch, height, width, 3), jnp.float32, sharding=batch_sharding(mesh, 4))
     ids = {name: jax.ShapeDtypeStruct((batch, 77), jnp.int32) for name in pipe.tokenizers}
@@ -217,4 +223,5 @@ def _plan_restore(version, height, width, dtype, batch, steps, params, variant, 
                        devices[0].platform,
                        weights_gib=tree_bytes(variables) / GIB, arguments_gib=m.argument_size_in_bytes / GIB,
                        outputs_gib=m.output_size_in_bytes / GIB, temporaries_gib=m.temp_size_in_bytes / GIB,
-                       compile_s=seconds, programs={k: total(v) for k, v in analyses.items()})
+                       compile_s=seconds, programs={k: total(v) for k, v in analyses.items()},
+                       tile=tiles.size if tiles is not None else None)

@@ -49,7 +49,7 @@ from diffbody_jax.parallel.sharding import (
     tree_bytes,
 )
 from diffbody_jax.pipelines.prompts import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT
-from diffbody_jax.pipelines.tiles import TileConfig
+from diffbody_jax.pipelines.tiles import TileConfig, tiles_for
 from diffbody_jax.pipelines.v1 import V1Pipeline
 from diffbody_jax.pipelines.v2 import V2Pipeline
 from diffbody_jax.pipelines.weights import (
@@ -131,7 +131,7 @@ class RestoreSettings:
 
     @property
     def tiles(self) -> TileConfig | None:
-        return TileConfig(self.size, self.size // 4) if self.fit == "tile" else None
+        return tiles_for(self.fit, self.size)
 
     @property
     def buckets(self) -> tuple[tuple[int, int], ...]:

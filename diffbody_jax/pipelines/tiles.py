@@ -38,6 +38,11 @@ class TileConfig:
             raise ValueError(f"tiles: overlap {self.overlap} must be positive and at most half the size {self.size}")
 
 
+def tiles_for(fit: str, size: int) -> TileConfig | None:
+    """`--fit tile`'s tiles, of side `size` overlapping by a quarter of it; None for any other fit."""
+    return TileConfig(size, size // 4) if fit == "tile" else None
+
+
 def space_to_depth(x: Array, f: int) -> Array:
     """[B, H, W, C] -> [B, H/f, W/f, f*f*C]: an image-resolution condition onto the latent grid, exactly."""
     b, h, w, c = x.shape

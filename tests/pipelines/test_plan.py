@@ -87,3 +87,15 @@ def test_an_offloaded_v2_holds_one_stage_at_a_time():
     assert plan.offload and "offload" in plan.row()
     with pytest.raises(ValueError, match="v1 has one stage"):
         plan_restore("v1", 64, 64, offload=True)
+
+
+def test_tiles_bound_a_large_photos_temporaries():
+    """--fit tile: a photo 16x the tile's area needs far less than the same photo whole (the tiles are sampled one
+    after another), and the plan says it was tiled."""
+    from diffbody_jax.pipelines.tiles import TileConfig
+
+    whole = plan_restore("v1", 256, 256, steps=1, variant="tiny")
+    tiled = plan_restore("v1", 256, 256, steps=1, variant="tiny", tiles=TileConfig(64, 16))
+    assert tiled.tile == 64 and "tiles 64" in tiled.row() and whole.tile is None
+    print(f"temporaries: whole {whole.temporaries_gib * 2**10:.2f} MiB, tiled {tiled.temporaries_gib * 2**10:.2f} MiB")
+    assert tiled.temporaries_gib < 0.5 * whole.temporaries_gib
