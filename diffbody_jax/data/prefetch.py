@@ -39,7 +39,9 @@ class Prefetched:
 
     def __init__(self, iterator: Iterator[dict], prepare: Callable[[dict], dict] | None = None):
         self._iterator, self._prepare = iterator, prepare
-        self._state = _serialized(iterator.get_state())  # before any batch: a checkpoint at 0 resumes at the start
+        first = iterator.get_state()
+        self._bytes_state = isinstance(first, bytes)
+        self._state = _serialized(first)  # before any batch: a checkpoint at step 0 resumes at the start
         self._ready: queue.Queue = queue.Queue(maxsize=1)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._fill, name="prefetch-host-batches", daemon=True)
@@ -84,9 +86,16 @@ class Prefetched:
         return self._state
 
     def close(self) -> None:
-        """Stops the thread (it may finish the batch it is preparing first)."""
+        """Stops the thread (it may finish the batch it is preparing first) and sets the iterator back to the state
+        of the last batch handed out: whoever draws from it next gets the batch this would have returned next."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         self._thread.join(timeout=60)
+        if self._thread.is_alive():
+            raise RuntimeError("prefetch thread still running 60 s after close(); the iterator was left as it was")
+        state = self._state if self._bytes_state else json.loads(self._state)
+        self._iterator.set_state(state)
 
     def __enter__(self) -> Prefetched:
         return self

@@ -136,8 +136,9 @@ def init_state(s: Setup, config) -> TrainState:
 
 
 # ------------------------------------------------------------------------------------------------- the data
-def make_data_iterator(config, phase: Phase):
-    """This process's grain iterator over config.data (global batch split evenly over the processes)."""
+def make_data_iterator(config, phase: Phase, cache: EncodedCache | None = None):
+    """This process's grain iterator over config.data (global batch split evenly over the processes); cache: the
+    run's `EncodedCache` of config.data.cache when the caller has opened it already."""
     data = config.data
     if not data.manifest:
         raise ValueError("config.data.manifest is empty: set --config.data.manifest=PATH (a JSONL manifest; "
@@ -160,7 +161,7 @@ def make_data_iterator(config, phase: Phase):
     # caption tokens and a prepare cache's arrays are filled in the data workers (pure functions of the batch)
     transforms = [phase.host(config)] if phase.host is not None else []
     if data.get("cache"):
-        transforms.append(EncodedCache(data.cache, config))
+        transforms.append(cache if cache is not None else EncodedCache(data.cache, config))
     dataset = make_dataset(records, data_config, degradation, seed=int(config.train.seed),
                            num_workers=int(data.num_workers), batch_transforms=transforms)
     return iter(dataset)
@@ -243,7 +244,8 @@ def train(config, workdir: str | Path, *, batch_hook: Callable[[int, dict], dict
     s = setup(config, mesh)
     checkpoints = Checkpoints(workdir, int(config.checkpoint.every), int(config.checkpoint.keep),
                               bool(config.checkpoint.async_save))
-    iterator = make_data_iterator(config, s.phase)
+    cache = EncodedCache(config.data.cache, config) if config.data.get("cache") else None
+    iterator = make_data_iterator(config, s.phase, cache)
     latest = checkpoints.latest_step()
     if latest is None:
         state = init_state(s, config)
@@ -261,7 +263,6 @@ def train(config, workdir: str | Path, *, batch_hook: Callable[[int, dict], dict
                         grad_accum=int(config.train.grad_accum), ema_decay=float(config.train.ema_decay)),
         s.state_shardings, s.mesh)
     pose_hook = annotated_pose_hook(config, s.module, state.frozen)
-    cache = EncodedCache(config.data.cache, config) if config.data.get("cache") else None
     writer = MetricWriter(workdir, start, total)
     config_json = _config_json(config)
     metrics: dict[str, Any] = {}

@@ -100,11 +100,11 @@ def test_weights_check_names_missing_and_misshapen_components(weights, tmp_path,
 
 def test_plan_prints_each_devices_memory_without_weights(tmp_path, capsys):
     """`diffbody restore --plan HxW` compiles for configs' shapes (no --weights, no inputs) and prints the memory;
-    a bad size and a missing input are named."""
+    a bad size and a missing input are named; --fit tile plans the tiled program."""
     assert main(["restore", "--plan", "64x128", "--plan-variant", "tiny", "--steps", "1", "--dtype", "bfloat16",
-                 "--compilation-cache", "off"]) == 0
+                 "--fit", "tile", "--size", "64", "--compilation-cache", "off"]) == 0
     out = capsys.readouterr().out
-    assert "plan: v1 64x128 bfloat16, batch 1 on 1 cpu device(s), params replicated" in out
+    assert "plan: v1 64x128 on tiles of 64 bfloat16, batch 1 on 1 cpu device(s), params replicated" in out
     assert "attention bounded, tiny configs" in out and "per device: arguments" in out and "total" in out
     assert main(["restore", "--plan", "100x64", "--plan-variant", "tiny"]) == 1
     assert "--plan '100x64': expected HxW, multiples of 64" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """data.prefetch.Prefetched: the prepared batches of the plain iterator, in order; its state after each batch is
-the plain iterator's after the same batch (a resumed iterator goes on from there); the next batch is prepared
-while the consumer still holds the current one; an error in the thread reaches the consumer at that batch."""
+the plain iterator's after the same batch (a resumed iterator goes on from there, and so does the iterator itself
+once closed); the next batch is prepared while the consumer still holds the current one; an error in the thread
+reaches the consumer at that batch."""
 
 import json
 import threading
@@ -28,9 +29,12 @@ def test_batches_and_states_equal_the_plain_iterators(seed):
             np.testing.assert_array_equal(next(batches), want)
             assert json.loads(batches.get_state()) == state  # not the state of the batch prepared ahead
         saved = json.loads(batches.get_state())
+        inner = batches._iterator
     resumed = _iterator(seed)
     resumed.set_state(saved)
-    np.testing.assert_array_equal(next(resumed), next(plain))
+    following = next(plain)
+    np.testing.assert_array_equal(next(resumed), following)
+    np.testing.assert_array_equal(next(inner), following)  # closing set the iterator back to the batch in use
 
 
 def test_the_next_batch_is_prepared_while_the_current_one_is_held(seed):
