@@ -32,12 +32,14 @@ class _ShardWriter:
         self.out, self.p, self.n, self.limit = out, process, processes, limit
         self.pending: dict[str, np.ndarray] = {}
         self.bytes, self.shards, self.fields = 0, [], set()
+        self.peak_bytes = 0  # the most this writer held at once
         out.mkdir(parents=True, exist_ok=True)
 
     def add(self, key: str, value: np.ndarray) -> None:
         self.pending[key] = value
         self.fields.add(key.split("/", 1)[1])
         self.bytes += value.nbytes
+        self.peak_bytes = max(self.peak_bytes, self.bytes)
         if self.bytes >= self.limit:
             self.flush()
 
@@ -104,5 +106,6 @@ def prepare_cache(config, out_dir: str | Path, mesh=None, shard_bytes: int = SHA
         write_json({**fingerprint(config), "fields": sorted(writer.fields), "processes": n,
                     "records": len(records)}, out / "cache.json")
     multihost_utils.sync_global_devices("prepare_cache")
-    log.info("prepare: this process's records in %d shard(s) -> %s", len(writer.shards), out)
+    log.info("prepare: this process's records in %d shard(s) -> %s (at most %.1f MiB held at once)", len(writer.shards),
+             out, writer.peak_bytes / 2**20)
     return out

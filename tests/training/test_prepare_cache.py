@@ -86,6 +86,7 @@ def test_a_prepare_writes_bounded_shards_as_it_goes_and_training_reads_them_all(
         held.append(writer.bytes)
     writer.close()
     assert max(held) < 2500 and writer.shards == [f"shard-00000-{k:05d}.npz" for k in range(4)]
+    assert writer.peak_bytes == 3000  # three arrays reach the bound, then go to disk
     assert json.loads((tmp_path / "index-00000-of-00001.json").read_text())["shards"] == writer.shards
     assert [len(np.load(tmp_path / s).files) for s in writer.shards] == [3, 3, 3, 1]
 
