@@ -7,7 +7,9 @@ Each row is one child process running `training.prepare.prepare_cache` on the ma
 copy's lines are records of their own), reporting the records, the cache written (MiB on disk, shards), the most
 the shard writer held at once and the child's peak RSS. The last row repeats the largest K with one shard as large
 as the whole cache: what holding everything until the end costs, so the same measurement shows what bounded shards
-save. (tracemalloc would count every numpy allocation, but it slowed the degradations tenfold.)
+save. (tracemalloc would count every numpy allocation, but it slowed the degradations tenfold.) Slow at 512: the
+tiny VAE's latents are 1/2 of the image, so its mid-block attention spans 65,536 positions, about a minute of CPU per
+record on a 2-core VM; `--size 256` is sixteen times cheaper there. Results: docs/training.md, "The prepare cache".
 """
 
 from __future__ import annotations
