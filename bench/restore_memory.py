@@ -31,14 +31,14 @@ sys.path.insert(0, str(REPO))
 from common import load_report  # noqa: E402
 
 from diffbody_jax.pipelines.plan import plan_restore  # noqa: E402
-from diffbody_jax.pipelines.tiles import TileConfig  # noqa: E402
+from diffbody_jax.pipelines.tiles import tiles_for  # noqa: E402
 
 GB = 1024**3
 
 
 def full_size_program(height: int, width: int, tile: int, steps: int):
     """The paper's v1 restoring one photo on tiles, compiled for abstract weights (`pipelines.plan.plan_restore`)."""
-    return plan_restore("v1", height, width, steps=steps, tiles=TileConfig(tile, tile // 4))
+    return plan_restore("v1", height, width, steps=steps, tiles=tiles_for("tile", tile))
 
 
 def tiny_run(height: int, width: int, steps: int) -> dict:

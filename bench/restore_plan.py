@@ -38,7 +38,7 @@ def main() -> None:
     import jax
 
     from diffbody_jax.pipelines.plan import plan_restore
-    from diffbody_jax.pipelines.tiles import TileConfig
+    from diffbody_jax.pipelines.tiles import tiles_for
 
     print(f"# jax {jax.__version__}, compiled for {len(devices)} {devices[0].device_kind} device(s); GiB per device")
     print("| version | size | dtype | batch | devices, weights | all weights | arguments | temporaries | total | "
@@ -50,7 +50,7 @@ def main() -> None:
                 for params in args.params.split(","):
                     plan = plan_restore(version, h, w, dtype=dtype, batch=len(devices), steps=args.steps,
                                         params=params, devices=devices, offload=args.offload,
-                                        tiles=TileConfig(args.tile, args.tile // 4) if args.tile else None)
+                                        tiles=tiles_for("tile" if args.tile else "bucket", args.tile))
                     print(plan.row(), flush=True)
     print(f"# peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GB")
 
