@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 
 import jax
 import numpy as np
@@ -130,3 +131,15 @@ def target_devices(target: str | None) -> list:
     except Exception as e:  # libtpu missing or an unknown topology: jax raises several kinds
         raise ValueError(f"target {target!r}: no TPU topology {topology!r} ({type(e).__name__}: {e}); compiling "
                          "for TPU needs the libtpu package (bench/README.md)") from e
+
+
+_OOM = re.compile(r"memory required for HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds")
+
+
+def out_of_memory(message: str) -> int | None:
+    """The temporaries' bytes in XLA:TPU's "Ran out of memory" refusal of a compile (None for any other error): a
+    plan compiled for a TPU target reports what a program over the chip's memory would need."""
+    m = _OOM.search(message)
+    if not m:
+        return None
+    return int(float(m[1]) * 1024 ** "_KMGT".index(m[2] or "_"))

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from diffbody_jax.config import load_config
 from diffbody_jax.diffusion.samplers import SamplerConfig
@@ -35,6 +36,7 @@ from diffbody_jax.files import read_json
 from diffbody_jax.models.attention import compiling_for
 from diffbody_jax.models.group import ModelGroup
 from diffbody_jax.models.registry import build_model
+from diffbody_jax.parallel.mesh import out_of_memory
 from diffbody_jax.parallel.sharding import (
     PLACEMENTS,
     ShardingRules,
@@ -75,6 +77,8 @@ class RestorePlan:
     compile_s: float  # all programs
     programs: dict[str, float] = dataclasses.field(default_factory=dict)  # each program's total GiB per device
     tile: int | None = None  # --fit tile: the tiles' side in pixels (overlap a quarter of it)
+    # the programs XLA:TPU refused for the chip's memory: their temporaries are what its refusal says they need
+    refused: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def total_gib(self) -> float:
@@ -83,9 +87,10 @@ class RestorePlan:
     def row(self) -> str:
         params = self.params + (", offload" if self.offload else "")
         size = f"{self.height}x{self.width}" + (f", tiles {self.tile}" if self.tile else "")
+        over = f" (refused: {', '.join(self.refused)} over the chip's memory)" if self.refused else ""
         return (f"| {self.version} | {size} | {self.dtype} | {self.batch} | {self.devices} "
                 f"{params} | {self.weights_gib:.3f} | {self.arguments_gib:.3f} | {self.temporaries_gib:.3f} | "
-                f"{self.total_gib:.3f} | {self.compile_s:.0f} |")
+                f"{self.total_gib:.3f}{over} | {self.compile_s:.0f} |")
 
     def describe(self) -> str:
         """A few lines for `diffbody restore --plan`."""
@@ -100,6 +105,9 @@ class RestorePlan:
                  f"{self.total_gib:.2f} GiB" + (" (largest program: " + ", ".join(
                      f"{k} {v:.2f}" for k, v in self.programs.items()) + ")" if len(self.programs) > 1 else ""),
                  f"compiled in {self.compile_s:.0f} s"]
+        if self.refused:
+            lines.append(f"does not fit: XLA:TPU refused {', '.join(self.refused)} for the chip's memory (its "
+                         "temporaries are what the refusal says they need)")
         if where == "cpu":
             lines.append("XLA:CPU's figures: an estimate for an accelerator (docs/scaling.md)")
         return "\n".join(lines)
@@ -209,19 +217,38 @@ def _plan_restore(version, height, width, dtype, batch, steps, params, variant, 
         lowered = {"text": jax.jit(lambda v, i: pipe.encode_text(v, i, (height, width))).lower(text_members, ids),
                    "stage1": jax.jit(run1).lower({"stage1": variables["stage1"]}, key, image, image, text[0]),
                    "stage2": jax.jit(run2).lower({"stage2": variables["stage2"]}, key, first, image, text[1])}
+        arguments = {"text": (text_members, ids), "stage1": ({"stage1": variables["stage1"]}, image, image, text[0]),
+                     "stage2": ({"stage2": variables["stage2"]}, first, image, text[1])}
     else:
         lowered = {"restore": type(pipe).__call__.lower(pipe, variables, key, image, image, text)}
+        arguments = {"restore": (variables, image, image, text)}
     start = time.perf_counter()
-    analyses = {name: program.compile().memory_analysis() for name, program in lowered.items()}
+    analyses = {name: _memory(program, arguments[name]) for name, program in lowered.items()}
     seconds = time.perf_counter() - start
-
-    def total(m):
-        return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes) / GIB
-
-    m = max(analyses.values(), key=total)
+    largest = max(analyses, key=lambda k: sum(analyses[k][:3]))
+    args, outputs, temporaries, fits = analyses[largest]
     return RestorePlan(version, height, width, dtype, batch, len(devices), params, steps, variant, attention, offload,
                        devices[0].platform,
-                       weights_gib=tree_bytes(variables) / GIB, arguments_gib=m.argument_size_in_bytes / GIB,
-                       outputs_gib=m.output_size_in_bytes / GIB, temporaries_gib=m.temp_size_in_bytes / GIB,
-                       compile_s=seconds, programs={k: total(v) for k, v in analyses.items()},
-                       tile=tiles.size if tiles is not None else None)
+                       weights_gib=tree_bytes(variables) / GIB, arguments_gib=args / GIB, outputs_gib=outputs / GIB,
+                       temporaries_gib=temporaries / GIB, compile_s=seconds,
+                       programs={k: sum(v[:3]) / GIB for k, v in analyses.items()},
+                       tile=tiles.size if tiles is not None else None,
+                       refused=[k for k, v in analyses.items() if not v[3]])
+
+
+def _memory(program, arguments) -> tuple[int, int, int, bool]:
+    """(arguments, outputs, temporaries) in bytes per device and whether the program fits: a program XLA:TPU refuses
+    for the chip's memory gives the temporaries its refusal names and its arguments' shards (outputs unknown: 0)."""
+    try:
+        m = program.compile().memory_analysis()
+    except jax.errors.JaxRuntimeError as e:
+        needed = out_of_memory(str(e))
+        if needed is None:
+            raise
+        return _per_device_bytes(arguments), 0, needed, False
+    return m.argument_size_in_bytes, m.output_size_in_bytes, m.temp_size_in_bytes, True
+
+
+def _per_device_bytes(tree) -> int:
+    """Bytes of one device's shards of the ShapeDtypeStructs in `tree`."""
+    return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize for x in jax.tree.leaves(tree))

@@ -30,7 +30,7 @@ import numpy as np
 from flax import traverse_util
 
 from diffbody_jax.models.attention import compiling_for
-from diffbody_jax.parallel.mesh import MeshConfig, make_mesh
+from diffbody_jax.parallel.mesh import MeshConfig, make_mesh, out_of_memory
 from diffbody_jax.parallel.sharding import batch_sharding, logical_rules
 from diffbody_jax.training.engine import setup
 from diffbody_jax.training.step import make_train_step
@@ -103,17 +103,6 @@ class TrainPlan:
                 f"{self.dtype}, remat {self.remat}, {self.attention} | {self.params_gib:.2f} | {self.frozen_gib:.2f} | "
                 f"{self.optimizer_gib + self.ema_gib:.2f} | {self.temporaries_gib:.2f} | {self.total_gib:.2f}{over} | "
                 f"{gathered} / {self.largest_layer_gib:.3f} | {kinds} | {self.compile_s:.0f} |")
-
-
-_OOM = re.compile(r"memory required for HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds")
-
-
-def out_of_memory(message: str) -> int | None:
-    """The temporaries' bytes in XLA:TPU's "Ran out of memory" refusal (None for any other error)."""
-    m = _OOM.search(message)
-    if not m:
-        return None
-    return int(float(m[1]) * 1024 ** "_KMGT".index(m[2] or "_"))
 
 
 def abstract_batch(config, fields, height: int, width: int) -> dict[str, jax.ShapeDtypeStruct]:

@@ -9,6 +9,7 @@ from flax import linen as nn
 
 from diffbody_jax.config import load_config
 from diffbody_jax.models.registry import build_model
+from diffbody_jax.pipelines import plan as plan_mod
 from diffbody_jax.pipelines.plan import GIB, plan_restore
 
 
@@ -99,3 +100,25 @@ def test_tiles_bound_a_large_photos_temporaries():
     assert tiled.tile == 64 and "tiles 64" in tiled.row() and whole.tile is None
     print(f"temporaries: whole {whole.temporaries_gib * 2**10:.2f} MiB, tiled {tiled.temporaries_gib * 2**10:.2f} MiB")
     assert tiled.temporaries_gib < 0.5 * whole.temporaries_gib
+
+
+class _Refused:
+    """A lowered program whose compile XLA:TPU refuses, as it does one over a chip's memory."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+    def compile(self):
+        raise jax.errors.JaxRuntimeError(self.message)
+
+
+def test_a_program_refused_for_the_chips_memory_is_a_plan_that_does_not_fit():
+    refusal = ("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 21.50G of 15.75G hbm. Exceeded hbm "
+               "capacity by 5.75G. ... the total memory required for HLO temporaries (12.25G) exceeds available HBM")
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    arguments = ({"w": jax.ShapeDtypeStruct((3, 5), jax.numpy.float32, sharding=one)},
+                 jax.ShapeDtypeStruct((4, 2), jax.numpy.bfloat16, sharding=one))
+    # arguments: 15 float32 + 8 bfloat16 numbers on the one device; temporaries as the refusal says
+    assert plan_mod._memory(_Refused(refusal), arguments) == (15 * 4 + 8 * 2, 0, int(12.25 * GIB), False)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INVALID_ARGUMENT"):
+        plan_mod._memory(_Refused("INVALID_ARGUMENT: not about memory"), arguments)

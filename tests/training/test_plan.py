@@ -4,6 +4,7 @@ forced devices is in tests/parallel/test_sharded_step.py."""
 
 import numpy as np
 
+from diffbody_jax.parallel.mesh import out_of_memory
 from diffbody_jax.training import plan
 
 # Two FSDP weights of f32[32, 8] (1024 bytes each, gathered from f32[4, 8] shards). In SEQUENTIAL the second is
@@ -90,6 +91,6 @@ def test_only_gathers_of_weight_shapes_count_when_asked():
 def test_xla_tpus_out_of_memory_refusal_gives_the_temporaries():
     message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (51.34G) "
                "exceeds available HBM (15.75G).")
-    assert plan.out_of_memory(message) == int(51.34 * 2**30)
-    assert plan.out_of_memory(message.replace("51.34G", "812.5M")) == int(812.5 * 2**20)
-    assert plan.out_of_memory("INVALID_ARGUMENT: something else") is None
+    assert out_of_memory(message) == int(51.34 * 2**30)
+    assert out_of_memory(message.replace("51.34G", "812.5M")) == int(812.5 * 2**20)
+    assert out_of_memory("INVALID_ARGUMENT: something else") is None
