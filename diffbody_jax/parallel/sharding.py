@@ -171,6 +171,16 @@ def tree_bytes(tree: Any) -> int:
     return int(sum(np.prod(np.shape(x), dtype=np.int64) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
 
+def shard_bytes(tree: Any, shardings: Any = None) -> int:
+    """Bytes of one device's shards of the arrays (or ShapeDtypeStructs) in `tree`, split as `shardings` says (a
+    matching tree of Shardings; default each leaf's own `.sharding`)."""
+    leaves = jax.tree.leaves(tree)
+    splits = [x.sharding for x in leaves] if shardings is None else jax.tree.leaves(
+        shardings, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
+    return int(sum(np.prod(s.shard_shape(x.shape), dtype=np.int64) * np.dtype(x.dtype).itemsize
+                   for x, s in zip(leaves, splits, strict=True)))
+
+
 def device_memory(device: jax.Device) -> int | None:
     """Bytes one device can hold (`memory_stats()["bytes_limit"]` on GPU and TPU); None where the backend does not
     say (CPU: host memory, shared by all forced devices)."""

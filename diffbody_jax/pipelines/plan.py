@@ -27,7 +27,6 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from diffbody_jax.config import load_config
 from diffbody_jax.diffusion.samplers import SamplerConfig
@@ -44,6 +43,7 @@ from diffbody_jax.parallel.sharding import (
     inference_mesh,
     inference_shardings,
     resolve_placement,
+    shard_bytes,
     tree_bytes,
 )
 from diffbody_jax.pipelines.tiles import TileConfig
@@ -245,10 +245,5 @@ def _memory(program, arguments) -> tuple[int, int, int, bool]:
         needed = out_of_memory(str(e))
         if needed is None:
             raise
-        return _per_device_bytes(arguments), 0, needed, False
+        return shard_bytes(arguments), 0, needed, False
     return m.argument_size_in_bytes, m.output_size_in_bytes, m.temp_size_in_bytes, True
-
-
-def _per_device_bytes(tree) -> int:
-    """Bytes of one device's shards of the ShapeDtypeStructs in `tree`."""
-    return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize for x in jax.tree.leaves(tree))

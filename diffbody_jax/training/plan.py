@@ -31,7 +31,7 @@ from flax import traverse_util
 
 from diffbody_jax.models.attention import compiling_for
 from diffbody_jax.parallel.mesh import MeshConfig, make_mesh, out_of_memory
-from diffbody_jax.parallel.sharding import batch_sharding, logical_rules
+from diffbody_jax.parallel.sharding import batch_sharding, logical_rules, shard_bytes
 from diffbody_jax.training.engine import setup
 from diffbody_jax.training.step import make_train_step
 
@@ -121,11 +121,8 @@ def abstract_batch(config, fields, height: int, width: int) -> dict[str, jax.Sha
     return out
 
 
-def _per_device_gib(tree, shardings) -> float:
-    def shard_bytes(x, s):
-        return int(np.prod(s.shard_shape(x.shape), dtype=np.int64)) * np.dtype(x.dtype).itemsize
-
-    return sum(jax.tree.leaves(jax.tree.map(shard_bytes, tree, shardings))) / GIB
+def _shard_gib(tree, shardings) -> float:
+    return shard_bytes(tree, shardings) / GIB
 
 
 def largest_layer(params) -> tuple[str, int]:
@@ -273,9 +270,9 @@ def _plan_train_step(config, height, width, mesh, devices) -> TrainPlan:
         mesh=dict(mesh.shape),
         batch=int(config.data.batch_size), height=h, width=w, grad_accum=int(config.train.grad_accum),
         dtype=setting("dtype"), remat=setting("remat"), attention=setting("attention_backend"),
-        params_gib=_per_device_gib(state.params, st.params), frozen_gib=_per_device_gib(state.frozen, st.frozen),
-        optimizer_gib=_per_device_gib(state.opt_state, st.opt_state), ema_gib=_per_device_gib(state.ema, st.ema),
-        batch_gib=_per_device_gib(batch, shardings), temporaries_gib=temporaries / GIB,
+        params_gib=_shard_gib(state.params, st.params), frozen_gib=_shard_gib(state.frozen, st.frozen),
+        optimizer_gib=_shard_gib(state.opt_state, st.opt_state), ema_gib=_shard_gib(state.ema, st.ema),
+        batch_gib=_shard_gib(batch, shardings), temporaries_gib=temporaries / GIB,
         outputs_gib=outputs / GIB, compile_s=seconds, collectives=collective_counts(hlo),
         largest_layer_gib=layer_bytes / GIB, largest_layer=layer, gathered_peak_gib=peak / GIB,
         gathers_outside_layers=outside, fits=fits)

@@ -46,6 +46,18 @@ def test_cpu_reports_no_device_memory_and_the_tree_bytes_count_every_leaf():
     assert sharding.tree_bytes(tree) == 3 * 4 * 4 + 5 * 2
 
 
+def test_shard_bytes_count_one_devices_part_of_each_leaf():
+    mesh = jax.sharding.AbstractMesh((2, 4), ("data", "fsdp"))
+    split = jax.sharding.NamedSharding(mesh, jax.P("fsdp", None))
+    whole = jax.sharding.NamedSharding(mesh, jax.P())
+    tree = {"w": jax.ShapeDtypeStruct((8, 3), np.float32, sharding=split),
+            "b": jax.ShapeDtypeStruct((6,), jax.numpy.bfloat16, sharding=whole)}
+    # w: rows 8 / 4 fsdp devices, 3 float32 each; b: whole on every device
+    assert sharding.shard_bytes(tree) == 2 * 3 * 4 + 6 * 2
+    # shardings given as a tree take the place of the leaves' own
+    assert sharding.shard_bytes(tree, {"w": whole, "b": whole}) == 8 * 3 * 4 + 6 * 2
+
+
 def test_one_device_meshes_replicate_everything():
     for placement in ("replicated", "fsdp"):
         mesh = sharding.inference_mesh(placement, jax.devices()[:1])
