@@ -78,6 +78,7 @@ class Prefetched:
             raise StopIteration
         batch, state, error = item
         if error is not None:
+            self._ready.put(item)  # the thread has stopped: a later call raises the same error instead of waiting
             raise error
         self._state = state
         return batch

@@ -53,6 +53,14 @@ def test_the_next_batch_is_prepared_while_the_current_one_is_held(seed):
         assert len(prepared) <= 3  # at most one batch ahead of the consumer (plus one waiting to be queued)
 
 
+def _raised(batches) -> BaseException | None:
+    try:
+        next(batches)
+    except BaseException as e:  # noqa: BLE001 - the test looks at whatever was raised
+        return e
+    return None
+
+
 def test_an_error_in_the_thread_is_raised_where_its_batch_was_due(seed):
     calls = []
 
@@ -66,5 +74,11 @@ def test_an_error_in_the_thread_is_raised_where_its_batch_was_due(seed):
         next(batches), next(batches)
         with pytest.raises(RuntimeError, match="batch 3"):
             next(batches)
+        # again, not a wait on a thread that has stopped (asked on a daemon thread of its own, bounded)
+        raised = []
+        asker = threading.Thread(target=lambda: raised.append(_raised(batches)), daemon=True)
+        asker.start()
+        asker.join(timeout=10)
+        assert raised and "batch 3" in str(raised[0]), "a second next() after the error waited instead of raising"
     with Prefetched(_iterator(seed)) as batches:  # no prepare: the iterator's batches, then StopIteration
         assert len(list(batches)) == 6
