@@ -1,161 +1,208 @@
-"""Training cost: our jitted train step against a PyTorch/diffusers step, and the SDXL stage-2 state under FSDP.
+"""Training cost: our jitted train step against PyTorch/diffusers doing the same step, each side in a process of its
+own.
 
-  python bench/train_step.py                      # tiny-sd21 and mid-sd21 steps, then the stage-2 memory table
-  python bench/train_step.py --variants tiny-sd21 --skip-memory
+  python bench/train_step.py                                # tiny-sd21 4x32x32, mid-sd21 2x32x32, sd21-base 1x64x64
+  python bench/train_step.py --rows tiny-sd21:4x32 --repeats 3
 
-Part 1, speed: one step = UNet forward on noised latents, MSE against the noise, backward, AdamW update, same
-weights and inputs on both sides (fp32, CPU, every core). Each time is the median of --repeats steps after
---warmup steps; ratio = torch s / ours s, so above 1.0 means our step is faster.
-
-Part 2, memory: the per-device bytes of DiffBody v2's stage-2 train state (frozen SDXL UNet, trained prior-fusion
-ControlNet with Adam's two moments and an EMA, fp32) under our FSDP rule on 8 and 64 devices. Computed from the
-state's `jax.eval_shape` and the PartitionSpecs the sharding rules give it on an abstract mesh (no memory, no
-devices): activations, XLA's temporaries and the gathered layer in flight come on top.
+One step = UNet forward on noised latents, MSE against the noise, backward, AdamW update (fp32, CPU, every core),
+the same weights and inputs on both sides. A row's weights are diffusers' random init under seed 0, written once to
+a safetensors file by a child process; then one child runs our step (the weights converted by our interop table,
+no torch module built) and another runs torch's, one after the other: sd21-base's params, gradients and AdamW
+moments take about 14 GB per framework, so two cannot share a 24 GB process. Each child reports the median step
+time over --repeats steps after --warmup steps, the first step's loss (equal on both sides: the same step) and its
+peak RSS. ratio = torch s / ours s: above 1.0, our step is faster. The state per device of the papers' phases at
+scale is bench/train_plan.py's (docs/scaling.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
-import math
 import os
 import platform
+import resource
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from common import load_report, median_time, unet_pair  # noqa: E402
-
-from diffbody_jax.config import load_config  # noqa: E402
-
+ROWS = "tiny-sd21:4x32,mid-sd21:2x32,sd21-base:1x64"  # variant:batch x latent side (the zoo's, issue 33's)
 LR = 1e-5
 
 
-def bench_speed(variant: str, batch: int, size: int, warmup: int, repeats: int) -> dict:
-    import torch
+def _inputs(variant: str, batch: int, size: int) -> dict:
+    """The step's inputs (NCHW latents), drawn alike in every child."""
+    import numpy as np
 
-    from diffbody_jax.training.state import create_train_state
-    from diffbody_jax.training.step import make_train_step
+    from diffbody_jax.config import load_config
+    from diffbody_jax.models.unet import build_unet
 
-    ours, ref, params = unet_pair(variant)
-    ref.train()
-    c = ours.config
+    c = build_unet(load_config(f"unet:variant={variant}").model).config
     rng = np.random.default_rng(0)
     z = rng.standard_normal((batch, c.in_channels, size, size)).astype(np.float32)
-    eps = rng.standard_normal(z.shape).astype(np.float32)
-    t = rng.integers(0, 1000, batch)
-    ctx = rng.standard_normal((batch, 77, c.cross_attention_dim)).astype(np.float32)
+    return {"z": z, "eps": rng.standard_normal(z.shape).astype(np.float32), "t": rng.integers(0, 1000, batch),
+            "ctx": rng.standard_normal((batch, 77, c.cross_attention_dim)).astype(np.float32)}
 
+
+def write_weights(variant: str, path: str) -> dict:
+    import torch
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    from diffbody_jax.config import load_config
+
+    torch.manual_seed(0)
+    ref = UNet2DConditionModel.from_config(load_config(f"unet:variant={variant}").model.diffusers.to_dict())
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, path)
+    return {"params_m": round(sum(p.numel() for p in ref.parameters()) / 1e6, 1)}
+
+
+def torch_side(variant: str, weights: str, batch: int, size: int, warmup: int, repeats: int) -> dict:
+    import torch
+    from common import median_time
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    from diffbody_jax.config import load_config
+
+    torch.set_num_threads(os.cpu_count())
+    ref = UNet2DConditionModel.from_config(load_config(f"unet:variant={variant}").model.diffusers.to_dict())
+    ref.load_state_dict(load_file(weights))
+    ref.train()
+    x = {k: torch.from_numpy(v) for k, v in _inputs(variant, batch, size).items()}
     opt = torch.optim.AdamW(ref.parameters(), lr=LR, weight_decay=1e-2)
-    z_t, eps_t, t_t, ctx_t = (torch.from_numpy(a) for a in (z, eps, t, ctx))
 
-    def torch_step():
+    def step():
         opt.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.mse_loss(ref(z_t, t_t, ctx_t).sample, eps_t)
+        loss = torch.nn.functional.mse_loss(ref(x["z"], x["t"], x["ctx"]).sample, x["eps"])
         loss.backward()
         opt.step()
         return loss.item()
 
+    first = step()
+    return {"seconds": median_time(step, max(warmup - 1, 0), repeats), "first_loss": first}
+
+
+def ours_side(variant: str, weights: str, batch: int, size: int, warmup: int, repeats: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from common import median_time
+    from safetensors.numpy import load_file
+
+    from diffbody_jax.config import load_config
+    from diffbody_jax.interop.mapping import torch_to_flax
+    from diffbody_jax.interop.unet import unet_table
+    from diffbody_jax.models.unet import build_unet
+    from diffbody_jax.training.state import create_train_state
+    from diffbody_jax.training.step import make_train_step
+
+    ours = build_unet(load_config(f"unet:variant={variant}").model)
+    host = torch_to_flax(load_file(weights), unet_table(ours.config), ours.param_shapes(), weights)
+    params = jax.tree.map(lambda a: jnp.array(a, copy=True), host)  # owned by XLA, so the host copy can go
+    del host
+    gc.collect()
+    x = _inputs(variant, batch, size)
+    data = {"z": jnp.asarray(x["z"].transpose(0, 2, 3, 1)), "eps": jnp.asarray(x["eps"].transpose(0, 2, 3, 1)),
+            "t": jnp.asarray(x["t"]), "ctx": jnp.asarray(x["ctx"])}
     tx = optax.adamw(LR, weight_decay=1e-2)
 
     def loss_fn(variables, b, key):
         del key
-        pred = ours.apply(variables, b["z"], b["t"], b["ctx"])
-        return jnp.mean((pred - b["eps"]) ** 2), {}
+        return jnp.mean((ours.apply(variables, b["z"], b["t"], b["ctx"]) - b["eps"]) ** 2), {}
 
-    step = jax.jit(make_train_step(loss_fn, tx), donate_argnums=0)
+    jitted = jax.jit(make_train_step(loss_fn, tx), donate_argnums=0)
     state = [create_train_state(params, {}, {}, tx, jax.random.PRNGKey(0), ema=False)]
-    data = {"z": jnp.asarray(z.transpose(0, 2, 3, 1)), "eps": jnp.asarray(eps.transpose(0, 2, 3, 1)),
-            "t": jnp.asarray(t), "ctx": jnp.asarray(ctx)}
+    del params
 
-    def jax_step():
-        state[0], metrics = step(state[0], data)
+    compiled = jitted.lower(state[0], data).compile()
+    memory = compiled.memory_analysis()
+
+    def step():
+        state[0], metrics = compiled(state[0], data)
         return float(metrics["loss"])
 
-    ours_s = median_time(jax_step, warmup, repeats)
-    torch_s = median_time(torch_step, warmup, repeats)
-    return dict(variant=variant, params_m=round(sum(p.numel() for p in ref.parameters()) / 1e6, 1), batch=batch,
-                latent=size, ours_examples_per_s=round(batch / ours_s, 2),
-                torch_examples_per_s=round(batch / torch_s, 2), ratio=round(torch_s / ours_s, 3))
+    first = step()
+    return {"seconds": median_time(step, max(warmup - 1, 0), repeats), "first_loss": first,
+            "xla_temporaries_gb": memory.temp_size_in_bytes / 2**30}  # GiB
 
 
-def stage2_state_bytes(devices: int, fsdp_min_size: int = 2**18) -> dict:
-    """Per-device bytes of each part of the stage-2 state with fsdp = `devices`."""
-    from jax.sharding import AbstractMesh
+def child(args) -> None:
+    sys.path.insert(0, str(REPO))
+    if args.child == "weights":
+        out = write_weights(args.variant, args.weights)
+    else:
+        side = torch_side if args.child == "torch" else ours_side
+        out = side(args.variant, args.weights, args.batch, args.size, args.warmup, args.repeats)
+    out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print("RESULT " + json.dumps(out), flush=True)
 
-    from diffbody_jax.models.registry import build_model
-    from diffbody_jax.parallel.sharding import ShardingRules, param_partition_specs
-    from diffbody_jax.training.phases import get_phase
-    from diffbody_jax.training.trainable import partition
 
-    config = load_config("stage2_controlnet:variant=paper")
-    module = build_model(config.model)
-    boxed = module.abstract_variables()
-    mesh = AbstractMesh((1, devices, 1), ("data", "fsdp", "tensor"))
-    specs = param_partition_specs(boxed["params"], mesh, ShardingRules(fsdp_min_size=fsdp_min_size))
-    shapes = jax.tree.map(lambda b: b.value if hasattr(b, "value") else b, boxed["params"],
-                          is_leaf=lambda b: hasattr(b, "names"))
-
-    def per_device(tree, spec_tree):
-        total = 0
-        for leaf, spec in zip(jax.tree.leaves(tree), jax.tree.leaves(spec_tree, is_leaf=lambda s: isinstance(
-                s, jax.sharding.PartitionSpec)), strict=True):
-            split = math.prod(mesh.shape[a] for axes in spec if axes for a in ((axes,) if isinstance(axes, str)
-                                                                              else axes))
-            total += math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize / split
-        return total
-
-    subset = get_phase(config.phase).trainable(config)
-    trainable, frozen = partition(shapes, subset)
-    trainable_specs, frozen_specs = partition(specs, subset)
-    t = per_device(trainable, trainable_specs)
-    f = per_device(frozen, frozen_specs)
-    return dict(devices=devices, frozen_gb=f / 1e9, trainable_gb=t / 1e9, adam_gb=2 * t / 1e9, ema_gb=t / 1e9,
-                total_gb=(f + 4 * t) / 1e9,
-                frozen_params_b=sum(math.prod(x.shape) for x in jax.tree.leaves(frozen)) / 1e9,
-                trainable_params_b=sum(math.prod(x.shape) for x in jax.tree.leaves(trainable)) / 1e9)
+def run_child(what: str, variant: str, weights: str, args, batch: int = 0, size: int = 0) -> dict:
+    cmd = [sys.executable, __file__, "--child", what, "--variant", variant, "--weights", weights,
+           "--batch", str(batch), "--size", str(size), "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        killed = proc.returncode == -9  # the kernel's out-of-memory killer, most likely
+        why = "killed (SIGKILL: out of memory?)" if killed else f"exit {proc.returncode}"
+        print(f"# the {what} child of {variant} failed: {why}\n{proc.stderr[-2000:] if not killed else ''}",
+              file=sys.stderr, flush=True)
+        return {"failed": why}
+    return json.loads(lines[-1][len("RESULT "):])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--variants", default="tiny-sd21,mid-sd21")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--size", type=int, default=32, help="latent height and width")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--skip-memory", action="store_true")
-    args = parser.parse_args()
-
-    import torch
-
-    torch.set_num_threads(os.cpu_count())
-    print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}; expected ~5 min")
-    load_report("before")
-    print(f"{'variant':<12} {'params':>8} {'batch':>5} {'latent':>6} {'ours ex/s':>10} {'torch ex/s':>10} {'ratio':>6}")
-    for variant in filter(None, args.variants.split(",")):
-        r = bench_speed(variant, args.batch, args.size, args.warmup, args.repeats)
-        print(f"{r['variant']:<12} {r['params_m']:>7}M {r['batch']:>5} {r['latent']:>6} "
-              f"{r['ours_examples_per_s']:>10} {r['torch_examples_per_s']:>10} {r['ratio']:>6}")
-        print("json:", json.dumps(r))
-    load_report("after")
-    if args.skip_memory:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rows", default=ROWS, help="variant:BATCHxSIDE,... (SIDE: the latents' height and width)")
+    p.add_argument("--warmup", type=int, default=2, help="steps before timing, the first (compiling) included")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", help="also write the rows here (JSON lines)")
+    p.add_argument("--child", choices=("weights", "ours", "torch"), help=argparse.SUPPRESS)
+    p.add_argument("--variant", help=argparse.SUPPRESS)
+    p.add_argument("--weights", help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        child(args)
         return
-    print("\n# SDXL stage-2 train state per device (fp32; frozen UNet + ControlNet, Adam, EMA), FSDP")
-    print(f"{'devices':>7} {'frozen GB':>9} {'trained GB':>10} {'Adam GB':>8} {'EMA GB':>7} {'total GB':>8} "
-          f"{'of A100 80GB':>12} {'of v5e 16GB':>11}")
-    for n in (8, 64):
-        m = stage2_state_bytes(n)
-        print(f"{n:>7} {m['frozen_gb']:>9.2f} {m['trainable_gb']:>10.2f} {m['adam_gb']:>8.2f} {m['ema_gb']:>7.2f} "
-              f"{m['total_gb']:>8.2f} {m['total_gb'] / 80:>12.3f} {m['total_gb'] / 16:>11.3f}")
-        print("json:", json.dumps(m))
+    sys.path.insert(0, str(REPO))
+    import jax
+    import torch
+    from common import load_report
+
+    print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; jax {jax.__version__} "
+          f"({jax.default_backend()}), torch {torch.__version__}; UNet train step, fp32, median of {args.repeats}")
+    load_report("before")
+    print("| variant | params | batch x latent | ours s | torch s | ratio | first loss ours / torch | "
+          "peak RSS GB ours / torch | XLA temporaries GiB |\n|---|---|---|---|---|---|---|---|---|", flush=True)
+    for row in filter(None, args.rows.split(",")):
+        variant, shape = row.split(":")
+        batch, size = (int(v) for v in shape.split("x"))
+        with tempfile.TemporaryDirectory() as tmp:
+            weights = str(Path(tmp) / "unet.safetensors")
+            made = run_child("weights", variant, weights, args)
+            ours = run_child("ours", variant, weights, args, batch, size)
+            ref = run_child("torch", variant, weights, args, batch, size)
+        if "failed" in ours or "failed" in ref or "failed" in made:
+            print(f"| {variant} | - | {batch}x{size}x{size} | {ours.get('failed', '')} | {ref.get('failed', '')} | - | "
+                  f"- | - |", flush=True)
+            continue
+        r = {"variant": variant, "params_m": made["params_m"], "batch": batch, "latent": size,
+             "ours_s": ours["seconds"], "torch_s": ref["seconds"], "ratio": ref["seconds"] / ours["seconds"],
+             "first_loss": [ours["first_loss"], ref["first_loss"]],
+             "peak_rss_gb": [ours["peak_rss_gb"], ref["peak_rss_gb"]],
+             "xla_temporaries_gib": ours["xla_temporaries_gb"]}
+        print(f"| {variant} | {r['params_m']}M | {batch}x{size}x{size} | {r['ours_s']:.3f} | {r['torch_s']:.3f} | "
+              f"{r['ratio']:.2f} | {ours['first_loss']:.5f} / {ref['first_loss']:.5f} | "
+              f"{ours['peak_rss_gb']:.2f} / {ref['peak_rss_gb']:.2f} | {ours['xla_temporaries_gb']:.2f} |", flush=True)
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(r) + "\n")
+    load_report("after")
 
 
 if __name__ == "__main__":
