@@ -206,24 +206,23 @@ def _plan_restore(version, height, width, dtype, batch, steps, params, variant, 
     text = _sharded_like(jax.eval_shape(lambda v, i: pipe.encode_text(v, i, (height, width)), variables, ids), mesh)
     key = jax.random.key(0)
     if offload:
-        def run1(v, k, d, p, c):
-            return pipe.run_stage1(v, k, d, p, c)
+        def run1(v, d, p, c):
+            return pipe.run_stage1(v, key, d, p, c)
 
-        def run2(v, k, f, p, t):
-            return pipe.run_stage2(v, k, f, p, t)
+        def run2(v, f, p, t):
+            return pipe.run_stage2(v, key, f, p, t)
 
-        first = _sharded_like(jax.eval_shape(run1, {"stage1": variables["stage1"]}, key, image, image, text[0]), mesh)
-        text_members = members_of(variables, TEXT_MEMBERS)
-        lowered = {"text": jax.jit(lambda v, i: pipe.encode_text(v, i, (height, width))).lower(text_members, ids),
-                   "stage1": jax.jit(run1).lower({"stage1": variables["stage1"]}, key, image, image, text[0]),
-                   "stage2": jax.jit(run2).lower({"stage2": variables["stage2"]}, key, first, image, text[1])}
-        arguments = {"text": (text_members, ids), "stage1": ({"stage1": variables["stage1"]}, image, image, text[0]),
-                     "stage2": ({"stage2": variables["stage2"]}, first, image, text[1])}
+        stage1 = ({"stage1": variables["stage1"]}, image, image, text[0])
+        first = _sharded_like(jax.eval_shape(run1, *stage1), mesh)
+        programs = {"text": (lambda v, i: pipe.encode_text(v, i, (height, width)),
+                             (members_of(variables, TEXT_MEMBERS), ids)),
+                    "stage1": (run1, stage1),
+                    "stage2": (run2, ({"stage2": variables["stage2"]}, first, image, text[1]))}
     else:
-        lowered = {"restore": type(pipe).__call__.lower(pipe, variables, key, image, image, text)}
-        arguments = {"restore": (variables, image, image, text)}
+        programs = {"restore": (lambda v, *a: pipe(v, key, *a), (variables, image, image, text))}
+    lowered = {name: (jax.jit(fn).lower(*args), args) for name, (fn, args) in programs.items()}
     start = time.perf_counter()
-    analyses = {name: _memory(program, arguments[name]) for name, program in lowered.items()}
+    analyses = {name: _memory(program, args) for name, (program, args) in lowered.items()}
     seconds = time.perf_counter() - start
     largest = max(analyses, key=lambda k: sum(analyses[k][:3]))
     args, outputs, temporaries, fits = analyses[largest]
