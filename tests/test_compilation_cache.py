@@ -65,6 +65,9 @@ def test_a_second_restore_reads_its_programs_from_the_cache(tmp_path, rng):
     print(f"first run: {first[0]} of {first[1]} read, {len(written)} written; second: {second[0]} of {second[1]}")
     assert first[0] == 0 and first[1] > 0
     assert len(written) > 0 and second[0] >= len(written) and second[1] == first[1]
+    # the restoration program itself (the pipeline's jitted __call__, sampler inside), not only the small ones: a host
+    # callback in it (--step-progress) would keep JAX from writing it
+    assert any(f.name.startswith("jit___call-") for f in written), sorted(f.name for f in written)
     assert not (tmp_path / "home").exists()  # the flag's folder, nothing under the default one
     a, b = (np.asarray(Image.open(tmp_path / run / "photo.png")) for run in ("first", "second"))
     np.testing.assert_array_equal(a, b)

@@ -112,10 +112,13 @@ def settings_from(args) -> RestoreSettings:
 
 
 class ProgressBars:
-    """tqdm bars over images and over the sampling steps of the running batch (hooked into the scan)."""
-    def __init__(self, total_images: int, steps: int, enabled: bool = True):
+    """tqdm bars over images and, with `steps_enabled`, over the sampling steps of the running batch (hooked into
+    the scan by a host callback, which keeps the program out of the compilation cache)."""
+    def __init__(self, total_images: int, steps: int, enabled: bool = True, steps_enabled: bool = False):
         self.images = tqdm(total=total_images, desc="images", unit="img", disable=not enabled, position=0)
-        self.steps = tqdm(total=steps, desc="steps", unit="step", disable=not enabled, position=1, leave=False)
+        self.steps = tqdm(total=steps, desc="steps", unit="step", disable=not (enabled and steps_enabled),
+                          position=1, leave=False)
+        self.hook = self.on_step if enabled and steps_enabled else None
 
     def on_step(self, stage, index) -> None:
         if int(index) == 0:
@@ -145,6 +148,9 @@ def restore_main(argv) -> int:
     p.add_argument("--save-intermediates", action="store_true")
     p.add_argument("--overwrite", action="store_true", help="replace outputs that exist")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--step-progress", action="store_true",
+                   help="a progress bar over each batch's sampling steps too (a host callback in the scan: JAX does "
+                        "not cache a program with one, so the sampler compiles on every run)")
     args = p.parse_args(argv)
 
     def fail(message: str) -> int:
@@ -184,12 +190,12 @@ def restore_main(argv) -> int:
         print(f"note: {annotator_note}", file=sys.stderr)
     if not jobs:
         return fail("no image to restore" + (f" ({len(problems)} skipped)" if problems else ""))
-    bars = ProgressBars(len(jobs), settings.num_steps, enabled=not args.quiet)
+    bars = ProgressBars(len(jobs), settings.num_steps, enabled=not args.quiet, steps_enabled=args.step_progress)
     try:
         captioner = None
         if args.recaption:
             captioner = Captioner(args.recaption)
-        restorer = Restorer(args.weights, settings, on_step=bars.on_step, annotator=annotator, captioner=captioner)
+        restorer = Restorer(args.weights, settings, on_step=bars.hook, annotator=annotator, captioner=captioner)
     except (WeightsError, ValueError, AnnotatorError) as e:
         bars.close()
         return fail(str(e))
@@ -209,7 +215,8 @@ def restore_main(argv) -> int:
     print(f"restored {written} image(s) into {out} in {seconds:.1f} s ({settings.version}, {settings.sampler} "
           f"{settings.num_steps} steps, {restorer.num_devices} device(s)); {len(problems)} failed")
     if not args.quiet:
-        print(cache.summary())
+        print(cache.summary() + (" (--step-progress keeps the sampling program out of it)"
+                                 if args.step_progress and cache.folder else ""))
     return 1 if problems else 0
 
 

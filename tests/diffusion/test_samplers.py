@@ -290,6 +290,20 @@ def test_same_key_same_samples_different_keys_differ(rng):
     assert np.abs(np.asarray(a.sample) - np.asarray(c.sample)).mean() > 1e-3
 
 
+def test_on_step_reports_every_step_in_order_and_changes_no_sample(rng):
+    schedule = NoiseSchedule()
+    seen = []
+    hooked = make_sampler(_model_jax, schedule, SamplerConfig("ddim", 7), on_step=lambda i: seen.append(int(i)))
+    plain = make_sampler(_model_jax, schedule, SamplerConfig("ddim", 7))
+    z_T = rng.standard_normal(SHAPE).astype(np.float32)
+    cond = rng.standard_normal((2, 4)).astype(np.float32)
+    a = hooked(jax.random.key(0), z_T, cond).sample.block_until_ready()
+    jax.effects_barrier()
+    assert seen == list(range(7))
+    np.testing.assert_array_equal(a, plain(jax.random.key(0), z_T, cond).sample)
+    assert "callback" not in plain.lower(jax.random.key(0), z_T, cond).as_text()
+
+
 def test_strength_starts_from_a_noised_latent(rng):
     schedule = NoiseSchedule()
     x0 = rng.standard_normal(SHAPE).astype(np.float32)
