@@ -69,3 +69,88 @@ def unet_pair(variant: str):
     torch.manual_seed(0)
     ref = UNet2DConditionModel.from_config(model_cfg.diffusers.to_dict()).eval()
     return ours, ref, flax_params(ref, ours, unet_table(ours.config), variant)
+
+
+# One training step on each side: a prediction from noised latents, MSE against the noise, backward, AdamW (fp32).
+# bench/train_step.py times it, bench/profile_ops.py --step train profiles it.
+TRAIN_LR, TRAIN_WEIGHT_DECAY = 1e-5, 1e-2
+
+
+def torch_train_step(predict, trainable, eps):
+    """`step() -> loss` (a float, the loss before the update): AdamW over the torch parameters `trainable`,
+    `predict()` the model's output (NCHW) for the fixed inputs, `eps` its target."""
+    import torch
+
+    opt = torch.optim.AdamW(trainable, lr=TRAIN_LR, weight_decay=TRAIN_WEIGHT_DECAY)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.mse_loss(predict(), eps)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    return step
+
+
+def torch_unet_train_step(ref, z, t, ctx, eps):
+    """The step of a whole torch UNet (train mode); inputs are NCHW torch tensors."""
+    ref.train()
+    return torch_train_step(lambda: ref(z, t, ctx).sample, ref.parameters(), eps)
+
+
+def torch_controlnet_train_step(unet, controlnet, z, t, ctx, cond, eps):
+    """The step of a torch ControlNet steering a frozen UNet (its residuals added, as diffusers' pipelines do)."""
+    unet.eval().requires_grad_(False)
+    controlnet.train()
+
+    def predict():
+        down, mid = controlnet(z, t, ctx, cond, return_dict=False)
+        return unet(z, t, ctx, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+
+    return torch_train_step(predict, controlnet.parameters(), eps)
+
+
+def jax_train_step(predict, trainable, frozen, data):
+    """(`step() -> loss`, the compiled program): the project's train step (`make_train_step`, its state donated)
+    over `trainable` params with `frozen` ones held apart; `predict(params, batch)` is the model's output for the
+    merged params and `data` (arrays, NHWC, with the target under "eps"). The params are moved into the state."""
+    import jax.numpy as jnp
+    import optax
+
+    from diffbody_jax.training.state import create_train_state
+    from diffbody_jax.training.step import make_train_step
+
+    data = {k: jnp.asarray(v) for k, v in data.items()}
+    tx = optax.adamw(TRAIN_LR, weight_decay=TRAIN_WEIGHT_DECAY)
+
+    def loss_fn(variables, b, key):
+        del key
+        return jnp.mean((predict(variables["params"], b) - b["eps"]) ** 2), {}
+
+    jitted = jax.jit(make_train_step(loss_fn, tx), donate_argnums=0)
+    state = [create_train_state(trainable, frozen, {}, tx, jax.random.PRNGKey(0), ema=False)]
+    compiled = jitted.lower(state[0], data).compile()
+
+    def step():
+        state[0], metrics = compiled(state[0], data)
+        return float(metrics["loss"])
+
+    return step, compiled
+
+
+def jax_unet_train_step(ours, params, z, t, ctx, eps):
+    """Our whole UNet's step; inputs NHWC."""
+    return jax_train_step(lambda p, b: ours.apply({"params": p}, b["z"], b["t"], b["ctx"]), params, {},
+                          {"z": z, "t": t, "ctx": ctx, "eps": eps})
+
+
+def jax_controlnet_train_step(unet, controlnet, unet_params, controlnet_params, z, t, ctx, cond, eps):
+    """Our ControlNet's step over a frozen UNet; inputs NHWC."""
+    def predict(p, b):
+        res = controlnet.apply({"params": p["controlnet"]}, b["z"], b["t"], b["ctx"], b["cond"])
+        return unet.apply({"params": p["unet"]}, b["z"], b["t"], b["ctx"], down_residuals=res.down,
+                          mid_residual=res.mid)
+
+    return jax_train_step(predict, {"controlnet": controlnet_params}, {"unet": unet_params},
+                          {"z": z, "t": t, "ctx": ctx, "cond": cond, "eps": eps})

@@ -2,12 +2,14 @@
 
     python bench/conv_paths.py                 # ~1 minute on 2 cores
     python bench/conv_paths.py --repeats 20
+    python bench/conv_paths.py --backward      # the kernel gradient instead, ~2 minutes
 
 For each (batch, H, W, C_in -> C_out) it prints the median time of lax.conv_general_dilated, of `_im2col_conv`
 (models/layers.py) and of torch.nn.functional.conv2d on the same data, fp32, and the max abs difference between the
 two JAX paths. The sizes are the SD2.1 UNet's levels (320/640/1280 channels) and mid-sd21's (128-512) at the
 spatial sizes of 8x8 to 64x64 latents; IM2COL_MAX_POSITIONS in models/layers.py is set from where im2col stops
-winning here.
+winning here. --backward times the kernel gradient of sum(conv(x, k) * w) instead: the one XLA derives from
+lax.conv (another convolution), `_cpu_conv`'s (one matmul per kernel tap) and torch's convolution_backward.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ sys.path.insert(0, str(REPO))
 
 from common import load_report, median_time  # noqa: E402
 
-from diffbody_jax.models.layers import _im2col_conv  # noqa: E402
+from diffbody_jax.models.layers import _cpu_conv, _im2col_conv  # noqa: E402
 
 SHAPES = [  # (batch, H, W, C_in, C_out)
     (1, 1, 1, 1280, 1280), (1, 2, 2, 512, 512), (2, 2, 2, 512, 512), (1, 2, 2, 1280, 1280), (1, 4, 4, 512, 512),
@@ -37,7 +39,10 @@ SHAPES = [  # (batch, H, W, C_in, C_out)
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--backward", action="store_true", help="time the kernel gradient instead of the forward")
     args = p.parse_args(argv)
+    if args.backward:
+        return backward(args.repeats)
     import torch
 
     load_report("before")
@@ -64,6 +69,41 @@ def main(argv=None) -> None:
                                   args.repeats)
         print(f"| {b}x{h}x{w} | {cin} -> {cout} | {t_xla * 1e3:.2f} | {t_col * 1e3:.2f} | {t_torch * 1e3:.2f} | "
               f"{t_torch / t_xla:.2f} | {t_torch / t_col:.2f} | {diff:.1e} |", flush=True)
+    load_report("after")
+
+
+def backward(repeats: int) -> None:
+    import torch
+
+    load_report("before")
+    rng = np.random.default_rng(0)
+    pad = ((1, 1), (1, 1))
+
+    def kernel_grad(conv):
+        return jax.jit(jax.grad(lambda x, k, w: (conv(x, k) * w).sum(), argnums=1))
+
+    xla = kernel_grad(lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), pad,
+                                                                dimension_numbers=("NHWC", "HWIO", "NHWC")))
+    ours = kernel_grad(lambda x, k: _cpu_conv(x, k, (1, 1), pad, None))
+    print("| batch x H x W | C_in -> C_out | XLA's kernel gradient (ms) | one matmul per tap (ms) | torch (ms) | "
+          "XLA's / ours | torch / ours | max abs diff |")
+    print("|---|---|---|---|---|---|---|---|")
+    for b, h, w, cin, cout in SHAPES:
+        if h * w <= 64:  # the im2col path's sizes: its gradient is a matmul already
+            continue
+        x = rng.standard_normal((b, h, w, cin), np.float32)
+        k = (rng.standard_normal((3, 3, cin, cout)) / np.sqrt(9 * cin)).astype(np.float32)
+        dy = rng.standard_normal((b, h, w, cout), np.float32)
+        xj, kj, dyj = map(jnp.asarray, (x, k, dy))
+        diff = float(jnp.abs(xla(xj, kj, dyj) - ours(xj, kj, dyj)).max())
+        t_xla = median_time(lambda a=xj, c=kj, d=dyj: xla(a, c, d).block_until_ready(), 2, repeats)
+        t_ours = median_time(lambda a=xj, c=kj, d=dyj: ours(a, c, d).block_until_ready(), 2, repeats)
+        xt, kt, dyt = (torch.from_numpy(a).permute(*p).contiguous() for a, p in
+                       ((x, (0, 3, 1, 2)), (k, (3, 2, 0, 1)), (dy, (0, 3, 1, 2))))
+        t_torch = median_time(lambda: torch.ops.aten.convolution_backward(  # noqa: B023
+            dyt, xt, kt, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False]), 2, repeats)  # noqa: B023
+        print(f"| {b}x{h}x{w} | {cin} -> {cout} | {t_xla * 1e3:.2f} | {t_ours * 1e3:.2f} | {t_torch * 1e3:.2f} | "
+              f"{t_xla / t_ours:.2f} | {t_torch / t_ours:.2f} | {diff:.1e} |", flush=True)
     load_report("after")
 
 

@@ -1,7 +1,14 @@
-"""Where a UNet forward spends its time, by op family, ours (XLA) against torch, same weights and inputs.
+"""Where a UNet forward or training step spends its time, by op family, ours (XLA) against torch, same weights and
+inputs.
 
     python bench/profile_ops.py                                   # sd21-base and mid-sd21, 4 latent sizes: ~6 min
     python bench/profile_ops.py --variants mid-sd21 --sizes 1x16 --repeats 3
+    python bench/profile_ops.py --step train --variants tiny-sd21,mid-sd21 --sizes 4x32,2x32
+
+--step train profiles bench/common.py's training step (forward, MSE, backward, AdamW; the same first loss on both
+sides) and adds two columns: optimizer (the AdamW update; ours: the `optimizer_update` scope of make_train_step)
+and "of which backward" (ours: ops whose op_name is a transposed jvp, what XLA derived for the gradient; torch: ops
+run under the autograd engine's backward nodes).
 
 For each variant and latent size (batch x side): the median forward time of each side, then the time per op family
 summed over --repeats profiled forwards and divided by --repeats:
@@ -39,9 +46,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import load_report, median_time, unet_pair  # noqa: E402
+from common import jax_unet_train_step, load_report, median_time, torch_unet_train_step, unet_pair  # noqa: E402
 
-FAMILIES = ("conv", "matmul", "attention", "norms", "elementwise", "copies")
+FAMILIES = ("conv", "matmul", "attention", "norms", "elementwise", "copies", "optimizer")
 MOVES = ("transpose", "copy", "concatenate", "pad", "slice", "dynamic-slice", "dynamic-update-slice", "bitcast",
          "broadcast", "reshape", "parameter", "constant", "tuple", "get-tuple-element", "iota")
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out")
@@ -86,6 +93,8 @@ def classify_xla(opcode: str, called_ops: set[str], op_name: str) -> str:
     """A thunk's family from its opcode, the ops of the computation it calls, and its Flax module path."""
     segments = op_name.lower().split("/")
     ops = called_ops | {opcode}
+    if "optimizer_update" in segments:
+        return "optimizer"
     is_norm = any(s.startswith("norm") or s == "conv_norm_out" for s in segments)
     is_conv_module = any(s.startswith("conv") and s != "conv_norm_out" for s in segments)
     in_attention = any(s.startswith("attn") for s in segments) and not any(s in ATTENTION_PROJECTIONS
@@ -104,7 +113,8 @@ def classify_xla(opcode: str, called_ops: set[str], op_name: str) -> str:
 
 
 def xla_families(compiled_text: str, trace_dir: str, repeats: int) -> dict[str, float]:
-    """ms per forward per family from the perfetto trace of `repeats` forwards."""
+    """ms per call per family from the perfetto trace of `repeats` calls, and "backward": the part of the total
+    whose op_name is a transposed (jvp) op, what XLA derived for the gradient."""
     computations = _computations(compiled_text)
     instructions = _instructions(compiled_text)
     path = glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True)[0]
@@ -116,11 +126,15 @@ def xla_families(compiled_text: str, trace_dir: str, repeats: int) -> dict[str, 
         opcode, called, op_name = instructions[e["name"]]
         family = classify_xla(opcode, _ops_in(computations.get(called, "")), op_name)
         totals[family] += e.get("dur", 0.0) / 1e3
-    return {f: totals[f] / repeats for f in FAMILIES}
+        if "transpose(" in op_name:
+            totals["backward"] += e.get("dur", 0.0) / 1e3
+    return {f: totals[f] / repeats for f in (*FAMILIES, "backward")}
 
 
 # ----------------------------------------------------------------------------------------- torch side
 TORCH_FAMILIES = [
+    ("optimizer", ("_foreach", "Optimizer.", "adamw")),
+    ("elementwise", ("autograd::",)),  # the autograd engine's own time per node (its children are counted apart)
     ("conv", ("conv", "mkldnn_convolution")),
     ("attention", ("scaled_dot_product", "flash_attention", "_softmax", "softmax", "baddbmm", "bmm")),
     ("matmul", ("addmm", "aten::mm", "matmul", "linear")),
@@ -137,20 +151,30 @@ def classify_torch(name: str) -> str:
     return "elementwise"
 
 
-def torch_families(forward, repeats: int) -> dict[str, float]:
+def torch_families(run, repeats: int) -> dict[str, float]:
+    """ms per call per family (self CPU time) over `repeats` calls of `run`, and "backward": the self time of
+    every op run under the autograd engine's backward nodes."""
     import torch
 
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(repeats):
-            forward()
+            run()
     totals = collections.Counter()
     for row in prof.key_averages():
         totals[classify_torch(row.key)] += row.self_cpu_time_total / 1e3
-    return {f: totals[f] / repeats for f in FAMILIES}
+    for e in prof.events():
+        parent = e
+        while parent is not None and not parent.name.startswith("autograd::engine::evaluate_function"):
+            parent = parent.cpu_parent
+        if parent is not None:
+            totals["backward"] += e.self_cpu_time_total / 1e3
+    return {f: totals[f] / repeats for f in (*FAMILIES, "backward")}
 
 
 # -------------------------------------------------------------------------------------------- driver
-def profile(variant: str, batch: int, side: int, repeats: int) -> dict:
+def profile(variant: str, batch: int, side: int, repeats: int, step: str = "forward") -> dict:
+    """One row: both sides' median time of a forward (or, with step="train", a training step: forward, MSE,
+    backward, AdamW) and their time per op family."""
     import torch
 
     ours, ref, params = unet_pair(variant)
@@ -160,39 +184,46 @@ def profile(variant: str, batch: int, side: int, repeats: int) -> dict:
     t = rng.integers(0, 1000, batch)
     ctx = rng.standard_normal((batch, 77, c.cross_attention_dim)).astype(np.float32)
     x_t, t_t, ctx_t = torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(ctx)
+    if step == "train":
+        eps = rng.standard_normal(x.shape).astype(np.float32)
+        torch_run = torch_unet_train_step(ref, x_t, t_t, ctx_t, torch.from_numpy(eps))
+        jax_run, compiled = jax_unet_train_step(ours, params, x.transpose(0, 2, 3, 1), t, ctx,
+                                                eps.transpose(0, 2, 3, 1))
+        ours_loss, torch_loss = jax_run(), torch_run()  # the same first step on both sides
+        err = abs(ours_loss - torch_loss)
+    else:
+        def torch_run():
+            with torch.inference_mode():
+                return ref(x_t, t_t, ctx_t).sample
 
-    def torch_forward():
-        with torch.inference_mode():
-            return ref(x_t, t_t, ctx_t).sample
+        forward = jax.jit(lambda p, a, b, k: ours.apply({"params": p}, a, b, k))
+        args = (params, jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(t), jnp.asarray(ctx))
+        compiled = forward.lower(*args).compile()
+        out = np.asarray(forward(*args))
+        err = float(np.abs(out.transpose(0, 3, 1, 2) - torch_run().numpy()).max())
 
-    forward = jax.jit(lambda p, a, b, k: ours.apply({"params": p}, a, b, k))
-    args = (params, jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(t), jnp.asarray(ctx))
-    compiled = forward.lower(*args).compile()
-    out = np.asarray(forward(*args))
-    err = float(np.abs(out.transpose(0, 3, 1, 2) - torch_forward().numpy()).max())
+        def jax_run():
+            return forward(*args).block_until_ready()
 
-    def jax_forward():
-        return forward(*args).block_until_ready()
-
-    ours_ms = median_time(jax_forward, 2, repeats) * 1e3
-    torch_ms = median_time(torch_forward, 2, repeats) * 1e3
+    ours_ms = median_time(jax_run, 2, repeats) * 1e3
+    torch_ms = median_time(torch_run, 2, repeats) * 1e3
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
             for _ in range(repeats):
-                jax_forward()
+                jax_run()
         ours_f = xla_families(compiled.as_text(), trace_dir, repeats)
-    torch_f = torch_families(torch_forward, repeats)
-    return dict(variant=variant, latent=f"{batch}x{side}x{side}", ours_ms=ours_ms, torch_ms=torch_ms,
+    torch_f = torch_families(torch_run, repeats)
+    return dict(variant=variant, latent=f"{batch}x{side}x{side}", step=step, ours_ms=ours_ms, torch_ms=torch_ms,
                 ratio=torch_ms / ours_ms, max_abs_err=err, ours=ours_f, torch=torch_f)
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| UNet, latent | side | total (ms) | " + " | ".join(FAMILIES) + " |",
-             "|---|---|---|" + "---|" * len(FAMILIES)]
+    lines = ["| UNet, latent | side | total (ms) | " + " | ".join((*FAMILIES, "of which backward")) + " |",
+             "|---|---|---|" + "---|" * (len(FAMILIES) + 1)]
     for r in rows:
         for side in ("ours", "torch"):
             total = r[f"{side}_ms"]
-            cells = " | ".join(f"{r[side][f]:.1f}" for f in FAMILIES)
+            cells = " | ".join(f"{r[side][f]:.1f}" for f in (*FAMILIES, "backward"))
             label = f"{r['variant']}, {r['latent']}" if side == "ours" else f"(ratio {r['ratio']:.2f})"
             lines.append(f"| {label} | {side} | {total:.1f} | {cells} |")
     return "\n".join(lines)
@@ -203,6 +234,8 @@ def main(argv=None) -> None:
     p.add_argument("--variants", default="mid-sd21,sd21-base")
     p.add_argument("--sizes", default="1x8,1x16,2x32,1x64", help="batch x latent side, comma-separated")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--step", choices=("forward", "train"), default="forward",
+                   help="what is timed and profiled: a forward, or a training step (forward, MSE, backward, AdamW)")
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args(argv)
     import torch
@@ -215,10 +248,11 @@ def main(argv=None) -> None:
     for variant in args.variants.split(","):
         for size in args.sizes.split(","):
             batch, side = map(int, size.split("x"))
-            rows.append(profile(variant, batch, side, args.repeats))
+            rows.append(profile(variant, batch, side, args.repeats, args.step))
             r = rows[-1]
+            what = "first loss" if r["step"] == "train" else "max abs"
             print(f"# {variant} {r['latent']}: ours {r['ours_ms']:.1f} ms, torch {r['torch_ms']:.1f} ms, ratio "
-                  f"{r['ratio']:.2f}, max abs diff {r['max_abs_err']:.1e}", flush=True)
+                  f"{r['ratio']:.2f}, {what} diff {r['max_abs_err']:.1e}", flush=True)
     load_report("after")
     print(markdown(rows))
     if args.json:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from collections.abc import Callable, Iterator
 
 import jax
@@ -55,6 +56,10 @@ def compiling_for(platform: str | None) -> Iterator[None]:
 # bench/attention_paths.py). Same math, float32 logits; other backends (GPU, TPU) keep the einsum form.
 CPU_KEY_BLOCK = 256
 CPU_BLOCKED_MIN_KEYS = 1024
+# The backward pass recomputes each block's probabilities and runs four matmuls on them; blocks of 128 keys did
+# best or within 3% of it over the UNets' shapes (forward + backward at 64 / 128 / 256 / 512 keys: [4, 1024, 2, 16]
+# 59 / 45 / 45 / 66 ms, [1, 4096, 5, 64] 1093 / 1117 / 1265 / 1682 ms; bench/attention_paths.py --backward).
+CPU_BACKWARD_KEY_BLOCK = 128
 
 
 def _logits(q: Array, k: Array, acc) -> Array:
@@ -62,21 +67,28 @@ def _logits(q: Array, k: Array, acc) -> Array:
     return jnp.matmul(q, k.swapaxes(-1, -2), preferred_element_type=acc) * (q.shape[-1] ** -0.5)
 
 
-def _key_blocked_attention(q: Array, k: Array, v: Array, block: int) -> Array:
-    """Softmax(q k^T / sqrt(D)) v as a running softmax over blocks of `block` keys (flash attention's recurrence):
-    per block, m' = max(m, rowmax), l' = l e^(m - m') + sum e^(s - m'), acc' = acc e^(m - m') + e^(s - m') v;
-    out = acc / l. Keys are padded to a whole block with logits at the float minimum (weight 0)."""
+def _key_blocks(x: Array, block: int) -> Array:
+    """[B, S, N, D] -> [S / block, B, N, block, D], keys padded with zeros to a whole number of blocks."""
+    b, s, n, d = x.shape
+    x = jnp.pad(x, ((0, 0), (0, (-s) % block), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+    return x.reshape(b, n, -1, block, d).transpose(2, 0, 1, 3, 4)
+
+
+def _unblock(x: Array, s: int) -> Array:
+    """[S / block, B, N, block, D] -> [B, s, N, D] (the padding dropped)."""
+    nb, b, n, block, d = x.shape
+    return x.transpose(1, 0, 3, 2, 4).reshape(b, nb * block, n, d)[:, :s]
+
+
+def _valid_keys(s: int, block: int) -> Array:
+    return (jnp.arange(s + (-s) % block) < s).reshape(-1, block)
+
+
+def _key_blocked_forward(q: Array, k: Array, v: Array, block: int) -> tuple[Array, Array]:
+    """(out [B, T, N, D], logsumexp [B, N, T] float32) by the running softmax over key blocks."""
     b, t, n, d = q.shape
-    s = k.shape[1]
     acc = jnp.promote_types(q.dtype, jnp.float32)
-    pad = (-s) % block
     qh = q.transpose(0, 2, 1, 3)
-
-    def blocks(x):  # [B, S, N, D] -> [S / block, B, N, block, D]
-        x = jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
-        return x.reshape(b, n, -1, block, d).transpose(2, 0, 1, 3, 4)
-
-    valid = (jnp.arange(s + pad) < s).reshape(-1, block)
 
     def step(carry, xs):
         m, l, out = carry
@@ -90,8 +102,58 @@ def _key_blocked_attention(q: Array, k: Array, v: Array, block: int) -> Array:
         return (m_new, l, out), None
 
     init = (jnp.full((b, n, t), -jnp.inf, acc), jnp.zeros((b, n, t), acc), jnp.zeros((b, n, t, d), acc))
-    (_, l, out), _ = jax.lax.scan(step, init, (blocks(k), blocks(v), valid))
-    return (out / l[..., None]).astype(v.dtype).transpose(0, 2, 1, 3)
+    xs = (_key_blocks(k, block), _key_blocks(v, block), _valid_keys(k.shape[1], block))
+    (m, l, out), _ = jax.lax.scan(step, init, xs)
+    return (out / l[..., None]).astype(v.dtype).transpose(0, 2, 1, 3), m + jnp.log(l)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _key_blocked_attention(q: Array, k: Array, v: Array, block: int) -> Array:
+    """Softmax(q k^T / sqrt(D)) v as a running softmax over blocks of `block` keys (flash attention's recurrence):
+    per block, m' = max(m, rowmax), l' = l e^(m - m') + sum e^(s - m'), acc' = acc e^(m - m') + e^(s - m') v;
+    out = acc / l. Keys are padded to a whole block with logits at the float minimum (weight 0).
+
+    Its gradient is flash attention's backward pass, not the scan's autodiff: the forward keeps only q, k, v, the
+    output and the row logsumexp L, and the backward runs over the key blocks again, recomputing each block's
+    probabilities P = exp(S - L): dV = P^T dO, dS = P (dO V^T - rowsum(dO * O)), dQ += dS K / sqrt(D),
+    dK = dS^T Q / sqrt(D). The scan's autodiff instead stacked every block's logits and masks for the backward
+    (tiny-sd21's training step at 4x32x32: 96 MB of stacks per self-attention and a slower step, bench/README.md)."""
+    return _key_blocked_forward(q, k, v, block)[0]
+
+
+def _key_blocked_fwd(q, k, v, block):
+    out, lse = _key_blocked_forward(q, k, v, block)
+    return out, (q, k, v, out, lse)
+
+
+def _key_blocked_bwd(block, residuals, d_out):
+    del block  # the backward blocks keys its own way
+    block = CPU_BACKWARD_KEY_BLOCK
+    q, k, v, out, lse = residuals
+    acc = jnp.promote_types(q.dtype, jnp.float32)
+    scale = q.shape[-1] ** -0.5
+    qh, oh = q.transpose(0, 2, 1, 3).astype(acc), out.transpose(0, 2, 1, 3).astype(acc)
+    dh = d_out.transpose(0, 2, 1, 3).astype(acc)
+    delta = jnp.sum(dh * oh, axis=-1)  # rowsum(dO * O) [B, N, T]
+
+    def step(dq, xs):
+        kb, vb, keep = xs
+        kb, vb = kb.astype(acc), vb.astype(acc)
+        p = jnp.where(keep, jnp.exp(_logits(qh, kb, acc) - lse[..., None]), 0.0)
+        dv = jnp.matmul(p.swapaxes(-1, -2), dh)
+        ds = p * (jnp.matmul(dh, vb.swapaxes(-1, -2)) - delta[..., None])
+        dq = dq + jnp.matmul(ds, kb) * scale
+        dk = jnp.matmul(ds.swapaxes(-1, -2), qh) * scale
+        return dq, (dk, dv)
+
+    xs = (_key_blocks(k, block), _key_blocks(v, block), _valid_keys(k.shape[1], block))
+    dq, (dk, dv) = jax.lax.scan(step, jnp.zeros_like(qh), xs)
+    s = k.shape[1]
+    return (dq.transpose(0, 2, 1, 3).astype(q.dtype), _unblock(dk, s).astype(k.dtype),
+            _unblock(dv, s).astype(v.dtype))
+
+
+_key_blocked_attention.defvjp(_key_blocked_fwd, _key_blocked_bwd)
 
 
 def einsum_attention(q: Array, k: Array, v: Array, *, is_causal: bool = False, bias: Array | None = None) -> Array:

@@ -20,6 +20,7 @@ params. Outside a mesh with logical axis rules the constraints do nothing.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -101,21 +102,64 @@ def _im2col_conv(x: Array, kernel: Array, strides: tuple[int, int], padding, pre
     """NHWC x, HWIO kernel -> NHWC: the kh*kw shifted (strided) views of the padded input, concatenated on the
     channel axis in (dy, dx, c) order, times the kernel reshaped to [kh*kw*C_in, C_out]."""
     kh, kw, cin, cout = kernel.shape
-    (pt, pb), (pl, pr) = padding
-    x = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-    b, h, w, _ = x.shape
-    sh, sw = strides
-    ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
-    views = [jax.lax.slice(x, (0, dy, dx, 0), (b, dy + (ho - 1) * sh + 1, dx + (wo - 1) * sw + 1, cin),
-                           (1, sh, sw, 1)) for dy in range(kh) for dx in range(kw)]
+    views = _shifted_views(x, kh, kw, strides, padding)
     patches = jnp.concatenate(views, axis=-1) if len(views) > 1 else views[0]
     return jnp.einsum("bhwk,ko->bhwo", patches, kernel.reshape(kh * kw * cin, cout), precision=precision)
+
+
+def _shifted_views(x: Array, kh: int, kw: int, strides: tuple[int, int], padding) -> list[Array]:
+    """The kh*kw (strided) views of the padded NHWC input that each kernel tap sees, in (dy, dx) order."""
+    (pt, pb), (pl, pr) = padding
+    x = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    b, h, w, c = x.shape
+    sh, sw = strides
+    ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
+    return [jax.lax.slice(x, (0, dy, dx, 0), (b, dy + (ho - 1) * sh + 1, dx + (wo - 1) * sw + 1, c), (1, sh, sw, 1))
+            for dy in range(kh) for dx in range(kw)]
+
+
+def _xla_conv(x: Array, kernel: Array, strides, padding, precision) -> Array:
+    return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        precision=precision)
+
+
+# XLA:CPU derives a convolution's kernel gradient as another convolution whose window is the whole feature map and
+# whose "features" are the batch: 1.3-2.4x slower than the same sum as one matmul per kernel tap (view^T dy, the
+# contraction over batch and positions), e.g. [2, 32, 32, 320] -> 320: 51.7 -> 27.5 ms, torch 28.3
+# (bench/conv_paths.py --backward). The input gradient stays XLA's (the transposed convolution, as fast as the
+# forward).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _cpu_conv(x: Array, kernel: Array, strides, padding, precision) -> Array:
+    """`lax.conv_general_dilated` over NHWC / HWIO whose kernel gradient is kh*kw matmuls (above)."""
+    return _xla_conv(x, kernel, strides, padding, precision)
+
+
+def _cpu_conv_fwd(x, kernel, strides, padding, precision):
+    return _xla_conv(x, kernel, strides, padding, precision), (x, kernel)
+
+
+def _cpu_conv_bwd(strides, padding, precision, residuals, dy):
+    x, kernel = residuals
+    kh, kw, cin, cout = kernel.shape
+    dx = jax.linear_transpose(lambda x: _xla_conv(x, kernel, strides, padding, precision), x)(dy)[0]
+    acc = jnp.promote_types(kernel.dtype, jnp.float32)
+    taps = [jnp.einsum("bhwc,bhwo->co", view, dy, precision=precision, preferred_element_type=acc)
+            for view in _shifted_views(x, kh, kw, strides, padding)]
+    return dx, jnp.stack(taps).reshape(kh, kw, cin, cout).astype(kernel.dtype)
+
+
+_cpu_conv.defvjp(_cpu_conv_fwd, _cpu_conv_bwd)
+
+
+def _hashable(padding) -> tuple[tuple[int, int], ...]:
+    return tuple((int(a), int(b)) for a, b in padding)
 
 
 class Conv2D(nn.Module):
     """A 2-D convolution over NHWC with nn.Conv's params ("kernel" [kh, kw, C_in, C_out], "bias" [C_out]), so
     checkpoints and converters see no difference. On XLA:CPU small outputs (<= IM2COL_MAX_POSITIONS positions)
-    run as im2col + one matmul; everything else as lax.conv_general_dilated."""
+    run as im2col + one matmul, and larger kernels above 1x1 as lax.conv_general_dilated with the kernel gradient
+    as one matmul per tap (`_cpu_conv`); everything else as lax.conv_general_dilated."""
 
     features: int
     kernel_size: tuple[int, int] = (3, 3)
@@ -143,9 +187,10 @@ class Conv2D(nn.Module):
             use_im2col = (target_platform() == "cpu" and kh * kw > 1 and ho * wo <= IM2COL_MAX_POSITIONS)
         if use_im2col:
             y = _im2col_conv(x, kernel, self.strides, self.padding, self.precision)
+        elif target_platform() == "cpu" and kh * kw > 1:
+            y = _cpu_conv(x, kernel, tuple(self.strides), _hashable(self.padding), self.precision)
         else:
-            y = jax.lax.conv_general_dilated(x, kernel, self.strides, self.padding,
-                                             dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=self.precision)
+            y = _xla_conv(x, kernel, self.strides, self.padding, self.precision)
         return y + bias if bias is not None else y
 
 
@@ -177,13 +222,61 @@ def conv(
     )
 
 
+def _group_mean(v: Array, groups: int, count: int) -> Array:
+    """[B, C] channel sums -> [B, 1, C], each channel holding its group's mean (count: elements per group)."""
+    b, c = v.shape
+    g = v.reshape(b, groups, c // groups).sum(-1) / count
+    return jnp.repeat(g, c // groups, axis=1)[:, None, :]
+
+
+def _group_stats(y: Array, groups: int, epsilon: float) -> tuple[Array, Array]:
+    """(mean, 1 / std), each [B, 1, C], of y [B, P, C] over each group's positions and channels (two-pass)."""
+    count = y.shape[1] * (y.shape[-1] // groups)
+    mean = _group_mean(y.sum(axis=1), groups, count)
+    return mean, jax.lax.rsqrt(_group_mean(jnp.square(y - mean).sum(axis=1), groups, count) + epsilon)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _group_norm(y: Array, scale: Array, bias: Array, groups: int, epsilon: float) -> Array:
+    """(y - mean) / std * scale + bias over y [B, P, C] (float32 or wider), groups of C / groups channels.
+
+    The backward is the closed form, x^ = (y - mean) / std, g = dout * scale:
+    dy = (g - mean_group(g) - x^ mean_group(g x^)) / std, dscale = sum dout x^, dbias = sum dout, with x^ rebuilt
+    from y and the [B, C] statistics: two reading passes over dout and one writing pass, where autodiff of the
+    forward kept (y - mean) and ran several (a tenth of mid-sd21's training step went to norms: bench/README.md)."""
+    mean, inv_std = _group_stats(y, groups, epsilon)
+    return (y - mean) * (inv_std * scale) + bias
+
+
+def _group_norm_fwd(y, scale, bias, groups, epsilon):
+    mean, inv_std = _group_stats(y, groups, epsilon)
+    return (y - mean) * (inv_std * scale) + bias, (y, scale, mean, inv_std)
+
+
+def _group_norm_bwd(groups, epsilon, residuals, dout):
+    y, scale, mean, inv_std = residuals
+    count = y.shape[1] * (y.shape[-1] // groups)
+    x_hat = (y - mean) * inv_std
+    d_scale_bc = (dout * x_hat).sum(axis=1)  # [B, C]
+    d_bias_bc = dout.sum(axis=1)
+    # mean_group(g) and mean_group(g x^) from the per-channel sums, g = dout * scale
+    g_mean = _group_mean(d_bias_bc * scale, groups, count)
+    gx_mean = _group_mean(d_scale_bc * scale, groups, count)
+    dy = (dout * scale - g_mean - x_hat * gx_mean) * inv_std
+    return dy, d_scale_bc.sum(0), d_bias_bc.sum(0)
+
+
+_group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
+
+
 class GroupNorm(nn.Module):
     """GroupNorm over the last axis of [B, ..., C], statistics in (at least) float32 with a two-pass variance.
 
     Written here instead of using nn.GroupNorm for speed: reducing first over the spatial axis (a
     contiguous column sum on NHWC data) and then over each group's channels runs 6x faster on XLA:CPU
     than nn.GroupNorm's joint reduction (0.54 vs 3.1 ms on [2, 64, 64, 128]) and keeps PyTorch's
-    two-pass accuracy, which E[x^2] - E[x]^2 loses on activations with large means.
+    two-pass accuracy, which E[x^2] - E[x]^2 loses on activations with large means. Its gradient is the closed
+    form (`_group_norm`).
     """
 
     num_groups: int = 32
@@ -196,21 +289,12 @@ class GroupNorm(nn.Module):
         b, c = x.shape[0], x.shape[-1]
         if c % self.num_groups:
             raise ValueError(f"GroupNorm {self.name}: {c} channels do not split into {self.num_groups} groups")
-        per_group = c // self.num_groups
         acc = jnp.promote_types(x.dtype, jnp.float32)  # float64 stays float64 (gradient checks)
-        y = x.reshape(b, -1, c).astype(acc)
-        count = y.shape[1] * per_group
-
-        def group_mean(v):  # [B, C] channel sums -> [B, 1, C], each channel holding its group's mean
-            g = v.reshape(b, self.num_groups, per_group).sum(-1) / count
-            return jnp.repeat(g, per_group, axis=1)[:, None, :]
-
-        d = y - group_mean(y.sum(axis=1))
-        inv_std = jax.lax.rsqrt(group_mean(jnp.square(d).sum(axis=1)) + self.epsilon)
         init = lambda fn: nn.with_logical_partitioning(fn, ("norm",))  # noqa: E731
         scale = self.param("scale", init(nn.initializers.ones_init()), (c,), self.param_dtype)
         bias = self.param("bias", init(nn.initializers.zeros_init()), (c,), self.param_dtype)
-        out = d * (inv_std * scale.astype(acc)) + bias.astype(acc)
+        out = _group_norm(x.reshape(b, -1, c).astype(acc), scale.astype(acc), bias.astype(acc), self.num_groups,
+                          float(self.epsilon))
         return out.reshape(x.shape).astype(self.dtype)
 
 

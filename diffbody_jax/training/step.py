@@ -75,6 +75,7 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedul
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
+        @jax.named_scope("optimizer_update")  # the name profiles find it by (bench/profile_ops.py)
         def update(state):
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)

@@ -127,6 +127,26 @@ def test_group_norm_matches_torch_and_float64(shape, groups, rng):
     assert np.abs(np.asarray(got) - exact).max() <= TOL
 
 
+@needs_torch
+@pytest.mark.parametrize("shape,groups", [((2, 6, 5, 32), 8), ((2, 7, 24), 4), ((1, 3, 3, 16), 16)])
+def test_group_norm_gradients_match_torch_in_float64(shape, groups, rng):
+    """GroupNorm's closed-form backward against torch's group_norm autograd in float64: input, scale and bias."""
+    x = (rng.standard_normal(shape) * 2 + 3).astype(np.float32)
+    scale = (1 + 0.1 * rng.standard_normal(shape[-1])).astype(np.float32)
+    bias = (0.1 * rng.standard_normal(shape[-1])).astype(np.float32)
+    w = rng.standard_normal(shape).astype(np.float32)
+    module = layers.GroupNorm(groups, 1e-5)
+    dx, dp = jax.grad(lambda x, p: (module.apply({"params": p}, x) * w).sum(), argnums=(0, 1))(
+        jnp.asarray(x), {"scale": jnp.asarray(scale), "bias": jnp.asarray(bias)})
+    xt, st, bt = (torch.tensor(np.moveaxis(a, -1, 1) if a.ndim > 1 else a, dtype=torch.float64, requires_grad=True)
+                  for a in (x, scale, bias))
+    out = torch.nn.functional.group_norm(xt, groups, st, bt, eps=1e-5)
+    (out * torch.tensor(np.moveaxis(w, -1, 1), dtype=torch.float64)).sum().backward()
+    np.testing.assert_allclose(np.asarray(dx), np.moveaxis(xt.grad.numpy(), 1, -1), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(dp["scale"]), st.grad.numpy(), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(dp["bias"]), bt.grad.numpy(), atol=1e-4)
+
+
 def test_group_norm_names_bad_channel_count():
     with pytest.raises(ValueError, match="GroupNorm norm1: 12 channels do not split into 8 groups"):
         layers.GroupNorm(8, name="norm1").init(jax.random.key(0), jnp.ones((1, 2, 2, 12)))
@@ -223,6 +243,30 @@ def test_conv_paths_match_torch_and_keep_nn_conv_params(size, kernel, stride, pa
     for im2col, module in mods.items():
         got = np.asarray(module.apply(params, x)).transpose(0, 3, 1, 2)
         np.testing.assert_allclose(got, want.numpy(), atol=1e-5, err_msg=f"im2col={im2col}")
+
+
+@needs_torch
+@pytest.mark.parametrize("size,kernel,stride,padding", [
+    ((12, 10), 3, 1, ((1, 1), (1, 1))), ((11, 12), 3, 2, ((0, 1), (0, 1))), ((9, 9), 3, 2, ((1, 1), (1, 1)))])
+def test_conv_gradients_match_torch_in_float64(size, kernel, stride, padding, rng):
+    """The gradients of Conv2D's lax.conv path (on XLA:CPU its kernel gradient is one matmul per tap, `_cpu_conv`)
+    against torch's conv2d autograd in float64, for stride 1 and the downsamplers' stride 2 (SD's VAE pads (0, 1))."""
+    x = rng.standard_normal((2, *size, 12)).astype(np.float32)
+    module = layers.Conv2D(8, (kernel, kernel), (stride, stride), padding, im2col=False)
+    params = module.init(jax.random.key(0), x)
+    y = module.apply(params, x)
+    w = rng.standard_normal(y.shape).astype(np.float32)
+    dx, dp = jax.grad(lambda x, p: (module.apply(p, x) * w).sum(), argnums=(0, 1))(x, params)
+
+    xt = torch.tensor(x.transpose(0, 3, 1, 2), dtype=torch.float64, requires_grad=True)
+    kt = torch.tensor(np.asarray(params["params"]["kernel"]).transpose(3, 2, 0, 1), dtype=torch.float64,
+                      requires_grad=True)
+    (pt, pb), (pl, pr) = padding
+    yt = torch.nn.functional.conv2d(torch.nn.functional.pad(xt, (pl, pr, pt, pb)), kt, stride=stride)
+    (yt * torch.tensor(w.transpose(0, 3, 1, 2), dtype=torch.float64)).sum().backward()
+    np.testing.assert_allclose(np.asarray(dx), xt.grad.numpy().transpose(0, 2, 3, 1), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(dp["params"]["kernel"]), kt.grad.numpy().transpose(2, 3, 1, 0), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(dp["params"]["bias"]), w.sum((0, 1, 2)), atol=1e-4)
 
 
 def test_conv_takes_im2col_only_for_small_maps_on_cpu(monkeypatch):
