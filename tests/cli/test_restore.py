@@ -111,3 +111,17 @@ def test_plan_prints_each_devices_memory_without_weights(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["restore", "--out", str(tmp_path)])
     assert exit_info.value.code == 2 and "inputs, --weights required (or --plan HxW)" in capsys.readouterr().err
+
+
+def test_the_step_bar_is_hooked_into_the_sampler_only_when_asked_for():
+    """Without --step-progress the Restorer gets no on_step hook (a host callback would keep its program out of the
+    compilation cache); with it, the hook drives the steps bar, reset at each stage's first step."""
+    from diffbody_jax.cli.restore import ProgressBars
+
+    assert ProgressBars(1, 3, enabled=True).hook is None
+    assert ProgressBars(1, 3, enabled=False, steps_enabled=True).hook is None
+    bars = ProgressBars(1, 3, enabled=True, steps_enabled=True)
+    for stage, index in ((1, 0), (1, 1), (1, 2), (2, 0)):
+        bars.hook(stage, index)
+    assert bars.steps.n == 1 and bars.steps.desc.startswith("stage 2 steps")
+    bars.close()
