@@ -80,8 +80,12 @@ def _unblock(x: Array, s: int) -> Array:
     return x.transpose(1, 0, 3, 2, 4).reshape(b, nb * block, n, d)[:, :s]
 
 
-def _valid_keys(s: int, block: int) -> Array:
-    return (jnp.arange(s + (-s) % block) < s).reshape(-1, block)
+def _blocked_keys_values(k: Array, v: Array, block: int) -> tuple[Array, Array, Array]:
+    """(k blocks, v blocks, [S / block, block] mask of the real keys): what the forward and backward scans run
+    over."""
+    s = k.shape[1]
+    valid = (jnp.arange(s + (-s) % block) < s).reshape(-1, block)
+    return _key_blocks(k, block), _key_blocks(v, block), valid
 
 
 def _key_blocked_forward(q: Array, k: Array, v: Array, block: int) -> tuple[Array, Array]:
@@ -102,8 +106,7 @@ def _key_blocked_forward(q: Array, k: Array, v: Array, block: int) -> tuple[Arra
         return (m_new, l, out), None
 
     init = (jnp.full((b, n, t), -jnp.inf, acc), jnp.zeros((b, n, t), acc), jnp.zeros((b, n, t, d), acc))
-    xs = (_key_blocks(k, block), _key_blocks(v, block), _valid_keys(k.shape[1], block))
-    (m, l, out), _ = jax.lax.scan(step, init, xs)
+    (m, l, out), _ = jax.lax.scan(step, init, _blocked_keys_values(k, v, block))
     return (out / l[..., None]).astype(v.dtype).transpose(0, 2, 1, 3), m + jnp.log(l)
 
 
@@ -126,9 +129,8 @@ def _key_blocked_fwd(q, k, v, block):
     return out, (q, k, v, out, lse)
 
 
-def _key_blocked_bwd(block, residuals, d_out):
-    del block  # the backward blocks keys its own way
-    block = CPU_BACKWARD_KEY_BLOCK
+def _key_blocked_bwd(_forward_block, residuals, d_out):
+    """Over blocks of CPU_BACKWARD_KEY_BLOCK keys, whatever block the forward used (only its outputs are kept)."""
     q, k, v, out, lse = residuals
     acc = jnp.promote_types(q.dtype, jnp.float32)
     scale = q.shape[-1] ** -0.5
@@ -146,7 +148,7 @@ def _key_blocked_bwd(block, residuals, d_out):
         dk = jnp.matmul(ds.swapaxes(-1, -2), qh) * scale
         return dq, (dk, dv)
 
-    xs = (_key_blocks(k, block), _key_blocks(v, block), _valid_keys(k.shape[1], block))
+    xs = _blocked_keys_values(k, v, CPU_BACKWARD_KEY_BLOCK)
     dq, (dk, dv) = jax.lax.scan(step, jnp.zeros_like(qh), xs)
     s = k.shape[1]
     return (dq.transpose(0, 2, 1, 3).astype(q.dtype), _unblock(dk, s).astype(k.dtype),

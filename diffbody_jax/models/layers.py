@@ -179,15 +179,16 @@ class Conv2D(nn.Module):
         kernel = self.param("kernel", self.kernel_init, (kh, kw, x.shape[-1], self.features), self.param_dtype)
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        cpu_kernel = target_platform() == "cpu" and kh * kw > 1
         use_im2col = self.im2col
         if use_im2col is None:
             (pt, pb), (pl, pr) = self.padding
             ho = (x.shape[1] + pt + pb - kh) // self.strides[0] + 1
             wo = (x.shape[2] + pl + pr - kw) // self.strides[1] + 1
-            use_im2col = (target_platform() == "cpu" and kh * kw > 1 and ho * wo <= IM2COL_MAX_POSITIONS)
+            use_im2col = cpu_kernel and ho * wo <= IM2COL_MAX_POSITIONS
         if use_im2col:
             y = _im2col_conv(x, kernel, self.strides, self.padding, self.precision)
-        elif target_platform() == "cpu" and kh * kw > 1:
+        elif cpu_kernel:
             y = _cpu_conv(x, kernel, tuple(self.strides), _hashable(self.padding), self.precision)
         else:
             y = _xla_conv(x, kernel, self.strides, self.padding, self.precision)
@@ -243,9 +244,8 @@ def _group_norm(y: Array, scale: Array, bias: Array, groups: int, epsilon: float
     The backward is the closed form, x^ = (y - mean) / std, g = dout * scale:
     dy = (g - mean_group(g) - x^ mean_group(g x^)) / std, dscale = sum dout x^, dbias = sum dout, with x^ rebuilt
     from y and the [B, C] statistics: two reading passes over dout and one writing pass, where autodiff of the
-    forward kept (y - mean) and ran several (a tenth of mid-sd21's training step went to norms: bench/README.md)."""
-    mean, inv_std = _group_stats(y, groups, epsilon)
-    return (y - mean) * (inv_std * scale) + bias
+    forward kept (y - mean) and ran more (docs/performance.md, "Training step: the backward pass")."""
+    return _group_norm_fwd(y, scale, bias, groups, epsilon)[0]
 
 
 def _group_norm_fwd(y, scale, bias, groups, epsilon):

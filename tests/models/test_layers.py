@@ -109,13 +109,21 @@ def test_transformer2d_parity(linear, rng):
     assert np.abs(got - want).max() <= TOL
 
 
+GROUP_NORM_CASES = [((2, 6, 5, 32), 8), ((2, 7, 24), 4), ((1, 3, 3, 16), 16)]
+
+
+def _group_norm_inputs(rng, shape, mean: float, spread: float):
+    """x [shape] around `mean`, and a scale near 1 and a bias near 0 over its channels, float32."""
+    x = (rng.standard_normal(shape) * spread + mean).astype(np.float32)
+    scale = (1 + 0.1 * rng.standard_normal(shape[-1])).astype(np.float32)
+    return x, scale, (0.1 * rng.standard_normal(shape[-1])).astype(np.float32)
+
+
 @needs_torch
-@pytest.mark.parametrize("shape,groups", [((2, 6, 5, 32), 8), ((2, 7, 24), 4), ((1, 3, 3, 16), 16)])
+@pytest.mark.parametrize("shape,groups", GROUP_NORM_CASES)
 def test_group_norm_matches_torch_and_float64(shape, groups, rng):
     # Large mean relative to the spread: the case where a one-pass variance would lose digits.
-    x = (rng.standard_normal(shape) * 0.5 + 40).astype(np.float32)
-    scale = (1 + 0.1 * rng.standard_normal(shape[-1])).astype(np.float32)
-    bias = (0.1 * rng.standard_normal(shape[-1])).astype(np.float32)
+    x, scale, bias = _group_norm_inputs(rng, shape, mean=40, spread=0.5)
     nc = np.moveaxis(x, -1, 1).copy()  # contiguous NCHW: torch's accurate kernel
     want = torch.nn.functional.group_norm(torch.from_numpy(nc), groups, torch.from_numpy(scale),
                                           torch.from_numpy(bias), eps=1e-5).numpy()
@@ -128,12 +136,10 @@ def test_group_norm_matches_torch_and_float64(shape, groups, rng):
 
 
 @needs_torch
-@pytest.mark.parametrize("shape,groups", [((2, 6, 5, 32), 8), ((2, 7, 24), 4), ((1, 3, 3, 16), 16)])
+@pytest.mark.parametrize("shape,groups", GROUP_NORM_CASES)
 def test_group_norm_gradients_match_torch_in_float64(shape, groups, rng):
     """GroupNorm's closed-form backward against torch's group_norm autograd in float64: input, scale and bias."""
-    x = (rng.standard_normal(shape) * 2 + 3).astype(np.float32)
-    scale = (1 + 0.1 * rng.standard_normal(shape[-1])).astype(np.float32)
-    bias = (0.1 * rng.standard_normal(shape[-1])).astype(np.float32)
+    x, scale, bias = _group_norm_inputs(rng, shape, mean=3, spread=2)
     w = rng.standard_normal(shape).astype(np.float32)
     module = layers.GroupNorm(groups, 1e-5)
     dx, dp = jax.grad(lambda x, p: (module.apply({"params": p}, x) * w).sum(), argnums=(0, 1))(
