@@ -8,6 +8,30 @@ import time
 
 import jax
 
+VECTOR_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
+                "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve", "sve2")
+
+
+def cpu_description() -> str:
+    """The CPU model and its vector extensions (from /proc/cpuinfo where there is one): the ratios of these benches
+    move with them (AVX-512 and AMX change both sides' kernels)."""
+    import platform
+
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() in ("flags", "Features"):
+                flags = set(value.split())
+            if model and flags:
+                break
+    except OSError:
+        pass
+    vector = [f for f in VECTOR_FLAGS if f in flags]
+    return f"{model} ({' '.join(vector) or 'vector extensions unknown'})"
+
 
 def load_report(when: str) -> None:
     """Print the 1-minute load average; warn above the core count. torch's OpenMP threads slow down far more than

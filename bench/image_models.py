@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import flax_params, load_report, median_time  # noqa: E402
+from common import cpu_description, flax_params, load_report, median_time  # noqa: E402
 
 from diffbody_jax.config import load_config  # noqa: E402
 from diffbody_jax.interop.swinir import swinir_from_state_dict  # noqa: E402
@@ -105,7 +104,7 @@ def main(argv=None) -> None:
     import torch
 
     torch.set_num_threads(os.cpu_count())
-    print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; jax {jax.__version__} "
+    print(f"# machine: {cpu_description()}, {os.cpu_count()} cores; jax {jax.__version__} "
           f"({jax.default_backend()}), torch {torch.__version__}; expected run time ~4 min for the defaults")
     load_report("before")
     print("| model | size | ours (ms) | torch (ms) | ratio | JAX compile (s) | max abs diff |")

@@ -33,7 +33,6 @@ import glob
 import gzip
 import json
 import os
-import platform
 import re
 import sys
 import tempfile
@@ -46,7 +45,14 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import jax_unet_train_step, load_report, median_time, torch_unet_train_step, unet_pair  # noqa: E402
+from common import (  # noqa: E402
+    cpu_description,
+    jax_unet_train_step,
+    load_report,
+    median_time,
+    torch_unet_train_step,
+    unet_pair,
+)
 
 FAMILIES = ("conv", "matmul", "attention", "norms", "elementwise", "copies", "optimizer")
 MOVES = ("transpose", "copy", "concatenate", "pad", "slice", "dynamic-slice", "dynamic-update-slice", "bitcast",
@@ -241,7 +247,7 @@ def main(argv=None) -> None:
     import torch
 
     torch.set_num_threads(os.cpu_count())
-    print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; jax {jax.__version__} "
+    print(f"# machine: {cpu_description()}, {os.cpu_count()} cores; jax {jax.__version__} "
           f"({jax.default_backend()}), torch {torch.__version__}; expected run time ~6 min for the defaults")
     load_report("before")
     rows = []

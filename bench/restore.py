@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -33,7 +32,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import load_report, median_time  # noqa: E402
+from common import cpu_description, load_report, median_time  # noqa: E402
 
 from diffbody_jax.config import load_config  # noqa: E402
 from diffbody_jax.diffusion.samplers import _step_tables  # noqa: E402
@@ -136,7 +135,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(os.cpu_count())
-    print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; jax {jax.__version__} "
+    print(f"# machine: {cpu_description()}, {os.cpu_count()} cores; jax {jax.__version__} "
           f"({jax.default_backend()}, {jax.local_device_count()} device(s)), torch {torch.__version__}")
     print(f"# v1, DDIM {args.steps} steps, fp32, no CFG, random weights; images/s (higher is better)")
     load_report("before")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import interleaved_times, load_report, median_time, unet_pair  # noqa: E402
+from common import cpu_description, interleaved_times, load_report, median_time, unet_pair  # noqa: E402
 
 from diffbody_jax.diffusion.samplers import SamplerConfig, make_sampler  # noqa: E402
 from diffbody_jax.diffusion.schedule import NoiseSchedule  # noqa: E402
@@ -108,7 +107,7 @@ def main() -> None:
 
     torch_s = median_time(torch_loop, 1, args.repeats)
 
-    print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+    print(f"# machine: {cpu_description()}, {os.cpu_count()} cores; "
           f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}")
     print(f"# {args.variant}, batch {b}, {args.size}x{args.size} latents, {args.method} {args.steps} steps, "
           f"cfg {args.cfg_scale}")

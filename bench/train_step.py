@@ -27,7 +27,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -217,9 +216,9 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
     import jax
     import torch
-    from common import load_report
+    from common import cpu_description, load_report
 
-    print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; jax {jax.__version__} "
+    print(f"# machine: {cpu_description()}, {os.cpu_count()} cores; jax {jax.__version__} "
           f"({jax.default_backend()}), torch {torch.__version__}; train step, fp32, median of at least "
           f"{args.repeats} steps and {args.min_seconds:g} s")
     load_report("before")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from diffusers import ControlNetModel as TorchControlNet
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import flax_params, load_report, median_time, unet_pair  # noqa: E402
+from common import cpu_description, flax_params, load_report, median_time, unet_pair  # noqa: E402
 
 from diffbody_jax.interop.unet import controlnet_table  # noqa: E402
 from diffbody_jax.models.controlnet import ControlNetConfig, ControlNetModel  # noqa: E402
@@ -110,7 +109,7 @@ def main() -> None:
 
     threads = os.cpu_count()
     torch.set_num_threads(threads)
-    print(f"# machine: {platform.processor() or platform.machine()}, {threads} cores; "
+    print(f"# machine: {cpu_description()}, {threads} cores; "
           f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}")
     load_report("before")
     print(f"{'variant':<22} {'params':>8} {'batch':>5} {'latent':>6} {'ours ms':>9} {'torch ms':>9} "

@@ -7,7 +7,7 @@ holds and what each version still needs.
       [--seed K] [--batch B] [--size 512] [--fit bucket] [--colour none|adain|wavelet] [--dtype float32|bfloat16]
       [--attention bounded|einsum|chunked|cudnn|...] [--params auto|replicated|fsdp] [--offload]
       [--compilation-cache DIR|off] [--save-intermediates] [--overwrite]
-  diffbody restore --plan HxW [--version v2] [--dtype bfloat16] [--batch B] [--params fsdp] [--offload]
+  diffbody restore --plan HxW [--version v2] [--dtype bfloat16] [--batch B] [--params fsdp] [--offload] [--guidance S]
   diffbody weights check weights/
 
 Writes OUT/<input name>.png (8-bit, EXIF orientation applied, ICC profile and alpha kept) and
@@ -232,7 +232,7 @@ def plan_main(args, fail) -> int:
     try:
         plan = plan_restore(args.version, height, width, dtype=args.dtype, batch=args.batch, steps=args.steps,
                             params=args.params, variant=args.plan_variant, attention=args.attention,
-                            offload=args.offload, tiles=tiles_for(args.fit, args.size))
+                            offload=args.offload, tiles=tiles_for(args.fit, args.size), guidance=args.guidance)
     except (ValueError, FileNotFoundError) as e:
         return fail(str(e))
     print(plan.describe())

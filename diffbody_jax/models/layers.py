@@ -138,10 +138,26 @@ def _cpu_conv_fwd(x, kernel, strides, padding, precision):
     return _xla_conv(x, kernel, strides, padding, precision), (x, kernel)
 
 
+def _conv_input_grad(dy: Array, kernel: Array, x_shape, strides, padding, precision) -> Array:
+    """d(conv)/dx: for stride 1 and pads within the kernel, the forward convolution of dy (padded by kernel - 1 -
+    pad) with the flipped kernel, its in and out channels swapped. XLA's own transpose (`linear_transpose`) leaves the
+    swap to the convolution's dimension labels (HWOI), which XLA:CPU's fast (YNNPACK) convolution does not take:
+    at the top level XLA moves the swap into the kernel's layout, but inside a loop body (a sampler's scan) it cannot,
+    and the input gradient ran on the slow generic path (the guided sampling step, 2.2x slower in the scan than
+    outside it; bench/guidance_step.py)."""
+    kh, kw = kernel.shape[:2]
+    (pt, pb), (pl, pr) = padding
+    if tuple(strides) != (1, 1) or not all(0 <= p < k for p, k in ((pt, kh), (pb, kh), (pl, kw), (pr, kw))):
+        return jax.linear_transpose(lambda x: _xla_conv(x, kernel, strides, padding, precision),
+                                    jax.ShapeDtypeStruct(x_shape, dy.dtype))(dy)[0]
+    flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+    return _xla_conv(dy, flipped, (1, 1), ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr)), precision)
+
+
 def _cpu_conv_bwd(strides, padding, precision, residuals, dy):
     x, kernel = residuals
     kh, kw, cin, cout = kernel.shape
-    dx = jax.linear_transpose(lambda x: _xla_conv(x, kernel, strides, padding, precision), x)(dy)[0]
+    dx = _conv_input_grad(dy, kernel, x.shape, strides, padding, precision)
     acc = jnp.promote_types(kernel.dtype, jnp.float32)
     taps = [jnp.einsum("bhwc,bhwo->co", view, dy, precision=precision, preferred_element_type=acc)
             for view in _shifted_views(x, kh, kw, strides, padding)]

@@ -49,7 +49,14 @@ from diffbody_jax.parallel.sharding import (
 from diffbody_jax.pipelines.tiles import TileConfig
 from diffbody_jax.pipelines.v1 import V1Pipeline
 from diffbody_jax.pipelines.v2 import V2Pipeline
-from diffbody_jax.pipelines.weights import DEFAULT_SCHEDULERS, TEXT_MEMBERS, dtype_kwargs, members_of
+from diffbody_jax.pipelines.weights import (
+    DEFAULT_SCHEDULERS,
+    GUIDANCE_REMAT_MEMBERS,
+    TEXT_MEMBERS,
+    dtype_kwargs,
+    guidance_remat,
+    members_of,
+)
 
 GIB = 2**30
 # the phase configs whose `model` section is each stage's group, per version
@@ -113,13 +120,16 @@ class RestorePlan:
         return "\n".join(lines)
 
 
-def _group(phase: str, variant: str, dtype: str, attention: str) -> ModelGroup:
+def _group(phase: str, variant: str, dtype: str, attention: str, remat: Sequence[str]) -> ModelGroup:
     model = load_config(f"{phase}:variant={variant}").model
     group = build_model(model)
+    unknown = sorted(set(remat) - set(group.members))
+    if unknown and phase in _GROUPS["v1"]:
+        raise ValueError(f"remat {unknown}: not members of v1's group {sorted(group.members)}")
     members = {}
     for name, member in group.members.items():
         # as restore builds them (the configs' paper variants carry training's settings: bf16 compute, remat)
-        changes = {"dtype": jnp.dtype(jnp.float32), "param_dtype": jnp.dtype(jnp.float32), "remat": False,
+        changes = {"dtype": jnp.dtype(jnp.float32), "param_dtype": jnp.dtype(jnp.float32), "remat": name in remat,
                    **dtype_kwargs(name, dtype)}
         # as `pipelines.weights.load_component` builds them: the VAEs' one wide head runs chunked under "bounded"
         changes["attention_backend"] = "chunked" if name == "vae" and attention == "bounded" else attention
@@ -155,7 +165,8 @@ def _sharded_like(tree, mesh):
 def plan_restore(version: str, height: int, width: int, *, dtype: str = "float32", batch: int = 1,
                  steps: int | None = None, params: str = "replicated", variant: str = "paper",
                  devices: Sequence[jax.Device] | None = None, attention: str = "bounded", offload: bool = False,
-                 fsdp_min_size: int = ShardingRules.fsdp_min_size, tiles: TileConfig | None = None) -> RestorePlan:
+                 fsdp_min_size: int = ShardingRules.fsdp_min_size, tiles: TileConfig | None = None,
+                 guidance: float = 0.0, remat: Sequence[str] | None = None) -> RestorePlan:
     """Compile `version`'s restoration for abstract weights and inputs and read its per-device memory.
 
     height, width: the image (multiples of 64); batch: images per call, split over the devices (a multiple of
@@ -163,17 +174,24 @@ def plan_restore(version: str, height: int, width: int, *, dtype: str = "float32
     (paper, or tiny for a quick check); fsdp_min_size: with params="fsdp", weights of fewer numbers stay whole on
     every device (the training engine's default); devices: default this process's, or a TPU topology's
     (`parallel.mesh.target_devices`: compiled ahead of time by XLA:TPU); tiles: `--fit tile`'s tiles (the
-    restoration of a large photo as `diffbody restore` runs it: `RestoreSettings.tiles`). Nothing is allocated: the
-    weights are shapes only.
+    restoration of a large photo as `diffbody restore` runs it: `RestoreSettings.tiles`); guidance: v1's part-loss
+    guidance scale (every step in the window: the program holds the guided step); remat: the group members that
+    rematerialise their blocks (default: as `diffbody restore` builds them, `GUIDANCE_REMAT_MEMBERS` with guidance and
+    none without: `guidance_remat`). Nothing is allocated: the weights are shapes only.
     """
     devices = list(devices or jax.local_devices())
+    if guidance and version != "v1":
+        raise ValueError("part-loss guidance is v1's (seed 000, Algorithm 1); v2 has none")
+    if remat is None:
+        remat = GUIDANCE_REMAT_MEMBERS if guidance and guidance_remat(devices[0].platform) else ()
+    remat = tuple(remat)
     with compiling_for(devices[0].platform):
         return _plan_restore(version, height, width, dtype, batch, steps, params, variant, devices, attention,
-                             offload, fsdp_min_size, tiles)
+                             offload, fsdp_min_size, tiles, guidance, remat)
 
 
 def _plan_restore(version, height, width, dtype, batch, steps, params, variant, devices, attention, offload,
-                  fsdp_min_size, tiles) -> RestorePlan:
+                  fsdp_min_size, tiles, guidance, remat) -> RestorePlan:
     if version not in _GROUPS:
         raise ValueError(f"version {version!r}; expected one of {sorted(_GROUPS)}")
     if params not in PLACEMENTS:
@@ -183,7 +201,7 @@ def _plan_restore(version, height, width, dtype, batch, steps, params, variant, 
     if batch % len(devices):
         raise ValueError(f"batch {batch}: must be a multiple of the {len(devices)} device(s)")
     steps = steps or {"v1": 50, "v2": 200}[version]
-    groups = [_group(phase, variant, dtype, attention) for phase in _GROUPS[version]]
+    groups = [_group(phase, variant, dtype, attention, remat) for phase in _GROUPS[version]]
     abstract = [nn.unbox(g.abstract_variables()) for g in groups]
     params = resolve_placement(params, tree_bytes(abstract), devices)
     mesh = inference_mesh(params, devices)
@@ -194,7 +212,7 @@ def _plan_restore(version, height, width, dtype, batch, steps, params, variant, 
                             inference_shardings(tree, mesh, rules))
 
     variables = [placed(v) for v in abstract]
-    sampler = SamplerConfig(method="ddpm", num_steps=steps)
+    sampler = SamplerConfig(method="ddpm", num_steps=steps, guidance_scale=guidance)
     if version == "v1":
         pipe = V1Pipeline(groups[0], _schedule("sd21"), sampler, tiles=tiles)
         variables = variables[0]

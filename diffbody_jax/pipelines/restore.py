@@ -57,6 +57,7 @@ from diffbody_jax.pipelines.weights import (
     TEXT_MEMBERS,
     WeightsError,
     component_present,
+    guidance_remat,
     load_v1_models,
     load_v2_models,
     members_of,
@@ -221,7 +222,7 @@ class Restorer:
         devices = list(devices or jax.local_devices())
         self.contracts, self.notes = restore_contracts(weights, s.version)
         kwargs = {"attention_backend": s.attention, "dtype": s.dtype}
-        if s.guidance:  # the backward pass of every step keeps block boundaries only (on GPU and TPU; bench/README.md)
+        if s.guidance and guidance_remat(devices[0].platform):  # block boundaries only in each step's backward pass
             kwargs["remat"] = True
         self.pipeline, variables = PIPELINES[s.version](weights, s, self.contracts, on_step, **kwargs)
         self.factor = self.pipeline.factor

@@ -103,8 +103,19 @@ OPTIONAL: dict[str, tuple[str, ...]] = {"v1": ("bodypart",), "v2": ()}
 ATTENTION_COMPONENTS = ("sd21/unet", "sd21/vae", "v1_controlnet", "joint_unet", "stage1_controlnet", "sdxl/unet",
                         "sdxl/vae", "stage2_controlnet")
 # the components of part-loss guidance's backward pass (UNet, ControlNet, VAE decode) that rematerialise their blocks
-# when built with remat=True (the Restorer asks for it with --guidance; part_guidance.py says why)
+# when built with remat=True (the Restorer asks for it with --guidance where `guidance_remat` says so)
 REMAT_COMPONENTS = ("sd21/unet", "v1_controlnet", "sd21/vae")
+GUIDANCE_REMAT_MEMBERS = ("unet", "controlnet", "vae")  # the same, as v1's model-group members (`plan_restore`)
+
+
+def guidance_remat(platform: str) -> bool:
+    """Whether part-loss guidance builds REMAT_COMPONENTS with remat on devices of `platform` (restore and its plan
+    both ask here). On GPU and TPU, yes: the backward pass of each step then keeps block boundaries only. On XLA:CPU,
+    no: it drops remat's optimisation barriers, so no memory is saved (at 1024x512 the guided program's temporaries
+    are 19.8 GiB with it and 21.2 without), and the recomputation still costs time (ms per guided step without it
+    and with UNet + ControlNet + VAE remat: tiny v1 at 64 px 174 and 264, mid at 256 px 1092 and 1644;
+    bench/guidance_step.py, docs/performance.md)."""
+    return platform != "cpu"
 # Restoring in bfloat16 (`RestoreSettings.dtype`): the VAEs stay float32, weights and compute (their decode is the
 # output image; docs/scaling.md, "Precision"), named as model-group members and as weights components
 FLOAT32_MEMBERS = ("vae",)

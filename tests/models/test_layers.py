@@ -1,6 +1,7 @@
 """Parity of the shared blocks with their diffusers counterparts (fp32, fresh random inputs)."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -253,10 +254,12 @@ def test_conv_paths_match_torch_and_keep_nn_conv_params(size, kernel, stride, pa
 
 @needs_torch
 @pytest.mark.parametrize("size,kernel,stride,padding", [
-    ((12, 10), 3, 1, ((1, 1), (1, 1))), ((11, 12), 3, 2, ((0, 1), (0, 1))), ((9, 9), 3, 2, ((1, 1), (1, 1)))])
+    ((12, 10), 3, 1, ((1, 1), (1, 1))), ((10, 11), 3, 1, ((0, 2), (2, 1))), ((9, 9), 1, 1, ((0, 0), (0, 0))),
+    ((11, 12), 3, 2, ((0, 1), (0, 1))), ((9, 9), 3, 2, ((1, 1), (1, 1)))])
 def test_conv_gradients_match_torch_in_float64(size, kernel, stride, padding, rng):
-    """The gradients of Conv2D's lax.conv path (on XLA:CPU its kernel gradient is one matmul per tap, `_cpu_conv`)
-    against torch's conv2d autograd in float64, for stride 1 and the downsamplers' stride 2 (SD's VAE pads (0, 1))."""
+    """The gradients of Conv2D's lax.conv path (on XLA:CPU its kernel gradient is one matmul per tap and its input
+    gradient a convolution with the flipped kernel at stride 1, `_cpu_conv`) against torch's conv2d autograd in
+    float64, for stride 1 (uneven pads too) and the downsamplers' stride 2 (SD's VAE pads (0, 1))."""
     x = rng.standard_normal((2, *size, 12)).astype(np.float32)
     module = layers.Conv2D(8, (kernel, kernel), (stride, stride), padding, im2col=False)
     params = module.init(jax.random.key(0), x)
@@ -273,6 +276,23 @@ def test_conv_gradients_match_torch_in_float64(size, kernel, stride, padding, rn
     np.testing.assert_allclose(np.asarray(dx), xt.grad.numpy().transpose(0, 2, 3, 1), atol=1e-4)
     np.testing.assert_allclose(np.asarray(dp["params"]["kernel"]), kt.grad.numpy().transpose(2, 3, 1, 0), atol=1e-4)
     np.testing.assert_allclose(np.asarray(dp["params"]["bias"]), w.sum((0, 1, 2)), atol=1e-4)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's convolution labels")
+def test_conv_input_gradient_in_a_scan_keeps_the_kernel_layout_cpu_convolutions_take():
+    """Inside a loop body (the guided sampler's scan) XLA:CPU cannot move a kernel's in/out swap into its layout,
+    and a convolution labelled HWOI (01oi) runs on the slow generic path: the input gradient must be labelled HWIO."""
+    module = layers.Conv2D(8, (3, 3), im2col=False)
+    x = jnp.zeros((1, 16, 16, 4))
+    params = jax.eval_shape(lambda: module.init(jax.random.key(0), x))
+    grad = jax.grad(lambda x, p: module.apply(p, x).sum())
+
+    def scanned(x, p):
+        return jax.lax.scan(lambda x, _: (grad(x, p)[..., :4], None), x, None, length=2)[0]
+
+    text = jax.jit(scanned).lower(x, params).compile().as_text()
+    labels = re.findall(r"convolution\(.*?dim_labels=(\w+)->", text)
+    assert labels and all(label.split("_")[1] == "01io" for label in labels), labels
 
 
 def test_conv_takes_im2col_only_for_small_maps_on_cpu(monkeypatch):

@@ -64,8 +64,11 @@ def test_part_loss_guidance_is_the_sampler_with_the_guidance_built_by_hand(stand
     with captured(UNet2DConditionModel, stub=UNET_STUB):
         restorer = Restorer(stand_in_weights, settings)
         out = restorer.restore(key, degraded, pose, PROMPTS)
-    built = restorer.pipeline.group  # the guidance's backward pass rematerialises UNet, ControlNet and VAE blocks
-    assert built.unet.remat and built.controlnet.remat and built.vae.remat and not built.swinir.remat
+    # the guidance's backward pass rematerialises UNet, ControlNet and VAE blocks on accelerators, not on XLA:CPU
+    # (which drops remat's barriers: no memory saved, time lost; pipelines.weights.guidance_remat)
+    built, on_accelerator = restorer.pipeline.group, jax.default_backend() != "cpu"
+    assert [bool(built.unet.remat), bool(built.controlnet.remat), bool(built.vae.remat)] == [on_accelerator] * 3
+    assert not built.swinir.remat
 
     group, variables = load_v1_models(stand_in_weights)
     contract = read_contract(stand_in_weights / "v1_controlnet")
