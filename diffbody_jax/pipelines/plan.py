@@ -86,6 +86,8 @@ class RestorePlan:
     tile: int | None = None  # --fit tile: the tiles' side in pixels (overlap a quarter of it)
     # the programs XLA:TPU refused for the chip's memory: their temporaries are what its refusal says they need
     refused: list[str] = dataclasses.field(default_factory=list)
+    guidance: float = 0.0  # v1's part-loss guidance scale (every step guided)
+    remat: tuple[str, ...] = ()  # the members built with remat
 
     @property
     def total_gib(self) -> float:
@@ -105,7 +107,8 @@ class RestorePlan:
         tiles = f" on tiles of {self.tile}" if self.tile else ""
         lines = [f"plan: {self.version} {self.height}x{self.width}{tiles} {self.dtype}, batch {self.batch} on "
                  f"{self.devices} {where} device(s), params {self.params}{', offload' if self.offload else ''}, "
-                 f"{self.steps} steps, "
+                 f"{self.steps} steps" + (f" all guided (s = {self.guidance:g}, remat: "
+                                          f"{', '.join(self.remat) or 'none'})" if self.guidance else "") + ", "
                  f"attention {self.attention}, {self.variant} configs",
                  f"weights {self.weights_gib:.2f} GiB in all; per device: arguments {self.arguments_gib:.2f}, "
                  f"outputs {self.outputs_gib:.2f}, temporaries {self.temporaries_gib:.2f}, total "
@@ -250,7 +253,7 @@ def _plan_restore(version, height, width, dtype, batch, steps, params, variant, 
                        temporaries_gib=temporaries / GIB, compile_s=seconds,
                        programs={k: sum(v[:3]) / GIB for k, v in analyses.items()},
                        tile=tiles.size if tiles is not None else None,
-                       refused=[k for k, v in analyses.items() if not v[3]])
+                       refused=[k for k, v in analyses.items() if not v[3]], guidance=guidance, remat=remat)
 
 
 def _memory(program, arguments) -> tuple[int, int, int, bool]:

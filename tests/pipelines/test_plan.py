@@ -53,6 +53,10 @@ def test_bad_requests_are_named():
         plan_restore("v1", 64, 64, params="tp")
     with pytest.raises(ValueError, match="batch 3: must be a multiple"):
         plan_restore("v1", 64, 64, batch=3, devices=[jax.devices()[0]] * 2)
+    with pytest.raises(ValueError, match="part-loss guidance is v1's"):
+        plan_restore("v2", 64, 64, guidance=1.0)
+    with pytest.raises(ValueError, match=r"remat \['unet2'\]: not members of v1's group"):
+        plan_restore("v1", 64, 64, variant="tiny", guidance=1.0, remat=("unet2",))
 
 
 def test_fsdp_splits_the_weights_over_eight_devices(eight_devices):
