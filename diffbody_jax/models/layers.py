@@ -174,8 +174,9 @@ def _hashable(padding) -> tuple[tuple[int, int], ...]:
 class Conv2D(nn.Module):
     """A 2-D convolution over NHWC with nn.Conv's params ("kernel" [kh, kw, C_in, C_out], "bias" [C_out]), so
     checkpoints and converters see no difference. On XLA:CPU small outputs (<= IM2COL_MAX_POSITIONS positions)
-    run as im2col + one matmul, and larger kernels above 1x1 as lax.conv_general_dilated with the kernel gradient
-    as one matmul per tap (`_cpu_conv`); everything else as lax.conv_general_dilated."""
+    run as im2col + one matmul (kernels above 1x1), the others as lax.conv_general_dilated with the kernel gradient
+    as one matmul per tap and the input gradient as a convolution XLA:CPU's fast path takes inside loops too
+    (`_cpu_conv`); other backends as lax.conv_general_dilated."""
 
     features: int
     kernel_size: tuple[int, int] = (3, 3)
@@ -195,16 +196,16 @@ class Conv2D(nn.Module):
         kernel = self.param("kernel", self.kernel_init, (kh, kw, x.shape[-1], self.features), self.param_dtype)
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        cpu_kernel = target_platform() == "cpu" and kh * kw > 1
+        on_cpu = target_platform() == "cpu"
         use_im2col = self.im2col
         if use_im2col is None:
             (pt, pb), (pl, pr) = self.padding
             ho = (x.shape[1] + pt + pb - kh) // self.strides[0] + 1
             wo = (x.shape[2] + pl + pr - kw) // self.strides[1] + 1
-            use_im2col = cpu_kernel and ho * wo <= IM2COL_MAX_POSITIONS
+            use_im2col = on_cpu and kh * kw > 1 and ho * wo <= IM2COL_MAX_POSITIONS
         if use_im2col:
             y = _im2col_conv(x, kernel, self.strides, self.padding, self.precision)
-        elif cpu_kernel:
+        elif on_cpu:
             y = _cpu_conv(x, kernel, tuple(self.strides), _hashable(self.padding), self.precision)
         else:
             y = _xla_conv(x, kernel, self.strides, self.padding, self.precision)

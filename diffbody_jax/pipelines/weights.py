@@ -116,6 +116,8 @@ def guidance_remat(platform: str) -> bool:
     and with UNet + ControlNet + VAE remat: tiny v1 at 64 px 174 and 264, mid at 256 px 1092 and 1644;
     bench/guidance_step.py, docs/performance.md)."""
     return platform != "cpu"
+
+
 # Restoring in bfloat16 (`RestoreSettings.dtype`): the VAEs stay float32, weights and compute (their decode is the
 # output image; docs/scaling.md, "Precision"), named as model-group members and as weights components
 FLOAT32_MEMBERS = ("vae",)
