@@ -114,6 +114,7 @@ def model_section(**fields):
         param_dtype="float32",
         attention_backend="einsum",  # einsum | xla | cudnn | auto | a registered one (TPU splash)
         remat="none",  # none | full | dots | dots_no_batch: what the backward pass recomputes (models.layers)
+        scan_layers=False,  # UNet family: scan deep transformer stacks (models/stacked_blocks.py; docs/scaling.md)
     ))
 
 # `at_scale`: the members whose blocks the backward pass recomputes (the diffusion networks: the gradient of every
@@ -156,14 +157,18 @@ def _remat(value) -> bool | str:
     return value if isinstance(value, bool) else {"none": False, "full": True}.get(value, value)
 
 
-def runtime_kwargs(model_config) -> dict[str, Any]:
-    """dtype, param_dtype, attention_backend and remat from a config file's `model` section."""
-    return dict(
+def runtime_kwargs(model_config, scan_layers: bool = False) -> dict[str, Any]:
+    """dtype, param_dtype, attention_backend and remat from a config file's `model` section, and its scan_layers
+    (off where the section has none) when `scan_layers` (the UNet family's builders: only they scan)."""
+    kwargs = dict(
         dtype=jnp.dtype(model_config["dtype"]),
         param_dtype=jnp.dtype(model_config["param_dtype"]),
         attention_backend=model_config["attention_backend"],
         remat=_remat(model_config["remat"]),
     )
+    if scan_layers:
+        kwargs["scan_layers"] = bool(model_config.get("scan_layers", False))
+    return kwargs
 
 
 def dataclass_from_dict(

@@ -5,9 +5,10 @@ holds and what each version still needs.
       [--keypoints MANIFEST.jsonl | --poses DIR] [--annotator auto|none|mediapipe|onnx-dwpose:det=..,pose=..]
       [--steps N] [--sampler ddpm|ddim|dpmpp] [--cfg S] [--guidance S]
       [--seed K] [--batch B] [--size 512] [--fit bucket] [--colour none|adain|wavelet] [--dtype float32|bfloat16]
-      [--attention bounded|einsum|chunked|cudnn|...] [--params auto|replicated|fsdp] [--offload]
+      [--attention bounded|einsum|chunked|cudnn|...] [--params auto|replicated|fsdp] [--offload] [--scan-layers]
       [--compilation-cache DIR|off] [--save-intermediates] [--overwrite]
   diffbody restore --plan HxW [--version v2] [--dtype bfloat16] [--batch B] [--params fsdp] [--offload] [--guidance S]
+      [--scan-layers]
   diffbody weights check weights/
 
 Writes OUT/<input name>.png (8-bit, EXIF orientation applied, ICC profile and alpha kept) and
@@ -86,6 +87,9 @@ def add_restore_args(p: argparse.ArgumentParser, weights_required: bool = True) 
                         "(auto: split when a copy would take over half of a device's memory)")
     p.add_argument("--offload", action="store_true",
                    help="v2: weights in host memory, each stage's on the devices only for its own program")
+    p.add_argument("--scan-layers", action="store_true",
+                   help="run each deep transformer stack of the UNets and ControlNets as one scan: SDXL's stage 2 "
+                        "compiles in less time (docs/scaling.md)")
     p.add_argument("--keypoints", help="a manifest (JSONL) with keypoints for the inputs, matched by file name")
     p.add_argument("--poses", help="a folder of pose maps named like the inputs")
     p.add_argument("--recaption", metavar="DIR",
@@ -108,7 +112,8 @@ def settings_from(args) -> RestoreSettings:
     return RestoreSettings(version=args.version, steps=args.steps, sampler=args.sampler, cfg=args.cfg,
                            guidance=args.guidance, colour=args.colour, size=args.size,
                            negative_prompt=args.negative_prompt, fit=args.fit, dtype=args.dtype,
-                           attention=args.attention, params=args.params, offload=args.offload)
+                           attention=args.attention, params=args.params, offload=args.offload,
+                           scan_layers=args.scan_layers)
 
 
 class ProgressBars:
@@ -232,7 +237,8 @@ def plan_main(args, fail) -> int:
     try:
         plan = plan_restore(args.version, height, width, dtype=args.dtype, batch=args.batch, steps=args.steps,
                             params=args.params, variant=args.plan_variant, attention=args.attention,
-                            offload=args.offload, tiles=tiles_for(args.fit, args.size), guidance=args.guidance)
+                            offload=args.offload, tiles=tiles_for(args.fit, args.size), guidance=args.guidance,
+                            scan_layers=args.scan_layers)
     except (ValueError, FileNotFoundError) as e:
         return fail(str(e))
     print(plan.describe())

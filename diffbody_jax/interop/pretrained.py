@@ -38,6 +38,7 @@ from diffbody_jax.models.controlnet import (
 )
 from diffbody_jax.models.ip_adapter import is_ip_kernel_path
 from diffbody_jax.models.joint_unet import JointUNet, JointUNetConfig, joint_unet_from_unet
+from diffbody_jax.models.stacked_blocks import scans_layers, to_model_layout, unstack_blocks
 from diffbody_jax.models.stage2 import Stage2Model, adapter_paths, is_adapter_path
 from diffbody_jax.models.swinir import SwinIR, SwinIRConfig
 from diffbody_jax.models.unet import UNet2DConditionModel, UNetConfig
@@ -92,7 +93,8 @@ class Family:
     fills: Callable[[Any, dict], tuple[dict, Callable[[str], bool]]] = _keep
 
     def shapes(self, module) -> dict:
-        return module.variable_shapes() if self.variables else module.param_shapes()
+        """What the family's files hold for `module`: its param (or variable) shapes in the file layout."""
+        return unstack_blocks(module.variable_shapes() if self.variables else module.param_shapes())
 
 
 def _diffusers_family(class_name: str, component: str) -> Callable[[], Family]:
@@ -234,7 +236,7 @@ def load_pretrained(
         flax_checkpoint.check_params(params, family.shapes(module), source)
         if param_dtype is not None:
             params = jax.tree.map(lambda x: np.asarray(x, param_dtype), params)
-        return module, params
+        return module, to_model_layout(module, params)
 
     folder = Path(path) / subfolder if subfolder else Path(path)
     config_path = folder / "config.json"
@@ -245,7 +247,7 @@ def load_pretrained(
     weights = torch_files.find_weights(folder, family.weights_name)
     state_dict = family.from_torch(torch_files.read_state_dict(weights), str(weights))
     params = torch_to_flax(state_dict, family.table(config), family.shapes(module), str(weights), param_dtype)
-    return module, params
+    return module, to_model_layout(module, params)
 
 
 def save_pretrained(path: str | os.PathLike, module, params: dict, config_dict: dict | None = None) -> Path:
@@ -256,6 +258,7 @@ def save_pretrained(path: str | os.PathLike, module, params: dict, config_dict: 
     """
     family = family_for_module(module)
     folder = Path(path)
+    params = unstack_blocks(params)  # a scanning module's stacks are written block by block, as diffusers has them
     state_dict = family.to_torch(flax_to_torch(params, family.table(module.config), f"{family.class_name} params"))
     torch_files.write_safetensors(state_dict, folder / family.weights_name, metadata={"format": "pt"})
     files.write_json(config_dict or family.config_to_dict(module.config), folder / "config.json")
@@ -273,19 +276,20 @@ def init_from_pretrained_unet(path: str | os.PathLike, module, rng: jax.Array, *
 
     subfolder = "unet" if (Path(path) / "unet").is_dir() else None
     unet, unet_params = load_pretrained(path, subfolder=subfolder, param_dtype=param_dtype)
+    target = module.clone(scan_layers=False) if scans_layers(module) else module  # paths copied in the file layout
     if isinstance(module, ControlNetModel) and isinstance(unet, JointUNet):
-        params, copied = controlnet_from_joint_unet(unet_params, unet.config, module, rng, branch)
-        return params, copied, f"{path} (JointUNet branch {branch!r} + shared trunk)"
+        params, copied = controlnet_from_joint_unet(unet_params, unet.config, target, rng, branch)
+        return to_model_layout(module, params), copied, f"{path} (JointUNet branch {branch!r} + shared trunk)"
     if not isinstance(unet, UNet2DConditionModel):
         raise ValueError(f"{path}: expected a UNet2DConditionModel (or a JointUNet for a ControlNet), "
                          f"found {type(unet).__name__}")
     if isinstance(module, JointUNet):
-        params, copied = joint_unet_from_unet(unet_params, module, rng)
+        params, copied = joint_unet_from_unet(unet_params, target, rng)
     elif isinstance(module, ControlNetModel):
-        params, copied = controlnet_from_unet(unet_params, module, rng)
+        params, copied = controlnet_from_unet(unet_params, target, rng)
     else:
         raise ValueError(f"init from a UNet: {type(module).__name__} is neither a JointUNet nor a ControlNetModel")
-    return params, copied, str(path)
+    return to_model_layout(module, params), copied, str(path)
 
 
 # config fields that change nothing a model computes (diffusers' default resolution)

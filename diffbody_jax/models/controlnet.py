@@ -333,7 +333,7 @@ def build_controlnet(model_config) -> ControlNetModel:
     """The module described by a `configs/controlnet.py` `model` section."""
 
     cfg = ControlNetConfig.from_dict(dict(model_config["diffusers"]), source="model.diffusers")
-    return ControlNetModel(cfg, **runtime_kwargs(model_config))
+    return ControlNetModel(cfg, **runtime_kwargs(model_config, scan_layers=True))
 
 
 def _adapt_prior_conv_in(kernel: np.ndarray, channels: int, prior: str) -> np.ndarray:

@@ -273,4 +273,4 @@ def build_joint_unet(model_config) -> JointUNet:
     """The module described by a `configs/joint_unet.py` `model` section."""
 
     return JointUNet(JointUNetConfig.from_dict(dict(model_config["config"]), "model.config"),
-                     **runtime_kwargs(model_config))
+                     **runtime_kwargs(model_config, scan_layers=True))

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffbody_jax.models.attention import attention_backend, target_platform
+from diffbody_jax.models.stacked_blocks import STACKED
 
 Array = jax.Array
 Dtype = Any
@@ -685,11 +686,22 @@ class BasicTransformerBlock(nn.Module):
         return constrain_tokens(x + ff(layer_norm(self, self.norm_eps, "norm3")(x)))
 
 
+class _ScanStep(BasicTransformerBlock):
+    """One `BasicTransformerBlock` as an `nn.scan` step: the carry is the token stream, nothing is stacked out."""
+
+    def __call__(self, x: Array, context: Array, ip_context: Array | None = None, ip_scale: Array | float = 1.0):
+        return super().__call__(x, context, ip_context, ip_scale), None
+
+
 class Transformer2D(nn.Module):
     """GroupNorm, projection in (Dense or 1x1 conv), `depth` transformer blocks, projection out, residual.
 
     x: [B, H, W, C]; context: [B, S, C_ctx]; ip_context: [B, N, C_ctx] image tokens (`ip_adapter` only);
     returns [B, H, W, C].
+
+    `scan_blocks` (depth > 1): the blocks run as one `nn.scan`, so XLA compiles one block instead of `depth`; their
+    params are then stacked under "transformer_blocks" with a leading depth axis (models/stacked_blocks.py converts
+    to and from the file layout; the axis's logical name is "layers", which the sharding rules never split).
     """
 
     heads: int
@@ -700,6 +712,7 @@ class Transformer2D(nn.Module):
     upcast_attention: bool = False
     attention_backend: str = "einsum"
     ip_adapter: bool = False
+    scan_blocks: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     precision: Precision = None
@@ -716,12 +729,20 @@ class Transformer2D(nn.Module):
             x = dense(self, inner, "proj_in", ("conv_out", "embed"))(x.reshape(b, h * w, c))
         else:
             x = conv(self, inner, 1, "proj_in")(x).reshape(b, h * w, inner)
-        for i in range(self.depth):
-            x = BasicTransformerBlock(
-                self.heads, self.head_dim, upcast_attention=self.upcast_attention,
-                attention_backend=self.attention_backend, ip_adapter=self.ip_adapter, dtype=self.dtype,
-                param_dtype=self.param_dtype, precision=self.precision, name=f"transformer_blocks_{i}",
-            )(x, context, ip_context, ip_scale)
+        block = dict(
+            heads=self.heads, head_dim=self.head_dim, upcast_attention=self.upcast_attention,
+            attention_backend=self.attention_backend, ip_adapter=self.ip_adapter, dtype=self.dtype,
+            param_dtype=self.param_dtype, precision=self.precision,
+        )
+        if self.scan_blocks and self.depth > 1:
+            stack = nn.scan(
+                _ScanStep, variable_axes={"params": 0}, split_rngs={"params": True}, length=self.depth,
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x, _ = stack(**block, name=STACKED)(x, context, ip_context, ip_scale)
+        else:
+            for i in range(self.depth):
+                x = BasicTransformerBlock(**block, name=f"transformer_blocks_{i}")(x, context, ip_context, ip_scale)
         if self.use_linear_projection:
             x = dense(self, c, "proj_out", ("embed", "conv_out"))(x).reshape(b, h, w, c)
         else:

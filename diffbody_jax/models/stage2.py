@@ -118,7 +118,7 @@ def is_adapter_path(path: str) -> bool:
 def build_stage2(model_config) -> Stage2Model:
     """The model described by a `configs/stage2.py` `model` section (run-time fields shared by all three)."""
 
-    kw = runtime_kwargs(model_config)
+    kw = runtime_kwargs(model_config, scan_layers=True)
     unet = UNet2DConditionModel(UNetConfig.from_dict(dict(model_config["unet"]), "model.unet"), ip_adapter=True,
                                 **kw)
     controlnet = ControlNetModel(ControlNetConfig.from_dict(dict(model_config["controlnet"]), "model.controlnet"),

@@ -229,6 +229,7 @@ class BlockSettings:
     upcast_attention: bool = False
     attention_backend: str = "einsum"
     ip_adapter: bool = False  # IP-Adapter key/value pairs in every cross-attention
+    scan_layers: bool = False  # each Transformer2D of depth > 1 scans its blocks (models/stacked_blocks.py)
 
 
 class _Block(nn.Module):
@@ -250,7 +251,8 @@ class _Block(nn.Module):
         s = self.settings
         return Transformer2D(
             heads, self.out_channels // heads, depth, s.use_linear_projection, s.groups, s.upcast_attention,
-            s.attention_backend, s.ip_adapter, self.dtype, self.param_dtype, self.precision, name=name,
+            s.attention_backend, s.ip_adapter, s.scan_layers, self.dtype, self.param_dtype, self.precision,
+            name=name,
         )
 
 
@@ -347,6 +349,7 @@ class UNetModule(ModelVariables, nn.Module):
     precision: Precision = None
     attention_backend: str = "einsum"
     remat: bool | str = False  # False | True | a policy of layers.REMAT_POLICIES (rematerialise each block)
+    scan_layers: bool = False  # scan the blocks of deep transformer stacks: params in the scanned layout
 
 # -------------------------------------------------------------------------------- trunk builders
 # The UNet, the ControlNet and the joint UNet assemble the same blocks from a `UNetConfig`. These
@@ -356,7 +359,7 @@ class UNetModule(ModelVariables, nn.Module):
 def _kw(m: UNetModule, config: UNetConfig) -> dict[str, Any]:
     settings = BlockSettings(
         config.norm_num_groups, config.norm_eps, config.use_linear_projection, config.upcast_attention,
-        m.attention_backend, getattr(m, "ip_adapter", False),
+        m.attention_backend, getattr(m, "ip_adapter", False), m.scan_layers,
     )
     return dict(settings=settings, dtype=m.dtype, param_dtype=m.param_dtype, precision=m.precision)
 
@@ -541,6 +544,6 @@ def build_unet(model_config) -> UNet2DConditionModel:
     """The module described by a `configs/unet.py` `model` section (or any mapping with its fields)."""
     return UNet2DConditionModel(
         UNetConfig.from_dict(dict(model_config["diffusers"]), source="model.diffusers"),
-        **runtime_kwargs(model_config),
+        **runtime_kwargs(model_config, scan_layers=True),
     )
 

@@ -43,6 +43,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("width", None),
     ("channels", None),
     ("length", None),
+    ("layers", None),  # the leading axis of a scanned transformer stack (models/stacked_blocks.py): never sharded
 )
 
 
@@ -75,11 +76,15 @@ def _axis_size(mesh: Mesh, axes) -> int:
     return int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
 
 
-def _fsdp(shape: Sequence[int], spec: list, mesh: Mesh, rules: ShardingRules) -> list:
+def _fsdp(shape: Sequence[int], spec: list, mesh: Mesh, rules: ShardingRules, names=None) -> list:
+    """`spec` with the largest free dimension on the fsdp axis; a scanned stack's "layers" axis is neither free nor
+    counted in the size, so each block is split as it would be unstacked (the scan slices one block per step)."""
     fsdp = mesh.shape.get("fsdp", 1)
-    if fsdp == 1 or int(np.prod(shape, dtype=np.int64)) < rules.fsdp_min_size:
+    layers = [d for d, name in enumerate(names or ()) if name == "layers"]
+    size = int(np.prod([n for d, n in enumerate(shape) if d not in layers], dtype=np.int64))
+    if fsdp == 1 or size < rules.fsdp_min_size:
         return spec
-    free = [d for d in range(len(shape)) if spec[d] is None and shape[d] % fsdp == 0]
+    free = [d for d in range(len(shape)) if spec[d] is None and shape[d] % fsdp == 0 and d not in layers]
     if free:
         best = max(free, key=lambda d: (shape[d], d))
         spec[best] = "fsdp"
@@ -95,7 +100,7 @@ def leaf_spec(shape: Sequence[int], names: Sequence[str | None] | None, mesh: Me
             size = _axis_size(mesh, axes)
             if axes is not None and size > 1 and shape[d] % size == 0:
                 spec[d] = axes
-    return P(*_fsdp(shape, spec, mesh, rules))
+    return P(*_fsdp(shape, spec, mesh, rules, names))
 
 
 def param_partition_specs(boxed_params: Any, mesh: Mesh, rules: ShardingRules = ShardingRules()) -> Any:

@@ -88,6 +88,7 @@ class RestorePlan:
     refused: list[str] = dataclasses.field(default_factory=list)
     guidance: float = 0.0  # v1's part-loss guidance scale (every step guided)
     remat: tuple[str, ...] = ()  # the members built with remat
+    scan_layers: bool = False  # the UNets and ControlNets scan their deep transformer stacks
 
     @property
     def total_gib(self) -> float:
@@ -109,7 +110,8 @@ class RestorePlan:
                  f"{self.devices} {where} device(s), params {self.params}{', offload' if self.offload else ''}, "
                  f"{self.steps} steps" + (f" all guided (s = {self.guidance:g}, remat: "
                                           f"{', '.join(self.remat) or 'none'})" if self.guidance else "") + ", "
-                 f"attention {self.attention}, {self.variant} configs",
+                 f"attention {self.attention}{', scanned transformer stacks' if self.scan_layers else ''}, "
+                 f"{self.variant} configs",
                  f"weights {self.weights_gib:.2f} GiB in all; per device: arguments {self.arguments_gib:.2f}, "
                  f"outputs {self.outputs_gib:.2f}, temporaries {self.temporaries_gib:.2f}, total "
                  f"{self.total_gib:.2f} GiB" + (" (largest program: " + ", ".join(
@@ -123,7 +125,8 @@ class RestorePlan:
         return "\n".join(lines)
 
 
-def _group(phase: str, variant: str, dtype: str, attention: str, remat: Sequence[str]) -> ModelGroup:
+def _group(phase: str, variant: str, dtype: str, attention: str, remat: Sequence[str], scan_layers: bool
+           ) -> ModelGroup:
     model = load_config(f"{phase}:variant={variant}").model
     group = build_model(model)
     unknown = sorted(set(remat) - set(group.members))
@@ -133,7 +136,7 @@ def _group(phase: str, variant: str, dtype: str, attention: str, remat: Sequence
     for name, member in group.members.items():
         # as restore builds them (the configs' paper variants carry training's settings: bf16 compute, remat)
         changes = {"dtype": jnp.dtype(jnp.float32), "param_dtype": jnp.dtype(jnp.float32), "remat": name in remat,
-                   **dtype_kwargs(name, dtype)}
+                   "scan_layers": scan_layers, **dtype_kwargs(name, dtype)}
         # as `pipelines.weights.load_component` builds them: the VAEs' one wide head runs chunked under "bounded"
         changes["attention_backend"] = "chunked" if name == "vae" and attention == "bounded" else attention
         members[name] = _with_settings(member, changes)
@@ -169,7 +172,7 @@ def plan_restore(version: str, height: int, width: int, *, dtype: str = "float32
                  steps: int | None = None, params: str = "replicated", variant: str = "paper",
                  devices: Sequence[jax.Device] | None = None, attention: str = "bounded", offload: bool = False,
                  fsdp_min_size: int = ShardingRules.fsdp_min_size, tiles: TileConfig | None = None,
-                 guidance: float = 0.0, remat: Sequence[str] | None = None) -> RestorePlan:
+                 guidance: float = 0.0, remat: Sequence[str] | None = None, scan_layers: bool = False) -> RestorePlan:
     """Compile `version`'s restoration for abstract weights and inputs and read its per-device memory.
 
     height, width: the image (multiples of 64); batch: images per call, split over the devices (a multiple of
@@ -180,7 +183,8 @@ def plan_restore(version: str, height: int, width: int, *, dtype: str = "float32
     restoration of a large photo as `diffbody restore` runs it: `RestoreSettings.tiles`); guidance: v1's part-loss
     guidance scale (every step in the window: the program holds the guided step); remat: the group members that
     rematerialise their blocks (default: as `diffbody restore` builds them, `GUIDANCE_REMAT_MEMBERS` with guidance and
-    none without: `guidance_remat`). Nothing is allocated: the weights are shapes only.
+    none without: `guidance_remat`); scan_layers: as `RestoreSettings.scan_layers`. Nothing is allocated: the
+    weights are shapes only.
     """
     devices = list(devices or jax.local_devices())
     if guidance and version != "v1":
@@ -190,11 +194,11 @@ def plan_restore(version: str, height: int, width: int, *, dtype: str = "float32
     remat = tuple(remat)
     with compiling_for(devices[0].platform):
         return _plan_restore(version, height, width, dtype, batch, steps, params, variant, devices, attention,
-                             offload, fsdp_min_size, tiles, guidance, remat)
+                             offload, fsdp_min_size, tiles, guidance, remat, scan_layers)
 
 
 def _plan_restore(version, height, width, dtype, batch, steps, params, variant, devices, attention, offload,
-                  fsdp_min_size, tiles, guidance, remat) -> RestorePlan:
+                  fsdp_min_size, tiles, guidance, remat, scan_layers) -> RestorePlan:
     if version not in _GROUPS:
         raise ValueError(f"version {version!r}; expected one of {sorted(_GROUPS)}")
     if params not in PLACEMENTS:
@@ -204,7 +208,7 @@ def _plan_restore(version, height, width, dtype, batch, steps, params, variant, 
     if batch % len(devices):
         raise ValueError(f"batch {batch}: must be a multiple of the {len(devices)} device(s)")
     steps = steps or {"v1": 50, "v2": 200}[version]
-    groups = [_group(phase, variant, dtype, attention, remat) for phase in _GROUPS[version]]
+    groups = [_group(phase, variant, dtype, attention, remat, scan_layers) for phase in _GROUPS[version]]
     abstract = [nn.unbox(g.abstract_variables()) for g in groups]
     params = resolve_placement(params, tree_bytes(abstract), devices)
     mesh = inference_mesh(params, devices)
@@ -253,7 +257,8 @@ def _plan_restore(version, height, width, dtype, batch, steps, params, variant, 
                        temporaries_gib=temporaries / GIB, compile_s=seconds,
                        programs={k: sum(v[:3]) / GIB for k, v in analyses.items()},
                        tile=tiles.size if tiles is not None else None,
-                       refused=[k for k, v in analyses.items() if not v[3]], guidance=guidance, remat=remat)
+                       refused=[k for k, v in analyses.items() if not v[3]], guidance=guidance, remat=remat,
+                       scan_layers=scan_layers)
 
 
 def _memory(program, arguments) -> tuple[int, int, int, bool]:

@@ -87,7 +87,9 @@ class RestoreSettings:
     single-head attention runs "chunked" under it). params: auto | replicated | fsdp, how the weights lie on the
     local devices (`parallel.sharding.resolve_placement`: auto splits them when a copy would take over half of a
     device). offload: v2's weights stay in host memory, and each stage's go to the devices for its own program
-    (the text encoders' for the prompts): device memory then holds one stage at a time."""
+    (the text encoders' for the prompts): device memory then holds one stage at a time. scan_layers: the UNets and
+    ControlNets run each transformer stack deeper than one block as one scan (SDXL's: a shorter compile; their
+    weights are stacked once after loading; `models.stacked_blocks`, docs/scaling.md)."""
 
     version: str = "v1"
     steps: int | None = None
@@ -103,6 +105,7 @@ class RestoreSettings:
     attention: str = "bounded"
     params: str = "auto"
     offload: bool = False
+    scan_layers: bool = False
 
     def __post_init__(self):
         if self.version not in VERSIONS:
@@ -221,7 +224,7 @@ class Restorer:
         self.annotator, self.captioner = annotator, captioner
         devices = list(devices or jax.local_devices())
         self.contracts, self.notes = restore_contracts(weights, s.version)
-        kwargs = {"attention_backend": s.attention, "dtype": s.dtype}
+        kwargs = {"attention_backend": s.attention, "dtype": s.dtype, "scan_layers": s.scan_layers}
         if s.guidance and guidance_remat(devices[0].platform):  # block boundaries only in each step's backward pass
             kwargs["remat"] = True
         self.pipeline, variables = PIPELINES[s.version](weights, s, self.contracts, on_step, **kwargs)

@@ -51,6 +51,7 @@ from diffbody_jax.files import read_json
 from diffbody_jax.interop import flax_checkpoint
 from diffbody_jax.interop.pretrained import family_for_module, load_pretrained, save_pretrained
 from diffbody_jax.models.group import ModelGroup
+from diffbody_jax.models.stacked_blocks import to_model_layout, unstack_blocks
 from diffbody_jax.models.stage2 import Stage2Model, stage2_params
 
 
@@ -106,6 +107,8 @@ ATTENTION_COMPONENTS = ("sd21/unet", "sd21/vae", "v1_controlnet", "joint_unet", 
 # when built with remat=True (the Restorer asks for it with --guidance where `guidance_remat` says so)
 REMAT_COMPONENTS = ("sd21/unet", "v1_controlnet", "sd21/vae")
 GUIDANCE_REMAT_MEMBERS = ("unet", "controlnet", "vae")  # the same, as v1's model-group members (`plan_restore`)
+# the UNet family: built with scan_layers=True, their deep transformer stacks compile as one scan each
+SCAN_COMPONENTS = ("sd21/unet", "v1_controlnet", "joint_unet", "stage1_controlnet", "sdxl/unet", "stage2_controlnet")
 
 
 def guidance_remat(platform: str) -> bool:
@@ -193,6 +196,8 @@ def load_component(weights: str | os.PathLike, name: str, dtype: str = "float32"
         module_kwargs = {k: v for k, v in module_kwargs.items() if k != "attention_backend"}
     if name not in REMAT_COMPONENTS:
         module_kwargs = {k: v for k, v in module_kwargs.items() if k != "remat"}
+    if name not in SCAN_COMPONENTS:
+        module_kwargs = {k: v for k, v in module_kwargs.items() if k != "scan_layers"}
     module_kwargs = {**module_kwargs, **dtype_kwargs(name, dtype)}
     try:
         module, loaded = load_pretrained(path, subfolder=sub, **module_kwargs)
@@ -305,7 +310,9 @@ def load_v2_models(weights: str | os.PathLike, **module_kwargs) -> tuple[ModelGr
                            f"{adapter.config.unet.cross_attention_dim}; sdxl/unet has "
                            f"{unet.config.cross_attention_dim}")
     model = Stage2Model(unet.clone(ip_adapter=True), controlnet, adapter.resampler)
-    v2["params"]["stage2"] = stage2_params(unet_vars["params"], cn_vars["params"], adapter_vars["params"])
+    # the adapter's key/values join the UNet's blocks in the file layout, then stack where the model scans
+    v2["params"]["stage2"] = to_model_layout(model, stage2_params(
+        unstack_blocks(unet_vars["params"]), unstack_blocks(cn_vars["params"]), adapter_vars["params"]))
     stage2 = ModelGroup(stage2=model, **rest.members)
     return stage1, stage2, {"stage1": v1, "stage2": v2}
 

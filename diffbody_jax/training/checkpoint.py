@@ -11,6 +11,8 @@ Layout under `workdir`:
   checkpoints/<step>/config                                 the run's config (JSON)
   checkpoints/<step>/frozen                                 a reference to frozen/ and its shapes
   frozen/                                                   the frozen params, written once (they never change)
+Arrays are stored in the file layout (`models.stacked_blocks`): a run that scans its transformer stacks writes
+them block by block and stacks them again on restore, so a checkpoint resumes with or without `model.scan_layers`.
 orbax writes each step into a temporary folder and renames it when every item is complete, so a run killed during
 a save leaves the previous checkpoints as they were; `latest_step` only sees complete ones.
 """
@@ -26,6 +28,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from diffbody_jax.models.stacked_blocks import stack_blocks, unstack_blocks
 from diffbody_jax.training.state import TrainState
 
 ARRAY_ITEMS = ("params", "opt_state", "ema", "model_state")
@@ -38,6 +41,14 @@ def _shapes(tree) -> dict[str, list]:
 
 def _with_shardings(abstract, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+
+
+def _in_layout(tree, abstract, shardings):
+    """A restored (file-layout) tree in the layout of `abstract`, placed in `shardings`: stacked where the run scans
+    its transformer stacks (on device, one copy of those leaves while it runs), returned as it is otherwise."""
+    if jax.tree.structure(tree) == jax.tree.structure(abstract):
+        return tree
+    return jax.jit(stack_blocks, out_shardings=shardings)(tree)
 
 
 class Checkpoints:
@@ -72,19 +83,19 @@ class Checkpoints:
         if not jax.tree.leaves(frozen) or self.frozen_dir.exists():
             return
         with ocp.StandardCheckpointer() as checkpointer:
-            checkpointer.save(self.frozen_dir, frozen)
+            checkpointer.save(self.frozen_dir, unstack_blocks(frozen))
             checkpointer.wait_until_finished()
 
     def save(self, step: int, state: TrainState, data_iterator=None, config: dict | None = None,
              force: bool = False) -> bool:
         items: dict[str, Any] = {
             "rng": ocp.args.StandardSave({"rng": state.rng, "step": state.step}),
-            "frozen": ocp.args.JsonSave({"path": "frozen", "shapes": _shapes(state.frozen)}),
+            "frozen": ocp.args.JsonSave({"path": "frozen", "shapes": _shapes(unstack_blocks(state.frozen))}),
         }
         for name in ARRAY_ITEMS:
             tree = getattr(state, name)
             if jax.tree.leaves(tree):
-                items[name] = ocp.args.StandardSave(tree)
+                items[name] = ocp.args.StandardSave(unstack_blocks(tree))
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         if config is not None:
@@ -110,7 +121,8 @@ class Checkpoints:
         if step not in self.all_steps():
             raise FileNotFoundError(f"{self.manager.directory}: no checkpoint of step {step}; "
                                     f"saved: {self.all_steps()}")
-        targets = _with_shardings(abstract, shardings)
+        # read in the file layout, each block in its own sharding; stacked below where this run scans
+        targets = unstack_blocks(_with_shardings(abstract, shardings))
         stored = set(self.manager.item_metadata(step).keys())
         items: dict[str, Any] = {"rng": ocp.args.StandardRestore({"rng": targets.rng, "step": targets.step}),
                                  "frozen": ocp.args.JsonRestore()}
@@ -128,13 +140,15 @@ class Checkpoints:
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         frozen = abstract.frozen
         if jax.tree.leaves(frozen):
-            expected = _shapes(frozen)
+            expected = _shapes(targets.frozen)
             if restored["frozen"]["shapes"] != expected:
                 raise ValueError(f"{self.frozen_dir}: frozen params differ in shape from this run's model")
             with ocp.StandardCheckpointer() as checkpointer:
-                frozen = checkpointer.restore(self.frozen_dir, targets.frozen)
+                frozen = _in_layout(checkpointer.restore(self.frozen_dir, targets.frozen), abstract.frozen,
+                                    shardings.frozen)
         logging.info("restored step %d from %s", step, self.manager.directory)
         return TrainState(
             step=restored["rng"]["step"], rng=restored["rng"]["rng"], frozen=frozen,
-            **{name: restored[name] if name in items else getattr(abstract, name) for name in ARRAY_ITEMS},
+            **{name: _in_layout(restored[name], getattr(abstract, name), getattr(shardings, name))
+               if name in items else getattr(abstract, name) for name in ARRAY_ITEMS},
         )

@@ -189,12 +189,19 @@ def _config_json(config) -> dict:
     return out
 
 
+def _without_layout(section):
+    """A saved config section without its scan_layers choices: checkpoints hold the file layout either way."""
+    if isinstance(section, dict):
+        return {k: _without_layout(v) for k, v in section.items() if k != "scan_layers"}
+    return section
+
+
 def _check_resumable(saved: dict | None, config, where: Path) -> None:
     if saved is None:
         return
     now = _config_json(config)
     for section in ("phase", "model"):
-        if saved.get(section) != now.get(section):
+        if _without_layout(saved.get(section)) != _without_layout(now.get(section)):
             raise ValueError(f"{where}: this workdir holds a run of a different {section} "
                              f"({json.dumps(saved.get(section))[:200]}...); use a new --workdir")
 

@@ -21,6 +21,7 @@ import numpy as np
 from flax import traverse_util
 
 from diffbody_jax.interop.pretrained import init_from_pretrained_unet, load_weights_for
+from diffbody_jax.models.stacked_blocks import to_model_layout
 from diffbody_jax.parallel.sharding import host_to_sharded
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,9 @@ def load_into(variables: dict, shardings: dict, subtree: str, path: str, module,
         loaded, untouched = load_weights_for(path, member)
     out = dict(variables)
     for collection, flat in loaded.items():
+        # files hold a scanning member's stacks block by block: stack them as the member computes
+        flat = traverse_util.flatten_dict(to_model_layout(member, traverse_util.unflatten_dict(flat, sep="/")),
+                                          sep="/")
         if collection not in variables:
             raise ValueError(f"train.init_from {path}: holds {collection!r}, which the model has none of")
         target = traverse_util.flatten_dict(_subtree(variables[collection], subtree, collection), sep="/")
