@@ -154,3 +154,17 @@ def test_a_group_converts_each_member_by_its_own_layout(tiny_sdxl_controlnet):
     tree = to_model_layout(group, {"scanned": params, "unrolled": stack_blocks(params)})
     assert "transformer_blocks" in tree["scanned"]["mid_block"]["attentions_0"]
     assert "transformer_blocks_1" in tree["unrolled"]["mid_block"]["attentions_0"]
+
+
+def test_a_scanned_controlnet_starts_from_a_unet_folder_as_the_unrolled_one(tmp_path, tiny_sdxl_controlnet):
+    from diffbody_jax.interop.pretrained import init_from_pretrained_unet
+    unet = build_model(load_config("unet:variant=tiny-sdxl").model)
+    diffbody_jax.save_pretrained(tmp_path, unet, random_variables(unet, seed=9)["params"])
+    module, _ = tiny_sdxl_controlnet
+    plain, copied, _ = init_from_pretrained_unet(tmp_path, module, jax.random.key(1))
+    scanned, copied_scanned, _ = init_from_pretrained_unet(tmp_path, module.clone(scan_layers=True), jax.random.key(1))
+    assert copied_scanned == copied and any("transformer_blocks_1" in p for p in copied)
+    want, got = _flat(stack_blocks(plain)), _flat(scanned)
+    assert want.keys() == got.keys()
+    for key, value in want.items():
+        np.testing.assert_array_equal(got[key], value, err_msg=key)

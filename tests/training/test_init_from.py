@@ -116,16 +116,19 @@ def test_a_group_section_builds_its_members_by_name():
         build_model(model_section(name="group", members={"x": model_section(name="nope")}))
 
 
-def test_partial_sources_fill_their_paths_and_leave_the_rest(tmp_path):
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_partial_sources_fill_their_paths_and_leave_the_rest(tmp_path, scan_layers):
     """A colour adapter file (IP-Adapter-Plus layout) fills a Stage2Model's Resampler and to_k_ip / to_v_ip only; a
-    plain UNet file fills an adapter UNet but its to_k_ip / to_v_ip. Host-drawn weights: nothing compiles."""
+    plain UNet file fills an adapter UNet but its to_k_ip / to_v_ip. Host-drawn weights: nothing compiles. With
+    scan_layers the model holds its depth-2 stacks stacked, and the files (block by block) fill them alike."""
     from diffbody_jax.interop.ip_adapter import ColourAdapter, ColourAdapterConfig
     from diffbody_jax.models.ip_adapter import IP_KERNELS, without_ip_adapter
     from diffbody_jax.models.stage2 import adapter_params
     from diffbody_jax.models.variables import random_variables
 
-    stage2 = build_model(load_config("stage2:variant=tiny").model)
+    stage2 = build_model(load_config("stage2:variant=tiny", [f"model.scan_layers={scan_layers}"]).model)
     group = ModelGroup(stage2=stage2)
+    assert ("transformer_blocks" in stage2.param_shapes()["unet"]["mid_block"]["attentions_0"]) == scan_layers
     mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
     boxed = group.abstract_variables()
     shardings = tree_shardings(nn.unbox(boxed), param_partition_specs(boxed["params"], mesh), mesh)
