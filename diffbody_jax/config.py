@@ -124,11 +124,13 @@ SCALE_REMAT_MEMBERS = ("unet", "controlnet", "joint_unet", "stage2")
 SCALE_FLOAT32_MEMBERS = ("vae",)
 
 
-def at_scale(model, *, dtype: str = "bfloat16", attention: str = "bounded", remat: str = "full"):
+def at_scale(model, *, dtype: str = "bfloat16", attention: str = "bounded", remat: str = "full",
+             scan_layers: bool = True):
     """A phase group's run-time settings for the papers' batch sizes (docs/scaling.md, "Training at scale"): every
     member computes in `dtype` but the VAE (params stay `param_dtype`, float32: the optimizer's master weights),
     runs memory-bounded `attention` (models.attention "bounded": cuDNN flash on GPU, chunked or splash on TPU), and
-    the diffusion networks rematerialise each block (`remat`). Returns `model` (its members' sections, changed)."""
+    the diffusion networks rematerialise each block (`remat`) and scan their deep transformer stacks (`scan_layers`:
+    SDXL's; SD2.1's have one block each). Returns `model` (its members' sections, changed)."""
     for name, section in model.members.items():
         if "dtype" in section and name not in SCALE_FLOAT32_MEMBERS:
             section.dtype = dtype
@@ -136,6 +138,7 @@ def at_scale(model, *, dtype: str = "bfloat16", attention: str = "bounded", rema
             section.attention_backend = attention
         if "remat" in section and name in SCALE_REMAT_MEMBERS:
             section.remat = remat
+            section.scan_layers = scan_layers
     return model
 
 

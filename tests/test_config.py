@@ -38,3 +38,15 @@ def test_overrides_set_fields_and_name_bad_ones():
         apply_overrides(config, ["model.dtyp=float32"])
     with pytest.raises(ValueError, match="model.remat"):
         apply_overrides(config, ["model.remat=[1]"])
+
+
+def test_paper_variants_scan_sdxls_stacks_and_tiny_ones_keep_them_unrolled():
+    from diffbody_jax.models.registry import build_model
+    from diffbody_jax.models.stacked_blocks import scans_layers
+
+    paper = load_config("stage2_controlnet:variant=paper").model.members
+    assert paper.stage2.scan_layers and paper.stage2.remat == "full"
+    assert not any(section.get("scan_layers") for name, section in paper.items() if name != "stage2")
+    assert scans_layers(build_model(paper.stage2))
+    tiny = load_config("stage2_controlnet:variant=tiny").model.members
+    assert not tiny.stage2.scan_layers and not scans_layers(build_model(tiny.stage2))
