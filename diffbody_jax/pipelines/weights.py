@@ -51,7 +51,7 @@ from diffbody_jax.files import read_json
 from diffbody_jax.interop import flax_checkpoint
 from diffbody_jax.interop.pretrained import family_for_module, load_pretrained, save_pretrained
 from diffbody_jax.models.group import ModelGroup
-from diffbody_jax.models.stacked_blocks import to_model_layout, unstack_blocks
+from diffbody_jax.models.stacked_blocks import to_model_layout
 from diffbody_jax.models.stage2 import Stage2Model, stage2_params
 
 
@@ -302,6 +302,9 @@ def load_v2_models(weights: str | os.PathLike, **module_kwargs) -> tuple[ModelGr
     rest, v2 = _group(weights, [("vae", "sdxl/vae"), ("image_encoder", "image_encoder"),
                                 ("text_encoder", "sdxl/text_encoder"), ("text_encoder_2", "sdxl/text_encoder_2")],
                       **module_kwargs)
+    # the UNet and ControlNet are read in the file layout: the adapter's key/values join the UNet's blocks there,
+    # and the assembled params are stacked once below where the model scans
+    scan_layers = bool(module_kwargs.pop("scan_layers", False))
     unet, unet_vars = load_component(weights, "sdxl/unet", **module_kwargs)
     controlnet, cn_vars = load_component(weights, "stage2_controlnet", **module_kwargs)
     adapter, adapter_vars = load_component(weights, "colour_adapter", **module_kwargs)
@@ -309,10 +312,10 @@ def load_v2_models(weights: str | os.PathLike, **module_kwargs) -> tuple[ModelGr
         raise WeightsError(f"{Path(weights) / 'colour_adapter'}: made for a UNet with cross_attention_dim "
                            f"{adapter.config.unet.cross_attention_dim}; sdxl/unet has "
                            f"{unet.config.cross_attention_dim}")
-    model = Stage2Model(unet.clone(ip_adapter=True), controlnet, adapter.resampler)
-    # the adapter's key/values join the UNet's blocks in the file layout, then stack where the model scans
-    v2["params"]["stage2"] = to_model_layout(model, stage2_params(
-        unstack_blocks(unet_vars["params"]), unstack_blocks(cn_vars["params"]), adapter_vars["params"]))
+    model = Stage2Model(unet.clone(ip_adapter=True, scan_layers=scan_layers),
+                        controlnet.clone(scan_layers=scan_layers), adapter.resampler)
+    v2["params"]["stage2"] = to_model_layout(model, stage2_params(unet_vars["params"], cn_vars["params"],
+                                                                  adapter_vars["params"]))
     stage2 = ModelGroup(stage2=model, **rest.members)
     return stage1, stage2, {"stage1": v1, "stage2": v2}
 

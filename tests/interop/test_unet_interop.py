@@ -60,15 +60,22 @@ def test_saved_folder_loads_in_diffusers_and_matches(tmp_path, rng):
     for key, value in ref.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
 
+    got, want = tiny_sdxl_outputs(loaded, module, params, rng)
+    assert np.abs(got - want).max() <= 1e-4
+
+
+def tiny_sdxl_outputs(ref, module, params, rng) -> tuple[np.ndarray, np.ndarray]:
+    """(ours, diffusers') NCHW noise predictions of a tiny-sdxl UNet on one fresh random input (text_time
+    conditioning included)."""
     x = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
     ctx = rng.standard_normal((1, 5, 32)).astype(np.float32)
     text = rng.standard_normal((1, 16)).astype(np.float32)
     ids = rng.integers(0, 1024, (1, 6)).astype(np.float32)
     with torch.no_grad():
-        want = loaded(torch.from_numpy(x), 321, torch.from_numpy(ctx), added_cond_kwargs={
+        want = ref(torch.from_numpy(x), 321, torch.from_numpy(ctx), added_cond_kwargs={
             "text_embeds": torch.from_numpy(text), "time_ids": torch.from_numpy(ids)}).sample.numpy()
     got = module.apply({"params": params}, jnp.asarray(nchw_to_nhwc(x)), 321, ctx, text_embeds=text, time_ids=ids)
-    assert np.abs(nhwc_to_nchw(got) - want).max() <= 1e-4
+    return nhwc_to_nchw(np.asarray(got)), want
 
 
 @needs_torch

@@ -15,9 +15,9 @@ from diffbody_jax.models.registry import build_model
 from diffbody_jax.models.stacked_blocks import scans_layers, stack_blocks, to_model_layout, unstack_blocks
 from diffbody_jax.models.variables import random_variables
 from diffbody_jax.parallel.sharding import ShardingRules, param_partition_specs
-from tests.torch_ref import nchw_to_nhwc, needs_torch, nhwc_to_nchw, optional, randomize_, unet_diffusers_config
+from tests.interop.test_unet_interop import tiny_sdxl_outputs
+from tests.torch_ref import needs_torch, optional, randomize_, unet_diffusers_config
 
-torch = optional("torch")
 diffusers = optional("diffusers")
 
 
@@ -99,15 +99,8 @@ def test_a_scanned_unet_loads_diffusers_files_and_writes_them_unchanged(tmp_path
     module, params = diffbody_jax.load_pretrained(tmp_path / "src", scan_layers=True)
     assert module.scan_layers and "transformer_blocks" in params["down_blocks_2"]["attentions_0"]
 
-    x = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
-    ctx = rng.standard_normal((1, 5, 32)).astype(np.float32)
-    text = rng.standard_normal((1, 16)).astype(np.float32)
-    ids = rng.integers(0, 1024, (1, 6)).astype(np.float32)
-    with torch.no_grad():
-        want = ref(torch.from_numpy(x), 321, torch.from_numpy(ctx), added_cond_kwargs={
-            "text_embeds": torch.from_numpy(text), "time_ids": torch.from_numpy(ids)}).sample.numpy()
-    got = module.apply({"params": params}, jnp.asarray(nchw_to_nhwc(x)), 321, ctx, text_embeds=text, time_ids=ids)
-    assert np.abs(nhwc_to_nchw(got) - want).max() <= 1e-4
+    got, want = tiny_sdxl_outputs(ref, module, params, rng)
+    assert np.abs(got - want).max() <= 1e-4
 
     diffbody_jax.save_pretrained(tmp_path / "ours", module, params)
     name = "diffusion_pytorch_model.safetensors"
