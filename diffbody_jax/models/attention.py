@@ -60,44 +60,69 @@ CPU_BLOCKED_MIN_KEYS = 1024
 # best or within 3% of it over the UNets' shapes (forward + backward at 64 / 128 / 256 / 512 keys: [4, 1024, 2, 16]
 # 59 / 45 / 45 / 66 ms, [1, 4096, 5, 64] 1093 / 1117 / 1265 / 1682 ms; bench/attention_paths.py --backward).
 CPU_BACKWARD_KEY_BLOCK = 128
+# The (batch, head) pairs go through the key-blocked loops in groups whose queries hold at most this many elements
+# (group x T x D): one head of 1024 x 64, four of the tiny UNet's 1024 x 16 (bench/attention_paths.py --backward).
+CPU_HEAD_GROUP_ELEMENTS = 1 << 16
 
 
 def _logits(q: Array, k: Array, acc) -> Array:
-    """[B, N, T, S] float32 (or wider) q.k / sqrt(D) from head-major q [B, N, T, D] and k [B, N, S, D]."""
-    return jnp.matmul(q, k.swapaxes(-1, -2), preferred_element_type=acc) * (q.shape[-1] ** -0.5)
+    """[B, N, T, S] float32 (or wider) q.k / sqrt(D) from head-major q [B, N, T, D] and k [B, N, S, D]. The scale
+    multiplies q ([T, D]) rather than the logits ([T, S]): on XLA:CPU a scaled product is a dot fusion that reads a
+    materialised [T, S] broadcast of the scale."""
+    return jnp.matmul((q * q.shape[-1] ** -0.5).astype(q.dtype), k.swapaxes(-1, -2), preferred_element_type=acc)
+
+
+def _head_groups(x: Array, group: int) -> Array:
+    """[B, S, N, D] -> [B * N / group, group, S, D]: head-major, the (batch, head) pairs cut into groups."""
+    b, s, n, d = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(-1, group, s, d)
+
+
+def _from_head_groups(x: Array, b: int, n: int) -> Array:
+    """The inverse of `_head_groups`: [B * N / group, group, S, D] -> [B, S, N, D]."""
+    return x.reshape(b, n, *x.shape[2:]).transpose(0, 2, 1, 3)
 
 
 def _key_blocks(x: Array, block: int) -> Array:
-    """[B, S, N, D] -> [S / block, B, N, block, D], keys padded with zeros to a whole number of blocks."""
-    b, s, n, d = x.shape
-    x = jnp.pad(x, ((0, 0), (0, (-s) % block), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
-    return x.reshape(b, n, -1, block, d).transpose(2, 0, 1, 3, 4)
+    """[G, S, D] -> [S / block, G, block, D], keys padded with zeros to a whole number of blocks."""
+    g, s, d = x.shape
+    x = jnp.pad(x, ((0, 0), (0, (-s) % block), (0, 0)))
+    return x.reshape(g, -1, block, d).swapaxes(0, 1)
 
 
 def _unblock(x: Array, s: int) -> Array:
-    """[S / block, B, N, block, D] -> [B, s, N, D] (the padding dropped)."""
-    nb, b, n, block, d = x.shape
-    return x.transpose(1, 0, 3, 2, 4).reshape(b, nb * block, n, d)[:, :s]
+    """[S / block, G, block, D] -> [G, s, D] (the padding dropped)."""
+    nb, g, block, d = x.shape
+    return x.swapaxes(0, 1).reshape(g, nb * block, d)[:, :s]
 
 
-def _blocked_keys_values(k: Array, v: Array, block: int) -> tuple[Array, Array, Array]:
-    """(k blocks, v blocks, [S / block, block] mask of the real keys): what the forward and backward scans run
-    over."""
-    s = k.shape[1]
-    valid = (jnp.arange(s + (-s) % block) < s).reshape(-1, block)
-    return _key_blocks(k, block), _key_blocks(v, block), valid
+def _key_mask(s: int, block: int) -> Array | None:
+    """[S / block, block] mask of the real keys among the padded blocks; None when S fills whole blocks (the usual
+    case: 1024, 4096 keys), so no mask pass runs."""
+    if s % block == 0:
+        return None
+    return (jnp.arange(s + (-s) % block) < s).reshape(-1, block)
+
+
+def _group_size(b: int, n: int, t: int, d: int) -> int:
+    """(batch, head) pairs per group of the CPU attention's loop over heads: the most whose queries (group x T x D)
+    stay within CPU_HEAD_GROUP_ELEMENTS, at least one, dividing B * N."""
+    most = max(1, CPU_HEAD_GROUP_ELEMENTS // (t * d))
+    return next(g for g in range(min(most, b * n), 0, -1) if (b * n) % g == 0)
 
 
 def _key_blocked_forward(q: Array, k: Array, v: Array, block: int) -> tuple[Array, Array]:
-    """(out [B, T, N, D], logsumexp [B, N, T] float32) by the running softmax over key blocks."""
-    b, t, n, d = q.shape
+    """(out [G, T, D], logsumexp [G, T] float32) for one group of heads (q [G, T, D], k and v [G, S, D]) by the
+    running softmax over key blocks; q arrives scaled by 1 / sqrt(D)."""
+    g, t, d = q.shape
     acc = jnp.promote_types(q.dtype, jnp.float32)
-    qh = q.transpose(0, 2, 1, 3)
 
     def step(carry, xs):
         m, l, out = carry
         kb, vb, keep = xs
-        logits = jnp.where(keep, _logits(qh, kb, acc), jnp.finfo(acc).min)
+        logits = jnp.matmul(q, kb.swapaxes(-1, -2), preferred_element_type=acc)
+        if keep is not None:
+            logits = jnp.where(keep, logits, jnp.finfo(acc).min)
         m_new = jnp.maximum(m, logits.max(-1))
         p = jnp.exp(logits - m_new[..., None])
         scale = jnp.exp(m - m_new)
@@ -105,54 +130,82 @@ def _key_blocked_forward(q: Array, k: Array, v: Array, block: int) -> tuple[Arra
         out = out * scale[..., None] + jnp.matmul(p.astype(v.dtype), vb, preferred_element_type=acc)
         return (m_new, l, out), None
 
-    init = (jnp.full((b, n, t), -jnp.inf, acc), jnp.zeros((b, n, t), acc), jnp.zeros((b, n, t, d), acc))
-    (m, l, out), _ = jax.lax.scan(step, init, _blocked_keys_values(k, v, block))
-    return (out / l[..., None]).astype(v.dtype).transpose(0, 2, 1, 3), m + jnp.log(l)
+    init = (jnp.full((g, t), -jnp.inf, acc), jnp.zeros((g, t), acc), jnp.zeros((g, t, d), acc))
+    xs = (_key_blocks(k, block), _key_blocks(v, block), _key_mask(k.shape[1], block))
+    (m, l, out), _ = jax.lax.scan(step, init, xs)
+    return (out / l[..., None]).astype(v.dtype), m + jnp.log(l)
+
+
+def _key_blocked_backward(q, k, v, out, lse, d_out, block: int):
+    """(dq, dk, dv) for one group of heads, over blocks of `block` keys (q scaled by 1 / sqrt(D); dq is the
+    gradient with respect to that scaled q).
+
+    Each block works on the transposed probabilities P^T [G, block, T], so that every matmul contracts the minor
+    axis of its left operand: dV = P^T dO, dK = dS^T Q, dQ^T += K^T dS^T. XLA:CPU runs a left operand contracted
+    over its major axis (P^T dO with P [T, block]) as a generic dot outside its fast path, 3-5x slower per
+    block at the tiny UNet's shapes (docs/performance.md)."""
+    acc = jnp.promote_types(q.dtype, jnp.float32)
+    qa, dh = q.astype(acc), d_out.astype(acc)
+    q_t, dh_t = qa.swapaxes(-1, -2), dh.swapaxes(-1, -2)  # [G, D, T]
+    delta = jnp.sum(dh * out.astype(acc), axis=-1)[:, None, :]  # rowsum(dO * O) [G, 1, T]
+    lse_t = lse[:, None, :]
+
+    def step(dq_t, xs):
+        kb, vb, keep = xs
+        kb, vb = kb.astype(acc), vb.astype(acc)
+        p_t = jnp.exp(jnp.matmul(kb, q_t) - lse_t)  # [G, block, T]
+        if keep is not None:
+            p_t = jnp.where(keep[:, None], p_t, 0.0)
+        dv = jnp.matmul(p_t, dh)
+        ds_t = p_t * (jnp.matmul(vb, dh_t) - delta)
+        dk = jnp.matmul(ds_t, qa)
+        dq_t = dq_t + jnp.matmul(kb.swapaxes(-1, -2), ds_t)
+        return dq_t, (dk, dv)
+
+    xs = (_key_blocks(k, block), _key_blocks(v, block), _key_mask(k.shape[1], block))
+    dq_t, (dk, dv) = jax.lax.scan(step, jnp.zeros_like(q_t), xs)
+    s = k.shape[1]
+    return dq_t.swapaxes(-1, -2), _unblock(dk, s), _unblock(dv, s)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _key_blocked_attention(q: Array, k: Array, v: Array, block: int) -> Array:
     """Softmax(q k^T / sqrt(D)) v as a running softmax over blocks of `block` keys (flash attention's recurrence):
     per block, m' = max(m, rowmax), l' = l e^(m - m') + sum e^(s - m'), acc' = acc e^(m - m') + e^(s - m') v;
-    out = acc / l. Keys are padded to a whole block with logits at the float minimum (weight 0).
+    out = acc / l. Keys are padded to a whole block with logits at the float minimum (weight 0). q [B, T, N, D],
+    k and v [B, S, N, D].
+
+    The (batch, head) pairs run in a loop over groups (`_group_size`), each group's blocks small enough to stay in
+    cache: all heads at once streamed every block's logits through memory in each of the softmax's passes
+    ([2, 1024, 8, 64] forward: 61 -> 37 ms, torch's SDPA 32; docs/performance.md).
 
     Its gradient is flash attention's backward pass, not the scan's autodiff: the forward keeps only q, k, v, the
     output and the row logsumexp L, and the backward runs over the key blocks again, recomputing each block's
     probabilities P = exp(S - L): dV = P^T dO, dS = P (dO V^T - rowsum(dO * O)), dQ += dS K / sqrt(D),
     dK = dS^T Q / sqrt(D). The scan's autodiff instead stacked every block's logits and masks for the backward
     (tiny-sd21's training step at 4x32x32: 96 MB of stacks per self-attention and a slower step, bench/README.md)."""
-    return _key_blocked_forward(q, k, v, block)[0]
+    return _key_blocked_fwd(q, k, v, block)[0]
 
 
 def _key_blocked_fwd(q, k, v, block):
-    out, lse = _key_blocked_forward(q, k, v, block)
-    return out, (q, k, v, out, lse)
+    b, t, n, d = q.shape
+    group = _group_size(b, n, t, d)
+    qs = (q * d ** -0.5).astype(q.dtype)
+    out, lse = jax.lax.map(lambda a: _key_blocked_forward(*a, block),
+                           (_head_groups(qs, group), _head_groups(k, group), _head_groups(v, group)))
+    return _from_head_groups(out, b, n), (qs, k, v, out, lse)
 
 
 def _key_blocked_bwd(_forward_block, residuals, d_out):
     """Over blocks of CPU_BACKWARD_KEY_BLOCK keys, whatever block the forward used (only its outputs are kept)."""
-    q, k, v, out, lse = residuals
-    acc = jnp.promote_types(q.dtype, jnp.float32)
-    scale = q.shape[-1] ** -0.5
-    qh, oh = q.transpose(0, 2, 1, 3).astype(acc), out.transpose(0, 2, 1, 3).astype(acc)
-    dh = d_out.transpose(0, 2, 1, 3).astype(acc)
-    delta = jnp.sum(dh * oh, axis=-1)  # rowsum(dO * O) [B, N, T]
-
-    def step(dq, xs):
-        kb, vb, keep = xs
-        kb, vb = kb.astype(acc), vb.astype(acc)
-        p = jnp.where(keep, jnp.exp(_logits(qh, kb, acc) - lse[..., None]), 0.0)
-        dv = jnp.matmul(p.swapaxes(-1, -2), dh)
-        ds = p * (jnp.matmul(dh, vb.swapaxes(-1, -2)) - delta[..., None])
-        dq = dq + jnp.matmul(ds, kb) * scale
-        dk = jnp.matmul(ds.swapaxes(-1, -2), qh) * scale
-        return dq, (dk, dv)
-
-    xs = _blocked_keys_values(k, v, CPU_BACKWARD_KEY_BLOCK)
-    dq, (dk, dv) = jax.lax.scan(step, jnp.zeros_like(qh), xs)
-    s = k.shape[1]
-    return (dq.transpose(0, 2, 1, 3).astype(q.dtype), _unblock(dk, s).astype(k.dtype),
-            _unblock(dv, s).astype(v.dtype))
+    qs, k, v, out, lse = residuals
+    b, t, n, d = qs.shape
+    group = _group_size(b, n, t, d)
+    grads = jax.lax.map(lambda a: _key_blocked_backward(*a, CPU_BACKWARD_KEY_BLOCK),
+                        (_head_groups(qs, group), _head_groups(k, group), _head_groups(v, group), out, lse,
+                         _head_groups(d_out, group)))
+    dq, dk, dv = (_from_head_groups(x, b, n) for x in grads)
+    return (dq * d ** -0.5).astype(qs.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
 _key_blocked_attention.defvjp(_key_blocked_fwd, _key_blocked_bwd)

@@ -307,10 +307,15 @@ def test_conv_takes_im2col_only_for_small_maps_on_cpu(monkeypatch):
         assert bool(seen) == expected, (hw, kernel)
 
 
-@pytest.mark.parametrize("keys", [1024, 1061])
-def test_key_blocked_attention_matches_float64_softmax(keys, rng, monkeypatch):
-    """Long key sequences take the key-blocked online softmax on XLA:CPU (1061: a partial last block); values
-    against Softmax(q k^T / sqrt(D)) v in float64 numpy, gradients against jax.nn.dot_product_attention."""
+@pytest.mark.parametrize("keys,group_elements,group", [(1024, None, 6), (1061, None, 6), (1024, 70 * 16 * 4, 3),
+                                                        (1061, 1, 1)])
+def test_key_blocked_attention_matches_float64_softmax(keys, group_elements, group, rng, monkeypatch):
+    """Long key sequences take the key-blocked online softmax on XLA:CPU (1061: a partial last block), its
+    (batch, head) pairs in one group of 6, two of 3 or six of 1; values against Softmax(q k^T / sqrt(D)) v in
+    float64 numpy, gradients against jax.nn.dot_product_attention."""
+    if group_elements is not None:
+        monkeypatch.setattr(attention, "CPU_HEAD_GROUP_ELEMENTS", group_elements)
+    assert attention._group_size(2, 3, 70, 16) == group
     q = rng.standard_normal((2, 70, 3, 16)).astype(np.float32)
     k, v = (rng.standard_normal((2, keys, 3, 16)).astype(np.float32) for _ in range(2))
     calls = []
