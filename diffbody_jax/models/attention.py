@@ -57,8 +57,9 @@ def compiling_for(platform: str | None) -> Iterator[None]:
 CPU_KEY_BLOCK = 256
 CPU_BLOCKED_MIN_KEYS = 1024
 # The backward pass recomputes each block's probabilities and runs four matmuls on them; blocks of 128 keys did
-# best or within 3% of it over the UNets' shapes (forward + backward at 64 / 128 / 256 / 512 keys: [4, 1024, 2, 16]
-# 59 / 45 / 45 / 66 ms, [1, 4096, 5, 64] 1093 / 1117 / 1265 / 1682 ms; bench/attention_paths.py --backward).
+# best or within 3% of it over the UNets' shapes (measured before the head groups below; forward + backward at
+# 64 / 128 / 256 / 512 keys: [4, 1024, 2, 16] 59 / 45 / 45 / 66 ms, [1, 4096, 5, 64] 1093 / 1117 / 1265 / 1682 ms;
+# bench/attention_paths.py --backward).
 CPU_BACKWARD_KEY_BLOCK = 128
 # The (batch, head) pairs go through the key-blocked loops in groups whose queries hold at most this many elements
 # (group x T x D): one head of 1024 x 64, four of the tiny UNet's 1024 x 16 (bench/attention_paths.py --backward).
@@ -200,7 +201,7 @@ def _key_blocked_bwd(_forward_block, residuals, d_out):
     """Over blocks of CPU_BACKWARD_KEY_BLOCK keys, whatever block the forward used (only its outputs are kept)."""
     qs, k, v, out, lse = residuals
     b, t, n, d = qs.shape
-    group = _group_size(b, n, t, d)
+    group = out.shape[1]  # the forward's grouping: out and lse are kept grouped
     grads = jax.lax.map(lambda a: _key_blocked_backward(*a, CPU_BACKWARD_KEY_BLOCK),
                         (_head_groups(qs, group), _head_groups(k, group), _head_groups(v, group), out, lse,
                          _head_groups(d_out, group)))
