@@ -70,7 +70,12 @@ def _logits(q: Array, k: Array, acc) -> Array:
     """[B, N, T, S] float32 (or wider) q.k / sqrt(D) from head-major q [B, N, T, D] and k [B, N, S, D]. The scale
     multiplies q ([T, D]) rather than the logits ([T, S]): on XLA:CPU a scaled product is a dot fusion that reads a
     materialised [T, S] broadcast of the scale."""
-    return jnp.matmul((q * q.shape[-1] ** -0.5).astype(q.dtype), k.swapaxes(-1, -2), preferred_element_type=acc)
+    return jnp.matmul(_scaled_queries(q), k.swapaxes(-1, -2), preferred_element_type=acc)
+
+
+def _scaled_queries(q: Array) -> Array:
+    """q / sqrt(D) in q's dtype (D: the last axis)."""
+    return (q * q.shape[-1] ** -0.5).astype(q.dtype)
 
 
 def _head_groups(x: Array, group: int) -> Array:
@@ -189,24 +194,24 @@ def _key_blocked_attention(q: Array, k: Array, v: Array, block: int) -> Array:
 
 
 def _key_blocked_fwd(q, k, v, block):
+    """The output, and the residuals in head groups (scaled q, k, v, out, logsumexp), so the backward regroups
+    only d_out."""
     b, t, n, d = q.shape
     group = _group_size(b, n, t, d)
-    qs = (q * d ** -0.5).astype(q.dtype)
-    out, lse = jax.lax.map(lambda a: _key_blocked_forward(*a, block),
-                           (_head_groups(qs, group), _head_groups(k, group), _head_groups(v, group)))
-    return _from_head_groups(out, b, n), (qs, k, v, out, lse)
+    grouped = tuple(_head_groups(x, group) for x in (_scaled_queries(q), k, v))
+    out, lse = jax.lax.map(lambda a: _key_blocked_forward(*a, block), grouped)
+    return _from_head_groups(out, b, n), (*grouped, out, lse)
 
 
 def _key_blocked_bwd(_forward_block, residuals, d_out):
     """Over blocks of CPU_BACKWARD_KEY_BLOCK keys, whatever block the forward used (only its outputs are kept)."""
-    qs, k, v, out, lse = residuals
-    b, t, n, d = qs.shape
-    group = out.shape[1]  # the forward's grouping: out and lse are kept grouped
+    b, t, n, d = d_out.shape
+    group = residuals[0].shape[1]
     grads = jax.lax.map(lambda a: _key_blocked_backward(*a, CPU_BACKWARD_KEY_BLOCK),
-                        (_head_groups(qs, group), _head_groups(k, group), _head_groups(v, group), out, lse,
-                         _head_groups(d_out, group)))
+                        (*residuals, _head_groups(d_out, group)))
     dq, dk, dv = (_from_head_groups(x, b, n) for x in grads)
-    return (dq * d ** -0.5).astype(qs.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+    dtypes = (x.dtype for x in residuals[:3])
+    return tuple(g.astype(dt) for g, dt in zip((dq * d ** -0.5, dk, dv), dtypes, strict=True))
 
 
 _key_blocked_attention.defvjp(_key_blocked_fwd, _key_blocked_bwd)
