@@ -33,6 +33,23 @@ def cpu_description() -> str:
     return f"{model} ({' '.join(vector) or 'vector extensions unknown'})"
 
 
+def child_environment(hugepages: bool) -> tuple[dict[str, str], str]:
+    """The environment for a bench's child processes, and a note for its header. hugepages: the one `diffbody`
+    runs in (diffbody_jax/host_memory.py: glibc's malloc on transparent huge pages), given to both sides, so the
+    comparison is the one a user of either sees with the same setting; False: the variable is removed."""
+    from diffbody_jax.host_memory import OPT_OUT, TUNABLE, hugepage_environment
+
+    environ = dict(os.environ)
+    if not hugepages:
+        environ[OPT_OUT] = "0"
+        environ.pop("GLIBC_TUNABLES", None)
+        return environ, "malloc: default"
+    environ = hugepage_environment(environ) or environ
+    on = TUNABLE in environ.get("GLIBC_TUNABLES", "")
+    return environ, (f"malloc: GLIBC_TUNABLES={environ['GLIBC_TUNABLES']} (both sides)" if on
+                     else "malloc: default (huge pages not available here)")
+
+
 def load_report(when: str) -> None:
     """Print the 1-minute load average; warn above the core count. torch's OpenMP threads slow down far more than
     XLA's under load (a loaded run once inflated our ratio six-fold), so a ratio from a loaded machine misleads.

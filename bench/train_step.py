@@ -185,7 +185,7 @@ def run_child(what: str, variant: str, weights: str, args, batch: int = 0, size:
     cmd = [sys.executable, __file__, "--child", what, "--variant", variant, "--weights", weights,
            "--batch", str(batch), "--size", str(size), "--warmup", str(args.warmup), "--repeats", str(args.repeats),
            "--min-seconds", str(args.min_seconds)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=args.environ)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
         killed = proc.returncode == -9  # the kernel's out-of-memory killer, most likely
@@ -204,6 +204,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--min-seconds", type=float, default=10.0, help="time at least this long per side and row")
     p.add_argument("--json", help="also write the rows here (JSON lines)")
+    p.add_argument("--no-hugepages", action="store_true", help="both children with glibc's default malloc, not on "
+                   "the transparent huge pages `diffbody` asks for (diffbody_jax/host_memory.py)")
     p.add_argument("--child", choices=("weights", "ours", "torch"), help=argparse.SUPPRESS)
     p.add_argument("--variant", help=argparse.SUPPRESS)
     p.add_argument("--weights", help=argparse.SUPPRESS)
@@ -216,11 +218,12 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
     import jax
     import torch
-    from common import cpu_description, load_report
+    from common import child_environment, cpu_description, load_report
 
+    args.environ, malloc = child_environment(not args.no_hugepages)
     print(f"# machine: {cpu_description()}, {os.cpu_count()} cores; jax {jax.__version__} "
           f"({jax.default_backend()}), torch {torch.__version__}; train step, fp32, median of at least "
-          f"{args.repeats} steps and {args.min_seconds:g} s")
+          f"{args.repeats} steps and {args.min_seconds:g} s; {malloc}")
     load_report("before")
     print("| variant | params | batch x latent | ours s | torch s | ratio | first loss ours / torch | "
           "peak RSS GB ours / torch | XLA temporaries GiB |\n|---|---|---|---|---|---|---|---|---|", flush=True)

@@ -1,7 +1,5 @@
 """`python -m diffbody_jax ...`: the `diffbody` command."""
 
-import sys
+from diffbody_jax.cli.main import run
 
-from diffbody_jax.cli.main import main
-
-sys.exit(main())
+run()

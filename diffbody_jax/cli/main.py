@@ -21,6 +21,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from diffbody_jax.host_memory import reexec_with_hugepages
+
 # command -> (module under diffbody_jax.cli, function): a command's module (and jax with it) is imported only when
 # that command runs, so `diffbody --help` and a usage error answer at once
 COMMANDS = {"convert": ("convert", "main"), "data": ("data", "main"), "prepare": ("prepare", "main"),
@@ -47,5 +49,12 @@ def main(argv=None) -> int:
     return 2
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The `diffbody` console script: first XLA:CPU's temporaries on huge pages (diffbody_jax/host_memory.py: the
+    process executes itself again once, before jax is imported), then `main`."""
+    reexec_with_hugepages()
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()
