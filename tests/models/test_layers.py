@@ -3,6 +3,7 @@
 import functools
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -152,6 +153,36 @@ def test_group_norm_gradients_match_torch_in_float64(shape, groups, rng):
     np.testing.assert_allclose(np.asarray(dx), np.moveaxis(xt.grad.numpy(), 1, -1), atol=1e-4)
     np.testing.assert_allclose(np.asarray(dp["scale"]), st.grad.numpy(), atol=1e-4)
     np.testing.assert_allclose(np.asarray(dp["bias"]), bt.grad.numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(1, 12, 16), (3, 5, 8), (2, 3, 4, 16)])
+def test_layer_norm_matches_torch_in_float64(shape, rng):
+    """`layer_norm` (on CPU over [-1, C], batch 1 included) against torch's layer_norm in float64: output, and the
+    gradients of input, scale and bias; the params keep nn.LayerNorm's names under the given name."""
+
+    class Holder(nn.Module):
+        dtype = jnp.float32
+        param_dtype = jnp.float32
+
+        @nn.compact
+        def __call__(self, x):
+            return layers.layer_norm(self, 1e-5, "norm1")(x)
+
+    x = (rng.standard_normal(shape) * 2 + 3).astype(np.float32)
+    w = rng.standard_normal(shape).astype(np.float32)
+    scale, bias = rng.standard_normal((2, shape[-1])).astype(np.float32)
+    params = {"norm1": {"scale": jnp.asarray(scale), "bias": jnp.asarray(bias)}}
+    assert jax.tree.map(jnp.shape, nn.unbox(Holder().init(jax.random.key(0), jnp.asarray(x))["params"])) == \
+        jax.tree.map(jnp.shape, params)
+    out = Holder().apply({"params": params}, jnp.asarray(x))
+    dx, dp = jax.grad(lambda x, p: (Holder().apply({"params": p}, x) * w).sum(), argnums=(0, 1))(jnp.asarray(x), params)
+    xt, st, bt = (torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (x, scale, bias))
+    ref = torch.nn.functional.layer_norm(xt, shape[-1:], st, bt, eps=1e-5)
+    (ref * torch.tensor(w, dtype=torch.float64)).sum().backward()
+    np.testing.assert_allclose(np.asarray(out), ref.detach().numpy(), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dx), xt.grad.numpy(), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(dp["norm1"]["scale"]), st.grad.numpy(), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(dp["norm1"]["bias"]), bt.grad.numpy(), atol=1e-4)
 
 
 def test_group_norm_names_bad_channel_count():
