@@ -17,7 +17,9 @@ weights converted by our interop tables, no torch module built) and another runs
 sd21-base's params, gradients and AdamW moments take about 14 GB per framework, so two cannot share a 24 GB
 process. Each child reports the median step time over max(--repeats, enough steps to fill --min-seconds) after
 --warmup steps (single steps of the tiny rows drift by +-20%), the first step's loss (equal on both sides: the
-same step) and its peak RSS. ratio = torch s / ours s: above 1.0, our step is faster. The state per device of the
+same step) and its peak RSS. ratio = torch s / ours s: above 1.0, our step is faster. Both children run with
+the malloc setting `diffbody` itself runs with (glibc's malloc on transparent huge pages, diffbody_jax/host_memory.py;
+--no-hugepages: glibc's default for both). The state per device of the
 papers' phases at scale is bench/train_plan.py's (docs/scaling.md).
 """
 
