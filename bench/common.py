@@ -37,11 +37,10 @@ def child_environment(hugepages: bool) -> tuple[dict[str, str], str]:
     """The environment for a bench's child processes, and a note for its header. hugepages: the one `diffbody`
     runs in (diffbody_jax/host_memory.py: glibc's malloc on transparent huge pages), given to both sides, so the
     comparison is the one a user of either sees with the same setting; False: the variable is removed."""
-    from diffbody_jax.host_memory import OPT_OUT, TUNABLE, hugepage_environment
+    from diffbody_jax.host_memory import TUNABLE, hugepage_environment
 
     environ = dict(os.environ)
     if not hugepages:
-        environ[OPT_OUT] = "0"
         environ.pop("GLIBC_TUNABLES", None)
         return environ, "malloc: default"
     environ = hugepage_environment(environ) or environ

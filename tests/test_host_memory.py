@@ -37,7 +37,7 @@ def test_changes_nothing(environ, overrides):
 
 
 PROBE = textwrap.dedent("""
-    import json, mmap, os, resource, sys
+    import json, os, resource, sys
     from diffbody_jax.host_memory import reexec_with_hugepages
     reexec_with_hugepages()
     # what XLA:CPU's temporaries get: one large malloc, written once (ctypes' malloc is glibc's)
