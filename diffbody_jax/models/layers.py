@@ -124,24 +124,142 @@ def _xla_conv(x: Array, kernel: Array, strides, padding, precision) -> Array:
                                         precision=precision)
 
 
+# Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks",
+# 2016): each 2x2 block of outputs of a 3x3, stride-1 convolution is A^T [(G g G^T) * (B^T d B)] A over the 4x4
+# input tile d around it, so the channel contraction becomes 16 matmuls over H*W/4 tiles instead of 9 over H*W
+# positions: 2.25x fewer multiplications. XLA:CPU's own convolution runs a 3x3 at about the speed of its matmuls, so
+# on large maps this is 1.3-2.3x faster (1x64x64, 320 -> 320: 50 -> 22 ms, torch 34; bench/conv_paths.py). Each of
+# the 16 products is its own matmul: stacking them into one batched matmul cost a concatenation of the transformed
+# input that ate the gain. The transforms add a few float32 roundings (max abs difference to lax.conv ~1e-5 at
+# 320-1280 channels of unit inputs). XLA:CPU takes it for float32 / float64 on even maps larger than
+# IM2COL_MAX_POSITIONS whose channels pass the thresholds below (few channels: the 16 small matmuls lose).
+_WINOGRAD_BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))  # B^T: input tile transform
+_WINOGRAD_G = ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1))  # G: kernel transform
+_WINOGRAD_AT = ((1, 1, 1, 0), (0, 1, -1, -1))  # A^T: output transform
+WINOGRAD_MIN_CHANNELS = 32  # both C_in and C_out at least this
+WINOGRAD_MIN_CHANNEL_PRODUCT = 2048  # and C_in * C_out at least this (32 -> 32 at 4x32x32 is slower, 32 -> 64 faster)
+
+
+def winograd_applies(x_shape, kernel_shape, strides, padding, dtype) -> bool:
+    """Whether XLA:CPU's Conv2D runs as Winograd F(2x2, 3x3) (above): a 3x3 kernel at stride 1 with one pixel of
+    padding on every side (the output the size of the input), an even H and W with more than IM2COL_MAX_POSITIONS
+    positions, float32 or float64, and enough channels."""
+    _, h, w, cin = x_shape
+    kh, kw, _, cout = kernel_shape
+    return ((kh, kw) == (3, 3) and tuple(strides) == (1, 1) and _hashable(padding) == ((1, 1), (1, 1))
+            and h % 2 == 0 and w % 2 == 0 and h * w > IM2COL_MAX_POSITIONS
+            and jnp.dtype(dtype) in (jnp.float32, jnp.float64)
+            and min(cin, cout) >= WINOGRAD_MIN_CHANNELS and cin * cout >= WINOGRAD_MIN_CHANNEL_PRODUCT)
+
+
+def _combine(coefficients, xs: list[Array]) -> Array:
+    """sum_i c_i x_i over the nonzero c_i (the transforms' entries are 0, +-1, +-1/2: adds where they can be)."""
+    out = None
+    for c, x in zip(coefficients, xs, strict=True):
+        if c == 0:
+            continue
+        term = x if c == 1 else -x if c == -1 else c * x
+        out = term if out is None else out + term
+    return out
+
+
+def _winograd_input_tiles(x: Array) -> list[Array]:
+    """The 16 components (a, b) of B^T d B, each [B, H/2, W/2, C], over the 4x4 tiles d at stride 2 of the NHWC
+    input padded by one pixel. Row r of tile i is padded row 2i + r: with the padded rows paired ([H/2 + 1, 2]),
+    that is pair i + r // 2, member r % 2, so every view is a plain slice (columns alike)."""
+    b, h, w, c = x.shape
+    th, tw = h // 2, w // 2
+    pairs = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))).reshape(b, th + 1, 2, tw + 1, 2, c)
+    rows = [pairs[:, r // 2:r // 2 + th, r % 2] for r in range(4)]  # [B, th, W/2 + 1, 2, C]
+    out = []
+    for row_mix in (_combine(coefficients, rows) for coefficients in _WINOGRAD_BT):
+        cols = [row_mix[:, :, s // 2:s // 2 + tw, s % 2] for s in range(4)]  # [B, th, tw, C]
+        out += [_combine(coefficients, cols) for coefficients in _WINOGRAD_BT]
+    return out
+
+
+def _winograd_kernel(kernel: Array) -> list[Array]:
+    """The 16 components (a, b) of G g G^T, each [C_in, C_out], of an HWIO 3x3 kernel."""
+    rows = [_combine(coefficients, [kernel[r] for r in range(3)]) for coefficients in _WINOGRAD_G]  # [3, I, O]
+    return [_combine(coefficients, [row[s] for s in range(3)]) for row in rows for coefficients in _WINOGRAD_G]
+
+
+def _winograd_output(m: list[Array]) -> Array:
+    """A^T M A from the 16 tile products (a, b), each [B, H/2, W/2, C_out], into the [B, H, W, C_out] output: tile
+    (i, j)'s output (p, q) is pixel (2i + p, 2j + q)."""
+    b, th, tw, c = m[0].shape
+    rows = [[_combine(coefficients, [m[4 * a + col] for a in range(4)]) for col in range(4)]
+            for coefficients in _WINOGRAD_AT]
+    phases = [jnp.stack([_combine(coefficients, row) for coefficients in _WINOGRAD_AT], axis=3) for row in rows]
+    return jnp.stack(phases, axis=2).reshape(b, 2 * th, 2 * tw, c)  # [B, th, p, tw, q, C] -> NHWC
+
+
+# Row a of G g' for the kernel flipped in space (g'[r] = g[2 - r]) is row _WINOGRAD_FLIP[a] of G g.
+_WINOGRAD_FLIP = (3, 1, 2, 0)
+
+
+def _winograd_conv(x: Array, kernel: Array, precision, flipped: bool = False) -> Array:
+    """A 3x3, stride-1, pad-1 convolution of NHWC x (even H, W) with an HWIO kernel by F(2x2, 3x3) (above).
+    flipped: with the kernel flipped in space and its in and out channels swapped (a convolution's input gradient),
+    from the kernel's own transform with its components permuted (_WINOGRAD_FLIP) and each matmul contracting
+    C_out: flipping and transposing the kernel first cost a strided pass over the whole kernel per component."""
+    u = _winograd_kernel(kernel)
+    if flipped:
+        u = [u[4 * _WINOGRAD_FLIP[a] + _WINOGRAD_FLIP[b]].T for a in range(4) for b in range(4)]
+    products = [jnp.matmul(v, ui, precision=precision) for v, ui in zip(_winograd_input_tiles(x), u, strict=True)]
+    return _winograd_output(products)
+
+
+def _winograd_output_transpose(dy: Array) -> list[Array]:
+    """The transpose of `_winograd_output`: the 16 components (a, b) of A dY A^T over the 2x2 output blocks dY of
+    dy [B, H, W, C], each [B, H/2, W/2, C]."""
+    b, h, w, c = dy.shape
+    blocks = dy.reshape(b, h // 2, 2, w // 2, 2, c)
+    rows = [[_combine([_WINOGRAD_AT[p][a] for p in range(2)], [blocks[:, :, p, :, q] for p in range(2)])
+             for q in range(2)] for a in range(4)]
+    return [_combine([_WINOGRAD_AT[q][col] for q in range(2)], rows[a]) for a in range(4) for col in range(4)]
+
+
+def _winograd_kernel_transpose(du: list[Array]) -> Array:
+    """The transpose of `_winograd_kernel`: G^T dU G from the 16 components (a, b), each [C_in, C_out], as an
+    HWIO [3, 3, C_in, C_out] kernel."""
+    rows = [[_combine([_WINOGRAD_G[a][r] for a in range(4)], [du[4 * a + col] for a in range(4)]) for col in range(4)]
+            for r in range(3)]
+    return jnp.stack([jnp.stack([_combine([_WINOGRAD_G[col][s] for col in range(4)], row) for s in range(3)])
+                      for row in rows])
+
+
+def _winograd_kernel_grad(x: Array, dy: Array, precision, acc) -> Array:
+    """The kernel gradient of `_winograd_conv(x, kernel)` for the output cotangent dy: each linear step transposed,
+    V_ab^T dM_ab contracted over batch and tiles between x's input tiles (recomputed, not kept) and dy's transposed
+    output transform, then the kernel transform's transpose; 2.25x fewer multiplications than one matmul per tap
+    (1x64x64, 320 -> 320: 51 -> 29 ms)."""
+    du = [jnp.einsum("bhwc,bhwo->co", v, m, precision=precision, preferred_element_type=acc)
+          for v, m in zip(_winograd_input_tiles(x), _winograd_output_transpose(dy), strict=True)]
+    return _winograd_kernel_transpose(du)
+
+
 # XLA:CPU derives a convolution's kernel gradient as another convolution whose window is the whole feature map and
 # whose "features" are the batch: 1.3-2.4x slower than the same sum as one matmul per kernel tap (view^T dy, the
 # contraction over batch and positions), e.g. [2, 32, 32, 320] -> 320: 51.7 -> 27.5 ms, torch 28.3
-# (bench/conv_paths.py --backward). The input gradient stays XLA's (the transposed convolution, as fast as the
-# forward).
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _cpu_conv(x: Array, kernel: Array, strides, padding, precision) -> Array:
-    """`lax.conv_general_dilated` over NHWC / HWIO whose kernel gradient is kh*kw matmuls (above)."""
-    return _xla_conv(x, kernel, strides, padding, precision)
+# (bench/conv_paths.py --backward). The input gradient is the transposed convolution, as fast as the forward; it
+# and the forward run as Winograd where `winograd_applies`.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _cpu_conv(x: Array, kernel: Array, strides, padding, precision, winograd: bool) -> Array:
+    """`lax.conv_general_dilated` over NHWC / HWIO (or Winograd's F(2x2, 3x3) if `winograd`) whose kernel gradient
+    is kh*kw matmuls (above)."""
+    return _cpu_conv_fwd(x, kernel, strides, padding, precision, winograd)[0]
 
 
-def _cpu_conv_fwd(x, kernel, strides, padding, precision):
-    return _xla_conv(x, kernel, strides, padding, precision), (x, kernel)
+def _cpu_conv_fwd(x, kernel, strides, padding, precision, winograd):
+    y = _winograd_conv(x, kernel, precision) if winograd else _xla_conv(x, kernel, strides, padding, precision)
+    return y, (x, kernel)
 
 
-def _conv_input_grad(dy: Array, kernel: Array, x_shape, strides, padding, precision) -> Array:
+def _conv_input_grad(dy: Array, kernel: Array, x_shape, strides, padding, precision, winograd: bool) -> Array:
     """d(conv)/dx: for stride 1 and pads within the kernel, the forward convolution of dy (padded by kernel - 1 -
-    pad) with the flipped kernel, its in and out channels swapped. XLA's own transpose (`linear_transpose`) leaves the
+    pad) with the flipped kernel, its in and out channels swapped (Winograd's if `winograd`: the forward's 3x3 with
+    pads of 1 gives pads of 1 again). XLA's own transpose (`linear_transpose`) leaves the
     swap to the convolution's dimension labels (HWOI), which XLA:CPU's fast (YNNPACK) convolution does not take:
     at the top level XLA moves the swap into the kernel's layout, but inside a loop body (a sampler's scan) it cannot,
     and the input gradient ran on the slow generic path (the guided sampling step, 2.2x slower in the scan than
@@ -151,15 +269,19 @@ def _conv_input_grad(dy: Array, kernel: Array, x_shape, strides, padding, precis
     if tuple(strides) != (1, 1) or not all(0 <= p < k for p, k in ((pt, kh), (pb, kh), (pl, kw), (pr, kw))):
         return jax.linear_transpose(lambda x: _xla_conv(x, kernel, strides, padding, precision),
                                     jax.ShapeDtypeStruct(x_shape, dy.dtype))(dy)[0]
+    if winograd:
+        return _winograd_conv(dy, kernel, precision, flipped=True)
     flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
     return _xla_conv(dy, flipped, (1, 1), ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr)), precision)
 
 
-def _cpu_conv_bwd(strides, padding, precision, residuals, dy):
+def _cpu_conv_bwd(strides, padding, precision, winograd, residuals, dy):
     x, kernel = residuals
     kh, kw, cin, cout = kernel.shape
-    dx = _conv_input_grad(dy, kernel, x.shape, strides, padding, precision)
+    dx = _conv_input_grad(dy, kernel, x.shape, strides, padding, precision, winograd)
     acc = jnp.promote_types(kernel.dtype, jnp.float32)
+    if winograd:
+        return dx, _winograd_kernel_grad(x, dy, precision, acc).astype(kernel.dtype)
     taps = [jnp.einsum("bhwc,bhwo->co", view, dy, precision=precision, preferred_element_type=acc)
             for view in _shifted_views(x, kh, kw, strides, padding)]
     return dx, jnp.stack(taps).reshape(kh, kw, cin, cout).astype(kernel.dtype)
@@ -190,6 +312,7 @@ class Conv2D(nn.Module):
     kernel_init: Callable = nn.initializers.lecun_normal()
     bias_init: Callable = nn.initializers.zeros_init()
     im2col: bool | None = None  # None: by backend and size (above); True / False force a path (tests, benches)
+    winograd: bool | None = None  # None: XLA:CPU where `winograd_applies`; True / False force it (tests, benches)
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -204,10 +327,19 @@ class Conv2D(nn.Module):
             ho = (x.shape[1] + pt + pb - kh) // self.strides[0] + 1
             wo = (x.shape[2] + pl + pr - kw) // self.strides[1] + 1
             use_im2col = on_cpu and kh * kw > 1 and ho * wo <= IM2COL_MAX_POSITIONS
+        use_winograd = self.winograd
+        if use_winograd is None:
+            use_winograd = on_cpu and not use_im2col and winograd_applies(x.shape, kernel.shape, self.strides,
+                                                                          self.padding, x.dtype)
+        elif use_winograd and not winograd_applies(x.shape, kernel.shape, self.strides, self.padding, x.dtype):
+            raise ValueError(f"Conv2D {self.name}: winograd=True needs a 3x3 kernel at stride 1 with padding 1, an "
+                             f"even map above {IM2COL_MAX_POSITIONS} positions, float32/64 and enough channels; got "
+                             f"input {x.shape} {x.dtype}, kernel {kernel.shape}, stride {self.strides}, padding "
+                             f"{self.padding}")
         if use_im2col:
             y = _im2col_conv(x, kernel, self.strides, self.padding, self.precision)
-        elif on_cpu:
-            y = _cpu_conv(x, kernel, tuple(self.strides), _hashable(self.padding), self.precision)
+        elif on_cpu or use_winograd:
+            y = _cpu_conv(x, kernel, tuple(self.strides), _hashable(self.padding), self.precision, bool(use_winograd))
         else:
             y = _xla_conv(x, kernel, self.strides, self.padding, self.precision)
         return y + bias if bias is not None else y

@@ -338,6 +338,59 @@ def test_conv_takes_im2col_only_for_small_maps_on_cpu(monkeypatch):
         assert bool(seen) == expected, (hw, kernel)
 
 
+@needs_torch
+@pytest.mark.parametrize("shape,c_out", [((2, 10, 8, 32), 64), ((1, 16, 12, 64), 32), ((3, 12, 12, 48), 48)])
+def test_winograd_conv_matches_torch_in_float64(shape, c_out, rng):
+    """Conv2D forced onto Winograd's F(2x2, 3x3) (forward and input gradient; the kernel gradient stays one matmul
+    per tap) against torch's conv2d and its autograd in float64: output within 1e-5, gradients within 1e-4."""
+    x = rng.standard_normal(shape).astype(np.float32)
+    module = layers.Conv2D(c_out, (3, 3), winograd=True)
+    params = module.init(jax.random.key(0), x)
+    params = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape) * 0.1, jnp.float32), params)
+    y = module.apply(params, x)
+    w = rng.standard_normal(y.shape).astype(np.float32)
+    dx, dp = jax.grad(lambda x, p: (module.apply(p, x) * w).sum(), argnums=(0, 1))(x, params)
+
+    xt = torch.tensor(x.transpose(0, 3, 1, 2), dtype=torch.float64, requires_grad=True)
+    kt = torch.tensor(np.asarray(params["params"]["kernel"]).transpose(3, 2, 0, 1), dtype=torch.float64,
+                      requires_grad=True)
+    bt = torch.tensor(np.asarray(params["params"]["bias"]), dtype=torch.float64)
+    yt = torch.nn.functional.conv2d(xt, kt, bt, padding=1)
+    (yt * torch.tensor(w.transpose(0, 3, 1, 2), dtype=torch.float64)).sum().backward()
+    assert np.abs(np.asarray(y) - yt.detach().numpy().transpose(0, 2, 3, 1)).max() <= 1e-5
+    np.testing.assert_allclose(np.asarray(dx), xt.grad.numpy().transpose(0, 2, 3, 1), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(dp["params"]["kernel"]), kt.grad.numpy().transpose(2, 3, 1, 0), atol=1e-4)
+
+
+def test_conv_takes_winograd_where_it_applies_on_cpu(monkeypatch):
+    """The path choice: XLA:CPU, a 3x3 kernel at stride 1 and padding 1, an even map above IM2COL_MAX_POSITIONS,
+    float32 / float64, both channel counts and their product above the thresholds; forcing it elsewhere names the
+    module and the shapes."""
+    seen = []
+    monkeypatch.setattr(layers, "_winograd_conv", lambda x, k, precision: seen.append(x.shape) or
+                        jnp.zeros((*x.shape[:3], k.shape[-1]), x.dtype))
+    cases = [  # (input shape, C_out, kernel, stride, padding, dtype, expected)
+        ((1, 16, 16, 64), 64, 3, 1, 1, jnp.float32, True),
+        ((4, 32, 32, 32), 64, 3, 1, 1, jnp.float32, True),
+        ((4, 32, 32, 32), 32, 3, 1, 1, jnp.float32, False),  # product below WINOGRAD_MIN_CHANNEL_PRODUCT
+        ((1, 64, 64, 4), 320, 3, 1, 1, jnp.float32, False),  # conv_in: too few input channels
+        ((1, 8, 8, 64), 64, 3, 1, 1, jnp.float32, False),  # im2col's size
+        ((1, 16, 15, 64), 64, 3, 1, 1, jnp.float32, False),  # odd width
+        ((1, 16, 16, 64), 64, 3, 2, 1, jnp.float32, False),  # a downsampler
+        ((1, 16, 16, 64), 64, 3, 1, 0, jnp.float32, False),
+        ((1, 16, 16, 64), 64, 1, 1, 0, jnp.float32, False),
+        ((1, 16, 16, 64), 64, 3, 1, 1, jnp.bfloat16, False),
+    ]
+    for shape, c_out, kernel, stride, pad, dtype, expected in cases:
+        seen.clear()
+        module = layers.Conv2D(c_out, (kernel, kernel), (stride, stride), ((pad, pad),) * 2, dtype=dtype)
+        jax.eval_shape(lambda m=module, s=shape, d=dtype: m.init(jax.random.key(0), jnp.zeros(s, d)))
+        assert bool(seen) == (expected and jax.default_backend() == "cpu"), (shape, c_out, kernel, stride, pad, dtype)
+    with pytest.raises(ValueError, match=r"Conv2D forced.*winograd=True.*\(1, 16, 15, 64\)"):
+        forced = layers.Conv2D(64, winograd=True, name="forced")
+        jax.eval_shape(lambda: forced.init(jax.random.key(0), jnp.zeros((1, 16, 15, 64))))
+
+
 @pytest.mark.parametrize("keys,group_elements,group", [(1024, None, 6), (1061, None, 6), (1024, 70 * 16 * 4, 3),
                                                         (1061, 1, 1)])
 def test_key_blocked_attention_matches_float64_softmax(keys, group_elements, group, rng, monkeypatch):
