@@ -283,6 +283,20 @@ def test_conv_paths_match_torch_and_keep_nn_conv_params(size, kernel, stride, pa
         np.testing.assert_allclose(got, want.numpy(), atol=1e-5, err_msg=f"im2col={im2col}")
 
 
+def _torch_conv_float64(x, params, w, stride, padding):
+    """torch's conv2d of NHWC x with Conv2D's params in float64, and its autograd for the loss sum(y * w): (y NHWC,
+    dx NHWC, d kernel HWIO)."""
+    xt = torch.tensor(x.transpose(0, 3, 1, 2), dtype=torch.float64, requires_grad=True)
+    kt = torch.tensor(np.asarray(params["params"]["kernel"]).transpose(3, 2, 0, 1), dtype=torch.float64,
+                      requires_grad=True)
+    bt = torch.tensor(np.asarray(params["params"]["bias"]), dtype=torch.float64)
+    (pt, pb), (pl, pr) = padding
+    yt = torch.nn.functional.conv2d(torch.nn.functional.pad(xt, (pl, pr, pt, pb)), kt, bt, stride=stride)
+    (yt * torch.tensor(w.transpose(0, 3, 1, 2), dtype=torch.float64)).sum().backward()
+    return (yt.detach().numpy().transpose(0, 2, 3, 1), xt.grad.numpy().transpose(0, 2, 3, 1),
+            kt.grad.numpy().transpose(2, 3, 1, 0))
+
+
 @needs_torch
 @pytest.mark.parametrize("size,kernel,stride,padding", [
     ((12, 10), 3, 1, ((1, 1), (1, 1))), ((10, 11), 3, 1, ((0, 2), (2, 1))), ((9, 9), 1, 1, ((0, 0), (0, 0))),
@@ -298,14 +312,9 @@ def test_conv_gradients_match_torch_in_float64(size, kernel, stride, padding, rn
     w = rng.standard_normal(y.shape).astype(np.float32)
     dx, dp = jax.grad(lambda x, p: (module.apply(p, x) * w).sum(), argnums=(0, 1))(x, params)
 
-    xt = torch.tensor(x.transpose(0, 3, 1, 2), dtype=torch.float64, requires_grad=True)
-    kt = torch.tensor(np.asarray(params["params"]["kernel"]).transpose(3, 2, 0, 1), dtype=torch.float64,
-                      requires_grad=True)
-    (pt, pb), (pl, pr) = padding
-    yt = torch.nn.functional.conv2d(torch.nn.functional.pad(xt, (pl, pr, pt, pb)), kt, stride=stride)
-    (yt * torch.tensor(w.transpose(0, 3, 1, 2), dtype=torch.float64)).sum().backward()
-    np.testing.assert_allclose(np.asarray(dx), xt.grad.numpy().transpose(0, 2, 3, 1), atol=1e-4)
-    np.testing.assert_allclose(np.asarray(dp["params"]["kernel"]), kt.grad.numpy().transpose(2, 3, 1, 0), atol=1e-4)
+    _, want_dx, want_dk = _torch_conv_float64(x, params, w, stride, padding)
+    np.testing.assert_allclose(np.asarray(dx), want_dx, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(dp["params"]["kernel"]), want_dk, atol=1e-4)
     np.testing.assert_allclose(np.asarray(dp["params"]["bias"]), w.sum((0, 1, 2)), atol=1e-4)
 
 
@@ -341,8 +350,8 @@ def test_conv_takes_im2col_only_for_small_maps_on_cpu(monkeypatch):
 @needs_torch
 @pytest.mark.parametrize("shape,c_out", [((2, 10, 8, 32), 64), ((1, 16, 12, 64), 32), ((3, 12, 12, 48), 48)])
 def test_winograd_conv_matches_torch_in_float64(shape, c_out, rng):
-    """Conv2D forced onto Winograd's F(2x2, 3x3) (forward and input gradient; the kernel gradient stays one matmul
-    per tap) against torch's conv2d and its autograd in float64: output within 1e-5, gradients within 1e-4."""
+    """Conv2D forced onto Winograd's F(2x2, 3x3) (forward, input and kernel gradients) against torch's conv2d and
+    its autograd in float64: output within 1e-5, gradients within 1e-4."""
     x = rng.standard_normal(shape).astype(np.float32)
     module = layers.Conv2D(c_out, (3, 3), winograd=True)
     params = module.init(jax.random.key(0), x)
@@ -351,15 +360,10 @@ def test_winograd_conv_matches_torch_in_float64(shape, c_out, rng):
     w = rng.standard_normal(y.shape).astype(np.float32)
     dx, dp = jax.grad(lambda x, p: (module.apply(p, x) * w).sum(), argnums=(0, 1))(x, params)
 
-    xt = torch.tensor(x.transpose(0, 3, 1, 2), dtype=torch.float64, requires_grad=True)
-    kt = torch.tensor(np.asarray(params["params"]["kernel"]).transpose(3, 2, 0, 1), dtype=torch.float64,
-                      requires_grad=True)
-    bt = torch.tensor(np.asarray(params["params"]["bias"]), dtype=torch.float64)
-    yt = torch.nn.functional.conv2d(xt, kt, bt, padding=1)
-    (yt * torch.tensor(w.transpose(0, 3, 1, 2), dtype=torch.float64)).sum().backward()
-    assert np.abs(np.asarray(y) - yt.detach().numpy().transpose(0, 2, 3, 1)).max() <= 1e-5
-    np.testing.assert_allclose(np.asarray(dx), xt.grad.numpy().transpose(0, 2, 3, 1), atol=1e-4)
-    np.testing.assert_allclose(np.asarray(dp["params"]["kernel"]), kt.grad.numpy().transpose(2, 3, 1, 0), atol=1e-4)
+    want_y, want_dx, want_dk = _torch_conv_float64(x, params, w, 1, ((1, 1), (1, 1)))
+    assert np.abs(np.asarray(y) - want_y).max() <= 1e-5
+    np.testing.assert_allclose(np.asarray(dx), want_dx, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(dp["params"]["kernel"]), want_dk, atol=1e-4)
 
 
 def test_conv_takes_winograd_where_it_applies_on_cpu(monkeypatch):
