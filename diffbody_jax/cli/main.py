@@ -10,6 +10,7 @@
     diffbody eval ground_truth/ --out eval/ --weights weights/
     diffbody annotate photos/ --out annotations/
     diffbody zoo --out zoo
+    diffbody serve                    # a local page: upload, restore, compare, download
 
 Each subcommand is a program under diffbody_jax/cli/ (restore and weights in restore.py, eval in evaluate.py;
 `python -m convert` and `python -m train` are aliases kept for scripts); config files are found by name from any
@@ -28,7 +29,7 @@ from diffbody_jax.host_memory import reexec_with_hugepages
 COMMANDS = {"convert": ("convert", "main"), "data": ("data", "main"), "prepare": ("prepare", "main"),
             "train": ("train", "main"), "restore": ("restore", "restore_main"), "weights": ("restore", "weights_main"),
             "eval": ("evaluate", "main"), "demo": ("demo", "main"), "annotate": ("annotate", "main"),
-            "zoo": ("zoo", "main")}
+            "zoo": ("zoo", "main"), "serve": ("serve", "main")}
 
 
 def _usage() -> str:

@@ -13,12 +13,13 @@ holds and what each version still needs.
 
 Writes OUT/<input name>.png (8-bit, EXIF orientation applied, ICC profile and alpha kept) and
 OUT/compare/<name>.png (input | restoration side by side); with --save-intermediates OUT/intermediates/<name>_<what>.png
-(v1: i_reg, attention; v2: i_ir, i_res, depth, normal). A bad input (unreadable, truncated, not an image, too small,
-an existing output without --overwrite) gets one line naming the file and the problem; the others are restored; the
-exit code is 1 if any input failed. The pose map comes from --keypoints (a manifest whose `image` names match the
-inputs) or --poses (pose images named like the inputs); for the other photos, from --annotator run on the regressed
-image (I_reg / I_ir, as the papers do; "auto": mediapipe when the annotators extra is installed), or black with
---annotator none. v1 weights without the body-part network take I_attn from the annotator's person mask.
+(v1: i_reg, attention; v2: i_ir, i_res, depth, normal; both: pose, the map the model was given). A bad input
+(unreadable, truncated, not an image, too small, an existing output without --overwrite) gets one line naming the file
+and the problem; the others are restored; the exit code is 1 if any input failed. The pose map comes from
+--keypoints (a manifest whose `image` names match the inputs) or --poses (pose images named like the inputs); for the
+other photos, from --annotator run on the regressed image (I_reg / I_ir, as the papers do; "auto": mediapipe when the
+annotators extra is installed), or black with --annotator none. v1 weights without the body-part network take I_attn
+from the annotator's person mask.
 """
 
 from __future__ import annotations

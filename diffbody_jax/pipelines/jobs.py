@@ -116,10 +116,15 @@ def prepare_jobs(files, out: Path, settings, prompts, poses: PoseSource, overwri
     return jobs, problems
 
 
-def poses_and_masks(restorer, chunk: Sequence[Job]):
+def _warn_on_stderr(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def poses_and_masks(restorer, chunk: Sequence[Job], warn: Callable[[str], None] = _warn_on_stderr):
     """(pose maps [B, H, W, 3], person masks [B, H, W, 1] or None, I_reg or None) of a chunk. Jobs without a pose
     map get the annotator's on the regressed image, in the restorer's pose style (black without an annotator, or
-    when it finds no person); masks when I_attn comes from them. I_reg is returned when SwinIR ran here."""
+    when it finds no person: `warn` is told, naming the photo); masks when I_attn comes from them. I_reg is returned
+    when SwinIR ran here."""
     from diffbody_jax.pipelines.annotate import pose_and_mask
 
     poses = [job.pose for job in chunk]
@@ -132,8 +137,7 @@ def poses_and_masks(restorer, chunk: Sequence[Job]):
             pose, mask, annotation = pose_and_mask(annotator, i_reg[i], job.fitted.inner, job.photo.path.name,
                                                    restorer.pose_style)
             if annotation.num_persons == 0 and poses[i] is None:
-                print(f"warning: {job.photo.path}: the annotator found no person; the pose map is empty",
-                      file=sys.stderr)
+                warn(f"{job.photo.path}: the annotator found no person; the pose map is empty")
             poses[i] = pose if poses[i] is None else poses[i]
             masks.append(mask)
     shape = chunk[0].fitted.pixels.shape
@@ -143,9 +147,11 @@ def poses_and_masks(restorer, chunk: Sequence[Job]):
 
 
 def run_jobs(restorer, jobs: Sequence[Job], batch: int, seed: int,
-             batch_done: Callable[[int], None] | None = None) -> Iterator[tuple[Job, dict]]:
+             batch_done: Callable[[int], None] | None = None,
+             warn: Callable[[str], None] = _warn_on_stderr) -> Iterator[tuple[Job, dict]]:
     """Restore every job, batched by bucket (the last chunk padded to `batch`); yields (job, outputs at the photo's
-    size) as each batch finishes."""
+    size: "restored", the pipeline's intermediates and the "pose" map it was given) as each batch finishes. `warn`
+    hears of photos whose pose map is empty because the annotator found no person."""
     import jax
 
     by_bucket: dict[tuple[int, int], list[Job]] = {}
@@ -155,14 +161,15 @@ def run_jobs(restorer, jobs: Sequence[Job], batch: int, seed: int,
     for bucket_jobs in by_bucket.values():
         for start in range(0, len(bucket_jobs), batch):
             chunk = bucket_jobs[start: start + batch]
-            poses, masks, i_reg = poses_and_masks(restorer, chunk)
+            poses, masks, i_reg = poses_and_masks(restorer, chunk, warn)
             out = restorer.restore(jax.random.fold_in(key, n), np.stack([j.fitted.pixels for j in chunk]), poses,
                                    [j.prompt for j in chunk], mask=masks, i_reg=i_reg, pad_to=batch)
             n += 1
             if batch_done is not None:
                 batch_done(len(chunk))
             for i, job in enumerate(chunk):
-                yield job, {k: v[i] if k == "caption" else job.fitted.unfit(v[i]) for k, v in out.items()}
+                outputs = {k: v[i] if k == "caption" else job.fitted.unfit(v[i]) for k, v in out.items()}
+                yield job, {**outputs, "pose": job.fitted.unfit(poses[i])}
 
 
 def _side_by_side(*images: np.ndarray) -> np.ndarray:
