@@ -76,11 +76,13 @@ def _serve(args, root, fail, annotator_from, check_weights, shipped_zoo, unpack_
         print(f"note: {note}", file=sys.stderr)
     print(f"weights: {weights}", flush=True)
 
-    os.environ.setdefault("GRADIO_TEMP_DIR", str(root / "gradio"))  # gradio's copies of uploads, deleted with root
+    # gradio's cache folder: its copy of each upload, and the service's folder (served from there without copies)
+    os.environ["GRADIO_TEMP_DIR"] = str(root / "gradio")
+    (root / "gradio").mkdir()
     from diffbody_jax.serving.page import PageDefaults, build_page, launch
     from diffbody_jax.serving.service import RestoreService
 
-    service = RestoreService(weights, annotator=annotator, root=root)
+    service = RestoreService(weights, annotator=annotator, root=root / "gradio")
     page = build_page(service, PageDefaults(version=args.version, size=size or 512, guidance=guidance,
                                             weights_label=label))
     try:

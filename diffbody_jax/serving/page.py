@@ -23,6 +23,7 @@ import dataclasses
 import os
 
 import gradio as gr
+from gradio.utils import get_upload_folder, is_in_or_equal
 
 from diffbody_jax.pipelines.restore import FITS, PRESET_STEPS, SAMPLERS, RestoreSettings
 from diffbody_jax.serving.service import MAX_UPLOAD_BYTES, RestoreService, Upload, message_for
@@ -56,13 +57,20 @@ def _messages(lines: list[str], restored: int, settings: RestoreSettings, seed: 
 
 
 def _view(photo) -> tuple:
-    """(slider, gallery, download) updates for one RestoredPhoto."""
+    """(slider, gallery, download) updates for one RestoredPhoto: files in the service's folder, which lies in
+    gradio's cache folder, so gradio serves them without copies and they go when the session ends."""
     gallery = [(str(path), label) for label, path in photo.intermediates]
-    return (photo.before, photo.after), gallery, gr.update(value=str(photo.download), interactive=True)
+    return (str(photo.before_png), str(photo.download)), gallery, gr.update(value=str(photo.download), interactive=True)
 
 
 def build_page(service: RestoreService, defaults: PageDefaults = PageDefaults()) -> gr.Blocks:
-    """The page (module docstring); `service` restores, `defaults` fills the controls."""
+    """The page (module docstring); `service` restores, `defaults` fills the controls. The service's folder must
+    lie in gradio's cache folder (GRADIO_TEMP_DIR), where gradio serves files without copying them: a session's
+    files are then only in the service's session folder and gradio's copy of each upload, both deleted when the
+    session ends."""
+    if not is_in_or_equal(service.root, get_upload_folder()):
+        raise ValueError(f"the service's folder {service.root} is outside gradio's cache folder "
+                         f"{get_upload_folder()}: create it under GRADIO_TEMP_DIR")
     uploads_by_session: dict[str, list[str]] = {}
 
     def restore(files, version, prompt, sampler, steps, cfg, guidance, seed, size, fit, colour,
@@ -146,7 +154,7 @@ def build_page(service: RestoreService, defaults: PageDefaults = PageDefaults())
                 run = gr.Button("Restore", variant="primary", elem_id="restore")
             with gr.Column(scale=2):
                 messages = gr.Markdown("Upload a photo and press Restore.", elem_id="messages")
-                slider = gr.ImageSlider(label="before / after", type="numpy", interactive=False, elem_id="slider")
+                slider = gr.ImageSlider(label="before / after", type="filepath", interactive=False, elem_id="slider")
                 view = gr.Dropdown([], label="photo", elem_id="view")
                 gallery = gr.Gallery(label="intermediates", columns=6, height="auto", interactive=False,
                                      elem_id="intermediates")

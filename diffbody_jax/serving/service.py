@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from diffbody_jax.pipelines.image_io import PhotoError, to_uint8
+from diffbody_jax.pipelines.image_io import PhotoError, to_uint8, write_png
 from diffbody_jax.pipelines.jobs import PoseSource, prepare_jobs, run_jobs, write_outputs
 from diffbody_jax.pipelines.restore import Restorer, RestoreSettings, restore_defaults
 
@@ -53,13 +53,14 @@ class Upload:
 
 @dataclasses.dataclass
 class RestoredPhoto:
-    """One restored upload: its name, the PNG offered for download, the input and output pixels ([H, W, 3] uint8)
-    and the intermediates as (label, PNG path)."""
+    """One restored upload: its name, the PNG offered for download, the input and output pixels ([H, W, 3] uint8),
+    the input as a PNG a browser shows (`before_png`) and the intermediates as (label, PNG path)."""
 
     name: str
     download: Path
     before: np.ndarray
     after: np.ndarray
+    before_png: Path
     intermediates: list[tuple[str, Path]]
 
 
@@ -197,10 +198,11 @@ class RestoreService:
                 finally:
                     self._progress = None
                 write_outputs(job, outputs, out, overwrite=True, intermediates=True)
+                before = write_png(folder / "before" / job.out.name, job.photo.pixels, overwrite=True)
                 shown = [(INTERMEDIATE_LABELS.get(k, k), out / "intermediates" / f"{job.out.stem}_{k}.png")
                          for k in outputs if k not in ("restored", "caption")]
                 photos.append(RestoredPhoto(by_copy[str(job.photo.path)], job.out, _uint8(job.photo.pixels),
-                                            _uint8(outputs["restored"]), shown))
+                                            _uint8(outputs["restored"]), before, shown))
             return RestoreResult(photos, messages)
 
 

@@ -164,9 +164,12 @@ def test_the_page_restores_in_a_browser_as_the_command_does(tmp_path):
         driver.find_element(By.CSS_SELECTOR, "#download").click()
         downloaded = _wait(deadline, "the download", lambda: [p for p in downloads.glob("*.png")])[0]
 
-        text = _restore(driver, deadline, corrupt)
+        text = _restore(driver, deadline, corrupt)  # in a new session: the page was reloaded
         assert text.startswith("Nothing restored") and "corrupt.png: " in text and "truncated" in text, text
         assert str(tmp_path) not in text and "/tmp" not in text  # no server path on the page
+        server_root = Path(server.weights).parents[1]  # ROOT/zoo/weights: uploads and results live under ROOT
+        _wait(deadline, "the first session's files to go (its upload, results, intermediates)",
+              lambda: not list(server_root.rglob("astronaut*")))
 
         console = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
         assert console == [], console
@@ -175,6 +178,7 @@ def test_the_page_restores_in_a_browser_as_the_command_does(tmp_path):
         off = sorted(u for u in urls if u and urlparse(u).scheme not in ("data", "blob")
                      and urlparse(u).hostname not in ("127.0.0.1", "localhost"))
         assert off == [], off
+        print(f"{len(urls)} requests, all to localhost")
     finally:
         if driver is not None:
             driver.quit()

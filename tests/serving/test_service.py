@@ -105,3 +105,37 @@ def test_safe_stem_keeps_only_a_base_name():
     assert safe_stem("../../etc/passwd") == "passwd"
     assert safe_stem("C:\\Users\\me\\my photo (1).JPG") == "my_photo_1"
     assert safe_stem("....png") == "photo"
+
+
+def test_requests_from_two_tabs_run_one_at_a_time(service, tmp_path, rng, monkeypatch):
+    """Two threads (two tabs) restoring at once: the device programs never overlap."""
+    import threading
+    import time
+
+    from diffbody_jax.pipelines.restore import Restorer
+
+    active, most, original = [0], [0], Restorer.restore
+
+    def counted(self, *args, **kwargs):
+        active[0] += 1
+        most[0] = max(most[0], active[0])
+        time.sleep(0.2)  # widen the window in which an unserialised second request would overlap
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            active[0] -= 1
+
+    monkeypatch.setattr(Restorer, "restore", counted)
+    photo = (rng.uniform(0, 1, (64, 64, 3)) * 255).astype(np.uint8)
+    results = {}
+
+    def tab(name):
+        results[name] = service.restore(name, [_upload(tmp_path / name, "p.png", photo)], SETTINGS, seed=0)
+
+    threads = [threading.Thread(target=tab, args=(f"tab-{i}",)) for i in "xy"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert sorted(results) == ["tab-x", "tab-y"] and all(len(r.photos) == 1 for r in results.values())
+    assert most[0] == 1
