@@ -2,12 +2,17 @@
 
   diffbody eval GT_DIR --weights weights/ --out eval/ [--version v1|v2] [--mixtures all|NAME,...] [--seed 0]
       [--size 512] [--steps N] [--sampler ...] [--batch B] [--save-images]
+      [--metrics psnr,ssim,cpsnr,cssim,lpips,lpips-vgg] [--lpips-alex FILE] [--lpips-vgg FILE] [--lpips-lin DIR]
+      [--depth-estimator ONNX] [--normal-estimator ONNX]
 
 The run itself is `diffbody_jax.evaluation.table1.evaluate`: each ground-truth photo scaled into its bucket is the
 reference, each of the five Table-1 mixtures degrades it (seeded from --seed), the version restores it, and PSNR /
 SSIM (on BT.601 luma) and CPSNR / CSSIM (on RGB) are measured for the degraded input, SwinIR's output and the
-restoration. --keypoints are in the ground truth's pixels. Writes OUT/metrics.json (per photo and mean per
-mixture) and OUT/metrics.md (the table).
+restoration. --metrics chooses (`evaluation.quality`): a learned metric whose weights are not given (LPIPS: a
+torchvision AlexNet / VGG16 state-dict file) is named in one line and left out of the table. v2 with
+--depth-estimator / --normal-estimator (local ONNX files, `annotators.dense`) also reports stage 1's prior errors, as
+the v2 paper's Tables 2-3. --keypoints are in the ground truth's pixels. Writes OUT/metrics.json (per photo and mean
+per mixture) and OUT/metrics.md (the table in the v2 paper's Table-1 layout).
 """
 
 from __future__ import annotations
@@ -18,9 +23,11 @@ import time
 from pathlib import Path
 
 from diffbody_jax.annotators import AnnotatorError
+from diffbody_jax.annotators.dense import DepthEstimator, NormalEstimator
 from diffbody_jax.cli.cache_flag import start_compilation_cache
 from diffbody_jax.cli.restore import add_restore_args, annotator_from, settings_from
 from diffbody_jax.data.degradations import TABLE1_MIXTURES
+from diffbody_jax.evaluation.quality import DEFAULT_METRICS, METRICS, MetricSet, MetricWeights, parse_names
 from diffbody_jax.evaluation.table1 import evaluate, markdown_table
 from diffbody_jax.files import write_json
 from diffbody_jax.pipelines.image_io import find_images, read_photos, write_png
@@ -39,6 +46,13 @@ def main(argv) -> int:
     p.add_argument("--save-images", action="store_true",
                    help="also write each mixture's reference, degraded and restored PNGs")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--metrics", default=DEFAULT_METRICS, help=f"comma-separated, of {', '.join(METRICS)}")
+    p.add_argument("--lpips-alex", metavar="FILE", help="torchvision's AlexNet state dict (alexnet-owt-*.pth): LPIPS")
+    p.add_argument("--lpips-vgg", metavar="FILE", help="torchvision's VGG16 state dict (vgg16-*.pth): LPIPS-VGG")
+    p.add_argument("--lpips-lin", metavar="DIR",
+                   help="a folder with LPIPS's alex.pth / vgg.pth linear layers (default: the lpips package's)")
+    p.add_argument("--depth-estimator", metavar="ONNX", help="v2: depth model for stage 1's depth error")
+    p.add_argument("--normal-estimator", metavar="ONNX", help="v2: normal model for stage 1's normal error")
     add_restore_args(p)
     args = p.parse_args(argv)
 
@@ -51,6 +65,7 @@ def main(argv) -> int:
     if unknown:
         return fail(f"--mixtures: unknown {unknown}; known: {', '.join(TABLE1_MIXTURES)}")
     try:
+        names = parse_names(args.metrics)
         cache = start_compilation_cache(args)
         settings = settings_from(args)
         files, problems = find_images(args.gt)
@@ -60,8 +75,18 @@ def main(argv) -> int:
         prompts, _ = prompts_for([ph.path for ph in photos], args.prompt, args.prompts, default=default_prompt)
         poses = PoseSource(args.keypoints, args.poses, style=style)
         annotator, _ = annotator_from(args.annotator)
+        depth = DepthEstimator(args.depth_estimator) if args.depth_estimator else None
+        normal = NormalEstimator(args.normal_estimator) if args.normal_estimator else None
     except (ValueError, FileNotFoundError, AnnotatorError) as e:
         return fail(str(e))
+    if (depth or normal) and settings.version != "v2":
+        print("note: --depth-estimator / --normal-estimator: prior errors are v2's (stage 1's maps); left out",
+              file=sys.stderr)
+    metrics = MetricSet(names, MetricWeights(lpips_alex=args.lpips_alex, lpips_vgg=args.lpips_vgg,
+                                             lpips_lin=args.lpips_lin, depth_estimator=depth,
+                                             normal_estimator=normal))
+    for line in metrics.notes:
+        print(f"note: {line}", file=sys.stderr)
     for line in problems:
         print(f"skipped: {line}", file=sys.stderr)
     if not photos:
@@ -81,13 +106,13 @@ def main(argv) -> int:
 
     def report(mixture, mean):
         if not args.quiet:
-            r = mean["restored"]
-            print(f"{mixture}: PSNR {r['psnr']:.2f} SSIM {r['ssim']:.4f} CPSNR {r['cpsnr']:.2f} CSSIM {r['cssim']:.4f}")
+            print(f"{mixture}: " + ", ".join(f"{k} {v:.4g}" for k, v in mean["restored"].items()))
 
-    result = evaluate(restorer, photos, prompts, poses, mixtures, args.seed, args.batch, save, report)
+    result = evaluate(restorer, photos, prompts, poses, mixtures, args.seed, args.batch, save, report, metrics)
     means, per_photo = result["mean"], result["per_photo"]
     write_json({"version": settings.version, "steps": settings.num_steps, "sampler": settings.sampler,
                 "seed": args.seed, "size": settings.size, "photos": [ph.path.name for ph in photos],
+                "metrics": metrics.names, "left_out": metrics.notes,
                 "mean": means, "per_photo": per_photo}, out / "metrics.json")
     (out / "metrics.md").write_text(markdown_table(means, settings.version, len(photos)))
     print(f"wrote {out / 'metrics.json'} and {out / 'metrics.md'} ({len(photos)} photo(s) x {len(mixtures)} "

@@ -20,6 +20,8 @@ import numpy as np
 
 from diffbody_jax.data.degradations import table1_mixture
 from diffbody_jax.evaluation.metrics import image_metrics
+from diffbody_jax.evaluation.quality import METRICS as METRIC_INFO
+from diffbody_jax.evaluation.quality import PRIOR_ERRORS, MetricSet
 from diffbody_jax.pipelines.image_io import Photo
 from diffbody_jax.pipelines.jobs import Job, PoseSource, fit_photo, run_jobs
 
@@ -52,19 +54,27 @@ def evaluation_jobs(photos, mixture: str, seed: int, settings, prompts, poses: P
     return jobs, references
 
 
-def score(images: dict[str, np.ndarray], reference: np.ndarray) -> dict[str, dict[str, float]]:
+def score(images: dict[str, np.ndarray], reference: np.ndarray,
+          metrics: MetricSet | None = None) -> dict[str, dict[str, float]]:
+    """{image name: {metric: value}} against the reference; metrics None: PSNR, SSIM, CPSNR, CSSIM."""
     out = {}
     for name, image in images.items():
-        m = image_metrics(np.asarray(image, np.float32)[None], np.asarray(reference, np.float32)[None])
-        out[name] = {k: float(v[0]) for k, v in m.items()}
+        if metrics is None:
+            m = image_metrics(np.asarray(image, np.float32)[None], np.asarray(reference, np.float32)[None])
+            out[name] = {k: float(v[0]) for k, v in m.items()}
+        else:
+            out[name] = metrics.score(image, reference)
     return out
 
 
 def evaluate(restorer, photos: Sequence[Photo], prompts: Sequence[str], poses: PoseSource, mixtures: Sequence[str],
              seed: int, batch: int, on_image: Callable[[str, Job, dict], None] | None = None,
-             on_mixture: Callable[[str, dict], None] | None = None) -> dict:
+             on_mixture: Callable[[str, dict], None] | None = None, metrics: MetricSet | None = None) -> dict:
     """{"mean": {mixture: {degraded|swinir|restored: {metric: value}}}, "per_photo": {mixture: {name: ...}}}.
-    on_image(mixture, job, images) sees each photo's reference / degraded / swinir / restored arrays (to save them)."""
+    on_image(mixture, job, images) sees each photo's reference / degraded / swinir / restored arrays (and v2's depth
+    and normal maps) to save them. metrics: what is scored (None: PSNR, SSIM, CPSNR, CSSIM); with its depth /
+    normal estimators and a v2 restorer, the restoration's entry also has stage 1's prior errors ("depth_l2",
+    "normal_l2")."""
     intermediate = restorer.pipeline.intermediates[0]  # I_reg (v1) / I_ir (v2): SwinIR's output
     per_photo, means = {}, {}
     for m_index, mixture in enumerate(mixtures):
@@ -73,24 +83,40 @@ def evaluate(restorer, photos: Sequence[Photo], prompts: Sequence[str], poses: P
         for job, outputs in run_jobs(restorer, jobs, batch, seed):
             reference = reference_by_job[id(job)]
             images = {"degraded": job.photo.pixels, "swinir": outputs[intermediate], "restored": outputs["restored"]}
-            rows[job.photo.path.name] = score(images, reference)
+            rows[job.photo.path.name] = row = score(images, reference, metrics)
+            if metrics is not None:
+                row["restored"].update(metrics.prior_errors(outputs.get("depth"), outputs.get("normal"), reference))
             if on_image is not None:
-                on_image(mixture, job, {**images, "reference": reference})
+                priors = {k: outputs[k] for k in ("depth", "normal") if k in outputs}  # v2's stage-1 maps
+                on_image(mixture, job, {**images, "reference": reference, **priors})
         per_photo[mixture] = rows
-        means[mixture] = {what: {k: float(np.mean([r[what][k] for r in rows.values()])) for k in METRICS}
-                          for what in SCORED}
+        means[mixture] = {what: {k: float(np.mean([r[what][k] for r in rows.values()]))
+                                 for k in next(iter(rows.values()))[what]} for what in SCORED}
         if on_mixture is not None:
             on_mixture(mixture, means[mixture])
     return {"mean": means, "per_photo": per_photo}
 
 
 def markdown_table(means: dict[str, dict[str, dict[str, float]]], version: str, count: int) -> str:
-    lines = [f"Restoration quality, DiffBody {version}, {count} photo(s) per mixture (mean). PSNR/SSIM on Y "
-             "(BT.601), CPSNR/CSSIM on RGB.", "",
-             "| mixture | input PSNR | input SSIM | SwinIR PSNR | SwinIR SSIM | PSNR | SSIM | CPSNR | CSSIM |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    """The v2 paper's Table 1 layout: a row per (mixture, method), a column per metric with its arrow (up: higher is
+    better, down: lower); methods are the degraded input, SwinIR's output and the restoration. The prior errors
+    (v2, with estimators) are columns that only the restoration fills."""
+    first = next(iter(means.values()))
+    names = list(first["restored"])
+    info = {**METRIC_INFO, **PRIOR_ERRORS}
+    header = [f"{info[n].label} {'↑' if info[n].higher_is_better else '↓'}" for n in names]
+    lines = [f"Restoration quality, DiffBody {version}, mean over {count} photo(s) per mixture. PSNR / SSIM on Y "
+             "(BT.601), CPSNR / CSSIM on RGB; ↑ higher is better, ↓ lower.", "",
+             "| degradation | method | " + " | ".join(header) + " |", "|---|---|" + "---|" * len(names)]
+    methods = {"degraded": "input", "swinir": "SwinIR", "restored": f"DiffBody {version}"}
     for mixture, m in means.items():
-        d, s, r = m["degraded"], m["swinir"], m["restored"]
-        lines.append(f"| {mixture} | {d['psnr']:.2f} | {d['ssim']:.4f} | {s['psnr']:.2f} | {s['ssim']:.4f} | "
-                     f"{r['psnr']:.2f} | {r['ssim']:.4f} | {r['cpsnr']:.2f} | {r['cssim']:.4f} |")
+        for what, method in methods.items():
+            cells = [_cell(n, m[what].get(n)) for n in names]
+            lines.append(f"| {mixture} | {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _cell(name: str, value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f}" if name in ("psnr", "cpsnr") else f"{value:.4f}"

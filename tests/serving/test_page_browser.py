@@ -1,10 +1,11 @@
 """`diffbody serve` end to end in a real headless browser (Debian's chromium and chromium-driver, which .ci/run
 installs, driven by selenium): the test starts the server on a free localhost port with its defaults (the shipped
 zoo), uploads scikit-image's astronaut, restores it, downloads the PNG and checks that it decodes to the pixels
-`diffbody restore` writes with the same settings, seed and a batch of one; then uploads a corrupt file and sees the
-message. The browser's console must show no error and its network log no request off localhost. A screenshot of the
-page after the restore is written (its path is printed; $DIFFBODY_SCREENSHOTS, if set, gets a copy). The test
-stops the server itself and bounds its own time (DEADLINE_S)."""
+`diffbody restore` writes with the same settings, seed and a batch of one; then, in a new session, uploads a corrupt
+file beside a good photo and sees the message and the good photo's restoration. The browser's console must show no
+error and its network log no request off localhost; the first session's files must be gone once it ended. A
+screenshot of the page after the restore is written (its path is printed; $DIFFBODY_SCREENSHOTS, if set, gets a
+copy). The test stops the server itself and bounds its own time (DEADLINE_S)."""
 
 import json
 import os
@@ -114,14 +115,15 @@ def _set_number(driver, elem_id: str, value) -> None:
     box.send_keys(str(value), Keys.TAB)
 
 
-def _restore(driver, deadline: Deadline, upload: Path) -> str:
-    """Uploads one file into a fresh page, presses Restore and returns the message box's text once it reports."""
+def _restore(driver, deadline: Deadline, *uploads: Path) -> str:
+    """Uploads files into a fresh page, presses Restore and returns the message box's text once it reports."""
     from selenium.webdriver.common.by import By
 
     driver.get(driver.current_url)
     _wait(deadline, "the page", lambda: driver.find_elements(By.CSS_SELECTOR, "#uploads input[type=file]"))
-    driver.find_element(By.CSS_SELECTOR, "#uploads input[type=file]").send_keys(str(upload))
-    _wait(deadline, "the upload", lambda: upload.stem in driver.find_element(By.CSS_SELECTOR, "#uploads").text)
+    driver.find_element(By.CSS_SELECTOR, "#uploads input[type=file]").send_keys("\n".join(map(str, uploads)))
+    _wait(deadline, "the uploads", lambda: all(u.stem in driver.find_element(By.CSS_SELECTOR, "#uploads").text
+                                              for u in uploads))
     _set_number(driver, "steps", STEPS)
     _set_number(driver, "guidance", GUIDANCE)
     _set_number(driver, "seed", SEED)
@@ -164,8 +166,12 @@ def test_the_page_restores_in_a_browser_as_the_command_does(tmp_path):
         driver.find_element(By.CSS_SELECTOR, "#download").click()
         downloaded = _wait(deadline, "the download", lambda: [p for p in downloads.glob("*.png")])[0]
 
-        text = _restore(driver, deadline, corrupt)  # in a new session: the page was reloaded
-        assert text.startswith("Nothing restored") and "corrupt.png: " in text and "truncated" in text, text
+        second = tmp_path / "second.png"
+        Image.fromarray(data.astronaut()[::-1].copy()).save(second)
+        text = _restore(driver, deadline, corrupt, second)  # two files, in a new session: the page was reloaded
+        assert text.startswith("Restored 1 photo") and "corrupt.png: " in text and "truncated" in text, text
+        view = driver.find_element(By.CSS_SELECTOR, "#view").text
+        assert "second.png" in view and "corrupt" not in view, view
         assert str(tmp_path) not in text and "/tmp" not in text  # no server path on the page
         server_root = Path(server.weights).parents[1]  # ROOT/zoo/weights: uploads and results live under ROOT
         _wait(deadline, "the first session's files to go (its upload, results, intermediates)",

@@ -1,0 +1,134 @@
+"""The metrics an evaluation reports, chosen by name, each with the weights it needs and the way it is better.
+
+    metrics = MetricSet.from_names("psnr,ssim,lpips", MetricWeights(lpips_alex="alexnet-owt-7be5be79.pth"))
+    metrics.notes                                  # one line per chosen metric left out (its weights missing)
+    metrics.score(image, reference)                # {"psnr": 27.1, "ssim": 0.81, "lpips": 0.21}
+    metrics.prior_errors(depth, normal, reference) # v2: {"depth_l2": ..., "normal_l2": ...} with the estimators
+
+What each name is (`METRICS`; `docs/evaluation.md` says which numbers compare with the papers'):
+  psnr, ssim     on BT.601 luma (`evaluation.metrics`), higher is better;
+  cpsnr, cssim   on RGB, higher is better;
+  lpips          LPIPS v0.1 with AlexNet (`evaluation.lpips`), lower is better; needs a torchvision AlexNet file;
+  lpips-vgg      the same with VGG16; needs a torchvision VGG16 file.
+The linear layers of both LPIPS variants come from the lpips package's wheel unless a folder is given.
+
+v2's prior errors (Tables 2-3 of the v2 paper, "the L2 loss between the generated depth / normal maps and the maps
+inferred from the ground truth"): the mean squared difference over pixels (and the normal's three channels) between
+stage 1's decoded depth (its channel mean) or normal map and the map the local estimator (`annotators.dense`) infers
+from the reference, both in the manifests' [0, 1] encoding. The paper does not say mean or sum, nor squared or not:
+we take the mean of squares (MSE), lower is better.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from diffbody_jax.evaluation.metrics import image_metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    name: str
+    label: str
+    higher_is_better: bool
+    weights: str | None = None  # the MetricWeights field it needs, None: none
+
+
+METRICS = {m.name: m for m in (
+    Metric("psnr", "PSNR", True), Metric("ssim", "SSIM", True), Metric("cpsnr", "CPSNR", True),
+    Metric("cssim", "CSSIM", True), Metric("lpips", "LPIPS", False, "lpips_alex"),
+    Metric("lpips-vgg", "LPIPS-VGG", False, "lpips_vgg"),
+)}
+PRIOR_ERRORS = {"depth_l2": Metric("depth_l2", "depth L2", False, "depth_estimator"),
+                "normal_l2": Metric("normal_l2", "normal L2", False, "normal_estimator")}
+DEFAULT_METRICS = "psnr,ssim,cpsnr,cssim,lpips"
+_CLASSIC = ("psnr", "ssim", "cpsnr", "cssim")
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricWeights:
+    """Local files the learned metrics read (None: that metric is left out, with a note)."""
+
+    lpips_alex: str | None = None  # torchvision's AlexNet state dict (alexnet-owt-7be5be79.pth)
+    lpips_vgg: str | None = None  # torchvision's VGG16 state dict (vgg16-397923af.pth)
+    lpips_lin: str | None = None  # a folder with lpips' alex.pth / vgg.pth (None: the lpips package's own)
+    depth_estimator: object = None  # annotators.dense.DepthEstimator (v2 prior errors)
+    normal_estimator: object = None  # annotators.dense.NormalEstimator
+
+
+def parse_names(spec: str) -> list[str]:
+    """"psnr,ssim,lpips" -> names, in order; an unknown name raises ValueError listing the known ones."""
+    names = [n.strip().lower() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in METRICS]
+    if unknown or not names:
+        raise ValueError(f"--metrics {spec!r}: unknown {unknown or 'empty'}; known: {', '.join(METRICS)}")
+    return list(dict.fromkeys(names))
+
+
+class MetricSet:
+    """The chosen metrics that can run (`names`), their scorers, and a note for each left out (`notes`)."""
+
+    def __init__(self, names: list[str], weights: MetricWeights = MetricWeights()):
+        self.names, self.notes, self._lpips = [], [], {}
+        for name in names:
+            metric = METRICS[name]
+            path = getattr(weights, metric.weights) if metric.weights else None
+            if metric.weights and path is None:
+                flag = "--" + metric.weights.replace("_", "-")
+                self.notes.append(f"{name}: left out, no weights ({flag} FILE)")
+                continue
+            if name.startswith("lpips"):
+                try:
+                    self._lpips[name] = _lpips_metric(name, path, weights.lpips_lin)
+                except (OSError, ValueError) as e:  # a missing lpips package, an unreadable or wrong file
+                    self.notes.append(f"{name}: left out, {e}".splitlines()[0])
+                    continue
+            self.names.append(name)
+        self.estimators = {"depth_l2": weights.depth_estimator, "normal_l2": weights.normal_estimator}
+
+    @classmethod
+    def from_names(cls, spec: str, weights: MetricWeights = MetricWeights()) -> MetricSet:
+        return cls(parse_names(spec), weights)
+
+    @property
+    def metrics(self) -> list[Metric]:
+        return [METRICS[n] for n in self.names]
+
+    def score(self, image: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+        """[H, W, 3] x 2 in [0, 1] -> {name: value} for every active metric."""
+        a, b = np.asarray(image, np.float32)[None], np.asarray(reference, np.float32)[None]
+        out = {}
+        if any(n in _CLASSIC for n in self.names):
+            classic = image_metrics(a, b)
+            out.update({n: float(classic[n][0]) for n in self.names if n in _CLASSIC})
+        for name, metric in self._lpips.items():
+            out[name] = float(metric(a, b)[0])
+        return {n: out[n] for n in self.names}
+
+    @property
+    def prior_error_names(self) -> list[str]:
+        return [n for n, e in self.estimators.items() if e is not None]
+
+    def prior_errors(self, depth: np.ndarray | None, normal: np.ndarray | None,
+                     reference: np.ndarray) -> dict[str, float]:
+        """v2: MSE of stage 1's depth ([H, W, 1] or [H, W]) and normal ([H, W, 3]) maps against the estimators'
+        maps of the reference ([H, W, 3] in [0, 1]); only for the estimators given."""
+        out = {}
+        if self.estimators["depth_l2"] is not None and depth is not None:
+            target = self.estimators["depth_l2"](reference)
+            out["depth_l2"] = float(np.mean(np.square(np.asarray(depth, np.float64).reshape(target.shape) - target)))
+        if self.estimators["normal_l2"] is not None and normal is not None:
+            target = self.estimators["normal_l2"](reference)
+            out["normal_l2"] = float(np.mean(np.square(np.asarray(normal, np.float64) - target)))
+        return out
+
+
+def _lpips_metric(name: str, backbone_file: str, lin_folder: str | None):
+    from diffbody_jax.evaluation.lpips import LPIPSMetric
+
+    backbone = "vgg" if name == "lpips-vgg" else "alex"
+    lin = Path(lin_folder) / f"{backbone}.pth" if lin_folder else None
+    return LPIPSMetric.from_files(backbone, backbone_file, lin)
