@@ -9,7 +9,9 @@ What each name is (`METRICS`; `docs/evaluation.md` says which numbers compare wi
   psnr, ssim     on BT.601 luma (`evaluation.metrics`), higher is better;
   cpsnr, cssim   on RGB, higher is better;
   lpips          LPIPS v0.1 with AlexNet (`evaluation.lpips`), lower is better; needs a torchvision AlexNet file;
-  lpips-vgg      the same with VGG16; needs a torchvision VGG16 file.
+  lpips-vgg      the same with VGG16; needs a torchvision VGG16 file;
+  clipiqa        CLIP-IQA (`evaluation.clip_iqa`), no reference, higher is better; needs a ResNet-50 CLIP file
+                 (OpenAI's RN50.pt or an open_clip RN50 state dict); the paper's prompt pair, or pyiqa's five.
 The linear layers of both LPIPS variants come from the lpips package's wheel unless a folder is given.
 
 v2's prior errors (Tables 2-3 of the v2 paper, "the L2 loss between the generated depth / normal maps and the maps
@@ -40,11 +42,11 @@ class Metric:
 METRICS = {m.name: m for m in (
     Metric("psnr", "PSNR", True), Metric("ssim", "SSIM", True), Metric("cpsnr", "CPSNR", True),
     Metric("cssim", "CSSIM", True), Metric("lpips", "LPIPS", False, "lpips_alex"),
-    Metric("lpips-vgg", "LPIPS-VGG", False, "lpips_vgg"),
+    Metric("lpips-vgg", "LPIPS-VGG", False, "lpips_vgg"), Metric("clipiqa", "CLIP-IQA", True, "clip_rn50"),
 )}
 PRIOR_ERRORS = {"depth_l2": Metric("depth_l2", "depth L2", False, "depth_estimator"),
                 "normal_l2": Metric("normal_l2", "normal L2", False, "normal_estimator")}
-DEFAULT_METRICS = "psnr,ssim,cpsnr,cssim,lpips"
+DEFAULT_METRICS = "psnr,ssim,cpsnr,cssim,lpips,clipiqa"
 _CLASSIC = ("psnr", "ssim", "cpsnr", "cssim")
 
 
@@ -55,6 +57,8 @@ class MetricWeights:
     lpips_alex: str | None = None  # torchvision's AlexNet state dict (alexnet-owt-7be5be79.pth)
     lpips_vgg: str | None = None  # torchvision's VGG16 state dict (vgg16-397923af.pth)
     lpips_lin: str | None = None  # a folder with lpips' alex.pth / vgg.pth (None: the lpips package's own)
+    clip_rn50: str | None = None  # OpenAI's RN50.pt or an open_clip RN50 state dict (CLIP-IQA)
+    clipiqa_prompts: str = "paper"  # "paper": ("Good photo.", "Bad photo."); "pyiqa": its five pairs
     depth_estimator: object = None  # annotators.dense.DepthEstimator (v2 prior errors)
     normal_estimator: object = None  # annotators.dense.NormalEstimator
 
@@ -72,7 +76,7 @@ class MetricSet:
     """The chosen metrics that can run (`names`), their scorers, and a note for each left out (`notes`)."""
 
     def __init__(self, names: list[str], weights: MetricWeights = MetricWeights()):
-        self.names, self.notes, self._lpips = [], [], {}
+        self.names, self.notes, self._learned = [], [], {}
         for name in names:
             metric = METRICS[name]
             path = getattr(weights, metric.weights) if metric.weights else None
@@ -80,10 +84,11 @@ class MetricSet:
                 flag = "--" + metric.weights.replace("_", "-")
                 self.notes.append(f"{name}: left out, no weights ({flag} FILE)")
                 continue
-            if name.startswith("lpips"):
+            if metric.weights:
                 try:
-                    self._lpips[name] = _lpips_metric(name, path, weights.lpips_lin)
-                except (OSError, ValueError) as e:  # a missing lpips package, an unreadable or wrong file
+                    self._learned[name] = (_clip_iqa(path, weights.clipiqa_prompts) if name == "clipiqa"
+                                           else _lpips_metric(name, path, weights.lpips_lin))
+                except (OSError, ValueError) as e:  # a missing package, an unreadable or wrong file
                     self.notes.append(f"{name}: left out, {e}".splitlines()[0])
                     continue
             self.names.append(name)
@@ -104,8 +109,8 @@ class MetricSet:
         if any(n in _CLASSIC for n in self.names):
             classic = image_metrics(a, b)
             out.update({n: float(classic[n][0]) for n in self.names if n in _CLASSIC})
-        for name, metric in self._lpips.items():
-            out[name] = float(metric(a, b)[0])
+        for name, metric in self._learned.items():
+            out[name] = float(metric(a)[0] if name == "clipiqa" else metric(a, b)[0])  # CLIP-IQA: no reference
         return {n: out[n] for n in self.names}
 
     @property
@@ -124,6 +129,12 @@ class MetricSet:
             target = self.estimators["normal_l2"](reference)
             out["normal_l2"] = float(np.mean(np.square(np.asarray(normal, np.float64) - target)))
         return out
+
+
+def _clip_iqa(path: str, prompts: str):
+    from diffbody_jax.evaluation.clip_iqa import CLIPIQA
+
+    return CLIPIQA.from_file(path, prompts)
 
 
 def _lpips_metric(name: str, backbone_file: str, lin_folder: str | None):

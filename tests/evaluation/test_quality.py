@@ -11,13 +11,16 @@ import torch
 from PIL import Image
 
 from diffbody_jax.cli.main import main
+from diffbody_jax.conditioning.prompts import load_tokenizer, tokenize
 from diffbody_jax.data.degradations import TABLE1_MIXTURES
+from diffbody_jax.evaluation.clip_iqa import CLIP_MEAN, CLIP_STD, PAPER_PROMPTS
 from diffbody_jax.evaluation.quality import MetricSet, MetricWeights, parse_names
 from diffbody_jax.evaluation.table1 import evaluate, evaluation_jobs, markdown_table
 from diffbody_jax.interop.lpips import packaged_lin_weights
 from diffbody_jax.pipelines.image_io import read_photo
 from diffbody_jax.pipelines.jobs import PoseSource
 from diffbody_jax.pipelines.restore import Restorer, RestoreSettings
+from tests.evaluation.test_clip_iqa import _random_clip, pyiqa_clip  # noqa: F401 - the fixture
 from tests.evaluation.test_lpips import (
     _reference,
     _torchvision_features,
@@ -34,24 +37,28 @@ def _ground_truth(folder, rng, hw=(64, 64)):
     return folder / "gt.png"
 
 
-def test_eval_reports_the_chosen_metrics_and_names_the_missing(stand_in_weights, lpips_module, tmp_path, rng,  # noqa: F811
-                                                               capsys):
+def test_eval_reports_the_chosen_metrics_and_names_the_missing(stand_in_weights, lpips_module, pyiqa_clip,  # noqa: F811
+                                                               tmp_path, rng, capsys):
     gt = _ground_truth(tmp_path / "gt", rng)
     torch.manual_seed(int(rng.integers(2**31)))
     features = _torchvision_features("alex")
     torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, tmp_path / "alexnet.pth")
+    clip = _random_clip(pyiqa_clip, int(rng.integers(2**31)))
+    torch.save(clip.state_dict(), tmp_path / "rn.pt")
     out = tmp_path / "eval"
     assert main(["eval", str(gt.parent), "--weights", str(stand_in_weights), "--out", str(out), "--mixtures", MIXTURE,
                  "--size", "64", "--steps", "1", "--sampler", "ddim", "--annotator", "none", "--save-images",
-                 "--quiet", "--metrics", "psnr,lpips,lpips-vgg", "--lpips-alex", str(tmp_path / "alexnet.pth")]) == 0
+                 "--quiet", "--metrics", "psnr,lpips,lpips-vgg,clipiqa", "--lpips-alex", str(tmp_path / "alexnet.pth"),
+                 "--clip-rn50", str(tmp_path / "rn.pt")]) == 0
     err = capsys.readouterr().err
     assert "note: lpips-vgg: left out, no weights (--lpips-vgg FILE)" in err
     record = json.loads((out / "metrics.json").read_text())
-    assert record["metrics"] == ["psnr", "lpips"]
+    assert record["metrics"] == ["psnr", "lpips", "clipiqa"]
     row = record["per_photo"][MIXTURE]["gt.png"]
-    assert set(row) == {"degraded", "swinir", "restored"} and all(set(v) == {"psnr", "lpips"} for v in row.values())
+    assert set(row) == {"degraded", "swinir", "restored"}
+    assert all(set(v) == {"psnr", "lpips", "clipiqa"} for v in row.values())
     table = (out / "metrics.md").read_text().splitlines()
-    assert "| degradation | method | PSNR ↑ | LPIPS ↓ |" in table
+    assert "| degradation | method | PSNR ↑ | LPIPS ↓ | CLIP-IQA ↑ |" in table
     assert [line.split(" | ")[1] for line in table if line.startswith(f"| {MIXTURE} ")] == \
         ["input", "SwinIR", "DiffBody v1"]
 
@@ -63,6 +70,14 @@ def test_eval_reports_the_chosen_metrics_and_names_the_missing(stand_in_weights,
         want = net(*(torch.from_numpy(np.asarray(x, np.float32)).permute(2, 0, 1)[None]
                      for x in (job.photo.pixels, reference)), normalize=True).item()
     assert abs(row["degraded"]["lpips"] - want) <= 1e-5
+    # and its CLIP-IQA: pyiqa's CLIP on the degraded input alone, the paper's prompt pair, as pyiqa's CLIPIQA scores
+    ids = torch.from_numpy(tokenize(load_tokenizer(None, pad_token="!"), list(PAPER_PROMPTS[0])).astype(np.int64))
+    x = (torch.from_numpy(np.asarray(job.photo.pixels, np.float32)).permute(2, 0, 1)[None]
+         - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        logits, _ = clip(x, ids, pos_embedding=False)
+        want = logits.reshape(1, -1, 2).softmax(dim=-1)[..., 0].mean().item()
+    assert abs(row["degraded"]["clipiqa"] - want) <= 1e-4
 
 
 def test_unknown_metric_names_are_refused(capsys):
