@@ -1,6 +1,7 @@
 """`diffbody serve`: a local page to restore photos in the browser (diffbody_jax/serving).
 
-  diffbody serve [--weights DIR] [--host 127.0.0.1] [--port N] [--version v1|v2] [--size N] [--annotator auto]
+  diffbody serve [--weights DIR] [--host 127.0.0.1] [--port N] [--version v1|v2] [--size N] [--keep 2]
+      [--annotator auto]
 
 Defaults: the tiny zoo this checkout ships (`zoo/weights`, restored at 64 px), bound to localhost. The page restores
 exactly as `diffbody restore PHOTO --batch 1` with the same settings and seed. Ctrl-C stops the server and deletes
@@ -31,6 +32,8 @@ def main(argv=None) -> int:
     p.add_argument("--port", type=int, help="port (default: the first free one from 7860)")
     p.add_argument("--version", choices=("v1", "v2"), default="v1", help="the version the page opens with")
     p.add_argument("--size", type=int, help="the size the page opens with (default 64 for the zoo, else 512)")
+    p.add_argument("--keep", type=int, default=2,
+                   help="loaded settings kept for reuse (each holds its own copy of the weights)")
     p.add_argument("--annotator", default="auto",
                    help="pose for uploads: auto | none | mediapipe | onnx-dwpose:det=FILE,pose=FILE")
     args = p.parse_args(argv)
@@ -82,7 +85,10 @@ def _serve(args, root, fail, annotator_from, check_weights, shipped_zoo, unpack_
     from diffbody_jax.serving.page import PageDefaults, build_page, launch
     from diffbody_jax.serving.service import RestoreService
 
-    service = RestoreService(weights, annotator=annotator, root=root / "gradio")
+    try:
+        service = RestoreService(weights, annotator=annotator, root=root / "gradio", keep=args.keep)
+    except ValueError as e:
+        return fail(f"--keep: {e}")
     page = build_page(service, PageDefaults(version=args.version, size=size or 512, guidance=guidance,
                                             weights_label=label))
     try:

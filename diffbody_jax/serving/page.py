@@ -118,10 +118,11 @@ def build_page(service: RestoreService, defaults: PageDefaults = PageDefaults())
     def end_session(request: gr.Request):
         session = request.session_hash or "anonymous"
         service.end_session(session)
-        for path in uploads_by_session.pop(session, []):  # gradio's own copy of each upload
+        for path in uploads_by_session.pop(session, []):  # gradio's own copy of each upload, and its folder
             try:
                 os.remove(path)
-            except OSError:
+                os.rmdir(os.path.dirname(path))
+            except OSError:  # gone already, or the folder holds another session's upload of the same file
                 pass
 
     preset = PRESET_STEPS[defaults.version]

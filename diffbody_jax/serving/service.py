@@ -10,8 +10,9 @@ restores them, one request at a time, with each browser session's files in its o
 
 A request goes through `pipelines.jobs` (prepare_jobs -> run_jobs -> write_outputs) with a batch of one, so the PNG it
 offers for download is the restore command's output with the same settings and seed. Restorers are kept per
-settings (the last `MAX_RESTORERS`), so a second request of the same settings and image shape reuses the loaded
-weights and the compiled programs. A lock serialises requests: two tabs never run two device programs at once.
+settings (the last `keep`, default 2: each holds its own copy of the weights, so keep few with real-size models), so a
+second request of the same settings and image shape reuses the loaded weights and the compiled programs. A lock
+serialises requests: two tabs never run two device programs at once.
 
 What an upload may be: an image Pillow reads, at most `MAX_UPLOAD_BYTES` and `MAX_PIXELS`, at least
 `pipelines.image_io.read_photo`'s 64 pixels on each side. Messages name an upload by the name the browser sent,
@@ -39,7 +40,7 @@ from diffbody_jax.pipelines.restore import Restorer, RestoreSettings, restore_de
 
 MAX_UPLOAD_BYTES = 25 * 2**20  # per file; the page tells the browser the same limit
 MAX_PIXELS = 40_000_000  # per photo: above it, a decoded float32 copy alone takes ~0.5 GB
-MAX_RESTORERS = 4  # loaded (weights, settings) kept for reuse; the oldest is dropped past this
+KEEP_RESTORERS = 2  # default number of loaded settings kept for reuse (each holds its own copy of the weights)
 ProgressHook = Callable[[int, int, int, int], None]  # (photo index, photos, stage, step index)
 
 
@@ -106,8 +107,11 @@ class RestoreService:
     """Restores uploads with the models of one weights folder (module docstring). annotator: what finds the pose on
     I_reg / I_ir (None: black pose maps, and the page says so)."""
 
-    def __init__(self, weights: str | Path, annotator=None, root: str | Path | None = None):
-        self.weights = Path(weights)
+    def __init__(self, weights: str | Path, annotator=None, root: str | Path | None = None,
+                 keep: int = KEEP_RESTORERS):
+        if keep < 1:
+            raise ValueError(f"keep={keep}: at least one loaded setting must be kept")
+        self.weights, self.keep = Path(weights), keep
         self.annotator = annotator
         self.root = Path(tempfile.mkdtemp(prefix="diffbody-serve-", dir=root))
         self.lock = threading.Lock()
@@ -120,15 +124,15 @@ class RestoreService:
             self._progress(int(stage), int(index))
 
     def restorer(self, settings: RestoreSettings) -> Restorer:
-        """The Restorer of `settings`, loaded once and kept (the last MAX_RESTORERS)."""
+        """The Restorer of `settings`, loaded once and kept (the last `keep`)."""
         if settings in self.restorers:
             self.restorers.move_to_end(settings)
             return self.restorers[settings]
+        while len(self.restorers) >= self.keep:  # dropped first: past `keep`, no two copies of the weights at once
+            self.restorers.popitem(last=False)
         restorer = Restorer(self.weights, settings, on_step=self._on_step, annotator=self.annotator)
         self.restorers_built += 1
         self.restorers[settings] = restorer
-        while len(self.restorers) > MAX_RESTORERS:
-            self.restorers.popitem(last=False)
         return restorer
 
     def session_folder(self, session: str) -> Path:

@@ -139,3 +139,23 @@ def test_requests_from_two_tabs_run_one_at_a_time(service, tmp_path, rng, monkey
         t.join(300)
     assert sorted(results) == ["tab-x", "tab-y"] and all(len(r.photos) == 1 for r in results.values())
     assert most[0] == 1
+
+
+def test_the_oldest_setting_is_dropped_before_a_new_one_loads(tmp_path, monkeypatch):
+    """keep=2: a third setting drops the first before it loads (never three copies of the weights)."""
+    from diffbody_jax.serving import service as module
+
+    alive = []
+
+    class FakeRestorer:  # what loading costs is the point here, not restoring
+        def __init__(self, weights, settings, **kwargs):
+            alive.append(settings.steps)
+            assert len(service.restorers) < 2, "a copy is loaded while `keep` are still held"
+
+    monkeypatch.setattr(module, "Restorer", FakeRestorer)
+    service = RestoreService(tmp_path, keep=2, root=tmp_path)
+    for steps in (1, 2, 1, 3):
+        service.restorer(RestoreSettings(steps=steps))
+    assert alive == [1, 2, 3] and [s.steps for s in service.restorers] == [1, 3]
+    with pytest.raises(ValueError, match="keep=0"):
+        RestoreService(tmp_path, keep=0)
