@@ -85,7 +85,8 @@ def build_page(service: RestoreService, defaults: PageDefaults = PageDefaults())
             settings = RestoreSettings(version=version, steps=int(steps), sampler=sampler, cfg=float(cfg),
                                        guidance=float(guidance) if version == "v1" else 0.0, colour=colour,
                                        size=int(size), fit=fit)
-        except (TypeError, ValueError) as e:
+            seed = int(seed)
+        except (TypeError, ValueError) as e:  # an emptied number box arrives as None
             return (f"Settings: {e}", *empty)
         num_steps = settings.num_steps
 
@@ -100,10 +101,10 @@ def build_page(service: RestoreService, defaults: PageDefaults = PageDefaults())
         progress(0, desc="loading the models and compiling (first request of these settings and this size)")
         try:
             result = service.restore(session, [Upload(f, f.replace("\\", "/").rsplit("/", 1)[-1]) for f in files],
-                                     settings, seed=int(seed), prompt=prompt.strip() or None, progress=on_step)
+                                     settings, seed=seed, prompt=(prompt or "").strip() or None, progress=on_step)
         except Exception as e:  # noqa: BLE001 - the page must keep working: the error becomes the message
             return (f"Restore failed: {message_for(e)}", *empty)
-        text = _messages(result.messages, len(result.photos), settings, int(seed))
+        text = _messages(result.messages, len(result.photos), settings, seed)
         if not result.photos:
             return (text, *empty)
         names = [p.name for p in result.photos]
