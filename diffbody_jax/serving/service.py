@@ -148,8 +148,9 @@ class RestoreService:
         shutil.rmtree(self.root, ignore_errors=True)
 
     def _copy_uploads(self, uploads: Sequence[Upload], folder: Path) -> tuple[list[Path], list[str], list[str]]:
-        """(copies in the request's folder, the browser's names of those, problems) for the uploads."""
-        copies, names, problems, taken = [], [], [], set()
+        """(copies in the request's folder, the browser's names of those, problems) for the uploads. A name the
+        browser sent twice is shown as "name (2)" the second time, so the page tells the two apart."""
+        copies, names, problems, taken, seen = [], [], [], set(), {}
         for upload in uploads:
             problem = _check_upload(upload)
             if problem:
@@ -164,7 +165,8 @@ class RestoreService:
             copy.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(upload.path, copy)
             copies.append(copy)
-            names.append(upload.name)
+            seen[upload.name] = seen.get(upload.name, 0) + 1
+            names.append(upload.name if seen[upload.name] == 1 else f"{upload.name} ({seen[upload.name]})")
         return copies, names, problems
 
     def restore(self, session: str, uploads: Sequence[Upload], settings: RestoreSettings, seed: int = 0,

@@ -3,6 +3,8 @@ restore --batch 1` writes with the same settings and seed; bad uploads are named
 the server's path) while the good ones are restored; a second request of the same settings reuses the loaded models
 and compiled programs; a session's files go when it ends."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -23,8 +25,8 @@ def service(stand_in_weights, tmp_path_factory):
 
 
 def _upload(folder, name, pixels=None, data=None):
-    """A file as gradio stores an upload: in a folder of its own, under the browser's name."""
-    path = folder / name
+    """A file as gradio stores an upload: in a folder of its own, under the base of the browser's name."""
+    path = folder / Path(name).name
     path.parent.mkdir(parents=True, exist_ok=True)
     if data is not None:
         path.write_bytes(data)
@@ -60,11 +62,13 @@ def test_bad_uploads_are_named_and_the_good_one_restored(service, tmp_path, rng,
     uploads = [_upload(folder / "1", "notes.png", data=b"not an image at all"),
                _upload(folder / "2", "tiny.png", good[:32, :32]),
                _upload(folder / "3", "big.png", good),
-               _upload(folder / "4", "../../etc/ok photo.png", np.full_like(good, 90))]  # compresses: a small file
+               _upload(folder / "4", "../../etc/ok photo.png", np.full_like(good, 90)),  # compresses: a small file
+               _upload(folder / "5", "../../etc/ok photo.png", np.full_like(good, 120))]  # the same name again
     monkeypatch.setattr(service_module, "MAX_UPLOAD_BYTES", (folder / "3" / "big.png").stat().st_size - 1)
     result = service.restore("tab-b", uploads, SETTINGS, seed=0)
-    assert [p.name for p in result.photos] == ["../../etc/ok photo.png"]
-    assert result.photos[0].download.name == "ok_photo.png"  # a safe name inside the session's folder
+    assert [p.name for p in result.photos] == ["../../etc/ok photo.png", "../../etc/ok photo.png (2)"]
+    assert [p.download.name for p in result.photos] == ["ok_photo.png", "ok_photo_2.png"]  # safe, in the session
+    assert result.photos[0].before.mean() == 90 and result.photos[1].before.mean() == 120
     assert result.photos[0].download.is_relative_to(service.root)
     problems = [m for m in result.messages if "pose maps are black" not in m]
     assert len(problems) == 3, result.messages
