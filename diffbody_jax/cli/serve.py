@@ -41,39 +41,39 @@ def main(argv=None) -> int:
     import shutil
     import tempfile
 
+    root = Path(tempfile.mkdtemp(prefix="diffbody-serve-"))  # unpacked zoo, uploads, results: gone at exit
+    try:
+        return _serve(args, root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _fail(message: str) -> int:
+    print(f"diffbody serve: {message}", file=sys.stderr)
+    return 1
+
+
+def _serve(args, root: Path) -> int:
     from diffbody_jax.annotators import AnnotatorError
     from diffbody_jax.cli.demo import ZOO_GUIDANCE, shipped_zoo
     from diffbody_jax.cli.restore import annotator_from
     from diffbody_jax.pipelines.weights import WeightsError, check_weights
     from diffbody_jax.training.zoo import unpack_zoo
 
-    def fail(message: str) -> int:
-        print(f"diffbody serve: {message}", file=sys.stderr)
-        return 1
-
-    root = Path(tempfile.mkdtemp(prefix="diffbody-serve-"))  # unpacked zoo, uploads, results: gone at exit
-    try:
-        return _serve(args, root, fail, annotator_from, check_weights, shipped_zoo, unpack_zoo, ZOO_GUIDANCE,
-                      (WeightsError, AnnotatorError, ValueError))
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def _serve(args, root, fail, annotator_from, check_weights, shipped_zoo, unpack_zoo, zoo_guidance, errors) -> int:
     weights, size, guidance, label = args.weights, args.size, 0.0, f"`{args.weights}`"
     try:
         if weights is None:
             zoo = shipped_zoo()
             if zoo is None:
-                return fail("no --weights given and no shipped zoo in this install (zoo/ of a source checkout)")
-            weights, size, guidance = str(unpack_zoo(zoo, root / "zoo")), size or ZOO_SIZE, zoo_guidance
+                return _fail("no --weights given and no shipped zoo in this install (zoo/ of a source checkout)")
+            weights, size, guidance = str(unpack_zoo(zoo, root / "zoo")), size or ZOO_SIZE, ZOO_GUIDANCE
             label = ZOO_LABEL
         _, needs = check_weights(weights, load=False)
         annotator, note = annotator_from(args.annotator)
-    except errors as e:
-        return fail(str(e))
+    except (WeightsError, AnnotatorError, ValueError) as e:
+        return _fail(str(e))
     if needs.get(args.version):
-        return fail(f"{weights}: {args.version} needs {', '.join(needs[args.version])} "
+        return _fail(f"{weights}: {args.version} needs {', '.join(needs[args.version])} "
                     f"(`diffbody weights check {weights}`)")
     if note:
         print(f"note: {note}", file=sys.stderr)
@@ -88,7 +88,7 @@ def _serve(args, root, fail, annotator_from, check_weights, shipped_zoo, unpack_
     try:
         service = RestoreService(weights, annotator=annotator, root=root / "gradio", keep=args.keep)
     except ValueError as e:
-        return fail(f"--keep: {e}")
+        return _fail(f"--keep: {e}")
     page = build_page(service, PageDefaults(version=args.version, size=size or 512, guidance=guidance,
                                             weights_label=label))
     try:

@@ -24,6 +24,7 @@ we take the mean of squares (MSE), lower is better.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +94,7 @@ class MetricSet:
                     continue
             self.names.append(name)
         self.estimators = {"depth_l2": weights.depth_estimator, "normal_l2": weights.normal_estimator}
+        self._estimated: dict[tuple, np.ndarray] = {}
 
     @classmethod
     def from_names(cls, spec: str, weights: MetricWeights = MetricWeights()) -> MetricSet:
@@ -122,13 +124,20 @@ class MetricSet:
         """v2: MSE of stage 1's depth ([H, W, 1] or [H, W]) and normal ([H, W, 3]) maps against the estimators'
         maps of the reference ([H, W, 3] in [0, 1]); only for the estimators given."""
         out = {}
-        if self.estimators["depth_l2"] is not None and depth is not None:
-            target = self.estimators["depth_l2"](reference)
-            out["depth_l2"] = float(np.mean(np.square(np.asarray(depth, np.float64).reshape(target.shape) - target)))
-        if self.estimators["normal_l2"] is not None and normal is not None:
-            target = self.estimators["normal_l2"](reference)
-            out["normal_l2"] = float(np.mean(np.square(np.asarray(normal, np.float64) - target)))
+        for name, generated in (("depth_l2", depth), ("normal_l2", normal)):
+            if self.estimators[name] is not None and generated is not None:
+                target = self._estimate(name, reference)
+                out[name] = float(np.mean(np.square(np.asarray(generated, np.float64).reshape(target.shape)
+                                                    - target)))
         return out
+
+    def _estimate(self, name: str, reference: np.ndarray) -> np.ndarray:
+        """The estimator's map of a reference, once per reference: every mixture of a photo shares it."""
+        reference = np.ascontiguousarray(reference)
+        key = (name, reference.shape, hashlib.sha1(reference.tobytes()).hexdigest())
+        if key not in self._estimated:
+            self._estimated[key] = self.estimators[name](reference)
+        return self._estimated[key]
 
 
 def _clip_iqa(path: str, prompts: str):

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 
 from diffbody_jax.data.degradations import table1_mixture
-from diffbody_jax.evaluation.metrics import image_metrics
 from diffbody_jax.evaluation.quality import METRICS as METRIC_INFO
 from diffbody_jax.evaluation.quality import PRIOR_ERRORS, MetricSet
 from diffbody_jax.pipelines.image_io import Photo
@@ -57,14 +56,8 @@ def evaluation_jobs(photos, mixture: str, seed: int, settings, prompts, poses: P
 def score(images: dict[str, np.ndarray], reference: np.ndarray,
           metrics: MetricSet | None = None) -> dict[str, dict[str, float]]:
     """{image name: {metric: value}} against the reference; metrics None: PSNR, SSIM, CPSNR, CSSIM."""
-    out = {}
-    for name, image in images.items():
-        if metrics is None:
-            m = image_metrics(np.asarray(image, np.float32)[None], np.asarray(reference, np.float32)[None])
-            out[name] = {k: float(v[0]) for k, v in m.items()}
-        else:
-            out[name] = metrics.score(image, reference)
-    return out
+    metrics = metrics or MetricSet(list(METRICS))
+    return {name: metrics.score(image, reference) for name, image in images.items()}
 
 
 def evaluate(restorer, photos: Sequence[Photo], prompts: Sequence[str], poses: PoseSource, mixtures: Sequence[str],

@@ -24,11 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffbody_jax.interop.clip import clip_text_table
+from diffbody_jax.interop.hrnet import torch_key
 from diffbody_jax.interop.mapping import (
-    CONV_OIHW_TO_HWIO,
     IDENTITY,
     LINEAR_T,
-    NORM_WEIGHT_TO_SCALE,
     MappingTable,
     Rule,
     flatten_params,
@@ -38,9 +37,6 @@ from diffbody_jax.interop.torch_files import read_state_dict, torch_to_numpy
 from diffbody_jax.models.clip import CLIPTextConfig, CLIPTextModel
 from diffbody_jax.models.clip_resnet import CLIPResNetConfig, init_shapes
 
-_LEAF = {("params", "kernel"): ("weight", CONV_OIHW_TO_HWIO), ("params", "scale"): ("weight", NORM_WEIGHT_TO_SCALE),
-         ("params", "bias"): ("bias", IDENTITY), ("batch_stats", "mean"): ("running_mean", IDENTITY),
-         ("batch_stats", "var"): ("running_var", IDENTITY)}
 _ATTN = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out_0": "c_proj"}
 
 
@@ -60,14 +56,13 @@ def vision_table(variables: dict, prefix: str = "visual.") -> MappingTable:
     """A row per leaf of the image tower's variables (or their shapes); `num_batches_tracked` is dropped."""
     rows = []
     for path in flatten_params(variables):
-        collection, *module, leaf = path.split("/")
+        _, *module, leaf = path.split("/")
         if module[0] == "attnpool":
             key = ("attnpool.positional_embedding" if leaf == "positional_embedding"
                    else f"attnpool.{_ATTN[module[2]]}.{'weight' if leaf == 'kernel' else 'bias'}")
             transform = LINEAR_T if leaf == "kernel" else IDENTITY
-        else:
-            name, transform = _LEAF[(collection, leaf)]
-            key = re.sub(r"_(\d)", r".\1", ".".join(module)) + f".{name}"
+        else:  # convolutions and BatchNorms: named as torch's modules, as HRNet's are
+            key, transform = torch_key(path)
         rows.append(Rule(prefix + key, path, transform))
     return MappingTable(rows, skip=[r"num_batches_tracked$"])
 
