@@ -253,3 +253,41 @@ def _needs(*names: str, what: str):
 # Marks for the tests of a module that need the PyTorch references; the module's pure-JAX tests run without them.
 needs_torch = _needs("torch", "diffusers", "transformers",
                      what="the torch extra (torch, diffusers, transformers): pip install -e '.[torch]'")
+
+
+def pyiqa_module(name: str):
+    """pyiqa's module `name` ("archs.musiq_arch", "data.multiscale_trans_util"), imported with the modules it needs
+    but without running pyiqa's package __init__s (they import every metric, torchvision among them); skips the
+    calling test module without pyiqa. The parent packages are bare modules that exist only during the import."""
+    import importlib
+    import importlib.util
+    import sys
+    import types
+    from pathlib import Path
+
+    import pytest
+
+    spec = importlib.util.find_spec("pyiqa")
+    if spec is None:
+        pytest.skip("pyiqa's architectures are the reference (pip install --no-deps pyiqa)", allow_module_level=True)
+    root = Path(spec.submodule_search_locations[0])
+    packages = ("pyiqa", "pyiqa.archs", "pyiqa.utils", "pyiqa.matlab_utils", "pyiqa.data")
+    saved = {n: sys.modules.get(n) for n in packages}
+    before = set(sys.modules)
+    for package in packages:
+        bare = types.ModuleType(package)
+        bare.__path__ = [str(root.joinpath(*package.split(".")[1:]))]
+        sys.modules[package] = bare
+    try:
+        padding = import_with_torchvision_stub("pyiqa.matlab_utils.padding")
+        sys.modules["pyiqa.matlab_utils"].ExactPadding2d = padding.ExactPadding2d
+        sys.modules["pyiqa.matlab_utils"].exact_padding_2d = padding.exact_padding_2d
+        return import_with_torchvision_stub(f"pyiqa.{name}")
+    finally:
+        for added in [n for n in set(sys.modules) - before if n.startswith("pyiqa.")]:
+            del sys.modules[added]
+        for package, module in saved.items():
+            if module is None:
+                sys.modules.pop(package, None)
+            else:
+                sys.modules[package] = module

@@ -2,18 +2,20 @@
 
   diffbody eval GT_DIR --weights weights/ --out eval/ [--version v1|v2] [--mixtures all|NAME,...] [--seed 0]
       [--size 512] [--steps N] [--sampler ...] [--batch B] [--save-images]
-      [--metrics psnr,ssim,cpsnr,cssim,lpips,lpips-vgg,clipiqa] [--lpips-alex FILE] [--lpips-vgg FILE]
-      [--lpips-lin DIR] [--clip-rn50 FILE] [--clipiqa-prompts paper|pyiqa]
+      [--metrics psnr,ssim,cpsnr,cssim,lpips,lpips-vgg,maniqa,clipiqa,musiq] [--lpips-alex FILE]
+      [--lpips-vgg FILE] [--lpips-lin DIR] [--clip-rn50 FILE] [--clipiqa-prompts paper|pyiqa]
+      [--maniqa FILE] [--maniqa-scale 0.8] [--musiq FILE]
       [--depth-estimator ONNX] [--normal-estimator ONNX]
 
 The run itself is `diffbody_jax.evaluation.table1.evaluate`: each ground-truth photo scaled into its bucket is the
 reference, each of the five Table-1 mixtures degrades it (seeded from --seed), the version restores it, and PSNR /
 SSIM (on BT.601 luma) and CPSNR / CSSIM (on RGB) are measured for the degraded input, SwinIR's output and the
 restoration. --metrics chooses (`evaluation.quality`): a learned metric whose weights are not given (LPIPS: a
-torchvision AlexNet / VGG16 state-dict file; CLIP-IQA: a ResNet-50 CLIP file) is named in one line and left out of
-the table. v2 with --depth-estimator / --normal-estimator (local ONNX files, `annotators.dense`) also reports stage
-1's prior errors, as the v2 paper's Tables 2-3. --keypoints are in the ground truth's pixels. Writes OUT/metrics.json
-(per photo and mean per mixture) and OUT/metrics.md (the table in the v2 paper's Table-1 layout).
+torchvision AlexNet / VGG16 state-dict file; CLIP-IQA: a ResNet-50 CLIP file; MANIQA, MUSIQ: pyiqa's files) is
+named in one line and left out of the table. v2 with --depth-estimator / --normal-estimator (local ONNX files,
+`annotators.dense`) also reports stage 1's prior errors, as the v2 paper's Tables 2-3. --keypoints are in the ground
+truth's pixels. Writes OUT/metrics.json (per photo and mean per mixture) and OUT/metrics.md (the table in the v2
+paper's Table-1 layout).
 """
 
 from __future__ import annotations
@@ -56,6 +58,10 @@ def main(argv) -> int:
                    help="CLIP ResNet-50 weights for CLIP-IQA (OpenAI's RN50.pt or an open_clip RN50 state dict)")
     p.add_argument("--clipiqa-prompts", choices=("paper", "pyiqa"), default="paper",
                    help="CLIP-IQA's antonym prompts: the paper's pair, or the five pairs of pyiqa's clipiqa")
+    p.add_argument("--maniqa", metavar="FILE", help="a pyiqa MANIQA file (ckpt_koniq10k.pt, MANIQA_PIPAL-*.pth)")
+    p.add_argument("--maniqa-scale", type=float, default=0.8,
+                   help="MANIQA's Swin residual scale, not stored in its file: 0.8 KonIQ / KADID, 0.13 PIPAL")
+    p.add_argument("--musiq", metavar="FILE", help="a pyiqa MUSIQ file (musiq_koniq_ckpt-*.pth)")
     p.add_argument("--depth-estimator", metavar="ONNX", help="v2: depth model for stage 1's depth error")
     p.add_argument("--normal-estimator", metavar="ONNX", help="v2: normal model for stage 1's normal error")
     add_restore_args(p)
@@ -89,7 +95,8 @@ def main(argv) -> int:
               file=sys.stderr)
     metrics = MetricSet(names, MetricWeights(lpips_alex=args.lpips_alex, lpips_vgg=args.lpips_vgg,
                                              lpips_lin=args.lpips_lin, clip_rn50=args.clip_rn50,
-                                             clipiqa_prompts=args.clipiqa_prompts, depth_estimator=depth,
+                                             clipiqa_prompts=args.clipiqa_prompts, maniqa=args.maniqa,
+                                             maniqa_scale=args.maniqa_scale, musiq=args.musiq, depth_estimator=depth,
                                              normal_estimator=normal))
     for line in metrics.notes:
         print(f"note: {line}", file=sys.stderr)

@@ -11,7 +11,10 @@ What each name is (`METRICS`; `docs/evaluation.md` says which numbers compare wi
   lpips          LPIPS v0.1 with AlexNet (`evaluation.lpips`), lower is better; needs a torchvision AlexNet file;
   lpips-vgg      the same with VGG16; needs a torchvision VGG16 file;
   clipiqa        CLIP-IQA (`evaluation.clip_iqa`), no reference, higher is better; needs a ResNet-50 CLIP file
-                 (OpenAI's RN50.pt or an open_clip RN50 state dict); the paper's prompt pair, or pyiqa's five.
+                 (OpenAI's RN50.pt or an open_clip RN50 state dict); the paper's prompt pair, or pyiqa's five;
+  maniqa         MANIQA (`evaluation.maniqa`), no reference, higher is better; needs a pyiqa MANIQA file (KonIQ's
+                 by default: its Swin residual scale 0.8; PIPAL's file needs --maniqa-scale 0.13);
+  musiq          MUSIQ (`evaluation.musiq`), no reference, higher is better; needs a pyiqa MUSIQ file (KonIQ's).
 The linear layers of both LPIPS variants come from the lpips package's wheel unless a folder is given.
 
 v2's prior errors (Tables 2-3 of the v2 paper, "the L2 loss between the generated depth / normal maps and the maps
@@ -43,12 +46,14 @@ class Metric:
 METRICS = {m.name: m for m in (
     Metric("psnr", "PSNR", True), Metric("ssim", "SSIM", True), Metric("cpsnr", "CPSNR", True),
     Metric("cssim", "CSSIM", True), Metric("lpips", "LPIPS", False, "lpips_alex"),
-    Metric("lpips-vgg", "LPIPS-VGG", False, "lpips_vgg"), Metric("clipiqa", "CLIP-IQA", True, "clip_rn50"),
+    Metric("lpips-vgg", "LPIPS-VGG", False, "lpips_vgg"), Metric("maniqa", "MANIQA", True, "maniqa"),
+    Metric("clipiqa", "CLIP-IQA", True, "clip_rn50"), Metric("musiq", "MUSIQ", True, "musiq"),
 )}
 PRIOR_ERRORS = {"depth_l2": Metric("depth_l2", "depth L2", False, "depth_estimator"),
                 "normal_l2": Metric("normal_l2", "normal L2", False, "normal_estimator")}
-DEFAULT_METRICS = "psnr,ssim,cpsnr,cssim,lpips,clipiqa"
+DEFAULT_METRICS = "psnr,ssim,cpsnr,cssim,lpips,maniqa,clipiqa,musiq"  # v2 Table 1's order
 _CLASSIC = ("psnr", "ssim", "cpsnr", "cssim")
+NO_REFERENCE = ("maniqa", "clipiqa", "musiq")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +65,9 @@ class MetricWeights:
     lpips_lin: str | None = None  # a folder with lpips' alex.pth / vgg.pth (None: the lpips package's own)
     clip_rn50: str | None = None  # OpenAI's RN50.pt or an open_clip RN50 state dict (CLIP-IQA)
     clipiqa_prompts: str = "paper"  # "paper": ("Good photo.", "Bad photo."); "pyiqa": its five pairs
+    maniqa: str | None = None  # a pyiqa MANIQA file (ckpt_koniq10k.pt, MANIQA_PIPAL-*.pth, ckpt_kadid10k.pt)
+    maniqa_scale: float = 0.8  # its Swin residual scale: 0.8 KonIQ and KADID, 0.13 PIPAL (not in the weights)
+    musiq: str | None = None  # a pyiqa MUSIQ file (musiq_koniq_ckpt-*.pth; AVA's, SPAQ's, PaQ-2-PiQ's read too)
     depth_estimator: object = None  # annotators.dense.DepthEstimator (v2 prior errors)
     normal_estimator: object = None  # annotators.dense.NormalEstimator
 
@@ -87,8 +95,7 @@ class MetricSet:
                 continue
             if metric.weights:
                 try:
-                    self._learned[name] = (_clip_iqa(path, weights.clipiqa_prompts) if name == "clipiqa"
-                                           else _lpips_metric(name, path, weights.lpips_lin))
+                    self._learned[name] = _learned_metric(name, path, weights)
                 except (OSError, ValueError) as e:  # a missing package, an unreadable or wrong file
                     self.notes.append(f"{name}: left out, {e}".splitlines()[0])
                     continue
@@ -112,7 +119,7 @@ class MetricSet:
             classic = image_metrics(a, b)
             out.update({n: float(classic[n][0]) for n in self.names if n in _CLASSIC})
         for name, metric in self._learned.items():
-            out[name] = float(metric(a)[0] if name == "clipiqa" else metric(a, b)[0])  # CLIP-IQA: no reference
+            out[name] = float(metric(a)[0] if name in NO_REFERENCE else metric(a, b)[0])
         return {n: out[n] for n in self.names}
 
     @property
@@ -140,10 +147,21 @@ class MetricSet:
         return self._estimated[key]
 
 
-def _clip_iqa(path: str, prompts: str):
-    from diffbody_jax.evaluation.clip_iqa import CLIPIQA
+def _learned_metric(name: str, path: str, weights: MetricWeights):
+    """The scorer of a learned metric, imported only when chosen."""
+    if name == "clipiqa":
+        from diffbody_jax.evaluation.clip_iqa import CLIPIQA
 
-    return CLIPIQA.from_file(path, prompts)
+        return CLIPIQA.from_file(path, weights.clipiqa_prompts)
+    if name == "maniqa":
+        from diffbody_jax.evaluation.maniqa import MANIQAMetric
+
+        return MANIQAMetric.from_file(path, weights.maniqa_scale)
+    if name == "musiq":
+        from diffbody_jax.evaluation.musiq import MUSIQMetric
+
+        return MUSIQMetric.from_file(path)
+    return _lpips_metric(name, path, weights.lpips_lin)
 
 
 def _lpips_metric(name: str, backbone_file: str, lin_folder: str | None):

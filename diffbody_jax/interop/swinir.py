@@ -41,16 +41,21 @@ def _residual_conv(torch_name: str, flax_name: str, config: SwinIRConfig) -> lis
     return [row for i in (0, 2, 4) for row in conv2d(f"{torch_name}.{i}", f"{flax_name}/{i}")]
 
 
-def swinir_table(config: SwinIRConfig) -> MappingTable:
-    block = (
+def swin_block_rows(qkv_bias: bool = True) -> list[Rule]:
+    """One Swin block (`models.swinir.SwinTransformerBlock`), relative to the block: SwinIR's and MANIQA's."""
+    return (
         norm("norm1", "norm1")
         + [Rule("attn.relative_position_bias_table", "attn/relative_position_bias_table")]
-        + linear("attn.qkv", "attn/qkv", bias=config.qkv_bias)
+        + linear("attn.qkv", "attn/qkv", bias=qkv_bias)
         + linear("attn.proj", "attn/proj")
         + norm("norm2", "norm2")
         + linear("mlp.fc1", "mlp/fc1")
         + linear("mlp.fc2", "mlp/fc2")
     )
+
+
+def swinir_table(config: SwinIRConfig) -> MappingTable:
+    block = swin_block_rows(config.qkv_bias)
     rows = conv2d("conv_first.1" if config.unshuffle_scale > 1 else "conv_first", "conv_first")
     if config.unshuffle_scale > 1:  # spandrel and other ports drop the Sequential index: read that too
         rows += import_only(conv2d("conv_first", "conv_first"))

@@ -299,7 +299,10 @@ class Conv2D(nn.Module):
     checkpoints and converters see no difference. On XLA:CPU small outputs (<= IM2COL_MAX_POSITIONS positions)
     run as im2col + one matmul (kernels above 1x1), the others as lax.conv_general_dilated with the kernel gradient
     as one matmul per tap and the input gradient as a convolution XLA:CPU's fast path takes inside loops too
-    (`_cpu_conv`); other backends as lax.conv_general_dilated."""
+    (`_cpu_conv`); other backends as lax.conv_general_dilated.
+
+    `standardize_eps` (None: off) applies weight standardisation first, as MUSIQ's StdConv (BiT) does: each output
+    channel's kernel minus its mean, divided by its unbiased standard deviation plus this epsilon."""
 
     features: int
     kernel_size: tuple[int, int] = (3, 3)
@@ -313,11 +316,15 @@ class Conv2D(nn.Module):
     bias_init: Callable = nn.initializers.zeros_init()
     im2col: bool | None = None  # None: by backend and size (above); True / False force a path (tests, benches)
     winograd: bool | None = None  # None: XLA:CPU where `winograd_applies`; True / False force it (tests, benches)
+    standardize_eps: float | None = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         kh, kw = self.kernel_size
         kernel = self.param("kernel", self.kernel_init, (kh, kw, x.shape[-1], self.features), self.param_dtype)
+        if self.standardize_eps is not None:  # HWIO: statistics over (H, W, I) per output channel
+            centred = kernel - kernel.mean((0, 1, 2), keepdims=True)
+            kernel = centred / (jnp.std(kernel, (0, 1, 2), keepdims=True, ddof=1) + self.standardize_eps)
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         on_cpu = target_platform() == "cpu"

@@ -1,7 +1,8 @@
 """`diffbody eval --metrics`: the chosen metrics in the v2 paper's Table-1 layout (a row per mixture and method, a
-column per metric with its arrow); a metric without weights is named in one line and left out; the input row's
-LPIPS is the lpips package's on the same arrays; v2's prior errors are the mean squared difference between stage
-1's maps and the estimators' maps of the reference (float64 numpy on the maps the run produced)."""
+column per metric with its arrow); a metric without weights is named in one line and left out; the input row's LPIPS
+is the lpips package's on the same arrays, its CLIP-IQA, MANIQA and MUSIQ pyiqa's; v2's prior errors are the mean
+squared difference between stage 1's maps and the estimators' maps of the reference (float64 numpy on the maps the
+run produced)."""
 
 import json
 
@@ -26,6 +27,8 @@ from tests.evaluation.test_lpips import (
     _torchvision_features,
     lpips_module,  # noqa: F401 - the fixture
 )
+from tests.evaluation.test_maniqa import maniqa_arch, random_maniqa  # noqa: F401 - the fixture
+from tests.evaluation.test_musiq import musiq_arch, random_musiq  # noqa: F401 - the fixture
 
 MIXTURE = list(TABLE1_MIXTURES)[1]
 
@@ -38,27 +41,34 @@ def _ground_truth(folder, rng, hw=(64, 64)):
 
 
 def test_eval_reports_the_chosen_metrics_and_names_the_missing(stand_in_weights, lpips_module, pyiqa_clip,  # noqa: F811
-                                                               tmp_path, rng, capsys):
+                                                               maniqa_arch, musiq_arch, tmp_path, rng,  # noqa: F811
+                                                               capsys):
     gt = _ground_truth(tmp_path / "gt", rng)
     torch.manual_seed(int(rng.integers(2**31)))
     features = _torchvision_features("alex")
     torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, tmp_path / "alexnet.pth")
     clip = _random_clip(pyiqa_clip, int(rng.integers(2**31)))
     torch.save(clip.state_dict(), tmp_path / "rn.pt")
+    maniqa = random_maniqa(maniqa_arch, int(rng.integers(2**31)), scale=0.13)
+    torch.save(maniqa.state_dict(), tmp_path / "maniqa.pth")
+    musiq = random_musiq(musiq_arch, int(rng.integers(2**31)))
+    torch.save(musiq.state_dict(), tmp_path / "musiq.pth")
     out = tmp_path / "eval"
     assert main(["eval", str(gt.parent), "--weights", str(stand_in_weights), "--out", str(out), "--mixtures", MIXTURE,
                  "--size", "64", "--steps", "1", "--sampler", "ddim", "--annotator", "none", "--save-images",
-                 "--quiet", "--metrics", "psnr,lpips,lpips-vgg,clipiqa", "--lpips-alex", str(tmp_path / "alexnet.pth"),
-                 "--clip-rn50", str(tmp_path / "rn.pt")]) == 0
+                 "--quiet", "--metrics", "psnr,lpips,lpips-vgg,maniqa,clipiqa,musiq",
+                 "--lpips-alex", str(tmp_path / "alexnet.pth"), "--clip-rn50", str(tmp_path / "rn.pt"),
+                 "--maniqa", str(tmp_path / "maniqa.pth"), "--maniqa-scale", "0.13",
+                 "--musiq", str(tmp_path / "musiq.pth")]) == 0
     err = capsys.readouterr().err
     assert "note: lpips-vgg: left out, no weights (--lpips-vgg FILE)" in err
     record = json.loads((out / "metrics.json").read_text())
-    assert record["metrics"] == ["psnr", "lpips", "clipiqa"]
+    assert record["metrics"] == ["psnr", "lpips", "maniqa", "clipiqa", "musiq"]
     row = record["per_photo"][MIXTURE]["gt.png"]
     assert set(row) == {"degraded", "swinir", "restored"}
-    assert all(set(v) == {"psnr", "lpips", "clipiqa"} for v in row.values())
+    assert all(set(v) == set(record["metrics"]) for v in row.values())
     table = (out / "metrics.md").read_text().splitlines()
-    assert "| degradation | method | PSNR ↑ | LPIPS ↓ | CLIP-IQA ↑ |" in table
+    assert "| degradation | method | PSNR ↑ | LPIPS ↓ | MANIQA ↑ | CLIP-IQA ↑ | MUSIQ ↑ |" in table
     assert [line.split(" | ")[1] for line in table if line.startswith(f"| {MIXTURE} ")] == \
         ["input", "SwinIR", "DiffBody v1"]
 
@@ -78,11 +88,16 @@ def test_eval_reports_the_chosen_metrics_and_names_the_missing(stand_in_weights,
         logits, _ = clip(x, ids, pos_embedding=False)
         want = logits.reshape(1, -1, 2).softmax(dim=-1)[..., 0].mean().item()
     assert abs(row["degraded"]["clipiqa"] - want) <= 1e-4
+    # and its MANIQA (at the --maniqa-scale given) and MUSIQ: pyiqa's networks on the degraded input
+    with torch.no_grad():
+        photo = torch.from_numpy(np.asarray(job.photo.pixels, np.float32)).permute(2, 0, 1)[None]
+        assert abs(row["degraded"]["maniqa"] - maniqa(photo).item()) <= 1e-4
+        assert abs(row["degraded"]["musiq"] - musiq(photo).item()) <= 1e-4
 
 
 def test_unknown_metric_names_are_refused(capsys):
-    with pytest.raises(ValueError, match=r"unknown \['musiq'\]; known: psnr, ssim"):
-        parse_names("psnr,musiq")
+    with pytest.raises(ValueError, match=r"unknown \['brisque'\]; known: psnr, ssim"):
+        parse_names("psnr,brisque")
     assert main(["eval", "gt", "--weights", "w", "--out", "o", "--metrics", "psnr,nope"]) == 1
     assert "--metrics 'psnr,nope': unknown ['nope']" in capsys.readouterr().err
 
