@@ -90,7 +90,10 @@ def test_part_loss_guidance_is_the_sampler_with_the_guidance_built_by_hand(stand
     aux = part_guidance_aux(group.bodypart, group.member_variables(variables, "bodypart"), variables["params"]["vae"],
                             jnp.asarray(i_reg))
     z0 = run(k_steps, z_t, (_context(group, variables, PROMPTS), control), aux=aux, params=params).sample
-    np.testing.assert_allclose(out["restored"], np.asarray(pipe.decode(variables, z0)), atol=1e-5)
+    # two separately compiled gradient programs: 1e-6 apart on most seeds, 1.5e-5 on a few pixels of some (seed
+    # 680372822), so the fp32 bound; the guidance itself moves the image by 3e-2 or more (below)
+    np.testing.assert_allclose(out["restored"], np.asarray(pipe.decode(variables, z0)), atol=1e-4)
     unguided = make_sampler(eps, contract.schedule(), SamplerConfig(method="ddpm", num_steps=1))(
         k_steps, z_t, (_context(group, variables, PROMPTS), control), params=params).sample
-    assert np.abs(np.asarray(z0) - np.asarray(unguided)).max() > 1e-5  # the guidance moved the sample
+    moved = np.abs(out["restored"] - np.asarray(pipe.decode(variables, unguided))).max()
+    assert moved > 1e-2, moved  # the guidance moved the restoration, 100x the bound above
