@@ -3,6 +3,7 @@
     metrics = MetricSet.from_names("psnr,ssim,lpips", MetricWeights(lpips_alex="alexnet-owt-7be5be79.pth"))
     metrics.notes                                  # one line per chosen metric left out (its weights missing)
     metrics.score(image, reference)                # {"psnr": 27.1, "ssim": 0.81, "lpips": 0.21}
+    metrics.score_many([a, b, c], reference)       # the same for several images, as one batch
     metrics.prior_errors(depth, normal, reference) # v2: {"depth_l2": ..., "normal_l2": ...} with the estimators
 
 What each name is (`METRICS`; `docs/evaluation.md` says which numbers compare with the papers'):
@@ -113,14 +114,19 @@ class MetricSet:
 
     def score(self, image: np.ndarray, reference: np.ndarray) -> dict[str, float]:
         """[H, W, 3] x 2 in [0, 1] -> {name: value} for every active metric."""
-        a, b = np.asarray(image, np.float32)[None], np.asarray(reference, np.float32)[None]
+        return self.score_many([image], reference)[0]
+
+    def score_many(self, images: list[np.ndarray], reference: np.ndarray) -> list[dict[str, float]]:
+        """Several [H, W, 3] images of one reference's size, scored as one batch: [{name: value}] in their order."""
+        a = np.stack([np.asarray(image, np.float32) for image in images])
+        b = np.broadcast_to(np.asarray(reference, np.float32), a.shape)
         out = {}
         if any(n in _CLASSIC for n in self.names):
             classic = image_metrics(a, b)
-            out.update({n: float(classic[n][0]) for n in self.names if n in _CLASSIC})
+            out.update({n: classic[n] for n in self.names if n in _CLASSIC})
         for name, metric in self._learned.items():
-            out[name] = float(metric(a)[0] if name in NO_REFERENCE else metric(a, b)[0])
-        return {n: out[n] for n in self.names}
+            out[name] = metric(a) if name in NO_REFERENCE else metric(a, b)
+        return [{n: float(out[n][i]) for n in self.names} for i in range(len(images))]
 
     @property
     def prior_error_names(self) -> list[str]:

@@ -55,9 +55,10 @@ def evaluation_jobs(photos, mixture: str, seed: int, settings, prompts, poses: P
 
 def score(images: dict[str, np.ndarray], reference: np.ndarray,
           metrics: MetricSet | None = None) -> dict[str, dict[str, float]]:
-    """{image name: {metric: value}} against the reference; metrics None: PSNR, SSIM, CPSNR, CSSIM."""
+    """{image name: {metric: value}} against the reference, the images as one batch; metrics None: PSNR, SSIM,
+    CPSNR, CSSIM."""
     metrics = metrics or MetricSet(list(METRICS))
-    return {name: metrics.score(image, reference) for name, image in images.items()}
+    return dict(zip(images, metrics.score_many(list(images.values()), reference), strict=True))
 
 
 def evaluate(restorer, photos: Sequence[Photo], prompts: Sequence[str], poses: PoseSource, mixtures: Sequence[str],
