@@ -2,7 +2,8 @@
 package): small random networks in pyiqa's layout (one score, and AVA's 10-class head), saved and read by our
 converter, scored on random photos of several shapes (each scale's patch list padded and masked in the reference,
 left out in ours; sides not multiples of 32). Bound 1e-4. The hashed positions equal pyiqa's for every patch-grid
-size up to 40 x 40; the published architecture maps key for key on the meta device."""
+size up to 40 x 40; the weight-standardised conv equals pyiqa's StdConv on its own (a biased std fails it); the
+published architecture maps key for key on the meta device."""
 
 import numpy as np
 import pytest
@@ -74,3 +75,21 @@ def test_a_wrong_file_is_named(musiq_arch, tmp_path):
     torch.save({**state, "head.extra": torch.zeros(1)}, tmp_path / "stray.pth")
     with pytest.raises(ConversionError, match=r"head\.extra"):
         MUSIQMetric.from_file(tmp_path / "stray.pth")
+
+
+@pytest.mark.parametrize("kernel, stride", [(7, 2), (3, 1), (1, 1)])
+def test_the_weight_standardised_conv_matches_pyiqas_stdconv(musiq_arch, kernel, stride, rng):
+    """Alone, not behind a GroupNorm (which would hide a kernel scaled by the wrong standard deviation): unbiased std,
+    eps 1e-5 added to it, TF "SAME" padding."""
+    from diffbody_jax.interop.mapping import CONV_OIHW_TO_HWIO
+    from diffbody_jax.models.musiq import _std_conv
+
+    ref = musiq_arch.StdConv(5, 8, kernel, stride, bias=False)
+    with torch.no_grad():
+        ref.weight.copy_(torch.from_numpy(rng.normal(0.3, 0.05, ref.weight.shape).astype(np.float32)))
+    x = rng.normal(0, 1, (2, 5, 32, 32)).astype(np.float32)  # square, as MUSIQ's patches are
+    with torch.no_grad():
+        want = ref(torch.from_numpy(x)).permute(0, 2, 3, 1).numpy()
+    kernel_hwio = CONV_OIHW_TO_HWIO.to_flax(ref.weight.detach().numpy())
+    got = _std_conv(8, kernel, stride, 32, "c").apply({"params": {"kernel": kernel_hwio}}, x.transpose(0, 2, 3, 1))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-4 * np.abs(want).max())
