@@ -61,10 +61,10 @@ def maniqa_table(config: MANIQAConfig) -> MappingTable:
 
 
 def prepare_state(state: dict, config: MANIQAConfig) -> dict:
-    """pyiqa's keys -> the table's: `module.` stripped, ViT blocks after the last feature block dropped, timm's
-    fused qkv split into q, k, v (works on shape-only arrays too)."""
+    """pyiqa's keys -> the table's: ViT blocks after the last feature block dropped, timm's fused qkv split into
+    q, k, v (works on shape-only arrays too)."""
     out = {}
-    for key, value in strip_prefix(state).items():
+    for key, value in state.items():
         block = _BLOCK.match(key)
         if block and int(block.group(1)) > max(config.feature_blocks):
             continue
@@ -79,7 +79,6 @@ def prepare_state(state: dict, config: MANIQAConfig) -> dict:
 
 def maniqa_config(state: dict, scale: float = MANIQAConfig.scale, vit_heads: int | None = None) -> MANIQAConfig:
     """The architecture from a state dict's shapes (module docstring)."""
-    state = strip_prefix(state)
     try:
         width, _, patch, _ = state["vit.patch_embed.proj.weight"].shape
         tokens = state["vit.pos_embed"].shape[1] - 1
@@ -110,7 +109,7 @@ def read_maniqa(path: str | os.PathLike, scale: float = MANIQAConfig.scale,
                 vit_heads: int | None = None) -> tuple[MANIQAConfig, dict]:
     """(config, params) from a pyiqa-layout MANIQA file; raises ValueError / ConversionError naming the file and
     every missing, unexpected or misshapen key."""
-    state = read_state_dict(path)
+    state = strip_prefix(read_state_dict(path))  # DataParallel's "module."
     try:
         config = maniqa_config(state, scale, vit_heads)
     except ValueError as e:

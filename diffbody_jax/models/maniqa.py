@@ -126,10 +126,8 @@ class SwinLayer(_Module):
         swin = SwinIRConfig(img_size=x.shape[1], embed_dim=self.width, window_size=c.window_size,
                             mlp_ratio=c.dim_mlp / self.width, depths=c.depths, num_heads=(heads,) * len(c.depths),
                             drop_path_rate=0.0)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
-                  attention_backend=self.attention_backend)
         for j in range(c.depths[self.index]):
-            x = SwinTransformerBlock(swin, **kw, num_heads=heads, shift=c.window_size // 2 if j % 2 else 0,
+            x = SwinTransformerBlock(swin, **self.kw(), num_heads=heads, shift=c.window_size // 2 if j % 2 else 0,
                                      name=f"blocks_{j}")(x)
         return nn.relu(conv(self, self.width, 3, "conv")(x))
 
